@@ -1,0 +1,159 @@
+"""Python API: ``compress`` and ``validate`` (``export`` lives in :mod:`onnxzip.export`)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from onnxzip.errors import ConfigError, QualityGateError
+from onnxzip.graph import export_model, import_graph
+from onnxzip.inputs import model_feeds
+from onnxzip.io import load_model, save_model
+from onnxzip.passes import PassContext, PipelinePlan, get_pass
+from onnxzip.recipe import PassStep, Recipe
+from onnxzip.report import CompressionReport, ModelSummary
+from onnxzip.runtime import resolve_device
+from onnxzip.validate import FidelityGate, ValidationReport
+from onnxzip.validate import validate as _validate
+from onnxzip.weights import materialize_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressResult:
+    """The compressed model, what was done, and the plan that reproduces it."""
+
+    model: onnx.ModelProto
+    report: CompressionReport
+    plan: PipelinePlan
+    validation: ValidationReport | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or self.validation.passed
+
+    def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+        return save_model(self.model, path, external_data=external_data)
+
+
+def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Put every weight into an initializer (from Constant nodes/constant chains) so passes see
+    one form; returns the prepared model and notes."""
+    graph = import_graph(model)
+    notes = materialize_weights(graph)
+    if not notes:
+        return model, []
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
+    return export_model(graph, model), notes
+
+
+def _recipe_from(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None) -> Recipe:
+    if recipe is None:
+        return Recipe.default()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.from_file(recipe)
+    raise ConfigError("recipe must be a Recipe, a mapping or a path to a YAML/JSON file.")
+
+
+def compress(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    data: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    plan: PipelinePlan | str | os.PathLike[str] | None = None,
+    gate: FidelityGate | dict[str, Any] | None = None,
+    device: str | None = None,
+    dims: dict[str, int] | None = None,
+    check: bool = True,
+    allow_gate_failure: bool = False,
+    progress: bool = False,
+    **pass_options: dict[str, Any] | bool,
+) -> CompressResult:
+    """Run a compression pipeline and validate the result against the original in onnxruntime.
+
+    Passes come from ``recipe`` or from keyword arguments named after passes
+    (``compress(m, svd={"energy": 0.95})``; ``True`` means default options), or from a saved
+    ``plan`` that is replayed as is. Raises :class:`QualityGateError` when the fidelity gate
+    fails, unless ``allow_gate_failure``.
+    """
+    start = time.perf_counter()
+    given_recipe = recipe is not None
+    recipe = _recipe_from(recipe)
+    if pass_options:
+        steps = [
+            PassStep(get_pass(key).name, {} if options is True else dict(options or {}))
+            for key, options in pass_options.items()
+        ]
+        # Keyword passes follow a given recipe's passes, and replace the default recipe.
+        recipe.passes = [*recipe.passes, *steps] if given_recipe else steps
+    if gate is not None:
+        recipe.gate = gate if isinstance(gate, FidelityGate) else FidelityGate(**gate)
+    if device is not None:
+        recipe.device = device
+    if dims:
+        recipe.dims = {**recipe.dims, **dims}
+    if data is None and recipe.data:
+        data = recipe.data
+    replay = PipelinePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
+    if replay is not None:
+        recipe.passes = [PassStep(get_pass(p.pass_name).name, p.config) for p in replay.steps]
+    passes = recipe.build_passes()
+    original = load_model(model)
+    feeds = model_feeds(original, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
+    context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
+                          progress=progress, dims=recipe.dims)
+    working, notes = prepare_model(original)
+    before_cost = context.cost(original)
+    executed = PipelinePlan()
+    reports = []
+    steps = list(zip(passes, replay.steps if replay else [None] * len(passes)))
+    if not passes or passes[-1].name != "cleanup":
+        steps.append((get_pass("cleanup")(), None))
+    for step, step_plan in tqdm(steps, desc="passes", unit="pass", disable=not progress):
+        log.info("running pass %s", step.name)
+        result = step.run(working, context, plan=step_plan)
+        working = result.model
+        reports.append(result.report)
+        executed.steps.append(result.plan)
+    after_cost = context.cost(working)
+    report = CompressionReport(
+        before=ModelSummary(original.ByteSize(), before_cost.params, before_cost.flops),
+        after=ModelSummary(working.ByteSize(), after_cost.params, after_cost.flops),
+        passes=reports,
+        notes=notes,
+    )
+    validation = None
+    if check:
+        validation = _validate(original, working, feeds, device=recipe.device, gate=recipe.gate)
+        report.validation = validation.to_dict()
+    report.seconds = time.perf_counter() - start
+    result = CompressResult(working, report, executed, validation)
+    if validation is not None and not validation.passed and not allow_gate_failure:
+        raise QualityGateError(
+            "The compressed model failed the fidelity gate: " + "; ".join(validation.failures) + ".",
+            report=result,
+        )
+    return result
+
+
+def validate(
+    original: onnx.ModelProto | str | os.PathLike[str],
+    candidate: onnx.ModelProto | str | os.PathLike[str],
+    data: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    **options: Any,
+) -> ValidationReport:
+    """Compare two models in onnxruntime (see :func:`onnxzip.validate.validate`)."""
+    return _validate(original, candidate, data, **options)

@@ -1,0 +1,266 @@
+"""Command line: ``onnxzip inspect | compress | validate | demo``.
+
+Exit codes: 0 ok, 1 a quality gate failed (nothing written), 2 bad input or option (one
+sentence on stderr, no traceback), 3 an internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from onnxzip import __version__
+from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError
+
+log = logging.getLogger("onnxzip")
+
+
+class _OrderedPassFlag(argparse.Action):
+    """Collect pass flags in command-line order: the order passes run in."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        steps = list(getattr(namespace, "pass_flags", None) or [])
+        steps.append((self.dest, values or ""))
+        namespace.pass_flags = steps
+
+
+def _dims(values: list[str] | None) -> dict[str, int]:
+    dims = {}
+    for item in values or []:
+        name, sep, size = item.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit() or int(size) <= 0:
+            raise ConfigError(f"--dim expects NAME=N with a positive N, got {item!r}.")
+        dims[name.strip()] = int(size)
+    return dims
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="FILE.npz", help="inputs by input name (default: generated from the signature)")
+    parser.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dimension (repeatable)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size of generated inputs (default 2)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="onnxruntime device (default auto)")
+    gate = parser.add_argument_group("fidelity gate")
+    gate.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output (default 0.99)")
+    gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output")
+    gate.add_argument("--max-abs", type=float, default=None, help="maximum absolute error per output")
+    gate.add_argument("--min-argmax-agreement", type=float, default=None, help="minimum share of equal argmax for class scores")
+
+
+def _gate_overrides(args: argparse.Namespace) -> dict[str, float]:
+    keys = ("min_cosine", "max_rel_l2", "max_abs", "min_argmax_agreement")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _add_global(parser: argparse.ArgumentParser, default: Any) -> None:
+    # Accepted before and after the command name; the sub-parser's SUPPRESS default keeps a
+    # flag given before the command from being reset.
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars or info messages")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log what each step does")
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks for errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from onnxzip.passes import PASSES
+    from onnxzip.schema import describe_config
+
+    parser = argparse.ArgumentParser(
+        prog="onnxzip",
+        description="Compress ONNX models (SVD factorization, pruning, codebook clustering) and check them in onnxruntime.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxzip {__version__}")
+    _add_global(parser, False)
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_global(shared, argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", parents=[shared], help="show opsets, ops, parameters, FLOPs and weights of a model")
+    inspect.add_argument("model", help="ONNX file")
+    inspect.add_argument("--top", type=int, default=10, help="how many of the largest weights to list")
+    inspect.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
+    inspect.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dimension (repeatable)")
+
+    compress = commands.add_parser(
+        "compress",
+        parents=[shared],
+        help="run a compression pipeline, validate, write the result",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="pass flags run in the order given; each takes KEY=VALUE[,KEY=VALUE...]:\n\n"
+        + "\n\n".join(
+            f"--{name}: {cls.summary}\n  " + describe_config(cls.config_class).replace("\n", "\n  ")
+            for name, cls in sorted(PASSES.items())
+        ),
+    )
+    compress.add_argument("input", help="ONNX file to compress (never modified)")
+    compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    compress.add_argument("--recipe", metavar="FILE", help="YAML or JSON recipe (passes, gate, data, dims)")
+    compress.add_argument("--plan", metavar="FILE.json", help="replay a saved plan instead of planning")
+    compress.add_argument("--save-plan", metavar="FILE.json", help="write the plan that was applied")
+    compress.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    compress.add_argument("--force", action="store_true", help="write the model even if the fidelity gate fails")
+    compress.add_argument("--external-data", action="store_true", help="store tensors in a .data file beside the model")
+    _add_common(compress)
+    passes = compress.add_argument_group("passes")
+    for name, cls in sorted(PASSES.items()):
+        passes.add_argument(f"--{name}", dest=name, action=_OrderedPassFlag, nargs="?", const="",
+                            metavar="OPTIONS", help=cls.summary)
+
+    validate = commands.add_parser("validate", parents=[shared], help="compare a candidate model with the original in onnxruntime")
+    validate.add_argument("original", help="reference ONNX file")
+    validate.add_argument("candidate", help="ONNX file to check")
+    validate.add_argument("--report", metavar="FILE.json", help="write the validation report as JSON")
+    _add_common(validate)
+
+    demo = commands.add_parser("demo", parents=[shared], help="compress the built-in reference CNN and show the result")
+    demo.add_argument("--model", default="cnn", help="reference model to use (default cnn)")
+    demo.add_argument("--output-dir", default="onnxzip-demo", help="where to write the models (default ./onnxzip-demo)")
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("onnxzip")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _write_json(path: str, data: Any) -> None:
+    from onnxzip.passes.base import _json_default
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, target)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxzip.inspect import inspect_model
+
+    info = inspect_model(args.model, dims=_dims(args.dim), top=args.top)
+    print(info.text())
+    if args.json:
+        _write_json(args.json, info.to_dict())
+    return 0
+
+
+def _print_result(result: Any, quiet: bool) -> None:
+    print(result.report.table())
+    if not quiet:
+        for report in result.report.passes:
+            changed = [c for c in report.changes if not c.skipped]
+            skipped = [c for c in report.changes if c.skipped]
+            print(f"\npass {report.pass_name}: {len(changed)} layers changed, {len(skipped)} skipped ({report.seconds:.1f} s)")
+            for note in report.notes:
+                print(f"  note: {note}")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from onnxzip.api import compress
+    from onnxzip.io import same_file
+    from onnxzip.passes import get_pass
+    from onnxzip.recipe import PassStep, Recipe
+    from onnxzip.schema import parse_flag_value
+
+    if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
+        raise ConfigError("The output path is the input file; onnxzip never overwrites its input.")
+    options: dict[str, Any] = {}
+    flags = getattr(args, "pass_flags", None) or []
+
+    recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.default()
+    if flags:
+        steps = []
+        for name, text in flags:
+            cls = get_pass(name)
+            steps.append(PassStep(cls.name, parse_flag_value(text, shorthand=cls.shorthand, owner=f"--{cls.name}")))
+        recipe.passes = [*recipe.passes, *steps] if args.recipe else steps
+        recipe.build_passes()
+    gate = _gate_overrides(args)
+    if gate:
+        from dataclasses import asdict
+
+        options["gate"] = {**asdict(recipe.gate), **gate}
+    if args.batch:
+        recipe.batch = args.batch
+    try:
+        result = compress(
+            args.input, recipe, data=args.data, plan=args.plan, device=args.device,
+            dims=_dims(args.dim), allow_gate_failure=args.force, progress=not args.quiet, **options,
+        )
+    except QualityGateError as exc:
+        if exc.report is not None:
+            _print_result(exc.report, args.quiet)
+            if args.report:
+                _write_json(args.report, exc.report.report.to_dict())
+        raise
+    result.save(args.output, external_data=True if args.external_data else None)
+    result.report.after.bytes = _disk_size(Path(args.output))
+    _print_result(result, args.quiet)
+    if args.report:
+        _write_json(args.report, result.report.to_dict())
+    if args.save_plan:
+        result.plan.save(args.save_plan)
+    if not result.passed:
+        print(f"warning: the fidelity gate failed ({'; '.join(result.validation.failures)}); written anyway (--force)", file=sys.stderr)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def _disk_size(path: Path) -> int:
+    data = path.with_name(f"{path.name}.data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from onnxzip.api import validate
+    from onnxzip.validate import FidelityGate
+
+    report = validate(
+        args.original, args.candidate, args.data, dims=_dims(args.dim), batch=args.batch or 2,
+        device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)),
+    )
+    print(report.table())
+    if args.report:
+        _write_json(args.report, report.to_dict())
+    return 0 if report.passed else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from onnxzip.demo import run_demo
+
+    return run_demo(args.model, Path(args.output_dir), quiet=args.quiet)
+
+
+COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_validate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _configure_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except OnnxzipError as exc:
+        if args.debug:
+            raise
+        print(f"onnxzip: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxzip: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"onnxzip: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Target compatibility: every model onnxzip writes must load in onnxruntime 1.19 and the newest.
+
+onnxruntime 1.19 loads IR version ≤ 10 and default-domain opset ≤ 21. onnx ≥ 1.18 stamps a newer
+IR by default, so before saving we set ``ir_version`` to the *lowest* IR that supports the
+model's opsets and tensor types, and refuse what cannot be made compatible.
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from onnxzip.errors import UnsupportedModelError
+
+MAX_IR_VERSION = 10
+MAX_OPSET = {"": 21, "ai.onnx": 21, "ai.onnx.ml": 5, "ai.onnx.training": 1, "com.microsoft": 1}
+# Element types introduced after IR 3: (first IR that has them).
+_TYPE_MIN_IR = {
+    TensorProto.FLOAT8E4M3FN: 9,
+    TensorProto.FLOAT8E4M3FNUZ: 9,
+    TensorProto.FLOAT8E5M2: 9,
+    TensorProto.FLOAT8E5M2FNUZ: 9,
+    TensorProto.UINT4: 10,
+    TensorProto.INT4: 10,
+}
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain ("" / "ai.onnx") opset version."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise UnsupportedModelError("The model declares no default ONNX opset (opset_import is empty).")
+
+
+def _iter_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graphs(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    yield from _iter_graphs(sub)
+
+
+def _min_ir_for_types(model: onnx.ModelProto) -> int:
+    needed = 3
+    for graph in _iter_graphs(model.graph):
+        for tensor in graph.initializer:
+            needed = max(needed, _TYPE_MIN_IR.get(tensor.data_type, 3))
+    return needed
+
+
+def check_opsets(model: onnx.ModelProto) -> None:
+    """Raise :class:`UnsupportedModelError` when an opset is newer than onnxruntime 1.19 loads."""
+    opset = default_opset(model)
+    if opset > MAX_OPSET[""]:
+        raise UnsupportedModelError(
+            f"The model uses ONNX opset {opset}, but onnxruntime 1.19 supports at most opset "
+            f"{MAX_OPSET['']}; re-export it with opset ≤ {MAX_OPSET['']}."
+        )
+    if opset < 7:
+        raise UnsupportedModelError(
+            f"The model uses ONNX opset {opset}; onnxzip supports opset 7 to {MAX_OPSET['']} "
+            "(convert it with onnx.version_converter first)."
+        )
+    for entry in model.opset_import:
+        limit = MAX_OPSET.get(entry.domain)
+        if limit is not None and entry.version > limit:
+            raise UnsupportedModelError(
+                f"The model uses opset {entry.version} of domain '{entry.domain}', newer than "
+                f"onnxruntime 1.19 supports ({limit})."
+            )
+
+
+def required_ir_version(model: onnx.ModelProto) -> int:
+    """Lowest IR version that supports the model's opsets and element types."""
+    opsets = [
+        helper.make_opsetid(entry.domain, entry.version)
+        for entry in model.opset_import
+        if entry.domain in ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.training")
+    ]
+    ir = helper.find_min_ir_version_for(opsets, ignore_unknown=True) if opsets else 3
+    if len(model.functions) > 0:
+        ir = max(ir, 8)
+    return max(ir, _min_ir_for_types(model))
+
+
+def make_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Set ``model.ir_version`` in place to the lowest IR its content needs; refuse too-new models."""
+    check_opsets(model)
+    ir = required_ir_version(model)
+    if ir > MAX_IR_VERSION:
+        raise UnsupportedModelError(
+            f"The model needs ONNX IR version {ir}, but onnxruntime 1.19 loads at most IR "
+            f"{MAX_IR_VERSION}."
+        )
+    model.ir_version = ir
+    return model

@@ -1,0 +1,180 @@
+"""Evaluation data from arrays, ``.npz`` files, image folders, WAV folders or Python iterables.
+
+Conventions shared by every source: the first axis of an array indexes items; an item has no
+batch axis (the runner adds it); ``labels`` and ``references`` are reserved names for the
+targets, every other name is a model input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxzip.errors import DataError, RuntimeUnavailableError
+from onnxzip.evaluators.audio import load_wav_folder
+from onnxzip.evaluators.base import Dataset
+
+log = logging.getLogger(__name__)
+
+LABELS = "labels"
+REFERENCES = "references"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class ArrayDataset(Dataset):
+    """Items held in memory: inputs by name, optional labels and references, all indexed alike."""
+
+    def __init__(
+        self,
+        inputs: Mapping[str, Sequence[np.ndarray] | np.ndarray],
+        labels: Sequence[Any] | np.ndarray | None = None,
+        references: Sequence[np.ndarray] | np.ndarray | None = None,
+        *,
+        output: str | None = None,
+    ) -> None:
+        if not inputs:
+            raise DataError("The dataset has no model inputs (only labels/references).")
+        self._inputs = dict(inputs)
+        self._labels = labels
+        self._references = references
+        self.output = output
+        sizes = {name: len(values) for name, values in self._inputs.items()}
+        for name, values in ((LABELS, labels), (REFERENCES, references)):
+            if values is not None:
+                sizes[name] = len(values)
+        if len(set(sizes.values())) != 1:
+            raise DataError(
+                "Inputs and targets must hold the same number of items, got "
+                + ", ".join(f"{name}: {size}" for name, size in sizes.items())
+                + "."
+            )
+        self._size = next(iter(sizes.values()))
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], *, output: str | None = None) -> ArrayDataset:
+        """Split a name → array mapping into inputs and the reserved ``labels``/``references``."""
+        inputs = {k: v for k, v in arrays.items() if k not in (LABELS, REFERENCES)}
+        return cls(inputs, arrays.get(LABELS), arrays.get(REFERENCES), output=output)
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike[str], *, output: str | None = None) -> ArrayDataset:
+        """Arrays by input name plus optional ``labels`` / ``references`` from an ``.npz``."""
+        try:
+            with np.load(os.fspath(path), allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path} is not a readable .npz file ({exc}).") from exc
+        log.info("loaded %s: %s", path, ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
+        return cls.from_arrays(arrays, output=output)
+
+    @classmethod
+    def from_items(cls, items: Iterable[Mapping[str, Any]], *, output: str | None = None) -> ArrayDataset:
+        """Items given one by one as mappings of input arrays plus ``label`` / ``reference``."""
+        rows = list(items)
+        if not rows or not all(isinstance(row, Mapping) for row in rows):
+            raise DataError("An iterable dataset must yield one or more mappings (name → array).")
+        names = [name for name in rows[0] if name not in ("label", "reference")]
+        try:
+            inputs = {name: [np.asarray(row[name]) for row in rows] for name in names}
+        except KeyError as exc:
+            raise DataError(f"An item lacks the input {exc.args[0]!r} that the first item has.") from exc
+        labels = [row.get("label") for row in rows] if "label" in rows[0] else None
+        references = [row.get("reference") for row in rows] if "reference" in rows[0] else None
+        return cls(inputs, labels, references, output=output)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def inputs(self, index: int) -> dict[str, np.ndarray]:
+        return {name: np.asarray(values[index]) for name, values in self._inputs.items()}
+
+    def label(self, index: int) -> Any | None:
+        return None if self._labels is None else self._labels[index]
+
+    def reference(self, index: int) -> np.ndarray | None:
+        return None if self._references is None else np.asarray(self._references[index])
+
+
+def _read_image(path: Path, grayscale: bool) -> np.ndarray:
+    """(channels, height, width) float32 in [0, 1]."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            "Reading image folders needs Pillow; install it with `pip install onnxzip[images]`."
+        ) from exc
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if grayscale or image.mode in ("L", "I;16", "1") else "RGB")
+            pixels = np.asarray(image, dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise DataError(f"{path} is not a readable image ({exc}).") from exc
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def load_image_folder(
+    folder: str | os.PathLike[str], *, grayscale: bool = False, input_name: str = "input"
+) -> ArrayDataset:
+    """Images as (channels, height, width) float32 in [0, 1].
+
+    Layout: ``noisy/`` inputs with same-named ``clean/`` references, or images directly in the
+    folder (no references). Images of different sizes are run one at a time.
+    """
+    root = Path(folder)
+    input_dir = root / "noisy" if (root / "noisy").is_dir() else root
+    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{input_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    references = None
+    if input_dir != root and (root / "clean").is_dir():
+        missing = [p.name for p in files if not (root / "clean" / p.name).exists()]
+        if missing:
+            raise DataError(f"{root / 'clean'} lacks the references {', '.join(missing[:3])}.")
+        references = [_read_image(root / "clean" / p.name, grayscale) for p in files]
+    images = [_read_image(p, grayscale) for p in files]
+    log.info("loaded %d images from %s", len(images), root)
+    return ArrayDataset({input_name: images}, references=references)
+
+
+def _has(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    return any(
+        p.suffix.lower() in suffixes
+        for directory in (folder, folder / "noisy")
+        if directory.is_dir()
+        for p in directory.iterdir()
+    )
+
+
+def load_dataset(source: Any, **options: Any) -> Dataset:
+    """Any supported source as a :class:`Dataset`.
+
+    ``source`` is a Dataset (returned as is), an ``.npz`` path, a folder of WAV files
+    (:func:`~onnxzip.evaluators.audio.load_wav_folder`), a folder of images
+    (:func:`load_image_folder`), a mapping of arrays, or an iterable of item mappings.
+    ``options`` go to the loader.
+    """
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file() and path.suffix == ".npz":
+            return ArrayDataset.from_npz(path, **options)
+        if path.is_dir() and _has(path, (".wav",)):
+            return load_wav_folder(path, **options)
+        if path.is_dir() and _has(path, IMAGE_SUFFIXES):
+            return load_image_folder(path, **options)
+        raise DataError(
+            f"{path} is not an .npz file or a folder of WAV files or images."
+            if path.exists()
+            else f"{path} does not exist."
+        )
+    if isinstance(source, Mapping):
+        return ArrayDataset.from_arrays(source, **options)
+    if isinstance(source, Iterable):
+        return ArrayDataset.from_items(source, **options)
+    raise DataError(f"Cannot read evaluation data from a {type(source).__name__}.")

@@ -1,0 +1,174 @@
+"""Loading and saving ONNX models safely.
+
+* ``load_model`` accepts a path, bytes or a ``ModelProto``; external data is loaded from beside
+  the file; every failure becomes one clear sentence (:class:`InvalidModelError` /
+  :class:`UnsupportedModelError`).
+* ``save_model`` makes the model loadable by onnxruntime 1.19 (see :mod:`onnxzip.compat`), writes
+  into a temporary folder next to the target and renames into place, so a failure never leaves
+  a half-written output. Models over 2 GB (or on request) keep their tensors in one external
+  data file beside the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxzip.compat import check_opsets, make_compatible
+from onnxzip.errors import InvalidModelError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Leave head room: the proto grows slightly when fields are re-encoded.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def load_model(source: onnx.ModelProto | str | os.PathLike[str] | bytes, *, check: bool = True) -> onnx.ModelProto:
+    """Load and check a model. A ``ModelProto`` is deep-copied so the caller's object is untouched."""
+    if isinstance(source, onnx.ModelProto):
+        model = copy.deepcopy(source)
+        name = "the model"
+    elif isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "the model bytes")
+        name = "the model bytes"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.exists():
+            raise InvalidModelError(f"{path} does not exist.")
+        if path.is_dir():
+            raise InvalidModelError(f"{path} is a directory, not an ONNX file.")
+        model = _parse(path.read_bytes(), str(path))
+        _load_external(model, path.parent, str(path))
+    if check:
+        check_model(model, name)
+    return model
+
+
+def _parse(data: bytes, name: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"{name} is empty, not an ONNX model.")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(
+            f"{name} is not an ONNX model or is truncated ({_first_line(exc)})."
+        ) from exc
+    if not model.HasField("graph") or not model.opset_import:
+        raise InvalidModelError(f"{name} is not an ONNX model (no graph or opset found).")
+    return model
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path, name: str) -> None:
+    external = [
+        t for t in external_data_helper._get_all_tensors(model)  # noqa: SLF001 - covers subgraphs
+        if external_data_helper.uses_external_data(t)
+    ]
+    if not external:
+        return
+    for tensor in external:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = base_dir / info.location
+        if not location.is_file():
+            raise InvalidModelError(
+                f"{name} keeps tensor '{tensor.name}' in the external data file "
+                f"'{info.location}', which is missing next to the model."
+            )
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"Could not read the external data of {name}: {_first_line(exc)}.") from exc
+
+
+def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
+    """Refuse models onnxruntime 1.19 cannot load or that are not valid ONNX."""
+    check_opsets(model)
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        message = _first_line(exc)
+        if "No Op registered" in message or "No opset import" in message:
+            raise UnsupportedModelError(
+                f"{name} uses an operator unknown to ONNX: {message}"
+            ) from exc
+        raise InvalidModelError(f"{name} is not a valid ONNX model: {message}") from exc
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size, the same as the file size of a single-file save."""
+    return model.ByteSize()
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; returns the path.
+
+    ``external_data=None`` picks external data automatically for models over ~1.8 GB; the tensors
+    then go to ``<name>.data`` beside the model.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidModelError(f"{target} is a directory; give a file name for the output model.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    original_ir = model.ir_version
+    make_compatible(model)
+    try:
+        return _write(model, target, external_data)
+    finally:
+        model.ir_version = original_ir
+
+
+def _write(model: onnx.ModelProto, target: Path, external_data: bool | None) -> Path:
+    size = model.ByteSize()
+    if external_data is None:
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staged_model = staging / target.name
+        data_name = f"{target.name}.data"
+        if external_data:
+            model = copy.deepcopy(model)
+            external_data_helper.convert_model_to_external_data(
+                model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+            )
+            onnx.save_model(model, str(staged_model))
+            os.replace(staging / data_name, target.parent / data_name)
+        else:
+            if size > PROTOBUF_LIMIT:
+                raise UnsupportedModelError(
+                    "The model is over 2 GB and must be saved with external data."
+                )
+            staged_model.write_bytes(model.SerializeToString())
+        os.replace(staged_model, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s", target)
+    return target
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when two paths name the same file (used to refuse overwriting the input)."""
+    with contextlib.suppress(OSError):
+        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
+    return Path(a).resolve() == Path(b).resolve()

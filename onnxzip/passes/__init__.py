@@ -1,0 +1,27 @@
+"""Graph passes. Importing this package registers the built-in passes in :data:`PASSES`."""
+from __future__ import annotations
+
+from onnxzip.passes.base import (
+    PASSES,
+    Pass,
+    PassContext,
+    PassError,
+    PassResult,
+    PipelinePlan,
+    Plan,
+    get_pass,
+    register_pass,
+)
+from onnxzip.passes import cleanup, identity  # noqa: F401,E402 - registration side effect
+
+__all__ = [
+    "PASSES",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassResult",
+    "PipelinePlan",
+    "Plan",
+    "get_pass",
+    "register_pass",
+]

@@ -1,0 +1,225 @@
+"""The contract every pass follows.
+
+A pass is configured by a typed dataclass, **plans** first (per-layer decisions as plain data
+that can be printed, saved as JSON, edited and replayed) and **applies** second::
+
+    result = SomePass(rank=32).run(model, context)      # plan + apply
+    result = SomePass().run(model, context, plan=plan)  # replay a saved/edited plan
+    result.model, result.report, result.plan
+
+``run`` checks preconditions (a supported opset) and postconditions (the output is valid ONNX,
+loadable by onnxruntime 1.19), and fills the report's model totals (parameters, FLOPs, bytes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxzip.compat import check_opsets, make_compatible
+from onnxzip.cost import ModelCost, model_cost, observed_shapes
+from onnxzip.errors import ConfigError, OnnxzipError
+from onnxzip.report import PassReport
+from onnxzip.schema import build_config
+
+PLAN_FORMAT = 1
+
+
+class PassError(OnnxzipError):
+    """A pass produced an invalid model (a bug in onnxzip; the input is untouched)."""
+
+    exit_code = 3
+
+
+@dataclass
+class Plan:
+    """Per-layer decisions of one pass: ``layers`` maps a layer (node or weight) name to its
+    decision, e.g. ``{"fc1": {"rank": 32}}``. Plain data: JSON in, JSON out."""
+
+    pass_name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "config": self.config, "layers": self.layers}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict) or "pass" not in data:
+            raise ConfigError("A plan step must be a mapping with a 'pass' key.")
+        layers = data.get("layers", {})
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+            raise ConfigError(f"Plan step '{data['pass']}': 'layers' must map layer names to mappings.")
+        return cls(str(data["pass"]), dict(data.get("config", {})), {str(k): dict(v) for k, v in layers.items()})
+
+
+@dataclass
+class PipelinePlan:
+    """The plans of every step of a pipeline, in order; saved with ``--save-plan``, replayed
+    with ``--plan``."""
+
+    steps: list[Plan] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"onnxzip_plan": PLAN_FORMAT, "steps": [s.to_dict() for s in self.steps]}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PipelinePlan:
+        source = Path(path)
+        if not source.is_file():
+            raise ConfigError(f"Plan file {source} does not exist.")
+        try:
+            data = json.loads(source.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Plan file {source} is not valid JSON ({exc}).") from exc
+        if not isinstance(data, dict) or data.get("onnxzip_plan") != PLAN_FORMAT:
+            raise ConfigError(f"{source} is not an onnxzip plan (format {PLAN_FORMAT}).")
+        return cls([Plan.from_dict(step) for step in data.get("steps", [])])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+@dataclass
+class PassContext:
+    """What passes may need besides the model: sample inputs for measurements, the device,
+    a seed, progress-bar switch, symbolic dimension sizes. Costs are cached per model object."""
+
+    feeds: dict[str, np.ndarray] | None = None
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    dims: dict[str, int] = field(default_factory=dict)
+    _costs: dict[int, tuple[onnx.ModelProto, ModelCost]] = field(default_factory=dict, repr=False)
+
+    def cost(self, model: onnx.ModelProto) -> ModelCost:
+        key = id(model)
+        cached = self._costs.get(key)
+        if cached is None or cached[0] is not model:
+            feeds = self._batch_one_feeds()
+            cached = (model, model_cost(model, observed_shapes(model, feeds)))
+            self._costs = {k: v for k, v in self._costs.items() if k != key}
+            self._costs[key] = cached
+        return cached[1]
+
+    def _batch_one_feeds(self) -> dict[str, np.ndarray] | None:
+        if not self.feeds:
+            return None
+        return {k: v[:1] if np.ndim(v) else v for k, v in self.feeds.items()}
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    report: PassReport
+    plan: Plan
+
+
+class Pass:
+    """Base class. Subclasses set ``name``, ``config_class``, ``summary`` and implement
+    :meth:`apply` (and :meth:`plan` when they make per-layer decisions)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    summary: ClassVar[str] = ""
+    shorthand: ClassVar[str | None] = None  # the option a bare flag value sets (--cluster auto)
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            values = {**dataclasses.asdict(config), **options}
+        elif config is None or isinstance(config, dict):
+            values = {**(config or {}), **options}
+        else:
+            raise ConfigError(f"Pass '{self.name}' takes a {self.config_class.__name__} or a mapping.")
+        self.config = build_config(self.config_class, values, owner=f"pass '{self.name}'")
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
+        """Decide per layer. The default plan has no per-layer decisions."""
+        return Plan(self.name, self.config_dict())
+
+    def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def applies_to(self, weight: Any) -> bool:
+        """Whether this pass could rewrite ``weight`` (a :class:`onnxzip.weights.Weight`); used
+        by ``onnxzip inspect``."""
+        return False
+
+    def run(
+        self, model: onnx.ModelProto, context: PassContext | None = None, plan: Plan | None = None
+    ) -> PassResult:
+        context = context or PassContext()
+        check_opsets(model)
+        start = time.perf_counter()
+        if plan is None:
+            plan = self.plan(model, context)
+        elif plan.pass_name != self.name:
+            raise ConfigError(f"A plan for pass '{plan.pass_name}' cannot be replayed by pass '{self.name}'.")
+        result = self.apply(model, plan, context)
+        self._check_output(result.model)
+        report = result.report
+        before, after = context.cost(model), context.cost(result.model)
+        report.params_before, report.params_after = before.params, after.params
+        report.flops_before, report.flops_after = before.flops, after.flops
+        report.bytes_before, report.bytes_after = model.ByteSize(), result.model.ByteSize()
+        report.seconds = time.perf_counter() - start
+        return result
+
+    def _check_output(self, model: onnx.ModelProto) -> None:
+        try:
+            make_compatible(model)
+            if model.ByteSize() < 2**31 - 1:
+                onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, OnnxzipError) as exc:
+            raise PassError(f"Pass '{self.name}' produced an invalid model: {str(exc).splitlines()[0]}") from exc
+
+    def new_report(self) -> PassReport:
+        return PassReport(self.name, self.config_dict())
+
+
+def matches(name: str, op_type: str, include: list[str], exclude: list[str]) -> bool:
+    """Layer selection by name glob or op type: included (empty include = all) and not excluded."""
+    def hit(patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or p == op_type for p in patterns)
+
+    return (not include or hit(include)) and not hit(exclude)
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry (recipes, CLI flags and the API read it)."""
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[Pass]:
+    key = name.replace("_", "-")
+    if key not in PASSES:
+        raise ConfigError(f"Unknown pass '{name}'; available passes: {', '.join(sorted(PASSES))}.")
+    return PASSES[key]

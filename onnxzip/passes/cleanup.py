@@ -1,0 +1,122 @@
+"""The cleanup pass: dead nodes and unused initializers removed, weights held in ``Constant``
+nodes or constant chains turned into initializers, nodes topologically sorted, stale
+``value_info`` dropped, and graph output shapes that contradict what onnxruntime really
+produces corrected.
+
+ONNX shape inference can be wrong on real files, so it is never trusted blindly: with
+``shape_inference=true`` the inferred intermediate shapes are kept only where they agree with
+the shapes observed in an onnxruntime run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnxzip.cost import observed_shapes
+from onnxzip.graph import export_model, import_graph
+from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
+from onnxzip.schema import option
+from onnxzip.weights import materialize_weights
+
+
+@dataclass
+class CleanupConfig:
+    fold_weights: bool = option(True, "turn Constant nodes and constant chains feeding weights into initializers")
+    fix_output_shapes: bool = option(True, "correct declared output shapes that onnxruntime contradicts")
+    shape_inference: bool = option(False, "store inferred intermediate shapes that onnxruntime confirms")
+
+
+@register_pass
+class CleanupPass(Pass):
+    name = "cleanup"
+    config_class = CleanupConfig
+    summary = "Remove dead nodes and unused initializers, fold constant weight chains, sort, fix shapes."
+
+    def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
+        report = self.new_report()
+        graph = import_graph(model)
+        nodes_before = _count_nodes(model.graph)
+        if self.config.fold_weights:
+            report.notes.extend(materialize_weights(graph))
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
+        new_model = export_model(graph, model)
+        live = _tensor_names(new_model.graph)
+        kept_info = [vi for vi in new_model.graph.value_info if vi.name in live]
+        del new_model.graph.value_info[:]
+        new_model.graph.value_info.extend(kept_info)
+        shapes = observed_shapes(new_model, context._batch_one_feeds())
+        if self.config.fix_output_shapes:
+            report.notes.extend(_fix_output_shapes(new_model, shapes))
+        if self.config.shape_inference:
+            report.notes.append(_confirmed_shape_inference(new_model, shapes))
+        removed = nodes_before - _count_nodes(new_model.graph)
+        unused = len(model.graph.initializer) - len(new_model.graph.initializer)
+        if removed or unused:
+            report.notes.append(f"removed {removed} nodes and {max(unused, 0)} initializers")
+        report.modified = new_model.SerializeToString() != model.SerializeToString() if model.ByteSize() < 2**28 else True
+        return PassResult(new_model, report, plan)
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    total = 0
+    for node in graph.node:
+        total += 1
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                total += _count_nodes(attribute.g)
+    return total
+
+
+def _tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    for node in graph.node:
+        names.update(node.output)
+    return names
+
+
+def _fix_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Replace fixed output dims that disagree with the observed batch-1 run by the observed
+    size (axis 0 becomes the symbolic 'batch')."""
+    notes = []
+    for output in model.graph.output:
+        observed = shapes.get(output.name)
+        tensor_type = output.type.tensor_type
+        if observed is None or not tensor_type.HasField("shape"):
+            continue
+        dims = tensor_type.shape.dim
+        if len(dims) != len(observed):
+            tensor_type.ClearField("shape")
+            notes.append(f"output '{output.name}': declared rank {len(dims)} but onnxruntime gives {len(observed)}; shape cleared")
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, observed)):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                old = dim.dim_value
+                if axis == 0:
+                    dim.dim_param = "batch"
+                else:
+                    dim.dim_value = size
+                notes.append(f"output '{output.name}' axis {axis}: declared {old}, onnxruntime gives {size}; corrected")
+    return notes
+
+
+def _confirmed_shape_inference(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> str:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # noqa: BLE001 - inference is best effort
+        return f"shape inference failed ({str(exc).splitlines()[0]}); no shapes stored"
+    keep, dropped = [], 0
+    for info in inferred.graph.value_info:
+        observed = shapes.get(info.name)
+        dims = info.type.tensor_type.shape.dim
+        agrees = observed is not None and len(dims) == len(observed) and all(
+            not d.HasField("dim_value") or d.dim_value == s or axis == 0
+            for axis, (d, s) in enumerate(zip(dims, observed))
+        )
+        if agrees:
+            keep.append(info)
+        else:
+            dropped += 1
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    return f"shape inference: kept {len(keep)} shapes, dropped {dropped} not confirmed by onnxruntime"

@@ -1,0 +1,126 @@
+"""Recipes: which passes run in which order, with which options, and how the result is
+checked. The same schema reads a YAML/JSON file, Python objects and the CLI flags::
+
+    passes:
+      - svd: {energy: 0.95}
+      - cluster: {k: 16}
+    gate: {min_cosine: 0.99}
+    data: calib.npz          # optional; inputs are generated from the signature otherwise
+    dims: {seq: 16}
+    device: auto
+    seed: 0
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxzip.errors import ConfigError
+from onnxzip.passes import Pass, get_pass
+from onnxzip.schema import build_config
+from onnxzip.validate import FidelityGate
+
+DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
+_TOP_KEYS = {"passes", "gate", "data", "dims", "device", "seed", "batch"}
+
+
+@dataclass
+class PassStep:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Pass:
+        return get_pass(self.name)(self.options)
+
+
+@dataclass
+class Recipe:
+    passes: list[PassStep] = field(default_factory=list)
+    gate: FidelityGate = field(default_factory=FidelityGate)
+    data: str | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 0
+    batch: int = 2
+
+    def build_passes(self) -> list[Pass]:
+        """Instantiate (and so validate) every step."""
+        return [step.build() for step in self.passes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passes": [{s.name: s.options} for s in self.passes],
+            "gate": dataclasses.asdict(self.gate),
+            "data": self.data,
+            "dims": self.dims,
+            "device": self.device,
+            "seed": self.seed,
+            "batch": self.batch,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "the recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} must be a mapping with a 'passes' list.")
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise ConfigError(f"{source} has unknown keys {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_TOP_KEYS))}.")
+        steps = [parse_step(item, source) for item in data.get("passes") or []]
+        gate = build_config(FidelityGate, data.get("gate") or {}, owner=f"{source} gate")
+        dims = data.get("dims") or {}
+        if not isinstance(dims, dict):
+            raise ConfigError(f"{source}: 'dims' must map dimension names to sizes.")
+        recipe = cls(
+            passes=steps,
+            gate=gate,
+            data=data.get("data"),
+            dims={str(k): int(v) for k, v in dims.items()},
+            device=str(data.get("device", "auto")),
+            seed=int(data.get("seed", 0)),
+            batch=int(data.get("batch", 2)),
+        )
+        recipe.build_passes()
+        return recipe
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Recipe:
+        source = Path(path)
+        if not source.is_file():
+            raise ConfigError(f"Recipe file {source} does not exist.")
+        text = source.read_text()
+        try:
+            if source.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # yaml and json raise their own error types
+            raise ConfigError(f"Recipe file {source} cannot be parsed: {str(exc).splitlines()[0]}") from exc
+        recipe = cls.from_dict(data, source=f"recipe {source.name}")
+        if recipe.data and not Path(recipe.data).is_absolute():
+            recipe.data = str(source.parent / recipe.data)
+        return recipe
+
+    @classmethod
+    def default(cls) -> Recipe:
+        return cls(passes=[PassStep(name, dict(options)) for name, options in DEFAULT_PASSES])
+
+
+def parse_step(item: Any, source: str) -> PassStep:
+    """``{"svd": {...}}``, ``{"name": "svd", ...}`` or ``"cleanup"`` → :class:`PassStep`."""
+    if isinstance(item, str):
+        return PassStep(get_pass(item).name, {})
+    if isinstance(item, dict) and "name" in item:
+        options = {k: v for k, v in item.items() if k != "name"}
+        return PassStep(get_pass(str(item["name"])).name, options)
+    if isinstance(item, dict) and len(item) == 1:
+        (name, options), = item.items()
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"{source}: options of pass '{name}' must be a mapping.")
+        return PassStep(get_pass(str(name)).name, dict(options or {}))
+    raise ConfigError(f"{source}: each pass must be a name or a mapping like {{svd: {{energy: 0.95}}}}.")

@@ -1,0 +1,129 @@
+"""Reports: what each pass changed per layer, and the model before/after."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table with aligned columns (no dependency on a terminal library)."""
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(str(c))) for w, c in zip(widths, row)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def human_count(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def human_bytes(value: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+@dataclass
+class LayerChange:
+    """One layer's outcome in a pass: the decision, or the reason it was skipped."""
+
+    layer: str
+    op_type: str
+    decision: str
+    reason: str | None = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> bool:
+        return self.decision == "skipped"
+
+
+@dataclass
+class PassReport:
+    """What one pass did: per-layer changes, notes, and model totals before/after."""
+
+    pass_name: str
+    config: dict[str, Any]
+    modified: bool = False
+    changes: list[LayerChange] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+    def skip(self, layer: str, op_type: str, reason: str, **costs: int) -> None:
+        self.changes.append(LayerChange(layer, op_type, "skipped", reason, **costs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            [
+                c.layer,
+                c.op_type,
+                c.decision if not c.reason else f"{c.decision}: {c.reason}",
+                f"{human_count(c.params_before)} → {human_count(c.params_after)}",
+                f"{human_count(c.flops_before)} → {human_count(c.flops_after)}",
+            ]
+            for c in self.changes
+        ]
+        return render_table(["layer", "op", "decision", "params", "FLOPs"], rows)
+
+
+@dataclass
+class ModelSummary:
+    """Size on disk, parameters and FLOPs (per sample) of one model."""
+
+    bytes: int
+    params: int
+    flops: int
+
+
+@dataclass
+class CompressionReport:
+    """Everything ``compress`` did, JSON-serializable."""
+
+    before: ModelSummary
+    after: ModelSummary
+    passes: list[PassReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:.2f}x" if b else "-"
+
+        rows = [
+            ["size on disk", human_bytes(self.before.bytes), human_bytes(self.after.bytes),
+             ratio(self.before.bytes, self.after.bytes)],
+            ["parameters", human_count(self.before.params), human_count(self.after.params),
+             ratio(self.before.params, self.after.params)],
+            ["FLOPs/sample", human_count(self.before.flops), human_count(self.after.flops),
+             ratio(self.before.flops, self.after.flops)],
+        ]
+        for name, value in self.metrics.items():
+            rows.append([name, *value])
+        if self.validation:
+            worst = min((o["cosine"] for o in self.validation["outputs"]), default=1.0)
+            verdict = "pass" if self.validation["passed"] else "FAIL"
+            rows.append(["fidelity (min cosine)", "1", f"{worst:.6f}", verdict])
+        return render_table(["", "before", "after", "reduction"], rows)

@@ -1,0 +1,227 @@
+"""Fidelity validation: run the original and a candidate model in onnxruntime on the same
+inputs and compare every output.
+
+Per output: maximum absolute error, relative L2 error ‖a−b‖₂/‖a‖₂, cosine similarity
+⟨a,b⟩/(‖a‖‖b‖) over the flattened tensors, and — when the output looks like class scores
+(float, ≥ 2-D, last axis 2…100 000 wide) — the share of rows whose argmax agrees.
+A :class:`FidelityGate` turns those numbers into pass/fail before anything is written.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxzip.errors import ConfigError, DataError
+from onnxzip.inputs import graph_inputs, model_feeds
+from onnxzip.io import load_model
+from onnxzip.runtime import make_session, resolve_device, run_session
+
+
+@dataclass
+class OutputFidelity:
+    name: str
+    shape: list[int]
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    argmax_agreement: float | None = None
+    problem: str | None = None
+
+
+@dataclass
+class FidelityGate:
+    """Limits on output fidelity; ``None`` disables a limit. Defaults catch broken rewrites."""
+
+    min_cosine: float | None = 0.99
+    max_rel_l2: float | None = None
+    max_abs: float | None = None
+    min_argmax_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_cosine", "min_argmax_agreement"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= float(value) <= 1.0:
+                raise ConfigError(f"Fidelity limit {name}={value} must lie between -1 and 1.")
+        for name in ("max_rel_l2", "max_abs"):
+            value = getattr(self, name)
+            if value is not None and float(value) < 0:
+                raise ConfigError(f"Fidelity limit {name}={value} must not be negative.")
+
+    def failures(self, outputs: list[OutputFidelity]) -> list[str]:
+        found = []
+        for out in outputs:
+            if out.problem:
+                found.append(f"{out.name}: {out.problem}")
+                continue
+            if self.min_cosine is not None and not out.cosine >= self.min_cosine:
+                found.append(f"{out.name}: cosine {out.cosine:.6f} < {self.min_cosine}")
+            if self.max_rel_l2 is not None and not out.rel_l2 <= self.max_rel_l2:
+                found.append(f"{out.name}: relative L2 error {out.rel_l2:.3g} > {self.max_rel_l2}")
+            if self.max_abs is not None and not out.max_abs <= self.max_abs:
+                found.append(f"{out.name}: max abs error {out.max_abs:.3g} > {self.max_abs}")
+            if (
+                self.min_argmax_agreement is not None
+                and out.argmax_agreement is not None
+                and not out.argmax_agreement >= self.min_argmax_agreement
+            ):
+                found.append(
+                    f"{out.name}: argmax agreement {out.argmax_agreement:.4f} < {self.min_argmax_agreement}"
+                )
+        return found
+
+
+def looks_like_class_scores(array: np.ndarray) -> bool:
+    return (
+        np.issubdtype(array.dtype, np.floating) and array.ndim >= 2 and 2 <= array.shape[-1] <= 100_000
+    )
+
+
+def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputFidelity:
+    """Fidelity numbers of one output (see module docstring)."""
+    if reference.shape != candidate.shape:
+        return OutputFidelity(
+            name, list(reference.shape), float("inf"), float("inf"), -1.0,
+            problem=f"shape changed from {reference.shape} to {candidate.shape}",
+        )
+    a = reference.astype(np.float64).ravel()
+    b = candidate.astype(np.float64).ravel()
+    diff = a - b
+    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
+    rel_l2 = float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else (0.0 if max_abs == 0 else float("inf"))
+    if norm_a == 0 and norm_b == 0:
+        cosine = 1.0
+    elif norm_a == 0 or norm_b == 0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(a, b) / (norm_a * norm_b))
+    agreement = None
+    if looks_like_class_scores(reference):
+        agreement = float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))
+    problem = None
+    if not np.all(np.isfinite(candidate)) and np.all(np.isfinite(reference)):
+        problem = "candidate output has NaN or infinite values"
+    return OutputFidelity(name, list(reference.shape), max_abs, rel_l2, cosine, agreement, problem)
+
+
+def batch_size_of(model: onnx.ModelProto) -> int | None:
+    """Fixed batch size of the model's inputs, or None when dimension 0 is symbolic."""
+    for info in graph_inputs(model):
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
+def run_batched(session: Any, feeds: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Run ``session`` in chunks of ``batch_size`` rows (axis 0) and concatenate the outputs."""
+    rows = {v.shape[0] if v.ndim else 1 for v in feeds.values()}
+    if len(rows) != 1:
+        return run_session(session, feeds)
+    total = rows.pop()
+    if total <= batch_size:
+        return run_session(session, feeds)
+    if total % batch_size and batch_size_fixed(session):
+        raise DataError(
+            f"The model has a fixed batch size of {batch_size}, but the data has {total} rows, "
+            "which is not a multiple of it."
+        )
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, total, batch_size):
+        chunk = {k: v[start:start + batch_size] for k, v in feeds.items()}
+        for name, value in run_session(session, chunk).items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+
+def batch_size_fixed(session: Any) -> bool:
+    return any(isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
+
+
+@dataclass
+class ValidationReport:
+    """Per-output fidelity plus where the inputs came from and what the gate said."""
+
+    outputs: list[OutputFidelity]
+    device: str
+    inputs: str
+    rows: int
+    gate: FidelityGate = field(default_factory=FidelityGate)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "device": self.device,
+            "inputs": self.inputs,
+            "rows": self.rows,
+            "gate": asdict(self.gate),
+            "failures": self.failures,
+            "outputs": [asdict(o) for o in self.outputs],
+        }
+
+    def table(self) -> str:
+        from onnxzip.report import render_table
+
+        rows = [
+            [
+                o.name,
+                "x".join(map(str, o.shape)),
+                f"{o.max_abs:.3g}",
+                f"{o.rel_l2:.3g}",
+                f"{o.cosine:.6f}",
+                "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.2%}",
+            ]
+            for o in self.outputs
+        ]
+        text = render_table(["output", "shape", "max abs", "rel L2", "cosine", "argmax agree"], rows)
+        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        return f"{text}\ninputs: {self.inputs} ({self.rows} rows) on {self.device}; fidelity gate: {verdict}"
+
+
+def validate(
+    original: onnx.ModelProto | str | os.PathLike[str],
+    candidate: onnx.ModelProto | str | os.PathLike[str],
+    data: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    *,
+    dims: dict[str, int] | None = None,
+    batch: int = 2,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    gate: FidelityGate | None = None,
+) -> ValidationReport:
+    """Compare ``candidate`` with ``original`` in onnxruntime on the same inputs."""
+    reference_model = load_model(original)
+    candidate_model = load_model(candidate)
+    gate = gate or FidelityGate()
+    feeds = model_feeds(reference_model, data, batch=batch, dims=dims, seed=seed)
+    resolved = resolve_device(device)
+    chunk = batch_size_of(reference_model) or batch_size
+    reference_out = run_batched(make_session(reference_model, resolved), feeds, chunk)
+    candidate_out = run_batched(make_session(candidate_model, resolved), feeds, chunk)
+    outputs = []
+    for name, value in reference_out.items():
+        if name not in candidate_out:
+            outputs.append(OutputFidelity(name, list(value.shape), float("inf"), float("inf"), -1.0,
+                                          problem="output missing from the candidate"))
+            continue
+        outputs.append(compare_arrays(name, value, candidate_out[name]))
+    rows = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+    report = ValidationReport(
+        outputs=outputs,
+        device=resolved,
+        inputs="data file" if isinstance(data, (str, os.PathLike)) else ("arrays" if data is not None else "generated"),
+        rows=int(rows),
+        gate=gate,
+    )
+    report.failures = gate.failures(outputs)
+    return report
