@@ -33,10 +33,28 @@ def _np_dtype(info: onnx.ValueInfoProto) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
+BATCH_NAMES = frozenset({"N", "n", "batch", "batch_size", "B", "bs"})
+
+
+def batch_dim_names(model: onnx.ModelProto) -> set[str]:
+    """Symbolic dimension names that mean "batch": conventional names plus any symbol that is
+    the first dimension of an input (an LSTM input [seq, N, x] then gets the batch on axis 1)."""
+    names = set(BATCH_NAMES)
+    for info in graph_inputs(model):
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            names.add(dims[0].dim_param)
+    return names
+
+
 def resolve_shape(
-    info: onnx.ValueInfoProto, batch: int, dims: dict[str, int] | None = None
+    info: onnx.ValueInfoProto,
+    batch: int,
+    dims: dict[str, int] | None = None,
+    batch_names: set[str] | frozenset[str] = BATCH_NAMES,
 ) -> tuple[int, ...]:
-    """Concrete shape for an input: fixed dims as declared, symbolic ones from ``dims``/``batch``."""
+    """Concrete shape for an input: fixed dims as declared, symbolic ones from ``dims``, batch
+    dimensions (axis 0 or a batch-named symbol) from ``batch``."""
     dims = dims or {}
     shape = []
     for axis, dim in enumerate(info.type.tensor_type.shape.dim):
@@ -44,7 +62,7 @@ def resolve_shape(
             shape.append(int(dim.dim_value))
         elif dim.dim_param and dim.dim_param in dims:
             shape.append(int(dims[dim.dim_param]))
-        elif axis == 0:
+        elif axis == 0 or dim.dim_param in batch_names:
             shape.append(int(batch))
         else:
             label = dim.dim_param or f"axis {axis}"
@@ -70,10 +88,11 @@ def generate_inputs(
     """Random inputs matching the model's signature (see module docstring)."""
     rng = np.random.default_rng(seed)
     vocab = _vocab_sizes(model)
+    batch_names = batch_dim_names(model)
     feeds: dict[str, np.ndarray] = {}
     for info in graph_inputs(model):
         dtype = _np_dtype(info)
-        shape = resolve_shape(info, batch, dims)
+        shape = resolve_shape(info, batch, dims, batch_names)
         if np.issubdtype(dtype, np.floating):
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:

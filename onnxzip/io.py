@@ -153,7 +153,8 @@ def _write(model: onnx.ModelProto, target: Path, external_data: bool | None) -> 
                 model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
             )
             onnx.save_model(model, str(staged_model))
-            os.replace(staging / data_name, target.parent / data_name)
+            if (staging / data_name).exists():  # absent when every tensor is under 1 kB
+                os.replace(staging / data_name, target.parent / data_name)
         else:
             if size > PROTOBUF_LIMIT:
                 raise UnsupportedModelError(

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_same_outputs, init, make_model, mlp, tensor
+from onnx import helper
+
+from onnxzip.errors import InvalidModelError, UnsupportedModelError
+from onnxzip.io import load_model, save_model
+
+
+def test_roundtrip_preserves_metadata_and_lowers_ir(tmp_path):
+    model = mlp()
+    model.ir_version = 13  # what a new onnx stamps; onnxruntime 1.19 refuses it
+    model.producer_name = "exporter"
+    model.doc_string = "doc"
+    model.metadata_props.add(key="labels", value="a,b,c,d")
+    path = save_model(model, tmp_path / "m.onnx")
+    loaded = onnx.load(path)
+    assert loaded.ir_version == 8  # lowest IR for opset 17
+    assert model.ir_version == 13  # the caller's object is untouched
+    assert loaded.producer_name == "exporter" and loaded.doc_string == "doc"
+    assert {p.key: p.value for p in loaded.metadata_props} == {"labels": "a,b,c,d"}
+    assert [i.name for i in loaded.graph.input] == ["x"] and [o.name for o in loaded.graph.output] == ["y"]
+    assert_same_outputs(model, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no staging leftovers
+
+
+def _wide_model():
+    rng = np.random.default_rng(0)
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", ["N", 64])],
+                      [tensor("y", ["N", 64])], [init("w", rng.standard_normal((64, 64)).astype(np.float32))])
+
+
+def test_external_data_roundtrip(tmp_path):
+    model = _wide_model()
+    path = save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert_same_outputs(model, load_model(path))
+
+
+def test_missing_external_data_is_one_sentence(tmp_path):
+    path = save_model(_wide_model(), tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(InvalidModelError, match="external data file 'm.onnx.data'.*missing"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"not an onnx file at all", "not an ONNX model"), (b"", "empty")],
+)
+def test_not_onnx(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InvalidModelError, match=message):
+        load_model(path)
+
+
+def test_truncated(tmp_path):
+    data = mlp().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidModelError):
+        load_model(path)
+
+
+def test_directory_and_missing(tmp_path):
+    with pytest.raises(InvalidModelError, match="is a directory"):
+        load_model(tmp_path)
+    with pytest.raises(InvalidModelError, match="does not exist"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_opset_too_new_and_unknown_op():
+    new = mlp()
+    new.opset_import[0].version = 23
+    with pytest.raises(UnsupportedModelError, match="opset 23.*at most opset 21"):
+        load_model(new)
+    unknown = make_model([helper.make_node("FancyOp", ["x"], ["y"])], [tensor("x", [2])], [tensor("y", [2])])
+    with pytest.raises(UnsupportedModelError, match="FancyOp"):
+        load_model(unknown)
+
+
+def test_int4_weights_need_ir10(tmp_path):
+    model = make_model(
+        [helper.make_node("Cast", ["q"], ["qf"], to=onnx.TensorProto.FLOAT), helper.make_node("Add", ["x", "qf"], ["y"])],
+        [tensor("x", [4])], [tensor("y", [4])],
+        [helper.make_tensor("q", onnx.TensorProto.INT4, [4], [1, -2, 3, -4])], opset=21,
+    )
+    assert onnx.load(save_model(model, tmp_path / "m.onnx")).ir_version == 10
