@@ -1,0 +1,36 @@
+"""Codebook clustering of weight tensors (pure numpy).
+
+* :func:`cluster_weights` — 1-D k-means of a tensor's values: codebook + per-weight indices;
+* :func:`init_centroids` — the initialisations (linear, quantile, k-means++, k-means||);
+* :func:`estimate_k_birch` / :class:`ImprovedBirch` — the automatic cluster count;
+* :func:`assign_nearest`, :func:`index_entropy_bits`, :func:`pack_indices`,
+  :func:`unpack_indices` — exact assignment and index storage.
+"""
+from __future__ import annotations
+
+from onnxzip.cluster.birch import ImprovedBirch, estimate_k_birch
+from onnxzip.cluster.kmeans import (
+    INITS,
+    ClusterResult,
+    assign_nearest,
+    cluster_weights,
+    index_entropy_bits,
+    init_centroids,
+    lloyd,
+)
+from onnxzip.cluster.packing import PACK_BITS, pack_indices, unpack_indices
+
+__all__ = [
+    "INITS",
+    "PACK_BITS",
+    "ClusterResult",
+    "ImprovedBirch",
+    "assign_nearest",
+    "cluster_weights",
+    "estimate_k_birch",
+    "index_entropy_bits",
+    "init_centroids",
+    "lloyd",
+    "pack_indices",
+    "unpack_indices",
+]

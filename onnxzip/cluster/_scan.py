@@ -1,8 +1,8 @@
 """Chunked passes over a large float32 weight vector: histogram, exact nearest-centroid lookup.
 
 Everything here streams the tensor in chunks of :data:`CHUNK` values on a small thread pool
-(numpy's ufuncs and ``take`` release the GIL), so no full-size float64 or index temporaries are
-ever allocated: the only full-size output is the index array the caller asks for.
+(numpy's ufuncs and ``take`` release the GIL; ``bincount`` does not), so no full-size float64 or
+index temporaries are ever allocated: the only full-size output is the index array returned.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ HISTOGRAM_BINS = 1 << 16
 _T = TypeVar("_T")
 
 
-def as_weight_vector(values: np.ndarray) -> np.ndarray:
-    """Return ``values`` as a contiguous 1-D float32 view (a copy only if dtype/layout differ).
+def as_weight_vector(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``values`` as a contiguous 1-D float32 view (a copy only if dtype/layout differ), with its
+    minimum and maximum.
 
     Raises :class:`DataError` for an empty or non-finite tensor.
     """
@@ -31,9 +32,10 @@ def as_weight_vector(values: np.ndarray) -> np.ndarray:
     if flat.size == 0:
         raise DataError("cannot cluster an empty tensor.")
     # min/max propagate NaN and expose +-inf without a full-size boolean temporary.
-    if not (np.isfinite(flat.min()) and np.isfinite(flat.max())):
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise DataError("weights to cluster contain NaN or infinite values.")
-    return flat
+    return flat, lo, hi
 
 
 def reduce_chunks(
@@ -96,11 +98,9 @@ class Histogram:
     def coarsen(self, group: int) -> Histogram:
         """Merge every ``group`` adjacent bins (CF additivity makes this exact)."""
         starts = np.arange(0, self.counts.size, group)
-        reduce = lambda moment: np.add.reduceat(moment, starts)  # noqa: E731
-        return Histogram(
-            self.lo, self.hi, reduce(self.counts), reduce(self.sums),
-            None if self.sumsq is None else reduce(self.sumsq),
-        )
+        counts, sums = (np.add.reduceat(moment, starts) for moment in (self.counts, self.sums))
+        sumsq = None if self.sumsq is None else np.add.reduceat(self.sumsq, starts)
+        return Histogram(self.lo, self.hi, counts, sums, sumsq)
 
     @property
     def total(self) -> float:
@@ -115,9 +115,10 @@ class Histogram:
         return float(np.sqrt(max(self.sumsq.sum() / total - mean * mean, 0.0)))
 
 
-def histogram(values: np.ndarray, bins: int, *, second_moments: bool = False) -> Histogram:
-    """Build a :class:`Histogram` of a float32 vector from :func:`as_weight_vector` in one pass."""
-    lo, hi = float(values.min()), float(values.max())
+def histogram(
+    values: np.ndarray, lo: float, hi: float, bins: int, *, second_moments: bool = False
+) -> Histogram:
+    """Build a :class:`Histogram` of the output of :func:`as_weight_vector` in one pass."""
     scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
     lo32 = np.float32(lo)
 
@@ -201,9 +202,10 @@ class NearestCentroid:
 
         def one(start: int, chunk: np.ndarray) -> tuple[float, float]:
             picked = self.lookup(chunk, indices[start:start + chunk.size])
-            signal = chunk.astype(np.float64)
-            error = signal - self.codebook.take(picked)
-            return float(np.dot(error, error)), float(np.dot(signal, signal))
+            error = chunk - self.codebook.take(picked)
+            # einsum, not np.dot: OpenBLAS's threaded dot thrashes when called from threads.
+            return (float(np.einsum("i,i->", error, error, dtype=np.float64)),
+                    float(np.einsum("i,i->", chunk, chunk, dtype=np.float64)))
 
         squared_error, power = reduce_chunks(
             one, values, lambda left, right: (left[0] + right[0], left[1] + right[1]))

@@ -73,14 +73,12 @@ def assign_nearest(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     ``codebook`` must be sorted ascending and distinct, as in :class:`ClusterResult`; use this to
     re-assign weights after a codebook was fine-tuned.
     """
-    flat = as_weight_vector(values)
+    flat, lo, hi = as_weight_vector(values)
     codebook = np.asarray(codebook, dtype=np.float32)
     if codebook.size == 0 or np.any(np.diff(codebook) <= 0):
         raise ConfigError("codebook must be non-empty, sorted ascending and without duplicates.")
-    lo, hi = float(min(flat.min(), codebook[0])), float(max(flat.max(), codebook[-1]))
-    lookup = NearestCentroid(codebook, lo, hi, _grid_cells(flat.size))
-    indices = np.empty(flat.size, dtype=lookup.index_dtype)
-    return lookup.lookup(flat, indices).reshape(np.shape(values))
+    lookup = NearestCentroid(codebook, lo, hi, _grid_cells(flat.size, codebook.size))
+    return lookup.assign(flat)[0].reshape(np.shape(values))
 
 
 def init_centroids(
@@ -104,14 +102,9 @@ def init_centroids(
     values, or the histogram bin means of a larger tensor) and are deterministic for a ``seed``.
     With ``keep_zero`` and exact zeros in the tensor, the centroid nearest 0 is moved to 0.0.
     """
-    flat = as_weight_vector(values)
+    flat, lo, hi = as_weight_vector(values)
     _check_k(k)
-    hist = histogram(flat, HISTOGRAM_BINS)
-    points, weights = _init_points(flat, hist)
-    centroids = _initial(method, points, weights, hist, k, np.random.default_rng(seed))
-    if keep_zero and np.count_nonzero(flat) < flat.size:
-        centroids = _with_zero(centroids)
-    return centroids
+    return _start(flat, histogram(flat, lo, hi, HISTOGRAM_BINS), k, method, seed, keep_zero)[0]
 
 
 def cluster_weights(
@@ -131,39 +124,28 @@ def cluster_weights(
 
     ``k="auto"`` takes K from the improved BIRCH (:func:`onnxzip.cluster.estimate_k_birch`) with
     threshold T = ``birch_threshold_ratio`` × std(values), clipped to [``min_k``, 2**``max_bits``].
-    ``init`` is a method of :data:`INITS` or explicit initial centroids. Lloyd runs until the
+    ``init`` is a method of :data:`INITS` or explicit initial centroids (then ``k`` must equal
+    their number of distinct values; see :func:`init_centroids`). Lloyd runs until the
     assignment no longer changes, or ``max_iter`` steps. With ``keep_zero`` and exact zeros in
     the tensor, one centroid is pinned at exactly 0.0 (never moved), so pruned weights stay 0.
     Per-output-channel clustering: call this on each row.
     """
-    flat = as_weight_vector(values)
+    flat, lo, hi = as_weight_vector(values)
     if max_iter < 1:
         raise ConfigError(f"max_iter must be at least 1, got {max_iter}.")
-    hist = histogram(flat, HISTOGRAM_BINS, second_moments=k == "auto")
+    hist = histogram(flat, lo, hi, HISTOGRAM_BINS, second_moments=k == "auto")
     if k == "auto":
         if not 1 <= max_bits <= 16 or not 1 <= min_k <= 2 ** max_bits:
             raise ConfigError(f"need 1 ≤ min_k ≤ 2**max_bits ≤ 65536, got {min_k=}, {max_bits=}.")
-        threshold = birch_threshold_ratio * hist.std()
-        found = birch_k_from_histogram(hist, threshold, birch_branching) if threshold > 0 else 1
+        found = birch_k_from_histogram(hist, birch_threshold_ratio * hist.std(), birch_branching)
         k = int(np.clip(found, min_k, 2 ** max_bits))
     _check_k(k)
 
-    rng = np.random.default_rng(seed)
-    if isinstance(init, str):
-        centroids = _initial(init, *_init_points(flat, hist), hist, k, rng)
-    else:
-        centroids = np.unique(np.asarray(init, dtype=np.float64).reshape(-1))
-        if centroids.size == 0 or centroids.size > MAX_K:
-            raise ConfigError(f"explicit init needs 1 to {MAX_K} centroids, got {centroids.size}.")
-    pinned = None
-    if keep_zero and np.count_nonzero(flat) < flat.size:
-        centroids = _with_zero(centroids)
-        pinned = int(np.searchsorted(centroids, 0.0))
-
+    centroids, pinned = _start(flat, hist, k, init, seed, keep_zero)
     points, weights = _unique_points(flat) if flat.size <= EXACT_MAX_SIZE else hist.points()
     centroids = lloyd(points, weights, centroids, pinned=pinned, max_iter=max_iter)
     codebook = np.unique(centroids.astype(np.float32))
-    lookup = NearestCentroid(codebook, hist.lo, hist.hi, _grid_cells(flat.size))
+    lookup = NearestCentroid(codebook, hist.lo, hist.hi, _grid_cells(flat.size, codebook.size))
     indices, squared_error, power = lookup.assign(flat)
     sqnr = 10 * np.log10(power / squared_error) if squared_error > 0 else np.inf
     return ClusterResult(codebook, indices.reshape(np.shape(values)),
@@ -182,14 +164,16 @@ def lloyd(
 
     Cluster j is the run of points in [m_{j−1}, m_j) with m_j = (c_j + c_{j+1})/2 (a point on a
     midpoint goes up, as in the final assignment); its new centroid is its weighted mean, found
-    from prefix sums. An empty cluster keeps its centroid; centroid ``pinned`` never moves.
-    Stops when the cluster boundaries repeat (a fixed point) or after ``max_iter`` steps.
-    Sorted order is preserved: cluster j's points lie strictly between c_{j−1} and c_{j+1}.
+    from prefix sums, so a step costs O(K log P). Cluster means keep the centroids sorted.
+    An empty cluster's centroid is moved to the point farthest from its own centroid (as
+    scikit-learn does), which lowers the SSE. Centroid ``pinned`` never moves. Stops when the
+    cluster boundaries repeat (a fixed point) or after ``max_iter`` steps.
     """
     offset = float(np.average(points, weights=weights))
     cum_weights = np.concatenate([[0.0], np.cumsum(weights)])
     cum_sums = np.concatenate([[0.0], np.cumsum(weights * (points - offset))])
     centroids = np.array(centroids, dtype=np.float64)
+    pinned_value = None if pinned is None else centroids[pinned]
     bounds = None
     for _ in range(max_iter):
         new_bounds = np.searchsorted(points, (centroids[:-1] + centroids[1:]) / 2, side="left")
@@ -202,8 +186,32 @@ def lloyd(
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled] + offset
         if pinned is not None:
-            centroids[pinned] = 0.0
+            centroids[pinned] = pinned_value
+            filled[pinned] = True
+        if not filled.all():
+            relocated = _relocate_empty(points, edges, centroids, np.flatnonzero(~filled))
+            if relocated is not None:
+                centroids, bounds = relocated, None
+                if pinned is not None:
+                    pinned = int(np.searchsorted(centroids, pinned_value))
     return centroids
+
+
+def _relocate_empty(
+    points: np.ndarray, edges: np.ndarray, centroids: np.ndarray, empty: np.ndarray
+) -> np.ndarray | None:
+    """Centroids (re-sorted) with the ``empty`` ones moved onto the points farthest from their
+    cluster's centroid; None when every point sits on its centroid."""
+    owner = np.repeat(np.arange(centroids.size), np.diff(edges))
+    squared = (points - centroids[owner]) ** 2
+    count = min(empty.size, points.size)
+    farthest = np.argpartition(-squared, count - 1)[:count]
+    farthest = farthest[squared[farthest] > 0]
+    if farthest.size == 0:
+        return None
+    moved = centroids.copy()
+    moved[empty[:farthest.size]] = points[farthest]
+    return np.sort(moved)
 
 
 def _check_k(k: object) -> None:
@@ -211,9 +219,12 @@ def _check_k(k: object) -> None:
         raise ConfigError(f"k must be 'auto' or an integer from 1 to {MAX_K}, got {k!r}.")
 
 
-def _grid_cells(size: int) -> int:
-    """Lookup-grid size: about a quarter cell per weight, between 2**10 and 2**20 cells."""
-    return int(np.clip(1 << max(size // 4, 1).bit_length(), 1 << 10, 1 << 20))
+def _grid_cells(size: int, k: int) -> int:
+    """Lookup-grid size: ~1024 cells per centroid keeps the cells near a decision threshold
+    (resolved by slow ``searchsorted``) to a few per mille of a bell-shaped tensor, while the
+    table stays small enough for the cache; never far more cells than weights."""
+    cells = max(1024 * k, 1 << 12)
+    return 1 << min(cells - 1, 4 * size, (1 << 18) - 1).bit_length()
 
 
 def _unique_points(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +235,23 @@ def _unique_points(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _init_points(flat: np.ndarray, hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
     """Weighted points the initialisations sample from: distinct values if few, else bin means."""
     return _unique_points(flat) if flat.size <= HISTOGRAM_BINS else hist.points()
+
+
+def _start(
+    flat: np.ndarray, hist: Histogram, k: int, init: str | np.ndarray, seed: int, keep_zero: bool
+) -> tuple[np.ndarray, int | None]:
+    """Initial centroids (sorted, distinct, float64) and the index of the pinned zero, if any."""
+    if isinstance(init, str):
+        centroids = _initial(init, *_init_points(flat, hist), hist, k,
+                             np.random.default_rng(seed))
+    else:
+        centroids = np.unique(np.asarray(init, dtype=np.float64).reshape(-1))
+        if centroids.size != k:
+            raise ConfigError(f"explicit init has {centroids.size} distinct centroids, k is {k}.")
+    if keep_zero and np.count_nonzero(flat) < flat.size:
+        centroids = _with_zero(centroids)
+        return centroids, int(np.searchsorted(centroids, 0.0))
+    return centroids, None
 
 
 def _with_zero(centroids: np.ndarray) -> np.ndarray:
