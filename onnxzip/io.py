@@ -165,7 +165,17 @@ def _write(model: onnx.ModelProto, target: Path, external_data: bool | None) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s", target)
+    _record_write(target)
     return target
+
+
+def _record_write(target: Path) -> None:
+    """Append the written path to the file named by ``ONNXZIP_RECORD_WRITES`` (CI uses it to
+    re-load every model onnxzip wrote in the newest onnxruntime)."""
+    record = os.environ.get("ONNXZIP_RECORD_WRITES")
+    if record:
+        with open(record, "a", encoding="utf-8") as handle:
+            handle.write(f"{target.resolve()}\n")
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
