@@ -2,4 +2,5 @@
 
 Installed as ``onnxzip.models``; start from :func:`onnxzip.models.zoo.get_reference_model`.
 """
+
 from __future__ import annotations

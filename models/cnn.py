@@ -3,6 +3,7 @@
 Built for Method 2 (BN-scale channel pruning and whole-residual-block pruning): every 3×3 Conv
 is followed by a BatchNorm, and blocks without a projection can be removed entirely.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ STAGE_WIDTHS = (32, 64, 128)
 BLOCKS_PER_STAGE = 2
 NUM_CLASSES = 10
 
-TRAIN_CONFIG = TrainConfig(epochs=12, learning_rate=3e-3, weight_decay=5e-4, max_shift=1)
+TRAIN_CONFIG = TrainConfig(epochs=6, learning_rate=3e-3, weight_decay=5e-4, max_shift=1)
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Sequential:

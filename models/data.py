@@ -3,6 +3,7 @@
 One fixed stratified split (seed 0, 20 % test) serves every model, so accuracies are comparable.
 Arrays are returned read-only because they are cached and shared between callers.
 """
+
 from __future__ import annotations
 
 import functools

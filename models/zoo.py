@@ -8,6 +8,7 @@ hash of the exporter's source, so a change to the export re-exports without retr
 
 Adding a model is one line in :data:`REFERENCE_MODELS`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ REFERENCE_MODELS: dict[str, ReferenceSpec] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReferenceModel:
     """A trained reference model: its cached ONNX and weights, its data and torch metrics."""
 
@@ -89,13 +91,15 @@ class ReferenceModel:
         """First output of ``model`` in onnxruntime on ``inputs`` (default: the test set)."""
         inputs = self.test_inputs if inputs is None else inputs
         session = make_session(model, device)
-        outputs = [
-            next(iter(run_session(session, {self.input_name: inputs[start : start + batch_size]}).values()))
-            for start in range(0, len(inputs), batch_size)
-        ]
+        outputs = []
+        for start in range(0, len(inputs), batch_size):
+            feeds = {self.input_name: inputs[start : start + batch_size]}
+            outputs.append(next(iter(run_session(session, feeds).values())))
         return np.concatenate(outputs)
 
-    def accuracy(self, model: onnx.ModelProto | str | os.PathLike[str], *, device: str = "auto") -> float:
+    def accuracy(
+        self, model: onnx.ModelProto | str | os.PathLike[str], *, device: str = "auto"
+    ) -> float:
         """Top-1 test accuracy of ``model`` (an ONNX model or path) measured in onnxruntime."""
         if self.task != "classification":
             raise ConfigError(f"Reference model {self.name!r} is not a classifier; use predict().")
@@ -143,7 +147,9 @@ def cache_key(name: str) -> str:
 
 
 def _export_key() -> str:
-    return _hash(_source_bytes(onnxzip.export), onnx.__version__.encode(), torch.__version__.encode())
+    return _hash(
+        _source_bytes(onnxzip.export), onnx.__version__.encode(), torch.__version__.encode()
+    )
 
 
 def _build_trained(spec: ReferenceSpec, state_path: Path) -> nn.Module:
@@ -152,44 +158,57 @@ def _build_trained(spec: ReferenceSpec, state_path: Path) -> nn.Module:
     return module.eval()
 
 
+def build_once(
+    folder: Path, build: Callable[[Path], dict[str, float]], *, rebuild: bool = False
+) -> dict[str, float]:
+    """Run ``build(folder)`` unless the folder is complete (or ``rebuild``); return its metrics.
+
+    ``build`` writes its files atomically and returns the metrics, which are written last, so
+    their file marks a complete entry. A file lock makes a second process wait for the first
+    one's build instead of repeating it.
+    """
+    metrics_path = folder / METRICS_FILE
+    if rebuild or not metrics_path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / LOCK_FILE)):
+            if rebuild or not metrics_path.exists():
+                metrics = build(folder)
+                write_atomically(metrics_path, json.dumps(metrics, indent=2).encode())
+    return json.loads(metrics_path.read_text())
+
+
+def _train(spec: ReferenceSpec, folder: Path, quiet: bool) -> dict[str, float]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.config.seed)
+        module = spec.build()
+    metrics = spec.fit(module, spec.data(), spec.config, quiet=quiet)
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    for stale in folder.glob("*.onnx"):  # exported from weights this run replaces
+        stale.unlink()
+    write_atomically(folder / STATE_FILE, buffer.getvalue())
+    return metrics
+
+
 def _prepare(
     name: str, cache_dir: str | os.PathLike[str] | None, retrain: bool, folded: bool, quiet: bool
-) -> tuple[ReferenceSpec, Path, Path]:
-    """Make sure the trained weights and the requested ONNX exist; return the folder and ONNX path.
-
-    A file lock makes a second process wait for the first one's training instead of repeating it;
-    every file is written atomically, the metrics last, so their presence marks a complete entry.
-    """
+) -> tuple[ReferenceSpec, Path, Path, dict[str, float]]:
+    """Train (once) and export (once per exporter version); return spec, folder, ONNX, metrics."""
     spec = _spec(name)
     folder = cache_root(cache_dir) / f"{name}-{cache_key(name)}"
+    metrics = build_once(folder, lambda target: _train(spec, target, quiet), rebuild=retrain)
     onnx_path = folder / f"model{'-folded' if folded else ''}-{_export_key()}.onnx"
-    if not retrain and (folder / METRICS_FILE).exists() and onnx_path.exists():
-        return spec, folder, onnx_path
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / ".lock")):
-        if retrain or not (folder / METRICS_FILE).exists():
-            log.info("training reference model %r (cache %s)", name, folder)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.config.seed)
-                module = spec.build()
-            metrics = spec.fit(module, spec.data(), spec.config, quiet=quiet)
-            buffer = io.BytesIO()
-            torch.save(module.state_dict(), buffer)
-            for stale in folder.glob("*.onnx"):
-                stale.unlink()
-            write_atomically(folder / STATE_FILE, buffer.getvalue())
-            write_atomically(folder / METRICS_FILE, json.dumps(metrics, indent=2).encode())
-        if not onnx_path.exists():
-            module = _build_trained(spec, folder / STATE_FILE)
-            example = torch.tensor(spec.data().test_inputs[:2])
-            export(
-                module,
-                example,
-                onnx_path,
-                keep_batchnorm=not folded,
-                input_names=[spec.input_name],
-            )
-    return spec, folder, onnx_path
+    if not onnx_path.exists():
+        with FileLock(str(folder / LOCK_FILE)):
+            if not onnx_path.exists():
+                export(
+                    _build_trained(spec, folder / STATE_FILE),
+                    torch.tensor(spec.data().test_inputs[:2]),
+                    onnx_path,
+                    keep_batchnorm=not folded,
+                    input_names=[spec.input_name],
+                )
+    return spec, folder, onnx_path, metrics
 
 
 def get_reference_model(
@@ -206,7 +225,7 @@ def get_reference_model(
     deployment-style file); otherwise BatchNormalization nodes are kept. ``quiet=False`` shows
     a progress bar while training.
     """
-    spec, folder, onnx_path = _prepare(name, cache_dir, retrain, folded, quiet)
+    spec, folder, onnx_path, metrics = _prepare(name, cache_dir, retrain, folded, quiet)
     data = spec.data()
     return ReferenceModel(
         name=name,
@@ -217,7 +236,7 @@ def get_reference_model(
         test_inputs=data.test_inputs,
         test_labels=data.test_labels,
         input_name=spec.input_name,
-        metrics=json.loads((folder / METRICS_FILE).read_text()),
+        metrics=metrics,
         task=spec.task,
     )
 
@@ -226,5 +245,5 @@ def load_reference_module(
     name: str, *, cache_dir: str | os.PathLike[str] | None = None
 ) -> nn.Module:
     """The trained torch module of reference model ``name``, in eval mode (trains on first use)."""
-    spec, folder, _ = _prepare(name, cache_dir, retrain=False, folded=False, quiet=True)
+    spec, folder, _, _ = _prepare(name, cache_dir, retrain=False, folded=False, quiet=True)
     return _build_trained(spec, folder / STATE_FILE)

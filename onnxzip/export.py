@@ -7,6 +7,7 @@ Conv, which is what ``keep_batchnorm=False`` asks for (a deployment-style file).
 runs in both cases: it only folds subgraphs whose inputs are all constant (such as the transposed
 weight of a ``Linear``), never a BatchNorm on activations.
 """
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,10 @@ def _inline_identity_initializers(model: onnx.ModelProto) -> None:
 
 def _as_tensor_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs or not all(
-        isinstance(item, torch.Tensor) for item in inputs
+    if (
+        not isinstance(inputs, (tuple, list))
+        or not inputs
+        or not all(isinstance(item, torch.Tensor) for item in inputs)
     ):
         raise ConfigError("example_inputs must be a torch.Tensor or a non-empty tuple of tensors.")
     return tuple(inputs)
@@ -79,7 +82,9 @@ def _names(given: Sequence[str] | None, count: int, kind: str) -> list[str]:
     if given is None:
         return [kind] if count == 1 else [f"{kind}_{index}" for index in range(count)]
     if len(given) != count:
-        raise ConfigError(f"{kind}_names has {len(given)} names but the module has {count} {kind}s.")
+        raise ConfigError(
+            f"{kind}_names has {len(given)} names but the module has {count} {kind}s."
+        )
     return list(given)
 
 
@@ -90,8 +95,13 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
         os.replace(temp_name, target)
@@ -116,8 +126,8 @@ def export(
 
     ``keep_batchnorm`` keeps BatchNormalization nodes (inference mode, running statistics);
     otherwise BatchNorm is folded into the preceding Conv. ``dynamic_batch`` makes dim 0 of every
-    input and output symbolic (``batch``). Names default to ``input``/``output`` (``input_0``... when
-    there are several). The module's train/eval mode is restored afterwards.
+    input and output symbolic (``batch``). Names default to ``input``/``output`` (``input_0``...
+    when there are several). The module's train/eval mode is restored afterwards.
     """
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"export() needs a torch.nn.Module, got {type(module).__name__}.")
@@ -159,7 +169,9 @@ def export(
                     dynamic_axes=dynamic_axes,
                 )
         except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
             raise UnsupportedModelError(f"torch.onnx.export failed: {first_line}") from exc
     finally:
         module.train(was_training)
