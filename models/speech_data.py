@@ -9,6 +9,7 @@ Noises: white, pink (power ∝ 1/f), brown (power ∝ 1/f²) and babble (a sum o
 utterances), mixed at an SNR drawn from :data:`SNRS_DB`:
 noisy = clean + g·noise with g chosen so that 10·log10(Σclean² / Σ(g·noise)²) = SNR.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,23 +46,52 @@ SPEEDS = (130, 150, 170, 190)
 PITCHES = (30, 45, 60, 75)
 
 _SUBJECTS = (
-    "The young doctor", "My older sister", "A tired driver", "The small boy", "Our new neighbour",
-    "The old fisherman", "A clever student", "The busy waiter", "Her best friend",
-    "The patient teacher", "A brave soldier", "The quiet farmer",
+    "The young doctor",
+    "My older sister",
+    "A tired driver",
+    "The small boy",
+    "Our new neighbour",
+    "The old fisherman",
+    "A clever student",
+    "The busy waiter",
+    "Her best friend",
+    "The patient teacher",
+    "A brave soldier",
+    "The quiet farmer",
 )
 _VERBS = (
-    "painted", "carried", "found", "opened", "repaired", "sold", "counted", "cleaned",
-    "described", "borrowed",
+    "painted",
+    "carried",
+    "found",
+    "opened",
+    "repaired",
+    "sold",
+    "counted",
+    "cleaned",
+    "described",
+    "borrowed",
 )
 _OBJECTS = (
-    "a bright red kite", "seven wooden boxes", "the broken window", "a bag of green apples",
-    "the heavy iron gate", "two silver coins", "an old leather map", "the yellow bicycle",
-    "a basket of fresh bread", "the tall glass vase",
+    "a bright red kite",
+    "seven wooden boxes",
+    "the broken window",
+    "a bag of green apples",
+    "the heavy iron gate",
+    "two silver coins",
+    "an old leather map",
+    "the yellow bicycle",
+    "a basket of fresh bread",
+    "the tall glass vase",
 )
 _ENDINGS = (
-    "before the storm arrived", "near the river bank", "early on Monday morning",
-    "in the crowded market", "after a long day at work", "while the children were sleeping",
-    "behind the little church", "under the bright summer sun",
+    "before the storm arrived",
+    "near the river bank",
+    "early on Monday morning",
+    "in the crowded market",
+    "after a long day at work",
+    "while the children were sleeping",
+    "behind the little church",
+    "under the bright summer sun",
 )
 
 
@@ -113,8 +143,15 @@ def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     return _normalized(resample(samples / 32768.0, rate, SAMPLE_RATE))
 
 
-_VOWEL_FORMANTS = ((730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (570, 840, 2410),
-                   (300, 870, 2240), (660, 1720, 2410), (490, 1350, 1690))
+_VOWEL_FORMANTS = (
+    (730, 1090, 2440),
+    (270, 2290, 3010),
+    (530, 1840, 2480),
+    (570, 840, 2410),
+    (300, 870, 2240),
+    (660, 1720, 2410),
+    (490, 1350, 1690),
+)
 
 
 def synthetic_utterance(rng: np.random.Generator) -> np.ndarray:
@@ -135,33 +172,41 @@ def synthetic_utterance(rng: np.random.Generator) -> np.ndarray:
             f0 = base_f0 * np.linspace(1.0, rng.uniform(0.8, 1.2), length)
             phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
             formants = _VOWEL_FORMANTS[rng.integers(len(_VOWEL_FORMANTS))]
-            syllable = np.zeros(length)
-            for harmonic in range(1, int(7000 / base_f0)):
-                frequency = harmonic * base_f0
-                gain = sum(np.exp(-((frequency - f) ** 2) / (2 * (f / 8) ** 2)) for f in formants)
-                syllable += gain * np.sin(harmonic * phase)
+            harmonics = np.arange(1, int(7000 / base_f0))
+            frequencies = harmonics[:, None] * base_f0
+            gains = np.exp(
+                -((frequencies - np.asarray(formants)) ** 2) / (2 * (np.asarray(formants) / 8) ** 2)
+            )
+            syllable = gains.sum(axis=1) @ np.sin(np.outer(harmonics, phase))
             pieces.append(syllable * np.hanning(length))
         pieces.append(np.zeros(int(rng.uniform(0.05, 0.2) * SAMPLE_RATE)))
     return _normalized(np.concatenate(pieces))
 
 
 @functools.lru_cache(maxsize=4)
-def speech_corpus(count: int = 80, held_out: int = 12, seed: int = 0, use_espeak: bool | None = None) -> Corpus:
+def speech_corpus(
+    count: int = 80, held_out: int = 12, seed: int = 0, use_espeak: bool | None = None
+) -> Corpus:
     """``count`` clean utterances, the last ``held_out`` of them (unseen sentences) for testing.
 
     Voice, speed and pitch are drawn per utterance. ``use_espeak=None`` uses espeak-ng when it
     is installed and the synthetic fallback otherwise.
     """
     rng = np.random.default_rng(seed)
-    use_espeak = espeak_available() if use_espeak is None else use_espeak
+    installed = espeak_available()
+    if use_espeak is None:
+        use_espeak = installed
     if use_espeak:
         utterances = [
-            synthesize(text, str(rng.choice(VOICES)), int(rng.choice(SPEEDS)), int(rng.choice(PITCHES)))
+            synthesize(
+                text, str(rng.choice(VOICES)), int(rng.choice(SPEEDS)), int(rng.choice(PITCHES))
+            )
             for text in sentences(count, seed)
         ]
         source = "espeak-ng"
     else:
-        log.warning("espeak-ng is not installed; using synthetic speech-like signals instead")
+        reason = "espeak-ng is not installed" if not installed else "synthetic speech was asked for"
+        log.warning("%s; using synthetic speech-like signals instead of espeak-ng", reason)
         utterances = [synthetic_utterance(rng) for _ in range(count)]
         source = "synthetic"
     log.info("speech corpus: %d utterances from %s", count, source)
@@ -176,7 +221,9 @@ def _coloured(length: int, exponent: float, rng: np.random.Generator) -> np.ndar
     return np.fft.irfft(spectrum / frequencies ** (exponent / 2), n=length)
 
 
-def noise(kind: str, length: int, rng: np.random.Generator, talkers: tuple[np.ndarray, ...]) -> np.ndarray:
+def noise(
+    kind: str, length: int, rng: np.random.Generator, talkers: tuple[np.ndarray, ...]
+) -> np.ndarray:
     """Noise of ``kind`` (see :data:`NOISE_KINDS`), unit RMS; babble sums random ``talkers``."""
     if kind == "babble":
         signal = np.zeros(length)
@@ -196,8 +243,11 @@ def mix(clean: np.ndarray, noise_: np.ndarray, snr_db: float) -> np.ndarray:
 
 
 def noisy_version(
-    clean: np.ndarray, rng: np.random.Generator, talkers: tuple[np.ndarray, ...],
-    kind: str | None = None, snr_db: float | None = None,
+    clean: np.ndarray,
+    rng: np.random.Generator,
+    talkers: tuple[np.ndarray, ...],
+    kind: str | None = None,
+    snr_db: float | None = None,
 ) -> np.ndarray:
     """``clean`` mixed with noise of ``kind`` at ``snr_db`` (each drawn at random when None)."""
     kind = kind or str(rng.choice(NOISE_KINDS))

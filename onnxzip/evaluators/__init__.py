@@ -15,12 +15,19 @@ Metrics (:data:`EVALUATORS`): accuracy, top5_accuracy (labels); cosine, rel_l2, 
 argmax_agreement (vs the original model); snr, psnr (vs references); stoi, estoi, pesq, pesq_nb
 (speech, optional ``audio`` extra); user (``module:function`` or a callable).
 """
+
 from __future__ import annotations
 
 from onnxzip.evaluators.audio import SpeechDataset, Stft, load_wav_folder, read_wav
 from onnxzip.evaluators.base import Dataset, Metric, MetricResult
 from onnxzip.evaluators.data import ArrayDataset, load_dataset, load_image_folder
-from onnxzip.evaluators.gate import GateCondition, GateReport, GateRow, QualityGate, parse_conditions
+from onnxzip.evaluators.gate import (
+    GateCondition,
+    GateReport,
+    GateRow,
+    QualityGate,
+    parse_conditions,
+)
 from onnxzip.evaluators.registry import EVALUATORS, resolve_metric, resolve_metrics, user_metric
 from onnxzip.evaluators.runner import Predictions, evaluate, predict, score
 

@@ -19,6 +19,7 @@ with the clean reference. The description is saved as ``dataset.json`` beside th
 STOI (``pystoi``) and PESQ (``pesq``) are optional: asking for them without the packages raises
 :class:`~onnxzip.errors.RuntimeUnavailableError` naming the ``audio`` extra.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -116,7 +117,9 @@ def resample(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if from_rate == to_rate:
         return np.asarray(wave, dtype=np.float64)
     divisor = math.gcd(int(from_rate), int(to_rate))
-    return resample_poly(np.asarray(wave, dtype=np.float64), to_rate // divisor, from_rate // divisor)
+    return resample_poly(
+        np.asarray(wave, dtype=np.float64), to_rate // divisor, from_rate // divisor
+    )
 
 
 def align(prediction: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +145,9 @@ def _require(module: str, metric: str) -> ModuleType:
 def _sample_rate(dataset: Dataset, override: int | None, metric: str) -> int:
     rate = override or dataset.sample_rate
     if not rate:
-        raise DataError(f"{metric} needs the audio sample rate; use a SpeechDataset or sample_rate=.")
+        raise DataError(
+            f"{metric} needs the audio sample rate; use a SpeechDataset or sample_rate=."
+        )
     return int(rate)
 
 
@@ -191,7 +196,9 @@ def pesq(mode: str = "wb", sample_rate: int | None = None) -> Metric:
     return Metric(name, score, higher_is_better=True)
 
 
-def read_wav(path: str | os.PathLike[str], sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+def read_wav(
+    path: str | os.PathLike[str], sample_rate: int | None = None
+) -> tuple[np.ndarray, int]:
     """Mono float64 samples in [−1, 1] and the rate; resampled when ``sample_rate`` is given.
 
     Integer PCM is scaled by its full range; several channels are averaged.
@@ -303,7 +310,9 @@ class SpeechDataset(Dataset):
                 (staging / part).mkdir()
                 for index, wave in enumerate(waves):
                     wavfile.write(
-                        staging / part / f"{index:04d}.wav", self.sample_rate, wave.astype(np.float32)
+                        staging / part / f"{index:04d}.wav",
+                        self.sample_rate,
+                        wave.astype(np.float32),
                     )
             (staging / DESCRIPTION_FILE).write_text(json.dumps(self.describe(), indent=2))
             if target.exists():

@@ -14,6 +14,7 @@ says whether higher is better, so a quality gate can compare any two results gen
   dataset has none (SNR, PSNR, STOI, PESQ);
 * ``"reference_model"`` – the predictions of the original model (fidelity metrics).
 """
+
 from __future__ import annotations
 
 import abc

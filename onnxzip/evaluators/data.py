@@ -4,6 +4,7 @@ Conventions shared by every source: the first axis of an array indexes items; an
 batch axis (the runner adds it); ``labels`` and ``references`` are reserved names for the
 targets, every other name is a model input.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,7 +74,9 @@ class ArrayDataset(Dataset):
         return cls.from_arrays(arrays, output=output)
 
     @classmethod
-    def from_items(cls, items: Iterable[Mapping[str, Any]], *, output: str | None = None) -> ArrayDataset:
+    def from_items(
+        cls, items: Iterable[Mapping[str, Any]], *, output: str | None = None
+    ) -> ArrayDataset:
         """Items given one by one as mappings of input arrays plus ``label`` / ``reference``."""
         rows = list(items)
         if not rows or not all(isinstance(row, Mapping) for row in rows):
@@ -82,7 +85,9 @@ class ArrayDataset(Dataset):
         try:
             inputs = {name: [np.asarray(row[name]) for row in rows] for name in names}
         except KeyError as exc:
-            raise DataError(f"An item lacks the input {exc.args[0]!r} that the first item has.") from exc
+            raise DataError(
+                f"An item lacks the input {exc.args[0]!r} that the first item has."
+            ) from exc
         labels = [row.get("label") for row in rows] if "label" in rows[0] else None
         references = [row.get("reference") for row in rows] if "reference" in rows[0] else None
         return cls(inputs, labels, references, output=output)

@@ -13,6 +13,7 @@ Conditions are plain data. The same schema reads the recipe form
 ``{"metric": "snr", "min": 30, "max_drop": 3}`` and the CLI form ``"snr:min=30,max_drop=3"``;
 each bound becomes one :class:`GateCondition`.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,8 @@ class GateCondition:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(
-                f"Condition on {self.metric!r}: unknown bound {self.kind!r}; use {', '.join(KINDS)}."
+                f"Condition on {self.metric!r}: unknown bound {self.kind!r}; "
+                f"use {', '.join(KINDS)}."
             )
         if math.isnan(self.limit) or (self.kind == "max_drop" and self.limit < 0):
             raise ConfigError(
@@ -91,14 +93,18 @@ def _number(value: Any, where: str) -> float:
         raise ConfigError(f"{where}: expected a number, got {value!r}.") from exc
 
 
-def parse_conditions(spec: str | Mapping[str, Any] | GateCondition | Iterable[Any]) -> list[GateCondition]:
+def parse_conditions(
+    spec: str | Mapping[str, Any] | GateCondition | Iterable[Any],
+) -> list[GateCondition]:
     """Conditions from a CLI string, a recipe mapping, a GateCondition, or a list of these."""
     if isinstance(spec, GateCondition):
         return [spec]
     if isinstance(spec, str):
         metric, options = parse_spec(spec)
         if not options:
-            raise ConfigError(f"{spec!r} sets no bound; write e.g. '{metric}:min=30' ({', '.join(KINDS)}).")
+            raise ConfigError(
+                f"{spec!r} sets no bound; write e.g. '{metric}:min=30' ({', '.join(KINDS)})."
+            )
         return parse_conditions({"metric": metric, **options})
     if isinstance(spec, Mapping):
         fields = dict(spec)
@@ -108,7 +114,8 @@ def parse_conditions(spec: str | Mapping[str, Any] | GateCondition | Iterable[An
         unknown = sorted(set(fields) - set(KINDS))
         if unknown:
             raise ConfigError(
-                f"Condition on {metric!r}: unknown bound(s) {', '.join(unknown)}; use {', '.join(KINDS)}."
+                f"Condition on {metric!r}: unknown bound(s) {', '.join(unknown)}; "
+                f"use {', '.join(KINDS)}."
             )
         if not fields:
             raise ConfigError(f"Condition on {metric!r} sets no bound ({', '.join(KINDS)}).")
@@ -187,8 +194,10 @@ class GateReport:
             for cells in [header, *lines]
         ]
         table.insert(1, "  ".join("-" * width for width in widths))
-        verdict = "quality gate: PASSED" if self.passed else (
-            f"quality gate: FAILED ({len(self.failures)} of {len(self.rows)} conditions)"
+        verdict = (
+            "quality gate: PASSED"
+            if self.passed
+            else (f"quality gate: FAILED ({len(self.failures)} of {len(self.rows)} conditions)")
         )
         return "\n".join([*table, verdict])
 
@@ -220,7 +229,9 @@ class QualityGate:
                     f"The gate checks {condition.metric!r}, but it was not measured; measured: "
                     f"{', '.join(candidate) or 'nothing'}."
                 )
-            rows.append(condition.check((original or {}).get(condition.metric), candidate[condition.metric]))
+            rows.append(
+                condition.check((original or {}).get(condition.metric), candidate[condition.metric])
+            )
         return GateReport(tuple(rows))
 
     def __repr__(self) -> str:

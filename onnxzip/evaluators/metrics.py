@@ -3,6 +3,7 @@
 Each factory returns a :class:`~onnxzip.evaluators.base.Metric`; per-item scores are averaged
 over the dataset unless stated otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def _top_k_hit(prediction: np.ndarray, label: Any, k: int) -> float:
 
 
 def accuracy(k: int = 1) -> Metric:
-    """Top-``k`` accuracy against the dataset's labels (``accuracy`` for k=1, else ``topK_accuracy``)."""
+    """Top-``k`` accuracy against the labels, named ``accuracy`` (k=1) or ``top{k}_accuracy``."""
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"accuracy needs an integer k >= 1, got {k!r}.")
     name = "accuracy" if k == 1 else f"top{k}_accuracy"
@@ -84,7 +85,9 @@ def relative_l2() -> Metric:
 
 def max_abs_error() -> Metric:
     """Largest absolute difference to the original model's outputs over the whole dataset."""
-    return Metric("max_abs_error", per_item(_max_abs, reduce=np.max), False, target="reference_model")
+    return Metric(
+        "max_abs_error", per_item(_max_abs, reduce=np.max), False, target="reference_model"
+    )
 
 
 def argmax_agreement() -> Metric:
@@ -121,4 +124,3 @@ def psnr(data_range: float = 1.0) -> Metric:
     if not isinstance(data_range, (int, float)) or data_range <= 0:
         raise ConfigError(f"psnr needs a positive data_range, got {data_range!r}.")
     return Metric("psnr", per_item(psnr_db, data_range=float(data_range)), True, unit="dB")
-

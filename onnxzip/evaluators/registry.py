@@ -6,6 +6,7 @@ a user evaluator as ``"package.module:function"`` or a Python callable, or a rea
 :class:`~onnxzip.evaluators.base.Metric`. Result names equal the registry names for default
 options, so a quality gate's metric names can be evaluated directly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -82,7 +83,9 @@ def _build(name: str, options: Mapping[str, Any]) -> Metric:
     try:
         inspect.signature(factory).bind(**values)
     except TypeError as exc:
-        raise ConfigError(f"Metric {name!r} does not accept the options {sorted(values)} ({exc}).") from exc
+        raise ConfigError(
+            f"Metric {name!r} does not accept the options {sorted(values)} ({exc})."
+        ) from exc
     return factory(**values)
 
 
@@ -91,10 +94,10 @@ def resolve_metric(spec: str | Mapping[str, Any] | Metric | UserFunction) -> Met
     if isinstance(spec, Metric):
         return spec
     if isinstance(spec, str):
-        name, options = parse_spec(spec)
-        if name not in EVALUATORS and not options and ":" in spec:
+        module, _, function = spec.partition(":")
+        if module.strip() not in EVALUATORS and function and "=" not in function:
             return user_metric(spec.strip())
-        return _build(name, options)
+        return _build(*parse_spec(spec))
     if isinstance(spec, Mapping):
         options = dict(spec)
         if "name" not in options:

@@ -6,6 +6,7 @@ outputs are dropped); when it is symbolic, ``batch_size`` items at a time. Items
 differ (utterances of different lengths) run one at a time. Other fixed dimensions of the model
 are met by zero-padding or cutting the item at the end of that axis.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,13 +101,22 @@ def _fit_item(array: np.ndarray, spec: _InputSpec) -> np.ndarray:
         )
     for axis, size in enumerate(item_shape):
         if size is not None and array.shape[axis] != size:
-            log.debug("fitting axis %d of input %s from %d to %d", axis, spec.name, array.shape[axis], size)
+            log.debug(
+                "fitting axis %d of input %s from %d to %d",
+                axis,
+                spec.name,
+                array.shape[axis],
+                size,
+            )
             array = fit_length(array, size, axis)
     return array.astype(spec.dtype, copy=False)
 
 
 def _run_group(
-    session: Any, specs: list[_InputSpec], items: list[dict[str, np.ndarray]], fixed_batch: int | None
+    session: Any,
+    specs: list[_InputSpec],
+    items: list[dict[str, np.ndarray]],
+    fixed_batch: int | None,
 ) -> list[dict[str, np.ndarray]]:
     """Run same-shaped items as one batch; outputs split back per item."""
     count = len(items)
@@ -160,7 +170,9 @@ def _targets(metric: Metric, dataset: Dataset, reference: Predictions | None) ->
     if metric.target == "label":
         labels = [dataset.label(index) for index in range(len(dataset))]
         if any(label is None for label in labels):
-            raise DataError(f"{metric.name} needs labels, but the dataset has none ('labels' in .npz).")
+            raise DataError(
+                f"{metric.name} needs labels, but the dataset has none ('labels' in .npz)."
+            )
         return labels
     if metric.target == "reference":
         references = [dataset.reference(index) for index in range(len(dataset))]
@@ -171,7 +183,9 @@ def _targets(metric: Metric, dataset: Dataset, reference: Predictions | None) ->
                 f"{metric.name} needs reference outputs: the dataset has none "
                 "('references' in .npz, a clean/ folder) and no reference model was given."
             )
-        log.info("%s: the dataset has no references; comparing with the reference model", metric.name)
+        log.info(
+            "%s: the dataset has no references; comparing with the reference model", metric.name
+        )
         return list(reference.items)
     if reference is None:
         raise DataError(f"{metric.name} compares with the original model; pass reference_model=.")
@@ -194,8 +208,10 @@ def score(
     results = {}
     for metric in resolved:
         targets = _targets(metric, dataset, reference)
-        results[metric.name] = metric.result(metric.score(list(predictions.items), targets, dataset))
-        log.info("%s", results[metric.name])
+        results[metric.name] = metric.result(
+            metric.score(list(predictions.items), targets, dataset)
+        )
+        log.debug("%s", results[metric.name])
     return results
 
 
@@ -224,4 +240,3 @@ def evaluate(
         else predict(reference_model, dataset, **run)
     )
     return score(predict(model, dataset, **run), dataset, resolved, reference=reference)
-
