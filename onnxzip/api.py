@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, QualityGateError
 from onnxzip.graph import export_model, import_graph
-from onnxzip.inputs import model_feeds
 from onnxzip.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
+from onnxzip.quality import fidelity_feeds, quality_gate
 from onnxzip.recipe import PassStep, Recipe
 from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
@@ -35,11 +35,22 @@ class CompressResult:
     report: CompressionReport
     plan: PipelinePlan
     validation: ValidationReport | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    quality: Any = None  # onnxzip.evaluators.GateReport when metric conditions were given
 
     @property
     def passed(self) -> bool:
-        return self.validation is None or self.validation.passed
+        fidelity_ok = self.validation is None or self.validation.passed
+        return fidelity_ok and (self.quality is None or self.quality.passed)
+
+    def failures(self) -> list[str]:
+        found = list(self.validation.failures) if self.validation else []
+        if self.quality is not None:
+            found += [
+                f"{row.metric} {row.condition.kind}={row.condition.limit:g} not met (original "
+                f"{row.original if row.original is None else f'{row.original:.4g}'}, candidate {row.candidate:.4g})"
+                for row in self.quality.failures
+            ]
+        return found
 
     def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
         return save_model(self.model, path, external_data=external_data)
@@ -75,6 +86,7 @@ def compress(
     data: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
     plan: PipelinePlan | str | os.PathLike[str] | None = None,
     gate: FidelityGate | dict[str, Any] | None = None,
+    metrics: Any = None,
     device: str | None = None,
     dims: dict[str, int] | None = None,
     check: bool = True,
@@ -86,8 +98,11 @@ def compress(
 
     Passes come from ``recipe`` or from keyword arguments named after passes
     (``compress(m, svd={"energy": 0.95})``; ``True`` means default options), or from a saved
-    ``plan`` that is replayed as is. Raises :class:`QualityGateError` when the fidelity gate
-    fails, unless ``allow_gate_failure``.
+    ``plan`` that is replayed as is. ``data`` is an ``.npz`` path, a dict of arrays, a folder of
+    WAVs/images or an evaluator dataset. ``metrics`` are quality conditions such as
+    ``["accuracy:max_drop=0.01", {"metric": "snr", "min": 30}]``, measured on ``data`` for the
+    original and the result. Raises :class:`QualityGateError` when the fidelity gate or a metric
+    condition fails, unless ``allow_gate_failure``.
     """
     start = time.perf_counter()
     given_recipe = recipe is not None
@@ -107,12 +122,16 @@ def compress(
         recipe.dims = {**recipe.dims, **dims}
     if data is None and recipe.data:
         data = recipe.data
+    if metrics is not None:
+        recipe.metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
     replay = PipelinePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     if replay is not None:
         recipe.passes = [PassStep(get_pass(p.pass_name).name, p.config) for p in replay.steps]
     passes = recipe.build_passes()
     original = load_model(model)
-    feeds = model_feeds(original, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
+    feeds = fidelity_feeds(original, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
+    if recipe.metrics and data is None:
+        raise ConfigError("Metric conditions need data with labels or references (--data).")
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims)
     working, notes = prepare_model(original)
@@ -139,11 +158,15 @@ def compress(
     if check:
         validation = _validate(original, working, feeds, device=recipe.device, gate=recipe.gate)
         report.validation = validation.to_dict()
+    quality = None
+    if check and recipe.metrics:
+        quality = quality_gate(original, working, data, recipe.metrics, device=recipe.device, progress=progress)
+        report.quality = quality.to_dict()
     report.seconds = time.perf_counter() - start
-    result = CompressResult(working, report, executed, validation)
-    if validation is not None and not validation.passed and not allow_gate_failure:
+    result = CompressResult(working, report, executed, validation, quality)
+    if not result.passed and not allow_gate_failure:
         raise QualityGateError(
-            "The compressed model failed the fidelity gate: " + "; ".join(validation.failures) + ".",
+            "The compressed model failed the quality gate: " + "; ".join(result.failures()) + ".",
             report=result,
         )
     return result

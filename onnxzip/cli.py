@@ -39,10 +39,14 @@ def _dims(values: list[str] | None) -> dict[str, int]:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", metavar="FILE.npz", help="inputs by input name (default: generated from the signature)")
+    parser.add_argument("--data", metavar="PATH", help="inputs: .npz (arrays by input name, plus labels/references), "
+                        "a folder of WAVs (clean/ + noisy/) or images (default: generated from the signature)")
     parser.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dimension (repeatable)")
     parser.add_argument("--batch", type=int, default=None, help="batch size of generated inputs (default 2)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="onnxruntime device (default auto)")
+    parser.add_argument("--metric", action="append", metavar="COND",
+                        help="quality condition on --data, e.g. accuracy:max_drop=0.01, snr:min=30, "
+                             "stoi:max_drop=0.02, pesq:max_drop=0.2 (repeatable)")
     gate = parser.add_argument_group("fidelity gate")
     gate.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output (default 0.99)")
     gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output")
@@ -186,6 +190,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         options["gate"] = {**asdict(recipe.gate), **gate}
     if args.batch:
         recipe.batch = args.batch
+    if args.metric:
+        recipe.metrics = [*recipe.metrics, *args.metric]
     try:
         result = compress(
             args.input, recipe, data=args.data, plan=args.plan, device=args.device,
@@ -205,7 +211,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.save_plan:
         result.plan.save(args.save_plan)
     if not result.passed:
-        print(f"warning: the fidelity gate failed ({'; '.join(result.validation.failures)}); written anyway (--force)", file=sys.stderr)
+        print(f"warning: the quality gate failed ({'; '.join(result.failures())}); written anyway (--force)", file=sys.stderr)
     print(f"\nwrote {args.output}")
     return 0
 
@@ -224,9 +230,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
         device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)),
     )
     print(report.table())
+    data = report.to_dict()
+    passed = report.passed
+    if args.metric:
+        if not args.data:
+            raise ConfigError("--metric needs --data with labels or references.")
+        from onnxzip.quality import quality_gate
+
+        quality = quality_gate(args.original, args.candidate, args.data, args.metric,
+                               device=args.device or "auto", progress=not args.quiet)
+        print()
+        print(quality.render())
+        data["quality"] = quality.to_dict()
+        passed = passed and quality.passed
     if args.report:
-        _write_json(args.report, report.to_dict())
-    return 0 if report.passed else 1
+        _write_json(args.report, data)
+    return 0 if passed else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

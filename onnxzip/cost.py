@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.graph import constant_value, import_graph, walk_nodes
+from onnxzip.graph import import_graph, subgraphs_of, walk_nodes
 
 log = logging.getLogger(__name__)
 
@@ -136,24 +136,56 @@ def node_flops(node: gs.Node, shapes: dict[str, tuple[int, ...]]) -> int | None:
     return 0
 
 
+def _constant_derived(tensor: gs.Tensor, memo: dict[str, bool]) -> bool:
+    """True when ``tensor`` is computed from constants only (a folded chain, a codebook decode)."""
+    if isinstance(tensor, gs.Constant):
+        return True
+    if tensor.name in memo:
+        return memo[tensor.name]
+    memo[tensor.name] = False  # cycles (loop-carried values) are not constant
+    producers = tensor.inputs
+    result = len(producers) == 1 and not subgraphs_of(producers[0]) and all(
+        _constant_derived(t, memo) for t in producers[0].inputs if t.name
+    ) and (producers[0].op == "Constant" or any(t.name for t in producers[0].inputs))
+    memo[tensor.name] = result
+    return result
+
+
+def _float_size(tensor: gs.Tensor, shapes: dict[str, tuple[int, ...]]) -> int:
+    if isinstance(tensor, gs.Constant):
+        value = tensor.values
+        return int(value.size) if np.issubdtype(value.dtype, np.floating) and value.size > 1 else 0
+    shape = _shape(tensor, shapes)
+    dtype = tensor.dtype
+    floating = dtype is None or np.issubdtype(np.dtype(dtype), np.floating)
+    size = int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+    return size if floating and size > 1 else 0
+
+
 def model_cost(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> ModelCost:
-    """Per-node parameters and FLOPs, plus totals, for ``model``."""
+    """Per-node parameters and FLOPs, plus totals, for ``model``.
+
+    A node's parameters are the elements of its float inputs that are constant or computed
+    from constants only (so a weight stored as codebook + indices still counts as the weight
+    it decodes to); nodes whose inputs are all constant (the decode itself) count none.
+    """
     graph = import_graph(model)
     if shapes is None:
         shapes = observed_shapes(model)
     cost = ModelCost()
     seen: set[str] = set()
+    memo: dict[str, bool] = {}
     for node, _owner, _path in walk_nodes(graph):
+        named = [t for t in node.inputs if t.name]
+        constant = [t for t in named if _constant_derived(t, memo)]
         params = 0
-        for tensor in node.inputs:
-            if not tensor.name:
-                continue
-            value = constant_value(tensor) if isinstance(tensor, gs.Constant) else None
-            if value is not None and np.issubdtype(value.dtype, np.floating) and value.size > 1:
-                params += int(value.size)
-                if tensor.name not in seen:
+        if len(constant) < len(named) or subgraphs_of(node):
+            for tensor in constant:
+                size = _float_size(tensor, shapes)
+                params += size
+                if size and tensor.name not in seen:
                     seen.add(tensor.name)
-                    cost.params += int(value.size)
+                    cost.params += size
         flops = node_flops(node, shapes) if node.op in COUNTED_OPS else 0
         if flops is None:
             cost.shapes_known = False

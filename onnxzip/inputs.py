@@ -94,12 +94,12 @@ def generate_inputs(
         dtype = _np_dtype(info)
         shape = resolve_shape(info, batch, dims, batch_names)
         if np.issubdtype(dtype, np.floating):
-            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[info.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         elif dtype == np.bool_:
-            feeds[info.name] = rng.random(shape) < 0.5
+            feeds[info.name] = np.asarray(rng.random(shape) < 0.5)
         elif np.issubdtype(dtype, np.integer):
             high = vocab.get(info.name, 10)
-            feeds[info.name] = rng.integers(0, high, size=shape).astype(dtype)
+            feeds[info.name] = np.asarray(rng.integers(0, high, size=shape), dtype=dtype)
         else:
             raise DataError(f"Input '{info.name}' has type {dtype}, which onnxzip cannot generate; pass --data.")
     return feeds

@@ -4,7 +4,8 @@ checked. The same schema reads a YAML/JSON file, Python objects and the CLI flag
     passes:
       - svd: {energy: 0.95}
       - cluster: {k: 16}
-    gate: {min_cosine: 0.99}
+    gate: {min_cosine: 0.99}   # fidelity to the original, per output
+    metrics: [accuracy:max_drop=0.01, {metric: snr, min: 30}]   # quality conditions on `data`
     data: calib.npz          # optional; inputs are generated from the signature otherwise
     dims: {seq: 16}
     device: auto
@@ -25,7 +26,7 @@ from onnxzip.schema import build_config
 from onnxzip.validate import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
-_TOP_KEYS = {"passes", "gate", "data", "dims", "device", "seed", "batch"}
+_TOP_KEYS = {"passes", "gate", "metrics", "data", "dims", "device", "seed", "batch"}
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Recipe:
     device: str = "auto"
     seed: int = 0
     batch: int = 2
+    metrics: list[Any] = field(default_factory=list)
 
     def build_passes(self) -> list[Pass]:
         """Instantiate (and so validate) every step."""
@@ -60,6 +62,7 @@ class Recipe:
             "device": self.device,
             "seed": self.seed,
             "batch": self.batch,
+            "metrics": self.metrics,
         }
 
     @classmethod
@@ -82,8 +85,13 @@ class Recipe:
             device=str(data.get("device", "auto")),
             seed=int(data.get("seed", 0)),
             batch=int(data.get("batch", 2)),
+            metrics=list(data.get("metrics") or []),
         )
         recipe.build_passes()
+        if recipe.metrics:
+            from onnxzip.evaluators import parse_conditions
+
+            parse_conditions(recipe.metrics)
         return recipe
 
     @classmethod

@@ -28,6 +28,10 @@ def human_bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
 @dataclass
 class LayerChange:
     """One layer's outcome in a pass: the decision, or the reason it was skipped."""
@@ -102,6 +106,7 @@ class CompressionReport:
     passes: list[PassReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -122,6 +127,9 @@ class CompressionReport:
         ]
         for name, value in self.metrics.items():
             rows.append([name, *value])
+        for row in (self.quality or {}).get("rows", []):
+            rows.append([row["metric"], _fmt(row.get("original")), _fmt(row.get("candidate")),
+                         f"{row.get('condition')}={row.get('limit')} {'pass' if row.get('passed') else 'FAIL'}"])
         if self.validation:
             worst = min((o["cosine"] for o in self.validation["outputs"]), default=1.0)
             verdict = "pass" if self.validation["passed"] else "FAIL"

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import ConfigError, DataError
-from onnxzip.inputs import graph_inputs, model_feeds
+from onnxzip.inputs import graph_inputs
 from onnxzip.io import load_model
 from onnxzip.runtime import make_session, resolve_device, run_session
 
@@ -187,6 +187,14 @@ class ValidationReport:
         return f"{text}\ninputs: {self.inputs} ({self.rows} rows) on {self.device}; fidelity gate: {verdict}"
 
 
+def _describe_source(data: Any, dataset: bool) -> str:
+    if data is None:
+        return "generated from the signature"
+    if isinstance(data, (str, os.PathLike)):
+        return f"first items of {data}" if dataset else str(data)
+    return "dataset items" if dataset else "given arrays"
+
+
 def validate(
     original: onnx.ModelProto | str | os.PathLike[str],
     candidate: onnx.ModelProto | str | os.PathLike[str],
@@ -202,8 +210,10 @@ def validate(
     """Compare ``candidate`` with ``original`` in onnxruntime on the same inputs."""
     reference_model = load_model(original)
     candidate_model = load_model(candidate)
+    from onnxzip.quality import fidelity_feeds, is_dataset_source
+
     gate = gate or FidelityGate()
-    feeds = model_feeds(reference_model, data, batch=batch, dims=dims, seed=seed)
+    feeds = fidelity_feeds(reference_model, data, batch=batch, dims=dims or {}, seed=seed)
     resolved = resolve_device(device)
     chunk = batch_size_of(reference_model) or batch_size
     reference_out = run_batched(make_session(reference_model, resolved), feeds, chunk)
@@ -219,7 +229,7 @@ def validate(
     report = ValidationReport(
         outputs=outputs,
         device=resolved,
-        inputs="data file" if isinstance(data, (str, os.PathLike)) else ("arrays" if data is not None else "generated"),
+        inputs=_describe_source(data, is_dataset_source(data)),
         rows=int(rows),
         gate=gate,
     )

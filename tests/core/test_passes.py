@@ -115,7 +115,7 @@ def test_gate_failure_raises_with_report():
 
     register_pass(Break)
     try:
-        with pytest.raises(QualityGateError, match="fidelity gate") as info:
+        with pytest.raises(QualityGateError, match="quality gate.*cosine") as info:
             compress(mlp(), test_break=True)
         assert info.value.report.validation.failures
         result = compress(mlp(), test_break=True, allow_gate_failure=True)

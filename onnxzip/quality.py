@@ -1,0 +1,60 @@
+"""Where compression meets the evaluators: feeds for the fidelity check from any dataset, and
+the metric quality gate (accuracy, SNR/PSNR, STOI, PESQ, user metrics) measured on the original
+and the candidate model in the same run."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxzip.evaluators import GateReport, QualityGate, load_dataset, predict, score
+from onnxzip.evaluators.base import Dataset
+from onnxzip.inputs import model_feeds
+
+FIDELITY_ITEMS = 32
+
+
+def is_dataset_source(data: Any) -> bool:
+    """Folders, Dataset objects and iterables are evaluator datasets; .npz files and dicts of
+    arrays are plain feeds (and datasets too)."""
+    if isinstance(data, Dataset):
+        return True
+    if isinstance(data, (str, os.PathLike)):
+        return os.path.isdir(data)
+    return data is not None and not isinstance(data, dict)
+
+
+def fidelity_feeds(
+    model: onnx.ModelProto, data: Any, *, batch: int, dims: dict[str, int], seed: int
+) -> dict[str, np.ndarray]:
+    """Feeds for the fidelity check: from ``data`` (.npz, arrays, or the first items of a
+    dataset, stacked when their shapes agree) or generated from the signature."""
+    if not is_dataset_source(data):
+        return model_feeds(model, data, batch=batch, dims=dims, seed=seed)
+    dataset = load_dataset(data)
+    items = [dataset.inputs(i) for i in range(min(FIDELITY_ITEMS, len(dataset)))]
+    same = all(item[k].shape == items[0][k].shape for item in items for k in items[0])
+    chosen = items if same else items[:1]
+    return {name: np.stack([item[name] for item in chosen]) for name in chosen[0]}
+
+
+def quality_gate(
+    original: onnx.ModelProto | str | os.PathLike[str],
+    candidate: onnx.ModelProto | str | os.PathLike[str],
+    data: Any,
+    conditions: Any,
+    *,
+    device: str = "auto",
+    progress: bool = False,
+) -> GateReport:
+    """Evaluate the metrics that ``conditions`` name on both models (the original is run once
+    and also serves as the reference of fidelity metrics) and judge the conditions."""
+    gate = QualityGate(conditions)
+    dataset = load_dataset(data)
+    reference = predict(original, dataset, device=device, progress=progress)
+    before = score(reference, dataset, gate.metrics, reference=reference)
+    after = score(predict(candidate, dataset, device=device, progress=progress), dataset, gate.metrics,
+                  reference=reference)
+    return gate.check(before, after)
