@@ -1,14 +1,16 @@
 """Codebook clustering of weight tensors (pure numpy).
 
 * :func:`cluster_weights` — 1-D k-means of a tensor's values: codebook + per-weight indices;
+* :func:`cluster_per_channel` — one codebook per output channel ([C, K] table);
 * :func:`init_centroids` — the initialisations (linear, quantile, k-means++, k-means||);
 * :func:`estimate_k_birch` / :class:`ImprovedBirch` — the automatic cluster count;
 * :func:`assign_nearest`, :func:`index_entropy_bits`, :func:`pack_indices`,
-  :func:`unpack_indices` — exact assignment and index storage.
+  :func:`unpack_indices`, :func:`storage_bits` — exact assignment and index storage.
 """
 from __future__ import annotations
 
 from onnxzip.cluster.birch import ImprovedBirch, estimate_k_birch
+from onnxzip.cluster.channels import ChannelClusterResult, cluster_per_channel
 from onnxzip.cluster.kmeans import (
     INITS,
     ClusterResult,
@@ -18,19 +20,22 @@ from onnxzip.cluster.kmeans import (
     init_centroids,
     lloyd,
 )
-from onnxzip.cluster.packing import PACK_BITS, pack_indices, unpack_indices
+from onnxzip.cluster.packing import PACK_BITS, pack_indices, storage_bits, unpack_indices
 
 __all__ = [
     "INITS",
     "PACK_BITS",
+    "ChannelClusterResult",
     "ClusterResult",
     "ImprovedBirch",
     "assign_nearest",
+    "cluster_per_channel",
     "cluster_weights",
     "estimate_k_birch",
     "index_entropy_bits",
     "init_centroids",
     "lloyd",
     "pack_indices",
+    "storage_bits",
     "unpack_indices",
 ]

@@ -2,9 +2,9 @@
 
 Layout (little-endian within the byte): index i goes to byte i // (8/b) at bit offset
 (i mod (8/b))·b, so the first index of a byte sits in its least significant bits. The last byte
-is padded with zero indices. The ONNX decode graph reproduces :func:`unpack_indices` exactly:
-``BitShift(RIGHT)`` of every byte by the offsets [0, b, 2b, ...], ``BitwiseAnd`` with 2**b − 1,
-flatten, slice the first ``count``.
+is padded with zero indices. The ONNX decode graph of the cluster pass reproduces
+:func:`unpack_indices` exactly with a ``Gather`` from a [256, 8/b] table whose row v holds the
+indices packed in byte value v, then a Reshape (and a Slice of the first ``count`` when padded).
 """
 from __future__ import annotations
 
@@ -46,3 +46,13 @@ def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
                         f"{bits}-bit indices, asked for {count}.")
     mask = np.uint8((1 << bits) - 1)
     return ((packed[:, None] >> _offsets(bits)) & mask).reshape(-1)[:count]
+
+
+def storage_bits(k: int) -> int:
+    """Bits per stored index for a codebook of ``k`` entries: the smallest of :data:`PACK_BITS`
+    with 2**bits ≥ k (K = 13 is stored in 4 bits, K = 17 in 8)."""
+    for bits in PACK_BITS:
+        if k <= 1 << bits:
+            return bits
+    raise ConfigError(f"a codebook of {k} entries needs more than {PACK_BITS[-1]} bits per index; "
+                      f"use k ≤ {1 << PACK_BITS[-1]}.")

@@ -12,7 +12,7 @@ from onnxzip.passes.base import (
     get_pass,
     register_pass,
 )
-from onnxzip.passes import cleanup, identity  # noqa: F401,E402 - registration side effect
+from onnxzip.passes import cleanup, cluster, identity, prune_blocks, prune_channels  # noqa: F401,E402 - registration
 
 __all__ = [
     "PASSES",
