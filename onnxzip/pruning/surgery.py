@@ -1,0 +1,366 @@
+"""Physical channel removal: one "prune" function per op type, driven by keep masks.
+
+:func:`prune_channels` gives every node the keep masks of its inputs' and outputs' channel axes
+(from :class:`onnxzip.pruning.groups.ChannelAnalysis`) and calls the function registered for
+its op in :data:`PRUNE_FUNCTIONS`: Conv/Gemm/MatMul slice the output axis of their weight (and
+bias) and the input axis, BatchNormalization and per-channel constants are sliced, Split/Slice/
+Reshape get new sizes. Ops without channel parameters need no function.
+
+Compensation. A removed channel is not simply dropped from a consumer layer: the value it still
+carries is folded into that layer's bias. That value is measured, not guessed: the group's
+channels are made constant (``γ_k = 0`` in the BatchNormalization right after a source, which
+leaves ``β_k``; else the source filter ``W_k = 0``, which leaves its bias) and one onnxruntime
+run reads each removed channel at every consumer's input (median over the other axes, so the
+interior value). For a consumer Conv, ``b_o += Σ_k m_k · Σ_{kh,kw} W[o,k,kh,kw]``; for
+Gemm/MatMul, ``b_n += Σ_k m_k · W[k,n]``. It is exact for Gemm/MatMul after global pooling and
+for a Conv wherever its window does not touch the zero padding (at the border a padded Conv saw
+zeros, not ``m_k``); ConvTranspose consumers are not compensated (strided taps differ per
+output pixel).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from onnxzip.graph import NameScope, constant_value
+from onnxzip.inputs import generate_inputs
+from onnxzip.pruning.groups import ChannelAnalysis, slice_window
+from onnxzip.runtime import make_session, run_session
+
+log = logging.getLogger(__name__)
+
+COMPENSATED = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+@dataclass
+class NodeMasks:
+    """Keep masks of one node's inputs/outputs (None: untouched) and, for its data input, the
+    value each removed channel carries (``carried``, for compensation)."""
+
+    inputs: list[np.ndarray | None]
+    outputs: list[np.ndarray | None]
+    carried: np.ndarray | None = None
+
+
+@dataclass
+class NodeEdit:
+    """Channels of one pruned node's data input and first output, before → after."""
+
+    node: str
+    op_type: str
+    in_channels: tuple[int, int] | None
+    out_channels: tuple[int, int] | None
+
+
+class _Editor:
+    """What a prune function may touch: the graph, fresh names, observed shapes."""
+
+    def __init__(self, analysis: ChannelAnalysis) -> None:
+        self.graph = analysis.graph
+        self.names = NameScope(analysis.graph)
+        self.analysis = analysis
+
+    def value(self, node: gs.Node, index: int) -> np.ndarray | None:
+        if index >= len(node.inputs) or not node.inputs[index].name:
+            return None
+        return constant_value(node.inputs[index])
+
+    def set_input(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        """Give ``node`` a new constant input; a constant no other node uses is edited in place."""
+        value = np.ascontiguousarray(value)
+        old = node.inputs[index] if index < len(node.inputs) else None
+        if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+            old.values = value
+            return
+        base = old.name if old is not None and old.name else f"{node.name}_in{index}"
+        fresh = gs.Constant(self.names.fresh(base), value)
+        if old is None:
+            while len(node.inputs) < index:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(fresh)
+        else:
+            node.inputs[index] = fresh
+
+
+def _compensation(weight_in_first: np.ndarray, mask: np.ndarray, carried: np.ndarray | None) -> np.ndarray | None:
+    """``Σ_k m_k · Σ_rest W[k, o, rest]`` over removed ``k`` (weight with the input axis first,
+    the output axis second), or None when nothing is carried."""
+    if carried is None:
+        return None
+    removed = ~mask
+    values = carried[removed]
+    if not np.any(values):
+        return None
+    summed = weight_in_first[removed].reshape(int(removed.sum()), weight_in_first.shape[1], -1).sum(axis=2)
+    return (values[:, None] * summed).sum(axis=0)
+
+
+def _add_bias(bias: np.ndarray | None, delta: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """``bias + delta`` (a missing bias is zero; a scalar or ``[1, N]`` bias broadcasts)."""
+    if delta is None:
+        return bias
+    return (delta if bias is None else np.asarray(bias) + delta).astype(dtype)
+
+
+def prune_conv(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """Conv: ``W[out, in/group, k…]``; a depthwise Conv follows its input (``group`` = kept)."""
+    weight, bias = editor.value(node, 1), editor.value(node, 2)
+    in_mask, out_mask = masks.inputs[0], masks.outputs[0]
+    group = int(node.attrs.get("group", 1))
+    if group == 1 and in_mask is not None:
+        bias = _add_bias(bias, _compensation(np.swapaxes(weight, 0, 1), in_mask, masks.carried), weight.dtype)
+        weight = weight[:, in_mask]
+    elif group > 1 and in_mask is not None:
+        node.attrs["group"] = int(in_mask.sum())
+    if out_mask is not None:
+        weight = weight[out_mask]
+        bias = None if bias is None else bias[out_mask]
+    editor.set_input(node, 1, weight)
+    if bias is not None:
+        editor.set_input(node, 2, bias)
+
+
+def prune_conv_transpose(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """ConvTranspose: ``W[in, out, k…]`` (group 1), bias on ``out``; no compensation."""
+    weight, bias = editor.value(node, 1), editor.value(node, 2)
+    if masks.inputs[0] is not None:
+        weight = weight[masks.inputs[0]]
+    if masks.outputs[0] is not None:
+        weight = weight[:, masks.outputs[0]]
+        bias = None if bias is None else bias[masks.outputs[0]]
+    editor.set_input(node, 1, weight)
+    if bias is not None:
+        editor.set_input(node, 2, bias)
+
+
+def prune_gemm(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """Gemm ``Y = α·A·B + β·C`` (B is ``[K, N]``, or ``[N, K]`` with transB)."""
+    trans_b = bool(node.attrs.get("transB", 0))
+    weight = editor.value(node, 1)
+    matrix = weight.T if trans_b else weight  # [K, N]
+    bias = editor.value(node, 2)
+    in_mask, out_mask = masks.inputs[0], masks.outputs[0]
+    if in_mask is not None:
+        delta = _compensation(matrix, in_mask, masks.carried)
+        beta = float(node.attrs.get("beta", 1.0))
+        if delta is not None and beta:  # Y = α·A·B + β·C, so C absorbs α/β · Σ m_k B[k]
+            bias = _add_bias(bias, delta * float(node.attrs.get("alpha", 1.0)) / beta, matrix.dtype)
+        matrix = matrix[in_mask]
+    if out_mask is not None:
+        matrix = matrix[:, out_mask]
+        if bias is not None and np.ndim(bias) and np.shape(bias)[-1] == len(out_mask):
+            bias = bias[..., out_mask]
+    editor.set_input(node, 1, matrix.T if trans_b else matrix)
+    if bias is not None:
+        editor.set_input(node, 2, bias)
+
+
+def prune_matmul(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """MatMul ``Y = X·W`` (W ``[K, N]``); a compensation bias becomes an Add after it."""
+    weight = editor.value(node, 1)
+    in_mask, out_mask = masks.inputs[0], masks.outputs[0]
+    delta = None
+    if in_mask is not None:
+        delta = _compensation(weight, in_mask, masks.carried)
+        weight = weight[in_mask]
+    if out_mask is not None:
+        weight = weight[:, out_mask]
+        delta = None if delta is None else delta[out_mask]
+    editor.set_input(node, 1, weight)
+    if delta is not None:
+        output = node.outputs[0]
+        product = gs.Variable(editor.names.fresh(f"{output.name}_pruned"), dtype=output.dtype)
+        node.outputs[0] = product
+        bias = gs.Constant(editor.names.fresh(f"{node.name}_compensation"), delta.astype(weight.dtype))
+        editor.graph.nodes.append(gs.Node("Add", editor.names.fresh(f"{node.name}_compensation"), inputs=[product, bias], outputs=[output]))
+
+
+def prune_per_channel_inputs(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """BatchNormalization/InstanceNormalization: every parameter input is per channel."""
+    for index in range(1, len(node.inputs)):
+        editor.set_input(node, index, editor.value(node, index)[masks.inputs[0]])
+
+
+def prune_broadcast_constants(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """Elementwise ops: constants spanning the channel axis (right-aligned) are sliced."""
+    out_map = editor.analysis.maps[node.outputs[0].name]
+    out_rank = len(editor.analysis.shapes[node.outputs[0].name])
+    for index, tensor in enumerate(node.inputs):
+        if not isinstance(tensor, gs.Constant):
+            continue
+        value = np.asarray(tensor.values)
+        local = out_map.axis - (out_rank - value.ndim)
+        if local >= 0 and value.shape[local] == len(masks.outputs[0]) > 1:
+            editor.set_input(node, index, np.compress(masks.outputs[0], value, axis=local))
+
+
+def prune_split(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """Split on the channel axis: sizes become the kept counts of each output."""
+    in_map = editor.analysis.maps[node.inputs[0].name]
+    rank = len(editor.analysis.shapes[node.inputs[0].name])
+    if int(node.attrs.get("axis", 0)) % rank != in_map.axis:
+        return
+    sizes = np.array([
+        int(mask.sum()) if mask is not None else len(editor.analysis.maps[out.name].positions)
+        for mask, out in zip(masks.outputs, node.outputs)
+    ], dtype=np.int64)
+    node.attrs.pop("num_outputs", None)
+    if int(editor.graph.opset) >= 13:
+        editor.set_input(node, 1, sizes)
+    else:
+        node.attrs["split"] = [int(s) for s in sizes]
+
+
+def prune_slice(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """Slice on the channel axis: the window moves to the kept channels it covered."""
+    in_map = editor.analysis.maps[node.inputs[0].name]
+    rank = len(editor.analysis.shapes[node.inputs[0].name])
+    window = slice_window(node, rank, in_map.axis, len(in_map.positions))
+    if window is None or masks.inputs[0] is None:
+        return
+    kept = masks.inputs[0]
+    start = int(kept[: window[0]].sum())
+    end = start + int(kept[window[0] : window[1]].sum())
+    if len(node.inputs) == 1:
+        axes = list(node.attrs.get("axes", range(len(node.attrs["starts"]))))
+        where = [int(a) % rank for a in axes].index(in_map.axis)
+        node.attrs["starts"] = [start if i == where else v for i, v in enumerate(node.attrs["starts"])]
+        node.attrs["ends"] = [end if i == where else v for i, v in enumerate(node.attrs["ends"])]
+        return
+    axes_value = editor.value(node, 3)
+    count = len(np.ravel(editor.value(node, 1)))
+    axes = list(range(count)) if axes_value is None else [int(a) % rank for a in np.ravel(axes_value)]
+    where = axes.index(in_map.axis)
+    for index, new in ((1, start), (2, end)):
+        value = np.array(np.ravel(editor.value(node, index)), copy=True)
+        value[where] = new
+        editor.set_input(node, index, value)
+
+
+def prune_reshape(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """Reshape: a literal size on the channel axis becomes the kept size."""
+    out_map = editor.analysis.maps[node.outputs[0].name]
+    shape = np.array(editor.value(node, 1), dtype=np.int64, copy=True)
+    if shape[out_map.axis] > 0 and masks.outputs[0] is not None:
+        shape[out_map.axis] = int(masks.outputs[0].sum())
+        editor.set_input(node, 1, shape)
+
+
+PruneFunction = Callable[[gs.Node, NodeMasks, _Editor], None]
+PRUNE_FUNCTIONS: dict[str, PruneFunction] = {
+    "Conv": prune_conv,
+    "ConvTranspose": prune_conv_transpose,
+    "Gemm": prune_gemm,
+    "MatMul": prune_matmul,
+    "BatchNormalization": prune_per_channel_inputs,
+    "InstanceNormalization": prune_per_channel_inputs,
+    "Split": prune_split,
+    "Slice": prune_slice,
+    "Reshape": prune_reshape,
+    **{op: prune_broadcast_constants for op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu")},
+}
+
+
+def channel_medians(
+    model: onnx.ModelProto,
+    overrides: dict[str, np.ndarray],
+    tensors: dict[str, int],
+    feeds: dict[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
+    """Run ``model`` with initializers replaced by ``overrides`` on one sample and return, for
+    each tensor name → channel axis in ``tensors``, the median of every channel over the other
+    axes."""
+    if not tensors:
+        return {}
+    probe = copy.deepcopy(model)
+    for initializer in probe.graph.initializer:
+        if initializer.name in overrides:
+            initializer.CopyFrom(numpy_helper.from_array(overrides[initializer.name], initializer.name))
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in known)
+    feeds = generate_inputs(model, batch=1, seed=0) if not feeds else {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}
+    results = run_session(make_session(probe, "cpu", optimization="disabled"), feeds)
+    medians = {}
+    for name, axis in tensors.items():
+        value = np.moveaxis(np.asarray(results[name], dtype=np.float64), axis, 0)
+        medians[name] = np.median(value.reshape(value.shape[0], -1), axis=1)
+    return medians
+
+
+def _carried_values(
+    model: onnx.ModelProto, analysis: ChannelAnalysis, keep: dict[str, set[int]], consumers: list[gs.Node],
+    feeds: dict[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
+    """Value of every removed channel at each consumer's data input (see the module docstring)."""
+    overrides: dict[str, np.ndarray] = {}
+    for group in analysis.groups:
+        if group.id not in keep:
+            continue
+        removed = np.array(sorted(set(range(group.size)) - keep[group.id]), dtype=np.int64)
+        for space, source in zip(group.spaces, group.sources):
+            bn = analysis.bn_after_source.get(space)
+            target, axis = (bn.inputs[1], 0) if bn is not None else (source.node.inputs[1], source.out_axis)
+            value = np.array(overrides.get(target.name, target.values), copy=True)
+            index = [slice(None)] * value.ndim
+            index[axis] = removed
+            value[tuple(index)] = 0
+            overrides[target.name] = value
+    tensors = {node.inputs[0].name: analysis.maps[node.inputs[0].name].axis for node in consumers}
+    return channel_medians(model, overrides, tensors, feeds)
+
+
+def prune_channels(
+    model: onnx.ModelProto,
+    analysis: ChannelAnalysis,
+    keep: dict[str, list[int]],
+    feeds: dict[str, np.ndarray] | None = None,
+    *,
+    compensate: bool = True,
+) -> list[NodeEdit]:
+    """Remove from ``analysis.graph`` every channel not kept (``keep``: group id → kept indices);
+    ``model`` is the model the analysis was made from. Returns one edit per changed node."""
+    keep_sets = {gid: set(indices) for gid, indices in keep.items()}
+    editor = _Editor(analysis)
+    plans = []
+    for node in list(analysis.graph.nodes):
+        masks = NodeMasks(
+            [analysis.keep_mask(t.name, keep_sets) if t.name else None for t in node.inputs],
+            [analysis.keep_mask(t.name, keep_sets) for t in node.outputs],
+        )
+        if any(m is not None for m in masks.inputs + masks.outputs):
+            plans.append((node, masks))
+    consumers = [
+        node for node, masks in plans
+        if node.op in COMPENSATED and masks.inputs[0] is not None and int(node.attrs.get("group", 1)) == 1
+    ]
+    carried = _carried_values(model, analysis, keep_sets, consumers, feeds) if compensate else {}
+    edits = []
+    for node, masks in plans:
+        masks.carried = carried.get(node.inputs[0].name) if node.inputs else None
+        function = PRUNE_FUNCTIONS.get(node.op)
+        if function is not None:
+            function(node, masks, editor)
+        edits.append(NodeEdit(node.name, node.op, _counts(masks.inputs[0] if masks.inputs else None, analysis, node.inputs[0].name if node.inputs else ""),
+                              _counts(masks.outputs[0], analysis, node.outputs[0].name)))
+    outputs = {t.name for t in analysis.graph.outputs} | {t.name for t in analysis.graph.inputs}
+    for tensor in analysis.graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in outputs:
+            tensor.shape = None
+    analysis.graph.toposort()
+    log.debug("pruned channels of %d nodes", len(edits))
+    return edits
+
+
+def _counts(mask: np.ndarray | None, analysis: ChannelAnalysis, tensor: str) -> tuple[int, int] | None:
+    cmap = analysis.maps.get(tensor)
+    if cmap is None:
+        return None
+    total = len(cmap.positions)
+    return total, total if mask is None else int(mask.sum())
