@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 import onnx
-from onnxzip.models.zoo import get_reference_model
 
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
+from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, get_pass
 from onnxzip.runtime import make_session
 

@@ -29,7 +29,8 @@ import onnxzip.export
 from onnxzip.errors import RuntimeUnavailableError
 from onnxzip.evaluators import ArrayDataset, Predictions
 from onnxzip.export import export, write_atomically
-from onnxzip.models.speech import build_once, measure, reference_folder
+from onnxzip.models.cache import build_once, reference_folder
+from onnxzip.models.speech import measure
 from onnxzip.models.train import deterministic
 
 log = logging.getLogger(__name__)

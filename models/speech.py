@@ -19,24 +19,20 @@ L = mean((mask·|Y|)^0.3 − |S|^0.3)², on random one-second crops of espeak-ng
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from filelock import FileLock
 from torch import nn
 
 import onnxzip.evaluators.audio
@@ -53,6 +49,7 @@ from onnxzip.evaluators import (
 from onnxzip.evaluators.base import fit_length
 from onnxzip.export import write_atomically
 from onnxzip.models import speech_data
+from onnxzip.models.cache import build_once, reference_folder
 from onnxzip.models.speech_data import (
     SAMPLE_RATE,
     Corpus,
@@ -75,7 +72,6 @@ LOG_FLOOR = 1e-4
 COMPRESSION = 0.3
 MODEL_FILE = "model.onnx"
 HELD_OUT_DIR = "heldout"
-METRICS_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -252,40 +248,6 @@ def export_speech_model(module: SpeechEnhancer) -> onnx.ModelProto:
     model = onnx.load_from_string(buffer.getvalue())
     model.ir_version = IR_VERSION
     return model
-
-
-def reference_folder(
-    name: str,
-    modules: tuple[ModuleType, ...],
-    settings: str,
-    cache_dir: str | os.PathLike[str] | None,
-) -> Path:
-    """``<cache>/<name>-<hash>``: the hash covers the source files of ``modules``, ``settings``
-    and the torch and onnx versions, so any change to them trains afresh."""
-    # Imported here: the zoo registers this module, so importing it at the top would be circular.
-    from onnxzip.models.zoo import cache_root
-
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
-    digest.update(f"{settings}|{torch.__version__}|{onnx.__version__}".encode())
-    return cache_root(cache_dir) / f"{name}-{digest.hexdigest()[:16]}"
-
-
-def build_once(folder: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``build(folder)`` unless the folder is complete; return the stored metrics.
-
-    ``build`` writes its files atomically and returns the metrics, written last, so their file
-    marks a complete entry; a file lock makes a second process wait instead of training again.
-    """
-    metrics_path = folder / METRICS_FILE
-    if not metrics_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder / ".lock")):
-            if not metrics_path.exists():
-                metrics = build(folder)
-                write_atomically(metrics_path, json.dumps(metrics, indent=2).encode())
-    return json.loads(metrics_path.read_text())
 
 
 def _build_speech(folder: Path, seed: int) -> dict[str, Any]:

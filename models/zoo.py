@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import inspect
 import io
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import onnxzip.export
 from onnxzip.errors import ConfigError
 from onnxzip.export import export, write_atomically
 from onnxzip.models import cnn, transformer
+from onnxzip.models.cache import LOCK_FILE, build_once, cache_root
 from onnxzip.models.data import Splits, digits_images, digits_rows
 from onnxzip.models.train import TrainConfig, fit_classifier
 from onnxzip.runtime import make_session, run_session
@@ -39,8 +39,6 @@ from onnxzip.runtime import make_session, run_session
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -106,14 +104,6 @@ class ReferenceModel:
         return float((self.predict(model, device=device).argmax(axis=1) == self.test_labels).mean())
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding cached reference models."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    root = os.environ.get("ONNXZIP_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "onnxzip") / "models"
-
-
 def _spec(name: str) -> ReferenceSpec:
     if name not in REFERENCE_MODELS:
         raise ConfigError(
@@ -156,25 +146,6 @@ def _build_trained(spec: ReferenceSpec, state_path: Path) -> nn.Module:
     module = spec.build()
     module.load_state_dict(torch.load(state_path, weights_only=True))
     return module.eval()
-
-
-def build_once(
-    folder: Path, build: Callable[[Path], dict[str, float]], *, rebuild: bool = False
-) -> dict[str, float]:
-    """Run ``build(folder)`` unless the folder is complete (or ``rebuild``); return its metrics.
-
-    ``build`` writes its files atomically and returns the metrics, which are written last, so
-    their file marks a complete entry. A file lock makes a second process wait for the first
-    one's build instead of repeating it.
-    """
-    metrics_path = folder / METRICS_FILE
-    if rebuild or not metrics_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder / LOCK_FILE)):
-            if rebuild or not metrics_path.exists():
-                metrics = build(folder)
-                write_atomically(metrics_path, json.dumps(metrics, indent=2).encode())
-    return json.loads(metrics_path.read_text())
 
 
 def _train(spec: ReferenceSpec, folder: Path, quiet: bool) -> dict[str, float]:

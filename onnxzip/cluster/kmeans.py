@@ -25,7 +25,11 @@ from typing import Literal
 import numpy as np
 
 from onnxzip.cluster._scan import (
-    HISTOGRAM_BINS, Histogram, NearestCentroid, as_weight_vector, histogram,
+    HISTOGRAM_BINS,
+    Histogram,
+    NearestCentroid,
+    as_weight_vector,
+    histogram,
 )
 from onnxzip.cluster.birch import DEFAULT_BRANCHING, DEFAULT_THRESHOLD_RATIO, birch_k_from_histogram
 from onnxzip.errors import ConfigError

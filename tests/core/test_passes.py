@@ -99,8 +99,9 @@ def test_gate_failure_raises_with_report():
     w = onnx.numpy_helper.to_array(damaged.graph.initializer[0])
     damaged.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(-w, "w1"))
 
-    from onnxzip.passes.base import Pass, PassResult, register_pass
     from dataclasses import dataclass
+
+    from onnxzip.passes.base import Pass, PassResult, register_pass
 
     @dataclass
     class _Cfg:

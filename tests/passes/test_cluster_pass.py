@@ -394,9 +394,8 @@ def test_auto_k_from_birch(round_k):
 def test_reference_cnn_4_bit_and_auto(tmp_path):
     """Done-when: a 4-bit codebook keeps test accuracy within 1 point and the file ≥ 7× smaller;
     ``--cluster auto`` works; onnxruntime folds every decode."""
-    from onnxzip.models.zoo import get_reference_model
-
     from onnxzip.api import compress
+    from onnxzip.models.zoo import get_reference_model
 
     reference = get_reference_model("cnn")
     data = {reference.input_name: reference.test_inputs[:32]}

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 from helpers import assert_same_outputs
-from onnxzip.models.zoo import get_reference_model
 from pruning.graphs import GraphBuilder, bn_names, zero_bn_channels
 
 import onnxzip.passes.prune_blocks  # noqa: F401 - registers the pass
 from onnxzip.errors import ConfigError
+from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, Plan, get_pass
 
 

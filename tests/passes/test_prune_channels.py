@@ -10,7 +10,6 @@ import onnx
 import pytest
 from helpers import assert_same_outputs
 from onnx import numpy_helper
-from onnxzip.models.zoo import get_reference_model
 from pruning.graphs import bn_names, zero_bn_channels
 
 import onnxzip.passes.prune_blocks  # registers prune-blocks for the CLI test
@@ -18,6 +17,7 @@ import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 from onnxzip.api import compress
 from onnxzip.cli import main
 from onnxzip.errors import ConfigError
+from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, get_pass
 
 log = logging.getLogger(__name__)

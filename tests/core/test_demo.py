@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import onnx
+
+from onnxzip.demo import run_demo
+from onnxzip.models.zoo import get_reference_model
+
+
+def test_demo_compresses_reference_cnn_and_keeps_accuracy(tmp_path, capsys):
+    assert run_demo("cnn", tmp_path, quiet=True) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "max_drop=0.02 pass" in out
+    original, compressed = tmp_path / "cnn.onnx", tmp_path / "cnn.compressed.onnx"
+    assert compressed.stat().st_size * 5 < original.stat().st_size
+    reference = get_reference_model("cnn")
+    assert reference.accuracy(compressed) >= reference.accuracy(original) - 0.02
+    assert onnx.load(compressed).ir_version <= 10
