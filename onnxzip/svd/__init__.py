@@ -1,0 +1,68 @@
+"""SVD maths for low-rank factorization: factors, spectra, rank rules, conv decompositions,
+factor layouts for Gemm / MatMul / recurrent ops, and global rank allocation under a budget."""
+from __future__ import annotations
+
+from onnxzip.svd.budget import BudgetLayer, allocate_ranks, total_cost, total_error
+from onnxzip.svd.conv import (
+    CONV_KINDS,
+    ConvChoice,
+    ConvFactor,
+    choose_conv_decomposition,
+    conv_flops_per_pixel,
+    conv_matrix,
+    conv_matrix_shape,
+    conv_spectrum,
+    decompose_conv,
+)
+from onnxzip.svd.factorize import (
+    MIN_OVERSAMPLES,
+    OVERSAMPLE_FRACTION,
+    POWER_ITERATIONS,
+    RANDOMIZED_MAX_RANK_FRACTION,
+    RANDOMIZED_MIN_DIM,
+    RankRule,
+    Spectrum,
+    break_even_rank,
+    check_rank,
+    choose_svd_method,
+    factorize,
+    factorize_preserving_dtype,
+    is_profitable,
+    rank_for_keep_ratio,
+    truncated_svd,
+)
+from onnxzip.svd.linear import factorize_gemm, factorize_matmul, factorize_recurrent_input
+
+__all__ = [
+    "CONV_KINDS",
+    "MIN_OVERSAMPLES",
+    "OVERSAMPLE_FRACTION",
+    "POWER_ITERATIONS",
+    "RANDOMIZED_MAX_RANK_FRACTION",
+    "RANDOMIZED_MIN_DIM",
+    "BudgetLayer",
+    "ConvChoice",
+    "ConvFactor",
+    "RankRule",
+    "Spectrum",
+    "allocate_ranks",
+    "break_even_rank",
+    "check_rank",
+    "choose_conv_decomposition",
+    "choose_svd_method",
+    "conv_flops_per_pixel",
+    "conv_matrix",
+    "conv_matrix_shape",
+    "conv_spectrum",
+    "decompose_conv",
+    "factorize",
+    "factorize_gemm",
+    "factorize_matmul",
+    "factorize_preserving_dtype",
+    "factorize_recurrent_input",
+    "is_profitable",
+    "rank_for_keep_ratio",
+    "total_cost",
+    "total_error",
+    "truncated_svd",
+]
