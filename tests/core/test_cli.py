@@ -25,7 +25,8 @@ def model_path(tmp_path):
     return path
 
 
-def _bad_inputs(tmp_path):
+def _bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONNXZIP_RECORD_WRITES", raising=False)  # these files are broken on purpose
     cases = {}
     (tmp_path / "text.onnx").write_text("hello")
     cases["not onnx"] = tmp_path / "text.onnx"
@@ -51,8 +52,8 @@ def _bad_inputs(tmp_path):
     return cases
 
 
-def test_bad_inputs_exit_2_with_one_sentence_and_no_output(tmp_path):
-    for label, path in _bad_inputs(tmp_path).items():
+def test_bad_inputs_exit_2_with_one_sentence_and_no_output(tmp_path, monkeypatch):
+    for label, path in _bad_inputs(tmp_path, monkeypatch).items():
         before = path.read_bytes() if path.is_file() else None
         out = tmp_path / f"out-{label.replace(' ', '_')}.onnx"
         for argv in (["compress", str(path), "-o", str(out), "--identity"], ["inspect", str(path)],
