@@ -3,7 +3,7 @@ inputs and compare every output.
 
 Per output: maximum absolute error, relative L2 error ‖a−b‖₂/‖a‖₂, cosine similarity
 ⟨a,b⟩/(‖a‖‖b‖) over the flattened tensors, and — when the output looks like class scores
-(float, ≥ 2-D, last axis 2…100 000 wide) — the share of rows whose argmax agrees.
+(float [N, C] with 2 ≤ C ≤ 100 000, or higher rank and named like logits/scores) — the share of rows whose argmax agrees.
 A :class:`FidelityGate` turns those numbers into pass/fail before anything is written.
 """
 from __future__ import annotations
@@ -74,10 +74,15 @@ class FidelityGate:
         return found
 
 
-def looks_like_class_scores(array: np.ndarray) -> bool:
-    return (
-        np.issubdtype(array.dtype, np.floating) and array.ndim >= 2 and 2 <= array.shape[-1] <= 100_000
-    )
+CLASS_SCORE_NAMES = ("logit", "score", "prob", "class")
+
+
+def looks_like_class_scores(array: np.ndarray, name: str = "") -> bool:
+    """[N, classes] float outputs, or higher-rank ones named like logits/scores/probabilities
+    (a [N, T, F] mask is not class scores)."""
+    if not np.issubdtype(array.dtype, np.floating) or array.ndim < 2 or not 2 <= array.shape[-1] <= 100_000:
+        return False
+    return array.ndim == 2 or any(word in name.lower() for word in CLASS_SCORE_NAMES)
 
 
 def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputFidelity:
@@ -100,7 +105,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
     else:
         cosine = float(np.dot(a, b) / (norm_a * norm_b))
     agreement = None
-    if looks_like_class_scores(reference):
+    if looks_like_class_scores(reference, name):
         agreement = float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))
     problem = None
     if not np.all(np.isfinite(candidate)) and np.all(np.isfinite(reference)):

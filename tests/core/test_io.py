@@ -91,3 +91,14 @@ def test_int4_weights_need_ir10(tmp_path):
         [helper.make_tensor("q", onnx.TensorProto.INT4, [4], [1, -2, 3, -4])], opset=21,
     )
     assert onnx.load(save_model(model, tmp_path / "m.onnx")).ir_version == 10
+
+
+def test_large_models_switch_to_external_data_automatically(tmp_path, monkeypatch):
+    import onnxzip.io as io_module
+
+    monkeypatch.setattr(io_module, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for ~2 GB
+    model = _wide_model()  # 16 kB of weights
+    path = save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 64 * 4
+    assert path.stat().st_size < 10_000
+    assert_same_outputs(model, load_model(path))
