@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import onnxzip.evaluators.audio
+from onnxzip.compat import make_compatible
 from onnxzip.errors import RuntimeUnavailableError
 from onnxzip.evaluators import (
     Dataset,
@@ -67,7 +68,6 @@ BINS = N_FFT // 2 + 1
 INPUT_NAME = "noisy_magnitude"
 OUTPUT_NAME = "mask"
 OPSET = 17
-IR_VERSION = 8  # onnxruntime 1.19 loads it; the installed onnx would stamp a newer one
 LOG_FLOOR = 1e-4
 COMPRESSION = 0.3
 MODEL_FILE = "model.onnx"
@@ -246,7 +246,7 @@ def export_speech_model(module: SpeechEnhancer) -> onnx.ModelProto:
             dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
         )
     model = onnx.load_from_string(buffer.getvalue())
-    model.ir_version = IR_VERSION
+    make_compatible(model)
     return model
 
 

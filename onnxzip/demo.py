@@ -16,6 +16,7 @@ from onnxzip.errors import ConfigError
 # not sparsity-trained, so only a few channels can go without fine-tuning.
 DEMO_PASSES: list[dict[str, Any]] = [
     {"prune-channels": {"ratio": 0.05}},
+    {"svd": {"budget": 0.5}},
     {"cluster": {"bits": 4}},
 ]
 # Fidelity to the original outputs, and test accuracy measured on both models in one run.

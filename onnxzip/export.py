@@ -21,21 +21,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from onnxzip.compat import make_compatible
 from onnxzip.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
-
-
-def _lowest_ir_version(opset: int) -> int:
-    """Lowest IR version of an onnx release that supports ``opset`` (17 → 8, 19 → 9, 21 → 10).
-
-    Older runtimes refuse models whose IR version is newer than theirs, so an exported file
-    declares the oldest IR its opset allows rather than the installed onnx's newest.
-    """
-    candidates = [ir for _, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE if ai_onnx >= opset]
-    if not candidates:
-        raise ConfigError(f"opset {opset} is newer than the installed onnx supports.")
-    return min(candidates)
 
 
 def _inline_identity_initializers(model: onnx.ModelProto) -> None:
@@ -177,7 +166,7 @@ def export(
         module.train(was_training)
     model = onnx.load_from_string(buffer.getvalue())
     _inline_identity_initializers(model)
-    model.ir_version = _lowest_ir_version(opset)
+    make_compatible(model)
     if path is not None:
         write_atomically(path, model.SerializeToString())
         log.info("exported %s to %s", type(module).__name__, path)

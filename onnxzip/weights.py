@@ -208,3 +208,25 @@ def materialize_weights(graph: gs.Graph) -> list[str]:
                 notes.append(f"{tensor.name}: folded {origin} into an initializer")
             node.inputs[index] = replaced[key]
     return notes
+
+
+def constant_uses(graph: gs.Graph) -> dict[str, tuple[gs.Constant, list[tuple[gs.Node, gs.Graph]]]]:
+    """Initializer name → (its one ``gs.Constant``, [(consumer node, graph holding it)]).
+
+    Names held by several different constants (shadowing in subgraphs) and constants that are
+    also graph outputs are left out: rewriting them is not safe."""
+    found: dict[str, tuple[gs.Constant, list[tuple[gs.Node, gs.Graph]]]] = {}
+    unsafe: set[str] = set()
+    outputs: set[str] = set()
+    for node, owner, _path in walk_nodes(graph):
+        outputs.update(t.name for t in owner.outputs)
+        for tensor in node.inputs:
+            if not isinstance(tensor, gs.Constant) or not tensor.name:
+                continue
+            entry = found.setdefault(tensor.name, (tensor, []))
+            if entry[0] is not tensor:
+                unsafe.add(tensor.name)
+            elif not any(n is node for n, _ in entry[1]):
+                entry[1].append((node, owner))
+    outputs.update(t.name for t in graph.outputs)
+    return {name: entry for name, entry in found.items() if name not in unsafe | outputs}

@@ -1,7 +1,7 @@
 """Graph passes. Importing this package registers the built-in passes in :data:`PASSES`."""
 from __future__ import annotations
 
-from onnxzip.passes import cleanup, cluster, identity, prune_blocks, prune_channels  # noqa: F401,E402 - registration
+from onnxzip.passes import cleanup, cluster, identity, prune_blocks, prune_channels, svd  # noqa: F401,E402 - registration
 from onnxzip.passes.base import (
     PASSES,
     Pass,

@@ -57,7 +57,7 @@ from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, w
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
-from onnxzip.weights import WEIGHT_ROLES, Weight, discover_weights
+from onnxzip.weights import WEIGHT_ROLES, Weight, constant_uses, discover_weights
 
 DEFAULT_K = 16
 MAX_K = 256
@@ -174,7 +174,7 @@ class ClusterPass(Pass):
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         graph = import_graph(model)
         table = discover_weights(graph)
-        uses = _weight_uses(graph)
+        uses = constant_uses(graph)
         layers: dict[str, dict[str, Any]] = {}
         for weight in table.weights:
             if self._skip_reason(weight) is not None or weight.name not in uses:
@@ -197,7 +197,7 @@ class ClusterPass(Pass):
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
         graph = import_graph(model)
         table = discover_weights(graph)
-        uses = _weight_uses(graph)
+        uses = constant_uses(graph)
         parents = _graph_parents(graph)
         names = NameScope(graph)
         tables: dict[tuple[int, int], gs.Constant] = {}  # (id(graph), bits) → unpack table
@@ -369,27 +369,6 @@ def _selected(weight: Weight, include: list[str], exclude: list[str]) -> bool:
     excluded = any(not matches(name, op, [], exclude) for name, op in targets)
     return included and not excluded
 
-
-def _weight_uses(graph: gs.Graph) -> dict[str, tuple[gs.Constant, list[tuple[gs.Node, gs.Graph]]]]:
-    """Initializer name → (its one ``gs.Constant``, [(consumer node, graph holding it)]).
-
-    Names held by several different constants (shadowing in subgraphs) and constants that are
-    also graph outputs are left out: rewriting them is not safe."""
-    found: dict[str, tuple[gs.Constant, list[tuple[gs.Node, gs.Graph]]]] = {}
-    unsafe: set[str] = set()
-    outputs: set[str] = set()
-    for node, owner, _path in walk_nodes(graph):
-        outputs.update(t.name for t in owner.outputs)
-        for tensor in node.inputs:
-            if not isinstance(tensor, gs.Constant) or not tensor.name:
-                continue
-            entry = found.setdefault(tensor.name, (tensor, []))
-            if entry[0] is not tensor:
-                unsafe.add(tensor.name)
-            elif not any(n is node for n, _ in entry[1]):
-                entry[1].append((node, owner))
-    outputs.update(t.name for t in graph.outputs)
-    return {name: entry for name, entry in found.items() if name not in unsafe | outputs}
 
 
 def _graph_parents(graph: gs.Graph) -> dict[int, gs.Graph]:
