@@ -202,7 +202,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             _print_result(exc.report, args.quiet)
             if args.report:
                 _write_json(args.report, exc.report.report.to_dict())
-        raise
+        raise QualityGateError(
+            f"{exc} Nothing was written; relax the limits, pass --data with real inputs, or use --force."
+        ) from exc
     result.save(args.output, external_data=True if args.external_data else None)
     result.report.after.bytes = _disk_size(Path(args.output))
     _print_result(result, args.quiet)

@@ -1,0 +1,58 @@
+"""Each pass's "done when" command, through the real command line, on the reference models
+with their held-back data and an accuracy condition."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxzip.cli import main
+from onnxzip.models.zoo import get_reference_model
+
+
+def _npz(tmp_path, reference):
+    path = tmp_path / "test.npz"
+    np.savez(path, **{reference.input_name: reference.test_inputs, "labels": reference.test_labels})
+    return path
+
+
+@pytest.mark.parametrize(
+    "model, flags, metric",
+    [
+        ("transformer", ["--svd", "energy=0.8"], "accuracy:max_drop=0.02"),
+        ("transformer", ["--svd", "budget=0.5"], "accuracy:max_drop=0.03"),
+        ("cnn", ["--cluster", "k=16"], "accuracy:max_drop=0.01"),
+        ("cnn", ["--cluster", "auto"], "accuracy:max_drop=0.01"),
+        ("cnn", ["--prune-channels", "ratio=0.05", "--svd", "budget=0.5", "--cluster", "bits=4"], "accuracy:max_drop=0.02"),
+    ],
+)
+def test_pass_flags_on_reference_models(tmp_path, model, flags, metric):
+    reference = get_reference_model(model)
+    out = tmp_path / "out.onnx"
+    report_path = tmp_path / "report.json"
+    code = main(["compress", str(reference.onnx_path), "-o", str(out), *flags, "--data", str(_npz(tmp_path, reference)),
+                 "--metric", metric, "--min-cosine", "0.95", "--report", str(report_path), "-q"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    names = [flag[2:] for flag in flags if flag.startswith("--")]
+    assert [p["pass_name"] for p in report["passes"]][: len(names)] == names
+    assert report["quality"]["passed"] and report["validation"]["passed"]
+    assert report["after"]["bytes"] < report["before"]["bytes"]
+    assert any(not c["decision"] == "skipped" for p in report["passes"][:-1] for c in p["changes"])
+    assert reference.accuracy(out) >= reference.accuracy(reference.onnx_path) - 0.03
+    assert onnx.load(out).ir_version <= 10
+
+
+def test_prune_flags_done_when_command(tmp_path):
+    reference = get_reference_model("cnn")
+    out = tmp_path / "pruned.onnx"
+    code = main(["compress", str(reference.onnx_path), "-o", str(out), "--prune-channels", "ratio=0.5",
+                 "--prune-blocks", "2", "--force", "--report", str(tmp_path / "r.json"), "-q"])
+    assert code == 0  # the unslimmed model loses accuracy without fine-tuning: written with --force
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["after"]["params"] < report["before"]["params"] / 2
+    blocks = report["passes"][1]
+    assert sum(c["decision"] == "removed" for c in blocks["changes"]) == 2
+    assert all(c["reason"] for c in blocks["changes"] if c["decision"] == "skipped")
