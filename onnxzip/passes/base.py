@@ -17,9 +17,10 @@ import fnmatch
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import onnx
@@ -31,6 +32,7 @@ from onnxzip.report import PassReport
 from onnxzip.schema import build_config
 
 PLAN_FORMAT = 1
+T = TypeVar("T")
 
 
 class PassError(OnnxzipError):
@@ -122,6 +124,14 @@ class PassContext:
             self._costs = {k: v for k, v in self._costs.items() if k != key}
             self._costs[key] = cached
         return cached[1]
+
+    def track(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+        """``items`` with a progress bar (per layer) when progress is on."""
+        if not self.progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, total=total, unit="layer", leave=False)
 
     def _batch_one_feeds(self) -> dict[str, np.ndarray] | None:
         if not self.feeds:

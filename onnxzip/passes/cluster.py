@@ -204,7 +204,7 @@ class ClusterPass(Pass):
         opset = default_opset(model)
         seed = context.seed if self.config.seed is None else self.config.seed
         report = self.new_report()
-        for weight in table.weights:
+        for weight in context.track(table.weights, "cluster"):
             ops = "/".join(sorted({use.op_type for use in weight.uses}))
             entry = plan.layers.get(weight.name)
             reason = self._skip_reason(weight, planned=entry is not None)

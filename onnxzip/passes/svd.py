@@ -254,7 +254,7 @@ class SvdPass(Pass):
         ]
         positions = self._positions(model, context, layers)
         rule, value = self.config.rule
-        layers_plan = self._decide(layers, positions, rule, value)
+        layers_plan = self._decide(layers, positions, rule, value, context.track)
         if not self.config.verify:
             return Plan(self.name, self.config_dict(), layers_plan)
         plan, notes = self._verified(model, context, layers, positions, rule, value, layers_plan)
@@ -262,11 +262,16 @@ class SvdPass(Pass):
         return plan
 
     def _decide(
-        self, layers: list[_Layer], positions: dict[str, tuple[float, int]], rule: str, value: float
+        self,
+        layers: list[_Layer],
+        positions: dict[str, tuple[float, int]],
+        rule: str,
+        value: float,
+        track: Any = lambda items, desc: items,
     ) -> dict[str, dict[str, Any]]:
         """Plan entries of ``layers`` under ``rule`` = ``value``."""
         entries, conv_ranks = {}, {}
-        for layer in layers:
+        for layer in track(layers, "svd: spectra"):
             kind, conv_ranks[layer.key] = self._kind(layer, rule, value)
             entries[layer.key] = self._entry(layer, kind)
         if rule in ("budget", "flops_budget"):
@@ -414,7 +419,7 @@ class SvdPass(Pass):
         positions = self._positions(
             model, context, [layer for layer in layers if layer.problem is None]
         )
-        for layer in layers:
+        for layer in context.track(layers, "svd: factorizing"):
             entry = plan.layers.get(layer.key)
             reason = self._skip_reason(layer, planned=entry is not None)
             if reason is None and entry is None:
