@@ -6,6 +6,7 @@ sentence on stderr, no traceback), 3 an internal error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -172,9 +173,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
         raise ConfigError("The output path is the input file; onnxzip never overwrites its input.")
-    options: dict[str, Any] = {}
     flags = getattr(args, "pass_flags", None) or []
-
     recipe = Recipe.from_file(args.recipe) if args.recipe else Recipe.default()
     if flags:
         steps = []
@@ -183,11 +182,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             steps.append(PassStep(cls.name, parse_flag_value(text, shorthand=cls.shorthand, owner=f"--{cls.name}")))
         recipe.passes = [*recipe.passes, *steps] if args.recipe else steps
         recipe.build_passes()
-    gate = _gate_overrides(args)
-    if gate:
-        from dataclasses import asdict
-
-        options["gate"] = {**asdict(recipe.gate), **gate}
+    recipe.gate = dataclasses.replace(recipe.gate, **_gate_overrides(args))
     if args.batch:
         recipe.batch = args.batch
     if args.metric:
@@ -195,7 +190,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     try:
         result = compress(
             args.input, recipe, data=args.data, plan=args.plan, device=args.device,
-            dims=_dims(args.dim), allow_gate_failure=args.force, progress=not args.quiet, **options,
+            dims=_dims(args.dim), allow_gate_failure=args.force, progress=not args.quiet,
         )
     except QualityGateError as exc:
         if exc.report is not None:
