@@ -111,7 +111,7 @@ class PassContext:
     feeds: dict[str, np.ndarray] | None = None
     device: str = "auto"
     seed: int = 0
-    progress: bool = True
+    progress: bool = False
     dims: dict[str, int] = field(default_factory=dict)
     _costs: dict[int, tuple[onnx.ModelProto, ModelCost]] = field(default_factory=dict, repr=False)
 
