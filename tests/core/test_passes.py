@@ -123,3 +123,35 @@ def test_gate_failure_raises_with_report():
         assert not result.passed
     finally:
         PASSES.pop("test-break")
+
+
+def test_every_pass_keeps_model_metadata_and_io_names():
+    rng = np.random.default_rng(3)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["h2"], name="relu"),
+            helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor("x", ["N", 64])],
+        [tensor("y", ["N", 32])],
+        [init("w1", rng.standard_normal((64, 128)).astype(np.float32)),
+         init("w2", rng.standard_normal((128, 32)).astype(np.float32))],
+        producer_name="deploy-exporter",
+        doc_string="model doc",
+    )
+    model.metadata_props.add(key="class_names", value="a;b;c")
+    model.graph.doc_string = "graph doc"
+    result = compress(
+        model,
+        {"passes": [{"svd": {"rank": 8, "min_size": 1}}, {"cluster": {"k": 16, "min_size": 1}}, "cleanup"],
+         "gate": {"min_cosine": 0.0}},
+    )
+    out = result.model
+    assert [p.pass_name for p in result.report.passes] == ["svd", "cluster", "cleanup"]
+    assert any(not c.skipped for c in result.report.passes[0].changes)
+    assert any(not c.skipped for c in result.report.passes[1].changes)
+    assert {p.key: p.value for p in out.metadata_props} == {"class_names": "a;b;c"}
+    assert out.producer_name == "deploy-exporter" and out.doc_string == "model doc"
+    assert out.graph.doc_string == "graph doc"
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
