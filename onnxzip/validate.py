@@ -16,6 +16,12 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import ConfigError, DataError
+from onnxzip.evaluators.metrics import (
+    argmax_share,
+    cosine_similarity,
+    max_abs_difference,
+    relative_l2_error,
+)
 from onnxzip.inputs import graph_inputs
 from onnxzip.io import load_model
 from onnxzip.runtime import make_session, resolve_device, run_session
@@ -92,21 +98,10 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray) -> O
             name, list(reference.shape), float("inf"), float("inf"), -1.0,
             problem=f"shape changed from {reference.shape} to {candidate.shape}",
         )
-    a = reference.astype(np.float64).ravel()
-    b = candidate.astype(np.float64).ravel()
-    diff = a - b
-    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
-    rel_l2 = float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else (0.0 if max_abs == 0 else float("inf"))
-    if norm_a == 0 and norm_b == 0:
-        cosine = 1.0
-    elif norm_a == 0 or norm_b == 0:
-        cosine = 0.0
-    else:
-        cosine = float(np.dot(a, b) / (norm_a * norm_b))
-    agreement = None
-    if looks_like_class_scores(reference, name):
-        agreement = float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))
+    max_abs = max_abs_difference(candidate, reference)
+    rel_l2 = relative_l2_error(candidate, reference)
+    cosine = cosine_similarity(candidate, reference)
+    agreement = argmax_share(candidate, reference) if looks_like_class_scores(reference, name) else None
     problem = None
     if not np.all(np.isfinite(candidate)) and np.all(np.isfinite(reference)):
         problem = "candidate output has NaN or infinite values"

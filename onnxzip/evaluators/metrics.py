@@ -42,7 +42,7 @@ def accuracy(k: int = 1) -> Metric:
     return Metric(name, per_item(_top_k_hit, k=k), higher_is_better=True, target="label")
 
 
-def _cosine(prediction: np.ndarray, reference: np.ndarray) -> float:
+def cosine_similarity(prediction: np.ndarray, reference: np.ndarray) -> float:
     """cos = ⟨p, r⟩ / (‖p‖·‖r‖) over the flattened arrays; 1 when both are zero."""
     p, r = same_shape(prediction, reference, "cosine")
     norms = np.linalg.norm(p) * np.linalg.norm(r)
@@ -51,7 +51,7 @@ def _cosine(prediction: np.ndarray, reference: np.ndarray) -> float:
     return float(np.dot(p.ravel(), r.ravel()) / norms)
 
 
-def _relative_l2(prediction: np.ndarray, reference: np.ndarray) -> float:
+def relative_l2_error(prediction: np.ndarray, reference: np.ndarray) -> float:
     """‖p − r‖ / ‖r‖ (0 when both are zero, infinite when only r is)."""
     p, r = same_shape(prediction, reference, "rel_l2")
     error = float(np.linalg.norm(p - r))
@@ -61,13 +61,13 @@ def _relative_l2(prediction: np.ndarray, reference: np.ndarray) -> float:
     return error / scale
 
 
-def _max_abs(prediction: np.ndarray, reference: np.ndarray) -> float:
+def max_abs_difference(prediction: np.ndarray, reference: np.ndarray) -> float:
     """max |p − r| over the item."""
     p, r = same_shape(prediction, reference, "max_abs_error")
     return float(np.max(np.abs(p - r))) if p.size else 0.0
 
 
-def _argmax_agreement(prediction: np.ndarray, reference: np.ndarray) -> float:
+def argmax_share(prediction: np.ndarray, reference: np.ndarray) -> float:
     """Share of positions whose argmax over the last axis agrees."""
     p, r = same_shape(prediction, reference, "argmax_agreement")
     return float(np.mean(p.argmax(axis=-1) == r.argmax(axis=-1)))
@@ -75,24 +75,24 @@ def _argmax_agreement(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 def cosine() -> Metric:
     """Cosine similarity to the original model's outputs (1 is identical direction)."""
-    return Metric("cosine", per_item(_cosine), True, target="reference_model")
+    return Metric("cosine", per_item(cosine_similarity), True, target="reference_model")
 
 
 def relative_l2() -> Metric:
     """Relative L2 error ‖p − r‖/‖r‖ against the original model's outputs."""
-    return Metric("rel_l2", per_item(_relative_l2), False, target="reference_model")
+    return Metric("rel_l2", per_item(relative_l2_error), False, target="reference_model")
 
 
 def max_abs_error() -> Metric:
     """Largest absolute difference to the original model's outputs over the whole dataset."""
     return Metric(
-        "max_abs_error", per_item(_max_abs, reduce=np.max), False, target="reference_model"
+        "max_abs_error", per_item(max_abs_difference, reduce=np.max), False, target="reference_model"
     )
 
 
 def argmax_agreement() -> Metric:
     """Share of items (positions) where candidate and original pick the same class."""
-    return Metric("argmax_agreement", per_item(_argmax_agreement), True, target="reference_model")
+    return Metric("argmax_agreement", per_item(argmax_share), True, target="reference_model")
 
 
 def snr_db(prediction: np.ndarray, reference: np.ndarray) -> float:
