@@ -28,7 +28,8 @@ from torch import nn
 import onnxzip.export
 from onnxzip.errors import RuntimeUnavailableError
 from onnxzip.evaluators import ArrayDataset, Predictions
-from onnxzip.export import export, write_atomically
+from onnxzip.export import export
+from onnxzip.io import write_atomically
 from onnxzip.models.cache import build_once, reference_folder
 from onnxzip.models.speech import measure
 from onnxzip.models.train import deterministic

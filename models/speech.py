@@ -48,7 +48,7 @@ from onnxzip.evaluators import (
     score,
 )
 from onnxzip.evaluators.base import fit_length
-from onnxzip.export import write_atomically
+from onnxzip.io import write_atomically
 from onnxzip.models import speech_data
 from onnxzip.models.cache import build_once, reference_folder
 from onnxzip.models.speech_data import (

@@ -29,7 +29,8 @@ from torch import nn
 
 import onnxzip.export
 from onnxzip.errors import ConfigError
-from onnxzip.export import export, write_atomically
+from onnxzip.export import export
+from onnxzip.io import write_atomically
 from onnxzip.models import cnn, transformer
 from onnxzip.models.cache import LOCK_FILE, build_once, cache_root
 from onnxzip.models.data import Splits, digits_images, digits_rows

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from onnxzip import __version__
 from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError
+from onnxzip.io import write_json
 
 log = logging.getLogger("onnxzip")
 
@@ -134,14 +133,6 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root.setLevel(level)
 
 
-def _write_json(path: str, data: Any) -> None:
-    from onnxzip.passes.base import _json_default
-
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, target)
-
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from onnxzip.inspect import inspect_model
@@ -149,7 +140,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_model(args.model, dims=_dims(args.dim), top=args.top)
     print(info.text())
     if args.json:
-        _write_json(args.json, info.to_dict())
+        write_json(args.json, info.to_dict())
     return 0
 
 
@@ -196,7 +187,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if exc.report is not None:
             _print_result(exc.report, args.quiet)
             if args.report:
-                _write_json(args.report, exc.report.report.to_dict())
+                write_json(args.report, exc.report.report.to_dict())
         raise QualityGateError(
             f"{exc} Nothing was written; relax the limits, pass --data with real inputs, or use --force."
         ) from exc
@@ -204,7 +195,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result.report.after.bytes = _disk_size(Path(args.output))
     _print_result(result, args.quiet)
     if args.report:
-        _write_json(args.report, result.report.to_dict())
+        write_json(args.report, result.report.to_dict())
     if args.save_plan:
         result.plan.save(args.save_plan)
     if not result.passed:
@@ -241,7 +232,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data["quality"] = quality.to_dict()
         passed = passed and quality.passed
     if args.report:
-        _write_json(args.report, data)
+        write_json(args.report, data)
     return 0 if passed else 1
 
 

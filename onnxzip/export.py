@@ -13,16 +13,15 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import onnx
 import torch
 
 from onnxzip.compat import make_compatible
 from onnxzip.errors import ConfigError, UnsupportedModelError
+from onnxzip.io import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +75,6 @@ def _names(given: Sequence[str] | None, count: int, kind: str) -> list[str]:
         )
     return list(given)
 
-
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
-
-    A reader never sees a half-written file, even when two processes write the same path.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def export(

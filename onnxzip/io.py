@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
@@ -183,3 +187,41 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     with contextlib.suppress(OSError):
         return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
     return Path(a).resolve() == Path(b).resolve()
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A reader never sees a half-written file, even when two processes write the same path.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (numpy values and dataclasses allowed)."""
+    return write_atomically(path, json.dumps(data, indent=2, default=_json_default).encode())

@@ -28,6 +28,7 @@ import onnx
 from onnxzip.compat import check_opsets, make_compatible
 from onnxzip.cost import ModelCost, model_cost, observed_shapes
 from onnxzip.errors import ConfigError, OnnxzipError
+from onnxzip.io import write_json
 from onnxzip.report import PassReport
 from onnxzip.schema import build_config
 
@@ -74,10 +75,7 @@ class PipelinePlan:
         return {"onnxzip_plan": PLAN_FORMAT, "steps": [s.to_dict() for s in self.steps]}
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
-        os.replace(tmp, target)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PipelinePlan:
@@ -92,15 +90,6 @@ class PipelinePlan:
             raise ConfigError(f"{source} is not an onnxzip plan (format {PLAN_FORMAT}).")
         return cls([Plan.from_dict(step) for step in data.get("steps", [])])
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 @dataclass
