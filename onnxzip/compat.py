@@ -6,6 +6,9 @@ model's opsets and tensor types, and refuse what cannot be made compatible.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -86,8 +89,8 @@ def required_ir_version(model: onnx.ModelProto) -> int:
     return max(ir, _min_ir_for_types(model))
 
 
-def make_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Set ``model.ir_version`` in place to the lowest IR its content needs; refuse too-new models."""
+def compatible_ir_version(model: onnx.ModelProto) -> int:
+    """The lowest IR the model's content needs; refuses models onnxruntime 1.19 cannot load."""
     check_opsets(model)
     ir = required_ir_version(model)
     if ir > MAX_IR_VERSION:
@@ -95,5 +98,22 @@ def make_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
             f"The model needs ONNX IR version {ir}, but onnxruntime 1.19 loads at most IR "
             f"{MAX_IR_VERSION}."
         )
-    model.ir_version = ir
+    return ir
+
+
+def make_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Set ``model.ir_version`` in place to the lowest IR its content needs; refuse too-new models."""
+    model.ir_version = compatible_ir_version(model)
     return model
+
+
+@contextlib.contextmanager
+def ir_version_as(model: onnx.ModelProto, ir_version: int) -> Iterator[onnx.ModelProto]:
+    """``model`` with ``ir_version`` for the duration of the block (to serialize or save it),
+    the caller's value restored afterwards."""
+    original = model.ir_version
+    model.ir_version = ir_version
+    try:
+        yield model
+    finally:
+        model.ir_version = original

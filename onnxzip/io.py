@@ -26,7 +26,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxzip.compat import check_opsets, make_compatible
+from onnxzip.compat import check_opsets, compatible_ir_version, ir_version_as
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,8 @@ def save_model(
     if target.is_dir():
         raise InvalidModelError(f"{target} is a directory; give a file name for the output model.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    original_ir = model.ir_version
-    make_compatible(model)
-    try:
+    with ir_version_as(model, compatible_ir_version(model)):
         return _write(model, target, external_data)
-    finally:
-        model.ir_version = original_ir
 
 
 def _write(model: onnx.ModelProto, target: Path, external_data: bool | None) -> Path:

@@ -132,15 +132,11 @@ def make_session(
 def _serialize_compatible(model: onnx.ModelProto) -> bytes:
     """Serialize with the lowest IR version the model needs (onnx stamps newer IRs than
     onnxruntime 1.19 accepts), leaving the caller's object unchanged."""
-    from onnxzip.compat import MAX_IR_VERSION, required_ir_version
+    from onnxzip.compat import MAX_IR_VERSION, ir_version_as, required_ir_version
 
-    original = model.ir_version
-    if original > MAX_IR_VERSION:
-        model.ir_version = max(required_ir_version(model), 3)
-    try:
+    ir = model.ir_version if model.ir_version <= MAX_IR_VERSION else max(required_ir_version(model), 3)
+    with ir_version_as(model, ir):
         return model.SerializeToString()
-    finally:
-        model.ir_version = original
 
 
 def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
