@@ -53,7 +53,11 @@ class CompressResult:
         return found
 
     def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
-        return save_model(self.model, path, external_data=external_data)
+        """Write the model; the report's size after becomes the size on disk (with ``.data``)."""
+        target = save_model(self.model, path, external_data=external_data)
+        data = target.with_name(f"{target.name}.data")
+        self.report.after.bytes = target.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        return target
 
 
 def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:

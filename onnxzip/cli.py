@@ -192,7 +192,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"{exc} Nothing was written; relax the limits, pass --data with real inputs, or use --force."
         ) from exc
     result.save(args.output, external_data=True if args.external_data else None)
-    result.report.after.bytes = _disk_size(Path(args.output))
     _print_result(result, args.quiet)
     if args.report:
         write_json(args.report, result.report.to_dict())
@@ -203,10 +202,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.output}")
     return 0
 
-
-def _disk_size(path: Path) -> int:
-    data = path.with_name(f"{path.name}.data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -102,3 +102,12 @@ def test_large_models_switch_to_external_data_automatically(tmp_path, monkeypatc
     assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 64 * 4
     assert path.stat().st_size < 10_000
     assert_same_outputs(model, load_model(path))
+
+
+def test_compress_result_reports_size_on_disk(tmp_path):
+    from onnxzip.api import compress
+
+    result = compress(_wide_model(), identity=True)
+    path = result.save(tmp_path / "out.onnx", external_data=True)
+    on_disk = path.stat().st_size + (tmp_path / "out.onnx.data").stat().st_size
+    assert result.report.after.bytes == on_disk
