@@ -95,24 +95,29 @@ class PipelinePlan:
 @dataclass
 class PassContext:
     """What passes may need besides the model: sample inputs for measurements, the device,
-    a seed, progress-bar switch, symbolic dimension sizes. Costs are cached per model object."""
+    a seed, progress-bar switch, symbolic dimension sizes. Shapes (one onnxruntime run at
+    batch 1) and costs are cached per model object, so passes never probe the same model twice."""
 
     feeds: dict[str, np.ndarray] | None = None
     device: str = "auto"
     seed: int = 0
     progress: bool = False
     dims: dict[str, int] = field(default_factory=dict)
-    _costs: dict[int, tuple[onnx.ModelProto, ModelCost]] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
+
+    def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:
+        key = (kind, id(model))
+        cached = self._cache.get(key)
+        if cached is None or cached[0] is not model:  # ids are reused after garbage collection
+            cached = self._cache[key] = (model, compute(model))
+        return cached[1]
+
+    def shapes(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+        """Every main-graph tensor's shape, observed at batch 1 on the context's inputs."""
+        return self._memo("shapes", model, lambda m: observed_shapes(m, self._batch_one_feeds()))
 
     def cost(self, model: onnx.ModelProto) -> ModelCost:
-        key = id(model)
-        cached = self._costs.get(key)
-        if cached is None or cached[0] is not model:
-            feeds = self._batch_one_feeds()
-            cached = (model, model_cost(model, observed_shapes(model, feeds)))
-            self._costs = {k: v for k, v in self._costs.items() if k != key}
-            self._costs[key] = cached
-        return cached[1]
+        return self._memo("cost", model, lambda m: model_cost(m, self.shapes(m)))
 
     def track(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
         """``items`` with a progress bar (per layer) when progress is on."""

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxzip.cost import observed_shapes
 from onnxzip.graph import export_model, import_graph
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.schema import option
@@ -45,7 +44,7 @@ class CleanupPass(Pass):
         kept_info = [vi for vi in new_model.graph.value_info if vi.name in live]
         del new_model.graph.value_info[:]
         new_model.graph.value_info.extend(kept_info)
-        shapes = observed_shapes(new_model, context._batch_one_feeds())
+        shapes = context.shapes(new_model)
         if self.config.fix_output_shapes:
             report.notes.extend(_fix_output_shapes(new_model, shapes))
         if self.config.shape_inference:

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.cost import observed_shapes
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
@@ -48,7 +47,7 @@ class PruneBlocksPass(Pass):
         self, model: onnx.ModelProto, context: PassContext
     ) -> tuple[gs.Graph, dict[str, tuple[int, ...]], list[ResidualBlock], list[tuple[gs.Node, str]]]:
         graph = import_graph(model)
-        shapes = observed_shapes(model, context._batch_one_feeds())
+        shapes = context.shapes(model)
         blocks, skipped = find_blocks(graph, shapes)
         return graph, shapes, blocks, skipped
 

@@ -72,7 +72,7 @@ class PruneChannelsPass(Pass):
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         self._check_config()
-        analysis = analyze_channels(model, context.feeds)
+        analysis = analyze_channels(model, shapes=context.shapes(model))
         candidates = [g for g in analysis.groups if g.prunable and self._selected(g)]
         importances = {
             g.id: group_importance(g, self.config.importance, self.config.aggregate).values for g in candidates
@@ -93,7 +93,7 @@ class PruneChannelsPass(Pass):
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
-        analysis = analyze_channels(model, context.feeds)
+        analysis = analyze_channels(model, shapes=context.shapes(model))
         keep = _plan_keep(plan, analysis)
         report = self.new_report()
         edits = prune_channels(model, analysis, keep, context.feeds, compensate=self.config.compensate) if keep else []

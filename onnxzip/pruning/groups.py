@@ -492,15 +492,19 @@ def _opset(graph: gs.Graph) -> int:
 
 
 def analyze_channels(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray] | None = None,
+    *,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> ChannelAnalysis:
-    """Import ``model`` and find its channel groups (see the module docstring)."""
+    """Import ``model`` and find its channel groups (see the module docstring). ``shapes``
+    (from :meth:`PassContext.shapes`) saves the onnxruntime run that observes them."""
     graph = import_graph(model)
     graph.toposort()
     names = NameScope(graph)
     for node in graph.nodes:
         node.name = node.name or names.fresh(node.op)
-    analyzer = _Analyzer(graph, observed_shapes(model, feeds))
+    analyzer = _Analyzer(graph, shapes if shapes is not None else observed_shapes(model, feeds))
     analyzer.run()
     spaces = analyzer.spaces
     members: dict[int, list[int]] = {}
