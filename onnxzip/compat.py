@@ -35,20 +35,21 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise UnsupportedModelError("The model declares no default ONNX opset (opset_import is empty).")
 
 
-def _iter_graphs(graph: onnx.GraphProto):
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in its nodes' attributes (If, Loop, Scan bodies)."""
     yield graph
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attribute.g)
+                yield from iter_graphs(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for sub in attribute.graphs:
-                    yield from _iter_graphs(sub)
+                    yield from iter_graphs(sub)
 
 
 def _min_ir_for_types(model: onnx.ModelProto) -> int:
     needed = 3
-    for graph in _iter_graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for tensor in graph.initializer:
             needed = max(needed, _TYPE_MIN_IR.get(tensor.data_type, 3))
     return needed

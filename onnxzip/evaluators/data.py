@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from onnxzip.errors import DataError, RuntimeUnavailableError
 from onnxzip.evaluators.audio import load_wav_folder
 from onnxzip.evaluators.base import Dataset
+from onnxzip.inputs import load_npz
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,7 @@ class ArrayDataset(Dataset):
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str], *, output: str | None = None) -> ArrayDataset:
         """Arrays by input name plus optional ``labels`` / ``references`` from an ``.npz``."""
-        try:
-            with np.load(os.fspath(path), allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{path} is not a readable .npz file ({exc}).") from exc
+        arrays = load_npz(path)
         log.info("loaded %s: %s", path, ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
         return cls.from_arrays(arrays, output=output)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from onnxzip.compat import iter_graphs
 from onnxzip.graph import export_model, import_graph
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.schema import option
@@ -35,7 +36,7 @@ class CleanupPass(Pass):
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
         report = self.new_report()
         graph = import_graph(model)
-        nodes_before = _count_nodes(model.graph)
+        nodes_before = _count_nodes(model)
         if self.config.fold_weights:
             report.notes.extend(materialize_weights(graph))
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
@@ -49,7 +50,7 @@ class CleanupPass(Pass):
             report.notes.extend(_fix_output_shapes(new_model, shapes))
         if self.config.shape_inference:
             report.notes.append(_confirmed_shape_inference(new_model, shapes))
-        removed = nodes_before - _count_nodes(new_model.graph)
+        removed = nodes_before - _count_nodes(new_model)
         unused = len(model.graph.initializer) - len(new_model.graph.initializer)
         if removed or unused:
             report.notes.append(f"removed {removed} nodes and {max(unused, 0)} initializers")
@@ -57,14 +58,9 @@ class CleanupPass(Pass):
         return PassResult(new_model, report, plan)
 
 
-def _count_nodes(graph: onnx.GraphProto) -> int:
-    total = 0
-    for node in graph.node:
-        total += 1
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                total += _count_nodes(attribute.g)
-    return total
+
+def _count_nodes(model: onnx.ModelProto) -> int:
+    return sum(len(graph.node) for graph in iter_graphs(model.graph))
 
 
 def _tensor_names(graph: onnx.GraphProto) -> set[str]:
