@@ -19,12 +19,10 @@ L = mean((mask·|Y|)^0.3 − |S|^0.3)², on random one-second crops of espeak-ng
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +34,6 @@ import torch
 from torch import nn
 
 import onnxzip.evaluators.audio
-from onnxzip.compat import make_compatible
 from onnxzip.errors import RuntimeUnavailableError
 from onnxzip.evaluators import (
     Dataset,
@@ -48,6 +45,7 @@ from onnxzip.evaluators import (
     score,
 )
 from onnxzip.evaluators.base import fit_length
+from onnxzip.export import export
 from onnxzip.io import write_atomically
 from onnxzip.models import speech_data
 from onnxzip.models.cache import build_once, reference_folder
@@ -229,25 +227,15 @@ def train_speech_model(
 
 
 def export_speech_model(module: SpeechEnhancer) -> onnx.ModelProto:
-    """ONNX (opset 17, IR 8) with dynamic batch and frame axes."""
-    buffer = io.BytesIO()
-    axes = {0: "batch", 1: "frames"}
-    with warnings.catch_warnings():
-        # The legacy exporter warns about batch_first LSTMs and its own deprecation.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            (torch.ones(1, 20, BINS),),
-            buffer,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-        )
-    model = onnx.load_from_string(buffer.getvalue())
-    make_compatible(model)
-    return model
+    """ONNX (opset 17) with dynamic batch and frame axes."""
+    return export(
+        module,
+        torch.ones(1, 20, BINS),
+        opset=OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={1: "frames"},
+    )
 
 
 def _build_speech(folder: Path, seed: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import onnx
 import torch
@@ -87,12 +87,14 @@ def export(
     opset: int = 17,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[int, str] | None = None,
 ) -> onnx.ModelProto:
     """Export ``module`` (in eval mode) to ONNX and return the model; also save it if ``path``.
 
     ``keep_batchnorm`` keeps BatchNormalization nodes (inference mode, running statistics);
     otherwise BatchNorm is folded into the preceding Conv. ``dynamic_batch`` makes dim 0 of every
-    input and output symbolic (``batch``). Names default to ``input``/``output`` (``input_0``...
+    input and output symbolic (``batch``); ``dynamic_axes`` names further symbolic axes shared
+    by every input and output (e.g. ``{1: "frames"}`` for sequences). Names default to ``input``/``output`` (``input_0``...
     when there are several). The module's train/eval mode is restored afterwards.
     """
     if not isinstance(module, torch.nn.Module):
@@ -109,9 +111,8 @@ def export(
         output_count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, output_count, "output")
-        dynamic_axes = (
-            {name: {0: "batch"} for name in in_names + out_names} if dynamic_batch else None
-        )
+        axes = {**({0: "batch"} if dynamic_batch else {}), **dict(dynamic_axes or {})}
+        symbolic = {name: axes for name in in_names + out_names} if axes else None
         buffer = io.BytesIO()
         try:
             with warnings.catch_warnings():
@@ -132,7 +133,7 @@ def export(
                     opset_version=opset,
                     input_names=in_names,
                     output_names=out_names,
-                    dynamic_axes=dynamic_axes,
+                    dynamic_axes=symbolic,
                 )
         except Exception as exc:
             first_line = (

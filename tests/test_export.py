@@ -137,3 +137,24 @@ def test_saved_file_has_the_usual_permissions(tmp_path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_dynamic_axes_beyond_the_batch():
+    torch.manual_seed(0)
+    module = nn.GRU(6, 5, batch_first=True)
+
+    class Last(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    model = export(Last(), torch.ones(1, 4, 6), dynamic_axes={1: "frames"})
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (model.graph.input[0], model.graph.output[0])]
+    assert dims[0] == ["batch", "frames", 6] and dims[1][:2] == ["batch", "frames"]
+    x = np.random.default_rng(0).standard_normal((3, 11, 6)).astype(np.float32)
+    expected = Last()(torch.from_numpy(x)).detach().numpy()
+    actual = run_session(make_session(model, "cpu"), {"input": x})["output"]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
