@@ -115,10 +115,6 @@ def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
         raise InvalidModelError(f"{name} is not a valid ONNX model: {message}") from exc
 
 
-def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size, the same as the file size of a single-file save."""
-    return model.ByteSize()
-
 
 def save_model(
     model: onnx.ModelProto,
