@@ -13,7 +13,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, QualityGateError
-from onnxzip.graph import export_model, import_graph
+from onnxzip.graph import export_model, import_graph, tidy
 from onnxzip.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
 from onnxzip.quality import fidelity_feeds, quality_gate
@@ -67,7 +67,7 @@ def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     notes = materialize_weights(graph)
     if not notes:
         return model, []
-    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
+    tidy(graph)
     return export_model(graph, model), notes
 
 

@@ -40,6 +40,13 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def tidy(graph: gs.Graph) -> gs.Graph:
+    """Drop dead nodes and tensors (graph inputs stay) and sort topologically, subgraphs too."""
+    return graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(
+        recurse_subgraphs=True
+    )
+
+
 def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
     """The subgraphs held in a node's attributes (If branches, Loop/Scan bodies)."""
     found: list[gs.Graph] = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxzip.compat import iter_graphs
-from onnxzip.graph import export_model, import_graph
+from onnxzip.graph import export_model, import_graph, tidy
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.schema import option
 from onnxzip.weights import materialize_weights
@@ -39,7 +39,7 @@ class CleanupPass(Pass):
         nodes_before = _count_nodes(model)
         if self.config.fold_weights:
             report.notes.extend(materialize_weights(graph))
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
+        tidy(graph)
         new_model = export_model(graph, model)
         live = _tensor_names(new_model.graph)
         kept_info = [vi for vi in new_model.graph.value_info if vi.name in live]

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxzip.errors import ConfigError
-from onnxzip.graph import NameScope, export_model, import_graph
+from onnxzip.graph import NameScope, export_model, import_graph, tidy
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.pruning.blocks import ResidualBlock, find_blocks, remove_block
 from onnxzip.pruning.surgery import channel_medians
@@ -86,7 +86,7 @@ class PruneBlocksPass(Pass):
         }
         new_model = model
         if chosen:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            tidy(graph)
             new_model = export_model(graph, model)
         report = self.new_report()
         report.modified = bool(chosen)
