@@ -119,6 +119,8 @@ def export(
                 # The legacy exporter is deprecated; it is the one that can keep BatchNorm.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", UserWarning)
+                # RNN modules' input-size checks trace as constants, which is what we want.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 torch.onnx.export(
                     module,
                     inputs,
