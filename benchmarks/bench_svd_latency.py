@@ -27,7 +27,7 @@ from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext
 from onnxzip.passes.svd import SvdPass
 from onnxzip.runtime import make_session, run_session
-from onnxzip.validate import compare_arrays
+from onnxzip.fidelity import compare_arrays
 
 
 def interleaved_medians(sessions: list, feeds: dict[str, np.ndarray], repeats: int) -> list[float]:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import onnxzip.export
+import onnxzip.torch_export
 from onnxzip.errors import RuntimeUnavailableError
 from onnxzip.evaluators import ArrayDataset, Predictions
-from onnxzip.export import export
+from onnxzip.torch_export import export
 from onnxzip.io import write_atomically
 from onnxzip.models.cache import build_once, reference_folder
 from onnxzip.models.speech import measure
@@ -208,7 +208,7 @@ def build_denoise_reference(
     """The trained denoiser's ONNX path and its held-out patches (``noisy`` + ``references``),
     trained on first use and cached in ``<cache>/denoise-<hash>/``."""
     folder = reference_folder(
-        "denoise", (sys.modules[__name__], onnxzip.export), str(seed), cache_dir
+        "denoise", (sys.modules[__name__], onnxzip.torch_export), str(seed), cache_dir
     )
     build_once(folder, lambda target: _build_denoiser(target, seed))
     return folder / MODEL_FILE, ArrayDataset.from_npz(folder / HELD_OUT_FILE, output=OUTPUT_NAME)

@@ -45,7 +45,7 @@ from onnxzip.evaluators import (
     score,
 )
 from onnxzip.evaluators.base import fit_length
-from onnxzip.export import export
+from onnxzip.torch_export import export
 from onnxzip.io import write_atomically
 from onnxzip.models import speech_data
 from onnxzip.models.cache import build_once, reference_folder

@@ -27,9 +27,9 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-import onnxzip.export
+import onnxzip.torch_export
 from onnxzip.errors import ConfigError
-from onnxzip.export import export
+from onnxzip.torch_export import export
 from onnxzip.io import write_atomically
 from onnxzip.models import cnn, transformer
 from onnxzip.models.cache import LOCK_FILE, build_once, cache_root
@@ -139,7 +139,7 @@ def cache_key(name: str) -> str:
 
 def _export_key() -> str:
     return _hash(
-        _source_bytes(onnxzip.export), onnx.__version__.encode(), torch.__version__.encode()
+        _source_bytes(onnxzip.torch_export), onnx.__version__.encode(), torch.__version__.encode()
     )
 
 

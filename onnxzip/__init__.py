@@ -24,11 +24,11 @@ def validate(*args: Any, **kwargs: Any) -> Any:
 
 
 def export(*args: Any, **kwargs: Any) -> Any:
-    from onnxzip.export import export as _export
+    from onnxzip.torch_export import export as _export
 
     return _export(*args, **kwargs)
 
 
 compress.__doc__ = "See :func:`onnxzip.api.compress`."
 validate.__doc__ = "See :func:`onnxzip.api.validate`."
-export.__doc__ = "See :func:`onnxzip.export.export`."
+export.__doc__ = "See :func:`onnxzip.torch_export.export`."

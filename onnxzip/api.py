@@ -1,4 +1,4 @@
-"""Python API: ``compress`` and ``validate`` (``export`` lives in :mod:`onnxzip.export`)."""
+"""Python API: ``compress`` and ``validate`` (``export`` lives in :mod:`onnxzip.torch_export`)."""
 from __future__ import annotations
 
 import logging
@@ -20,8 +20,8 @@ from onnxzip.quality import fidelity_feeds, quality_gate
 from onnxzip.recipe import PassStep, Recipe
 from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
-from onnxzip.validate import FidelityGate, ValidationReport
-from onnxzip.validate import validate as _validate
+from onnxzip.fidelity import FidelityGate, ValidationReport
+from onnxzip.fidelity import validate as _validate
 from onnxzip.weights import materialize_weights
 
 log = logging.getLogger(__name__)
@@ -182,5 +182,5 @@ def validate(
     data: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
     **options: Any,
 ) -> ValidationReport:
-    """Compare two models in onnxruntime (see :func:`onnxzip.validate.validate`)."""
+    """Compare two models in onnxruntime (see :func:`onnxzip.fidelity.validate`)."""
     return _validate(original, candidate, data, **options)

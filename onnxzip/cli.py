@@ -206,7 +206,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from onnxzip.api import validate
-    from onnxzip.validate import FidelityGate
+    from onnxzip.fidelity import FidelityGate
 
     report = validate(
         args.original, args.candidate, args.data, dims=_dims(args.dim), batch=args.batch or 2,

@@ -23,7 +23,7 @@ from typing import Any
 from onnxzip.errors import ConfigError
 from onnxzip.passes import Pass, get_pass
 from onnxzip.schema import build_config
-from onnxzip.validate import FidelityGate
+from onnxzip.fidelity import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
 _TOP_KEYS = {"passes", "gate", "metrics", "data", "dims", "device", "seed", "batch"}

@@ -79,7 +79,7 @@ from onnxzip.svd import (
     factorize_recurrent_input,
     is_profitable,
 )
-from onnxzip.validate import compare_arrays
+from onnxzip.fidelity import compare_arrays
 from onnxzip.weights import Weight, constant_uses
 
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -1,4 +1,4 @@
-"""onnxzip.export: BatchNorm kept or folded, dynamic batch, IR version, outputs match torch."""
+"""onnxzip.torch_export (onnxzip.export): BatchNorm kept or folded, dynamic batch, IR version, outputs match torch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from onnxzip.errors import ConfigError, UnsupportedModelError
-from onnxzip.export import export
+from onnxzip.torch_export import export
 from onnxzip.runtime import make_session, run_session
 
 
