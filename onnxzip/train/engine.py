@@ -1,0 +1,422 @@
+"""Fine-tuning an ONNX graph in onnxruntime-training.
+
+``finetune(model, data, val=..., teacher=...)`` rewrites a copy of the graph into a trainable
+form (:mod:`onnxzip.train.trainable`), appends the loss (:mod:`onnxzip.train.losses`), generates
+artifacts in a temporary folder (in a child process), trains with AdamW or SGD under its own
+learning-rate schedule (linear warm-up, then cosine or linear decay), evaluates on ``val`` each
+epoch, keeps the best epoch, stops early, and writes the trained values back into the original
+graph by initializer name: inputs, outputs, metadata, opsets, packed indices and the file size of
+the original stay exactly as they were.
+
+Sparsity training adds λ·Σ|γ| over BatchNormalization/LayerNormalization scales, applied as the
+proximal step γ ← sign(γ)·max(|γ| − lr·λ, 0) after each optimizer step.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import numpy_helper
+from tqdm.auto import tqdm
+
+from onnxzip.compat import compatible_ir_version
+from onnxzip.cost import observed_shapes
+from onnxzip.errors import ConfigError, DataError
+from onnxzip.graph import export_model, import_graph, tidy
+from onnxzip.inputs import feeds_from_arrays, graph_inputs, load_npz
+from onnxzip.io import load_model
+from onnxzip.runtime import make_session, resolve_device, run_session
+from onnxzip.schema import build_config, option
+from onnxzip.train import _artifacts
+from onnxzip.train.losses import LossTerm, add_loss
+from onnxzip.train.trainable import rewrite_for_training, select_weights
+from onnxzip.training import require_training
+from onnxzip.weights import materialize_weights
+
+log = logging.getLogger(__name__)
+
+DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = option(3, "training epochs over --data")
+    lr: float = option(1e-3, "peak learning rate")
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warm-up")
+    warmup: float = option(0.05, "fraction of the steps with a linear warm-up")
+    batch_size: int = option(32, "items per step (a model with a fixed batch dimension uses that size)")
+    loss: Literal["auto", "mse", "l1", "kl", "cross_entropy"] = option(
+        "auto", "auto: cross_entropy with labels, mse against references, else distillation (mse) "
+        "from the teacher; kl distills class scores")
+    sparsity: float = option(0.0, "λ of an L1 penalty on BatchNorm/LayerNorm γ (proximal step)")
+    gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
+    patience: int = option(2, "stop after this many epochs without improvement (0: never)")
+    metric: str | None = option(None, "evaluator metric on --val (default: accuracy with labels, "
+                                "cosine to the teacher without)")
+    include: list[str] = option([], "weight name globs that train (empty: all float weights)")
+    exclude: list[str] = option([], "weight name globs that stay frozen")
+    seed: int = option(0, "seed of the shuffling")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if self.lr <= 0 or self.batch_size < 1 or self.sparsity < 0 or not 0 <= self.warmup < 1:
+            raise ValueError("lr and batch_size must be positive, sparsity >= 0 and 0 <= warmup < 1")
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model and what happened: per-epoch curve, trained and frozen weights."""
+
+    model: onnx.ModelProto
+    history: list[dict[str, float]] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    frozen: dict[str, str] = field(default_factory=dict)
+    rewrites: dict[str, int] = field(default_factory=dict)
+    losses: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    best_epoch: int = 0
+    device: str = "cpu"
+    gammas: int = 0
+    gammas_below_threshold: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
+
+
+@dataclass
+class _Data:
+    inputs: dict[str, NDArray[Any]]
+    labels: NDArray[Any] | None
+    references: NDArray[Any] | None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+def _load_data(model: onnx.ModelProto, source: DataSource, what: str) -> _Data:
+    if isinstance(source, (str, os.PathLike)):
+        if not str(source).endswith(".npz"):
+            raise DataError(f"Training data ({what}) must be an .npz file of arrays by input name, got {source}.")
+        arrays = load_npz(source)
+    elif isinstance(source, dict):
+        arrays = dict(source)
+    else:
+        raise DataError(f"Training data ({what}) must be an .npz path or a dict of arrays.")
+    inputs = feeds_from_arrays(model, arrays)
+    sizes = {len(v) for v in inputs.values()} | {len(arrays[k]) for k in ("labels", "references") if k in arrays}
+    if len(sizes) != 1 or 0 in sizes:
+        raise DataError(f"The {what} arrays must be non-empty and share their first (batch) axis, got sizes {sorted(sizes)}.")
+    labels = np.asarray(arrays["labels"]).astype(np.int64) if "labels" in arrays else None
+    references = np.asarray(arrays["references"], np.float32) if "references" in arrays else None
+    return _Data(inputs, labels, references)
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's first input fixes, or None when its first axis is symbolic."""
+    for info in graph_inputs(model):
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
+def _batches(count: int, size: int, fixed: bool, rng: np.random.Generator | None) -> list[NDArray[np.int64]]:
+    """Index chunks over ``count`` items (shuffled with ``rng``); with a fixed batch the last chunk
+    is filled up with items from the start so every chunk has exactly ``size`` items."""
+    order = rng.permutation(count) if rng is not None else np.arange(count)
+    chunks = [order[i : i + size] for i in range(0, count, size)]
+    if fixed and len(chunks[-1]) < size:
+        chunks[-1] = np.resize(np.concatenate([chunks[-1], order]), size)[:size]
+    return chunks
+
+
+def run_batched(model: onnx.ModelProto, inputs: dict[str, NDArray[Any]], batch: int, device: str) -> dict[str, NDArray[Any]]:
+    """All outputs of ``model`` over ``inputs`` in onnxruntime, ``batch`` items at a time."""
+    fixed = fixed_batch(model)
+    session = make_session(model, device)
+    count = len(next(iter(inputs.values())))
+    parts: dict[str, list[NDArray[Any]]] = {}
+    for chunk in _batches(count, fixed or batch, fixed is not None, None):
+        real = min(len(chunk), count - int(chunk[0]))
+        outputs = run_session(session, {k: v[chunk] for k, v in inputs.items()})
+        for name, value in outputs.items():
+            parts.setdefault(name, []).append(value[:real])
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
+    """Linear warm-up over ``warmup·total`` steps, then cosine / linear decay to 0 (or constant)."""
+    warm = int(round(config.warmup * total))
+    if step < warm:
+        return config.lr * (step + 1) / (warm + 1)
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - warm) / max(total - warm, 1)
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def with_weights(model: onnx.ModelProto, values: dict[str, NDArray[Any]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold the new values (same dtype)."""
+    result = copy.deepcopy(model)
+    for tensor in result.graph.initializer:
+        if tensor.name in values:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(values[tensor.name], dtype), tensor.name))
+    return result
+
+
+def _soft_threshold(values: NDArray[np.float32], amount: float) -> NDArray[np.float32]:
+    return (np.sign(values) * np.maximum(np.abs(values) - amount, 0.0)).astype(values.dtype)
+
+
+def _loss_terms(
+    model: onnx.ModelProto, config: FinetuneConfig, data: _Data, has_teacher: bool
+) -> tuple[list[LossTerm], bool]:
+    """The loss terms and whether they need the teacher's outputs."""
+    outputs = [o for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not outputs:
+        raise ConfigError("The model has no float output to train against.")
+    first = outputs[0].name
+    kind = config.loss
+    if kind == "cross_entropy" or (kind == "auto" and data.labels is not None):
+        if data.labels is None:
+            raise DataError("loss=cross_entropy needs 'labels' in the training data.")
+        return [LossTerm(first, "cross_entropy", "onnxzip_labels")], False
+    if kind in ("auto", "mse", "l1") and data.references is not None:
+        return [LossTerm(first, "l1" if kind == "l1" else "mse", "onnxzip_references")], False
+    if not has_teacher:
+        raise ConfigError(
+            "Label-free fine-tuning distills from a teacher: give the original model (--teacher), "
+            "or labels / references in the data."
+        )
+    terms = []
+    for index, output in enumerate(outputs):
+        rank = len(output.type.tensor_type.shape.dim)
+        term_kind = "kl" if kind == "kl" and rank == 2 else ("l1" if kind == "l1" else "mse")
+        terms.append(LossTerm(output.name, term_kind, f"onnxzip_teacher_{index}"))
+    return terms, True
+
+
+def _targets(terms: list[LossTerm], data: _Data, teacher_out: dict[str, NDArray[Any]] | None) -> dict[str, NDArray[Any]]:
+    targets = {}
+    for term in terms:
+        if term.kind == "cross_entropy":
+            targets[term.target] = data.labels
+        elif term.target == "onnxzip_references":
+            targets[term.target] = data.references
+        else:
+            value = teacher_out[term.output].astype(np.float32)
+            if term.kind == "kl":
+                shifted = np.exp(value - value.max(axis=-1, keepdims=True))
+                value = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+            targets[term.target] = value
+    return targets
+
+
+def _teacher_outputs(teacher: onnx.ModelProto, student: onnx.ModelProto, data: _Data, batch: int,
+                     device: str) -> dict[str, NDArray[Any]]:
+    """Teacher outputs on ``data`` named like the student's outputs (by name, else by position)."""
+    raw = run_batched(teacher, data.inputs, batch, device)
+    names = [o.name for o in student.graph.output]
+    if all(name in raw for name in names):
+        return {name: raw[name] for name in names}
+    if len(raw) != len(names):
+        raise ConfigError("The teacher's outputs do not match the student's outputs (names or count).")
+    return dict(zip(names, raw.values()))
+
+
+def finetune(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    data: DataSource,
+    *,
+    val: DataSource | None = None,
+    teacher: onnx.ModelProto | str | os.PathLike[str] | None = None,
+    config: FinetuneConfig | dict[str, Any] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data`` (an .npz path or arrays by input name, with optional
+    ``labels`` / ``references``); see the module docstring."""
+    if not isinstance(config, FinetuneConfig):
+        config = build_config(FinetuneConfig, config or {}, owner="finetune")
+    require_training("Fine-tuning")
+    model = _prepared(load_model(model))
+    teacher_model = load_model(teacher) if teacher is not None else None
+    device = resolve_device(device)
+    train = _load_data(model, data, "training")
+    held_out = _load_data(model, val, "validation") if val is not None else None
+    fixed = fixed_batch(model)
+    batch = fixed or config.batch_size
+    terms, needs_teacher = _loss_terms(model, config, train, teacher_model is not None)
+
+    probe = {k: v[: fixed or 1] for k, v in train.inputs.items()}
+    ranks = {name: len(shape) for name, shape in observed_shapes(model, probe).items()}
+    training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
+    trainable, frozen = select_weights(training_copy, device, config.include, config.exclude)
+    frozen.update({k: v for k, v in statistics.items() if k not in trainable})
+    result = FinetuneResult(model, trained=trainable, frozen=frozen, rewrites=rewrites, device=device,
+                            losses=[f"{t.kind}({t.output})" for t in terms])
+    for name, reason in frozen.items():
+        log.info("frozen %s: %s", name, reason)
+    if not trainable:
+        result.notes.append("nothing can train in this model; it is returned unchanged")
+        return result
+
+    teacher_train = _teacher_outputs(teacher_model, model, train, batch, device) if needs_teacher else None
+    teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device)
+                   if needs_teacher and held_out is not None else None)
+    train_targets = _targets(terms, train, teacher_train)
+    val_targets = _targets(terms, held_out, teacher_val) if held_out is not None else None
+    add_loss(training_copy, terms, {k: v.shape[1:] for k, v in train_targets.items()})
+    training_copy.ir_version = compatible_ir_version(training_copy)
+
+    with tempfile.TemporaryDirectory(prefix="onnxzip-train-") as folder:
+        work = Path(folder)
+        model_file = work / "model.onnx"
+        onnx.save(training_copy, str(model_file))
+        failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay)
+        if failure is not None:
+            for name in trainable:
+                result.frozen[name] = f"onnxruntime could not build the training graph: {failure}"
+            result.trained = []
+            result.notes.append(f"training skipped, every weight frozen: {failure}")
+            log.warning("fine-tuning skipped: %s", failure)
+            return result
+        best = _train(work, result, config, train, train_targets, held_out, val_targets, batch,
+                      fixed is not None, gammas, model, teacher_val, progress)
+    result.model = with_weights(model, best)
+    return result
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every weight in an initializer (Constant nodes and constant chains materialized), so that
+    trained values can be written back by name."""
+    graph = import_graph(model)
+    if not materialize_weights(graph):
+        return model
+    tidy(graph)
+    return export_model(graph, model)
+
+
+def _metric_name(config: FinetuneConfig, held_out: _Data | None, model: onnx.ModelProto) -> str | None:
+    if held_out is None:
+        return None
+    if config.metric:
+        return config.metric
+    if held_out.labels is not None and len(model.graph.output[0].type.tensor_type.shape.dim) == 2:
+        return "accuracy"
+    if held_out.references is not None:
+        return None
+    return "cosine"
+
+
+def _evaluate(model: onnx.ModelProto, metric: str, held_out: _Data, teacher_val: dict[str, NDArray[Any]] | None,
+              device: str) -> tuple[float, bool]:
+    from onnxzip.evaluators import ArrayDataset, Predictions, evaluate
+
+    arrays: dict[str, Any] = dict(held_out.inputs)
+    if held_out.labels is not None:
+        arrays["labels"] = held_out.labels
+    if held_out.references is not None:
+        arrays["references"] = held_out.references
+    dataset = ArrayDataset.from_arrays(arrays)
+    reference = None
+    if teacher_val is not None:
+        first = next(iter(teacher_val.values()))
+        reference = Predictions.of(list(first))
+    value = evaluate(model, dataset, [metric], reference_model=reference, device=device, progress=False)[metric]
+    return value.value, value.higher_is_better
+
+
+def _train(
+    work: Path, result: FinetuneResult, config: FinetuneConfig, train: _Data, train_targets: dict[str, NDArray[Any]],
+    held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
+    gammas: list[str], model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
+) -> dict[str, NDArray[Any]]:
+    """The training loop; returns the best epoch's weights."""
+    from onnxruntime.training import api
+
+    state = api.CheckpointState.load_checkpoint(str(work / "checkpoint"))
+    module = api.Module(str(work / "training_model.onnx"), state, str(work / "eval_model.onnx"),
+                        device=result.device)
+    optimizer = api.Optimizer(str(work / "optimizer_model.onnx"), module)
+    names = module.input_names()
+    arrays = {**train.inputs, **train_targets}
+    val_arrays = {**held_out.inputs, **val_targets} if held_out is not None else None
+    sparse = [g for g in gammas if g in result.trained] if config.sparsity > 0 else []
+    metric = _metric_name(config, held_out, model)
+    rng = np.random.default_rng(config.seed)
+    steps_per_epoch = len(_batches(len(train), batch, fixed, None))
+    total = steps_per_epoch * config.epochs
+    step = 0
+    best_score, best_weights, stale = -math.inf, _snapshot(state, result.trained), 0
+    for epoch in range(1, config.epochs + 1):
+        module.train()
+        losses = []
+        chunks = _batches(len(train), batch, fixed, rng)
+        with tqdm(chunks, desc=f"finetune epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
+                  leave=False) as bar:
+            for chunk in bar:
+                rate = lr_at(step, total, config)
+                optimizer.set_learning_rate(rate)
+                loss = module(*[arrays[name][chunk] for name in names])
+                optimizer.step()
+                module.lazy_reset_grad()
+                for gamma in sparse:
+                    parameter = state.parameters[gamma]
+                    parameter.data = _soft_threshold(parameter.data, rate * config.sparsity)
+                losses.append(float(np.asarray(loss)))
+                bar.set_postfix(loss=f"{np.mean(losses):.4g}")
+                step += 1
+        row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate}
+        score = -row["loss"]
+        if val_arrays is not None:
+            module.eval()
+            val_losses = [float(np.asarray(module(*[val_arrays[n][c] for n in names])))
+                          for c in _batches(len(held_out), batch, fixed, None)]
+            row["val_loss"] = float(np.mean(val_losses))
+            score = -row["val_loss"]
+            if metric is not None:
+                current = with_weights(model, _snapshot(state, result.trained))
+                value, higher = _evaluate(current, metric, held_out, teacher_val, result.device)
+                row[metric] = value
+                score = value if higher else -value
+        result.history.append(row)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        if progress:
+            tqdm.write("finetune " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in row.items()))
+        if score > best_score:
+            best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
+        else:
+            stale += 1
+            if config.patience and stale >= config.patience:
+                result.notes.append(f"stopped early after epoch {epoch} ({config.patience} epochs without improvement)")
+                break
+    if gammas:
+        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(model, g)))) for g in gammas])
+        result.gammas = int(values.size)
+        result.gammas_below_threshold = int(np.sum(np.abs(values) < config.gamma_threshold))
+    return best_weights
+
+
+def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _snapshot(state: Any, names: list[str]) -> dict[str, NDArray[Any]]:
+    return {name: np.array(state.parameters[name].data) for name in names}
