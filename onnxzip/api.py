@@ -137,7 +137,7 @@ def compress(
     if recipe.metrics and data is None:
         raise ConfigError("Metric conditions need data with labels or references (--data).")
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
-                          progress=progress, dims=recipe.dims)
+                          progress=progress, dims=recipe.dims, original=original, data=data)
     working, notes = prepare_model(original)
     before_cost = context.cost(original)
     executed = PipelinePlan()

@@ -1,4 +1,4 @@
-"""Command line: ``onnxzip inspect | compress | validate | demo``.
+"""Command line: ``onnxzip inspect | compress | validate | finetune | demo``.
 
 Exit codes: 0 ok, 1 a quality gate failed (nothing written), 2 bad input or option (one
 sentence on stderr, no traceback), 3 an internal error.
@@ -68,6 +68,7 @@ def _add_global(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import onnxzip.train.step  # noqa: F401 - registers the finetune step
     from onnxzip.passes import PASSES
     from onnxzip.schema import describe_config
 
@@ -117,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("candidate", help="ONNX file to check")
     validate.add_argument("--report", metavar="FILE.json", help="write the validation report as JSON")
     _add_common(validate)
+
+    finetune = commands.add_parser(
+        "finetune", parents=[shared], help="fine-tune a model's weights in onnxruntime-training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="all options (--options KEY=VALUE[,KEY=VALUE...]):\n  "
+        + describe_config(_finetune_config()).replace("\n", "\n  "),
+    )
+    finetune.add_argument("input", help="ONNX file to fine-tune (never modified)")
+    finetune.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
+    finetune.add_argument("--data", required=True, metavar="TRAIN.npz",
+                          help="training inputs by input name, optional 'labels' (class indices) or 'references'")
+    finetune.add_argument("--val", metavar="VAL.npz", help="validation data evaluated each epoch (best epoch kept)")
+    finetune.add_argument("--teacher", metavar="ORIGINAL.onnx", help="model to distill from when the data has no labels")
+    finetune.add_argument("--epochs", type=int, help="training epochs (default 3)")
+    finetune.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    finetune.add_argument("--sparsity", type=float, help="λ of the L1 penalty on BatchNorm/LayerNorm γ (default 0)")
+    finetune.add_argument("--batch-size", type=int, help="items per step (default 32; a fixed model batch wins)")
+    finetune.add_argument("--loss", choices=["auto", "mse", "l1", "kl", "cross_entropy"], help="loss (default auto)")
+    finetune.add_argument("--options", metavar="KEY=VALUE,...", help="any other option listed below")
+    finetune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="training device (default auto)")
+    finetune.add_argument("--report", metavar="FILE.json", help="write the loss/metric curve and the frozen weights as JSON")
 
     demo = commands.add_parser("demo", parents=[shared], help="compress the built-in reference CNN and show the result")
     demo.add_argument("--model", default="cnn", help="reference model to use (default cnn)")
@@ -231,13 +253,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _finetune_config() -> type:
+    from onnxzip.train import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from onnxzip.io import same_file, save_model
+    from onnxzip.report import render_table
+    from onnxzip.schema import parse_flag_value
+    from onnxzip.train import finetune
+
+    if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
+        raise ConfigError("The output path is the input file; onnxzip never overwrites its input.")
+    options: dict[str, Any] = parse_flag_value(args.options, shorthand=None, owner="--options")
+    for key in ("epochs", "lr", "sparsity", "batch_size", "loss"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    result = finetune(args.input, args.data, val=args.val, teacher=args.teacher, config=options,
+                      device=args.device, progress=not args.quiet)
+    save_model(result.model, args.output)
+    if result.history:
+        keys = list(result.history[0])
+        print(render_table(keys, [[f"{row.get(k, float('nan')):.4g}" for k in keys] for row in result.history]))
+    print(f"\ntrained {len(result.trained)} weights on {result.device} (loss {' + '.join(result.losses)}; "
+          f"best epoch {result.best_epoch}); frozen {len(result.frozen)}")
+    if not args.quiet:
+        for name, reason in result.frozen.items():
+            print(f"  frozen {name}: {reason}")
+        for note in result.notes:
+            print(f"  note: {note}")
+    if result.gammas:
+        print(f"{result.gammas_below_threshold} of {result.gammas} normalization γ below the pruning threshold")
+    if args.report:
+        write_json(args.report, result.to_dict())
+    print(f"\nwrote {args.output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxzip.demo import run_demo
 
     return run_demo(args.model, Path(args.output_dir), quiet=args.quiet)
 
 
-COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_validate, "demo": cmd_demo}
+COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_validate,
+            "finetune": cmd_finetune, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxzip.errors import ConfigError
+import onnxzip.train.step  # noqa: F401 - registers the finetune step beside the passes
 from onnxzip.passes import Pass, get_pass
 from onnxzip.schema import build_config
 from onnxzip.fidelity import FidelityGate

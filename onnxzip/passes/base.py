@@ -95,7 +95,7 @@ class PipelinePlan:
 @dataclass
 class PassContext:
     """What passes may need besides the model: sample inputs for measurements, the device,
-    a seed, progress-bar switch, symbolic dimension sizes. Shapes (one onnxruntime run at
+    a seed, progress-bar switch, symbolic dimension sizes, the original model and data. Shapes (one onnxruntime run at
     batch 1) and costs are cached per model object, so passes never probe the same model twice."""
 
     feeds: dict[str, np.ndarray] | None = None
@@ -103,6 +103,8 @@ class PassContext:
     seed: int = 0
     progress: bool = False
     dims: dict[str, int] = field(default_factory=dict)
+    original: onnx.ModelProto | None = None  # the pipeline's input model (a training step's teacher)
+    data: Any = None  # the pipeline's data (.npz path or arrays), for training steps
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 
     def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:

@@ -38,7 +38,7 @@ from onnxzip.runtime import make_session, resolve_device, run_session
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss
-from onnxzip.train.trainable import rewrite_for_training, select_weights
+from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
 from onnxzip.training import require_training
 from onnxzip.weights import materialize_weights
 
@@ -267,7 +267,7 @@ def finetune(
     ranks = {name: len(shape) for name, shape in observed_shapes(model, probe).items()}
     training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
     trainable, frozen = select_weights(training_copy, device, config.include, config.exclude)
-    frozen.update({k: v for k, v in statistics.items() if k not in trainable})
+    frozen = complete_frozen(model, trainable, frozen, statistics)
     result = FinetuneResult(model, trained=trainable, frozen=frozen, rewrites=rewrites, device=device,
                             losses=[f"{t.kind}({t.output})" for t in terms])
     for name, reason in frozen.items():
@@ -289,6 +289,12 @@ def finetune(
         model_file = work / "model.onnx"
         onnx.save(training_copy, str(model_file))
         failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay)
+        session = None
+        if failure is None:
+            try:
+                session = _open(work, device)
+            except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
+                failure = _reason(exc)
         if failure is not None:
             for name in trainable:
                 result.frozen[name] = f"onnxruntime could not build the training graph: {failure}"
@@ -296,10 +302,16 @@ def finetune(
             result.notes.append(f"training skipped, every weight frozen: {failure}")
             log.warning("fine-tuning skipped: %s", failure)
             return result
-        best = _train(work, result, config, train, train_targets, held_out, val_targets, batch,
+        best = _train(session, result, config, train, train_targets, held_out, val_targets, batch,
                       fixed is not None, gammas, model, teacher_val, progress)
     result.model = with_weights(model, best)
     return result
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative tail of an onnxruntime error: after its last source location."""
+    text = " ".join(str(exc).split())
+    return text.rsplit(" was false. ", 1)[-1][:300] if " was false. " in text else text[-300:]
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -342,18 +354,28 @@ def _evaluate(model: onnx.ModelProto, metric: str, held_out: _Data, teacher_val:
     return value.value, value.higher_is_better
 
 
+def _open(work: Path, device: str) -> tuple[Any, Any, Any]:
+    """CheckpointState, Module and Optimizer over the artifacts in ``work``."""
+    import onnxruntime as ort
+    from onnxruntime.training import api
+
+    ort.set_default_logger_severity(4)  # kernel refusals become our message; unused-initializer noise
+    try:
+        state = api.CheckpointState.load_checkpoint(str(work / "checkpoint"))
+        module = api.Module(str(work / "training_model.onnx"), state, str(work / "eval_model.onnx"),
+                            device=device)
+        return state, module, api.Optimizer(str(work / "optimizer_model.onnx"), module)
+    finally:
+        ort.set_default_logger_severity(2)
+
+
 def _train(
-    work: Path, result: FinetuneResult, config: FinetuneConfig, train: _Data, train_targets: dict[str, NDArray[Any]],
+    session: tuple[Any, Any, Any], result: FinetuneResult, config: FinetuneConfig, train: _Data, train_targets: dict[str, NDArray[Any]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
     gammas: list[str], model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
 ) -> dict[str, NDArray[Any]]:
     """The training loop; returns the best epoch's weights."""
-    from onnxruntime.training import api
-
-    state = api.CheckpointState.load_checkpoint(str(work / "checkpoint"))
-    module = api.Module(str(work / "training_model.onnx"), state, str(work / "eval_model.onnx"),
-                        device=result.device)
-    optimizer = api.Optimizer(str(work / "optimizer_model.onnx"), module)
+    state, module, optimizer = session
     names = module.input_names()
     arrays = {**train.inputs, **train_targets}
     val_arrays = {**held_out.inputs, **val_targets} if held_out is not None else None

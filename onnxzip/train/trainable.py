@@ -206,17 +206,21 @@ def rewrite_for_training(
     return model, {k: v for k, v in counts.items() if v}, gammas, statistics
 
 
+def _node_subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names read by the nodes of the subgraphs of ``node`` (an If/Loop/Scan's implicit inputs)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for sub in subs:
+            for inner in iter_graphs(sub):
+                for n in inner.node:
+                    names.update(n.input)
+    return names
+
+
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Names read by nodes of every subgraph nested in ``graph``'s nodes."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for sub in subs:
-                for inner in iter_graphs(sub):
-                    for n in inner.node:
-                        names.update(n.input)
-    return names
+    return set().union(*(_node_subgraph_reads(node) for node in graph.node))
 
 
 def _rnn_limit(node: onnx.NodeProto) -> str | None:
@@ -296,7 +300,7 @@ def select_weights(
         reason = _blocking_reason(node, device)
         if reason is None:
             continue
-        stack, seen = list(node.input), set()
+        stack, seen = [*node.input, *_node_subgraph_reads(node)], set()
         while stack:
             tensor_name = stack.pop()
             if not tensor_name or tensor_name in seen:
@@ -304,9 +308,21 @@ def select_weights(
             seen.add(tensor_name)
             if tensor_name in inits:
                 if tensor_name in candidates:
-                    frozen[tensor_name] = f"its gradient would pass through {reason} '{node.name}'"
+                    frozen.setdefault(tensor_name, f"its gradient would pass through {reason} '{node.name}'")
                 continue
             if tensor_name in producer:
                 stack.extend(producer[tensor_name].input)
     trainable = [name for name in candidates if name not in frozen]
     return trainable, frozen
+
+
+def complete_frozen(
+    original: onnx.ModelProto, trainable: list[str], frozen: dict[str, str], statistics: dict[str, str]
+) -> dict[str, str]:
+    """``frozen`` plus a reason for every other initializer of ``original`` that does not train."""
+    result = dict(frozen)
+    result.update({k: v for k, v in statistics.items() if k not in trainable})
+    for tensor in original.graph.initializer:
+        if tensor.name not in trainable and tensor.name not in result:
+            result[tensor.name] = "a constant of a node rewritten for training (not a weight)"
+    return result

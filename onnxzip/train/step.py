@@ -1,0 +1,80 @@
+"""The ``finetune`` pipeline step: fine-tuning registered like a pass, so recipes, ``compress()``
+and ``onnxzip compress --finetune epochs=3,lr=1e-4`` can run e.g. prune → finetune → cluster →
+finetune. It lives here, not in ``onnxzip/passes``, because passes never import training.
+
+The plan lists every weight as trained or frozen (with the reason); ``apply`` trains exactly the
+weights the plan marks as trained. The teacher defaults to the pipeline's original input model,
+the training data to the pipeline's ``data`` (an ``.npz`` with the model's inputs and optional
+``labels`` / ``references``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from onnxzip.errors import ConfigError
+from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
+from onnxzip.report import LayerChange
+from onnxzip.schema import option
+from onnxzip.train.engine import FinetuneConfig, finetune
+from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
+
+
+@dataclass
+class FinetuneStepConfig(FinetuneConfig):
+    teacher: str | None = option(None, "teacher ONNX file for distillation (default: the pipeline's input model)")
+    val: str | None = option(None, "validation .npz evaluated each epoch (best epoch kept, early stop)")
+
+
+def _op_of(model: onnx.ModelProto, name: str) -> str:
+    for node in model.graph.node:
+        if name in node.input:
+            return node.op_type
+    return "initializer"
+
+
+@register_pass
+class FinetunePass(Pass):
+    name = "finetune"
+    config_class = FinetuneStepConfig
+    summary = "fine-tune the weights in onnxruntime-training (labels, references or distillation from the original)"
+
+    def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
+        ranks = {name: len(shape) for name, shape in context.shapes(model).items()}
+        training_copy, _, _, statistics = rewrite_for_training(model, ranks)
+        trainable, frozen = select_weights(training_copy, context.device, self.config.include, self.config.exclude)
+        frozen = complete_frozen(model, trainable, frozen, statistics)
+        layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in trainable}
+        layers.update({name: {"train": False, "reason": reason} for name, reason in frozen.items()})
+        return Plan(self.name, self.config_dict(), layers)
+
+    def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
+        data = context.data
+        if data is None:
+            raise ConfigError("The finetune step needs training data: pass --data train.npz (data= in Python).")
+        options = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("teacher", "val")}
+        selected = [name for name, layer in plan.layers.items() if layer.get("train")]
+        options["include"] = selected or ["\0none"]
+        options["exclude"] = []
+        teacher = self.config.teacher or context.original
+        result = finetune(model, data, val=self.config.val, teacher=teacher, config=options,
+                          device=context.device, progress=context.progress)
+        report = self.new_report()
+        report.modified = bool(result.trained)
+        for name in result.trained:
+            report.changes.append(LayerChange(name, _op_of(model, name), "trained"))
+        for name, reason in result.frozen.items():
+            report.skip(name, _op_of(model, name), reason)
+        report.notes += [f"loss: {' + '.join(result.losses)} on {result.device}", *result.notes]
+        report.notes += ["epoch " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+                         for row in result.history]
+        if result.gammas:
+            report.notes.append(f"{result.gammas_below_threshold} of {result.gammas} normalization γ below "
+                                f"{self.config.gamma_threshold:g} (prunable)")
+        if result.rewrites:
+            report.notes.append("trainable rewrites (undone on export): "
+                                + ", ".join(f"{k} ×{v}" for k, v in result.rewrites.items()))
+        return PassResult(result.model, report, plan)

@@ -1,0 +1,262 @@
+"""Fine-tuning through onnxruntime-training on hand-built graphs (BN, LayerNorm, LSTM, HardSigmoid,
+Resize, a codebook Gather, an If with a weight inside) and one reference-model pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import init, make_model, mlp, tensor
+from onnxzip.errors import ConfigError, DataError
+from onnxzip.inputs import graph_inputs
+from onnxzip.runtime import make_session, run_session
+from onnxzip.train import finetune
+from onnxzip.training import training_available
+
+pytestmark = pytest.mark.skipif(not training_available(), reason="needs onnxruntime-training")
+
+FAST = {"epochs": 3, "patience": 0, "lr": 0.02, "batch_size": 32}
+
+
+def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return run_session(make_session(model, "cpu"), feeds)
+
+
+def _ce(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray) -> float:
+    logits = next(iter(_outputs(model, {"x": x}).values())).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def _io(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    return [(v.name, str(v.type)) for v in [*graph_inputs(model), *model.graph.output]]
+
+
+def _bn_cnn(rng: np.random.Generator, channels: int = 4) -> onnx.ModelProto:
+    """Conv → BN → HardSigmoid → Resize(nearest ×2) → Conv → GlobalAveragePool → Gemm."""
+    f32 = np.float32
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "var"], ["bn"], name="bn"),
+            helper.make_node("HardSigmoid", ["bn"], ["hs"], name="hs", alpha=0.3),
+            helper.make_node("Resize", ["hs", "", "scales"], ["up"], name="up", mode="nearest"),
+            helper.make_node("Conv", ["up", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c3"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1),
+        ],
+        [tensor("x", ["N", 1, 6, 6])],
+        [tensor("y", ["N", 3])],
+        [
+            init("w", rng.standard_normal((channels, 1, 3, 3)).astype(f32)),
+            init("b", np.zeros(channels, f32)),
+            init("g", np.ones(channels, f32)),
+            init("be", np.zeros(channels, f32)),
+            init("mu", rng.random(channels).astype(f32)),
+            init("var", (rng.random(channels) + 0.5).astype(f32)),
+            init("scales", np.array([1, 1, 2, 2], f32)),
+            init("w3", (rng.standard_normal((channels, channels, 3, 3)) * 0.3).astype(f32)),
+            init("w2", rng.standard_normal((3, channels)).astype(f32)),
+            init("b2", np.zeros(3, f32)),
+        ],
+        opset=17,
+    )
+    model.doc_string = "bn cnn"
+    onnx.helper.set_model_props(model, {"owner": "tests"})
+    return model
+
+
+def _digit_data(rng: np.random.Generator, count: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.standard_normal((count, 1, 6, 6)).astype(np.float32)
+    labels = (x[:, 0, :3].mean(axis=(1, 2)) > 0).astype(np.int64) + (x[:, 0, 3:].mean(axis=(1, 2)) > 0)
+    return x, labels
+
+
+def test_labels_train_bn_hardsigmoid_resize_and_come_back_unchanged_in_form(tmp_path):
+    rng = np.random.default_rng(0)
+    model = _bn_cnn(rng)
+    x, labels = _digit_data(rng)
+    result = finetune(model, {"x": x, "labels": labels}, config={**FAST, "epochs": 4}, device="cpu",
+                      progress=False)
+    trained = result.model
+    assert [n.op_type for n in trained.graph.node] == [n.op_type for n in model.graph.node]  # BN is BN again
+    assert _io(trained) == _io(model) and trained.doc_string == "bn cnn"
+    assert {p.key: p.value for p in trained.metadata_props} == {"owner": "tests"}
+    assert trained.ir_version == model.ir_version and trained.opset_import == model.opset_import
+    assert result.rewrites == {"BatchNormalization -> affine": 1, "HardSigmoid -> Clip": 1, "Resize -> Expand": 1}
+    assert set(result.trained) == {"w", "b", "g", "be", "w3", "w2", "b2"}
+    assert set(result.frozen) >= {"mu", "var", "scales"}
+    values = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(values["mu"], original["mu"])  # running statistics untouched
+    np.testing.assert_array_equal(values["var"], original["var"])
+    assert not np.allclose(values["g"], original["g"])
+    assert _ce(trained, x, labels) < _ce(model, x, labels) - 0.05
+    assert len(result.history) == 4 and result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_label_free_distillation_recovers_a_perturbed_layernorm_model():
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    teacher = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("LayerNormalization", ["h", "ln_g", "ln_b"], ["n"], name="ln", axis=-1),
+            helper.make_node("Relu", ["n"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor("x", ["N", 8])],
+        [tensor("y", ["N", 4])],
+        [init("w1", rng.standard_normal((8, 16)).astype(f32)), init("ln_g", np.ones(16, f32)),
+         init("ln_b", np.zeros(16, f32)), init("w2", rng.standard_normal((16, 4)).astype(f32))],
+    )
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    for tensor_ in student.graph.initializer:
+        value = numpy_helper.to_array(tensor_)
+        tensor_.CopyFrom(numpy_helper.from_array((value + 0.3 * rng.standard_normal(value.shape)).astype(f32),
+                                                 tensor_.name))
+    x = rng.standard_normal((256, 8)).astype(f32)
+    val = rng.standard_normal((64, 8)).astype(f32)
+    result = finetune(student, {"x": x}, val={"x": val}, teacher=teacher,
+                      config={"epochs": 4, "lr": 0.01, "patience": 0}, device="cpu", progress=False)
+    assert result.losses == ["mse(y)"] and "cosine" in result.history[-1]
+    expected = _outputs(teacher, {"x": val})["y"]
+    before = np.mean((_outputs(student, {"x": val})["y"] - expected) ** 2)
+    after = np.mean((_outputs(result.model, {"x": val})["y"] - expected) ** 2)
+    assert after < 0.5 * before
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in teacher.graph.node]
+    assert len(result.model.graph.node[1].output) == 1  # the declared LayerNorm outputs are gone again
+
+
+def test_label_free_without_teacher_is_one_sentence():
+    with pytest.raises(ConfigError, match="teacher"):
+        finetune(mlp(), {"x": np.zeros((4, 8), np.float32)}, device="cpu", progress=False)
+    with pytest.raises(DataError):
+        finetune(mlp(), {"x": np.zeros((4, 8), np.float32), "labels": np.zeros(3, np.int64)},
+                 device="cpu", progress=False)
+
+
+def _codebook_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    codebook = np.sort(rng.standard_normal(4)).astype(np.float32)
+    indices = rng.integers(0, 4, size=(8 * 3)).astype(np.uint8)
+    model = make_model(
+        [
+            helper.make_node("Cast", ["idx_u8"], ["idx"], to=TensorProto.INT32),
+            helper.make_node("Gather", ["codebook", "idx"], ["flat"], name="decode"),
+            helper.make_node("Reshape", ["flat", "shape"], ["w"]),
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"),
+        ],
+        [tensor("x", ["N", 8])],
+        [tensor("y", ["N", 3])],
+        [init("codebook", codebook), init("idx_u8", indices), init("shape", np.array([8, 3], np.int64))],
+    )
+    return model, codebook, indices
+
+
+def test_codebook_centroid_gradient_is_the_sum_over_its_weights():
+    rng = np.random.default_rng(2)
+    model, codebook, indices = _codebook_model(rng)
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    references = rng.standard_normal((16, 3)).astype(np.float32)
+    lr = 0.1
+    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False,
+                      config={"epochs": 1, "optimizer": "sgd", "schedule": "constant", "warmup": 0, "lr": lr,
+                              "batch_size": 16, "patience": 0})
+    assert result.trained == ["codebook"] and "idx_u8" in result.frozen
+    weights = codebook[indices.astype(np.int64)].reshape(8, 3)
+    grad_w = 2.0 / references.size * x.T @ (x @ weights - references)  # d mean((xW - r)^2) / dW
+    expected_grad = np.array([grad_w.ravel()[indices == k].sum() for k in range(4)])
+    trained = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_allclose((codebook - trained["codebook"]) / lr, expected_grad, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(trained["idx_u8"], indices)
+    assert result.model.ByteSize() == model.ByteSize()
+
+
+def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    hidden, feat = 6, 4
+    then_graph = helper.make_graph(
+        [helper.make_node("Mul", ["s", "inner_w"], ["branch"])], "then", [], [tensor("branch", ["N", 3])],
+        [init("inner_w", np.full(3, 2.0, f32))])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["s"], ["branch2"])], "else", [],
+                                   [tensor("branch2", ["N", 3])])
+    model = make_model(
+        [
+            helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+            helper.make_node("LSTM", ["xt", "W", "R", "B"], ["", "h"], name="lstm", hidden_size=hidden),
+            helper.make_node("Squeeze", ["h", "axis0"], ["hs"]),
+            helper.make_node("LSTM", ["xt", "Wb", "Rb"], ["", "hb"], name="bilstm", hidden_size=hidden,
+                             direction="bidirectional"),
+            helper.make_node("ReduceMean", ["hb"], ["hbm"], axes=[0], keepdims=0),
+            helper.make_node("Concat", ["hs", "hbm"], ["feat"], axis=1),
+            helper.make_node("MatMul", ["feat", "wo"], ["s"], name="head"),
+            helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
+        ],
+        [tensor("x", ["N", 5, feat])],
+        [tensor("y", ["N", 3])],
+        [
+            init("W", (rng.standard_normal((1, 4 * hidden, feat)) * 0.3).astype(f32)),
+            init("R", (rng.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(f32)),
+            init("B", np.zeros((1, 8 * hidden), f32)),
+            init("Wb", (rng.standard_normal((2, 4 * hidden, feat)) * 0.3).astype(f32)),
+            init("Rb", (rng.standard_normal((2, 4 * hidden, hidden)) * 0.3).astype(f32)),
+            init("axis0", np.array([0], np.int64)),
+            init("wo", (rng.standard_normal((2 * hidden, 3)) * 0.3).astype(f32)),
+            init("flag", np.array(True)),
+        ],
+        opset=13,
+    )
+    x = rng.standard_normal((64, 5, feat)).astype(f32)
+    references = rng.standard_normal((64, 3)).astype(f32)
+    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
+    assert "inner_w" in result.frozen and "If/Loop/Scan" in result.frozen["inner_w"]
+    assert "bidirectional" in result.frozen["Wb"] and "bidirectional" in result.frozen["Rb"]
+    assert "If" in result.frozen["wo"]  # its gradient would pass through the If
+    assert result.trained == [] and result.notes  # nothing left: returned unchanged, no crash
+    # Without the If, onnxruntime's LSTM training kernel still refuses the bidirectional node
+    # (it rewrites every LSTM): every weight is frozen with that reason, no crash.
+    model.graph.node.pop()
+    model.graph.output[0].name = "s"
+    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
+    assert result.trained == [] and "forward direction" in result.frozen["W"]
+    # A forward LSTM alone trains.
+    for name in ("bilstm", "head"):
+        index = next(i for i, n in enumerate(model.graph.node) if n.name == name)
+        model.graph.node.pop(index)
+    concat = next(n for n in model.graph.node if n.op_type == "ReduceMean")
+    model.graph.node.remove(concat)
+    cat = next(n for n in model.graph.node if n.op_type == "Concat")
+    cat.input[1] = "hs"
+    model.graph.node.append(helper.make_node("MatMul", ["feat", "wo"], ["s"], name="head"))
+    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
+    assert set(result.trained) == {"W", "R", "B", "wo"}
+    assert result.rewrites.get("LSTM inputs padded") == 1
+    err = lambda m: np.mean((_outputs(m, {"x": x})["s"] - references) ** 2)  # noqa: E731
+    assert err(result.model) < err(model)
+    assert len(result.model.graph.node[1].input) == 4  # the padding is not exported
+
+
+def test_a_refused_training_graph_freezes_instead_of_crashing():
+    # Round has no gradient; onnxruntime refuses to build the training graph.
+    model = make_model(
+        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Round", ["m"], ["y"])],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], [init("w", np.full(4, 1.5, np.float32))])
+    x = np.ones((8, 4), np.float32)
+    result = finetune(model, {"x": x, "references": x}, device="cpu", progress=False, config=FAST)
+    assert result.trained == [] and "could not build the training graph" in result.frozen["w"]
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_sparsity_soft_threshold_drives_gammas_below_the_threshold():
+    rng = np.random.default_rng(4)
+    model = _bn_cnn(rng, channels=6)
+    x, labels = _digit_data(rng)
+    result = finetune(model, {"x": x, "labels": labels}, device="cpu", progress=False,
+                      config={**FAST, "lr": 0.05, "sparsity": 10.0, "epochs": 2})
+    gamma = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == "g")
+    assert result.gammas == 6 and result.gammas_below_threshold == int(np.sum(np.abs(gamma) < 1e-2)) >= 4
