@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -389,6 +390,7 @@ def _train(
     for epoch in range(1, config.epochs + 1):
         module.train()
         losses = []
+        began = time.perf_counter()
         chunks = _batches(len(train), batch, fixed, rng)
         with tqdm(chunks, desc=f"finetune epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
                   leave=False) as bar:
@@ -404,7 +406,8 @@ def _train(
                 losses.append(float(np.asarray(loss)))
                 bar.set_postfix(loss=f"{np.mean(losses):.4g}")
                 step += 1
-        row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate}
+        row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate,
+                                 "seconds": time.perf_counter() - began}
         score = -row["loss"]
         if val_arrays is not None:
             module.eval()

@@ -1,0 +1,127 @@
+"""Benchmark fine-tuning through onnxruntime-training on the reference models (CPU).
+
+Prints, side by side with the untuned result measured in the same run:
+
+1. Reference CNN: sparsity training (L1 on BatchNorm γ, labels) → prune 50% of the channels of
+   every layer → fine-tune with labels: test accuracy against the original.
+2. Reference CNN and transformer at 4-bit codebooks + SVD budget 0.5, then label-free
+   distillation from the original: output cosine to the original and test accuracy.
+3. One training epoch of the reference CNN in onnxruntime vs the same epoch in PyTorch (same
+   data, batch 32, AdamW, learning rate): the time ratio.
+
+Usage: ``python benchmarks/bench_finetune.py [--epochs 8] [--skip prune,codebook,speed]``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from onnxzip.api import compress
+from onnxzip.evaluators.metrics import cosine_similarity
+from onnxzip.models.zoo import get_reference_model, load_reference_module
+from onnxzip.train import finetune
+
+
+def _labelled(reference, count=None):
+    end = count or len(reference.train_inputs)
+    return {reference.input_name: np.asarray(reference.train_inputs[:end]),
+            "labels": np.asarray(reference.train_labels[:end])}
+
+
+def _val(reference):
+    return {reference.input_name: np.asarray(reference.test_inputs), "labels": np.asarray(reference.test_labels)}
+
+
+def bench_prune(epochs: int) -> None:
+    reference = get_reference_model("cnn")
+    original_acc = reference.accuracy(reference.onnx_path, device="cpu")
+    prune = [{"prune-channels": {"ratio": 0.5, "scope": "layer"}}]
+    data = {reference.input_name: np.asarray(reference.train_inputs[:64])}
+    blind = compress(reference.onnx_path, {"passes": prune}, data=data, check=False)
+    began = time.perf_counter()
+    sparse = finetune(reference.onnx_path, _labelled(reference), device="cpu", progress=False,
+                      config={"epochs": epochs, "lr": 2e-3, "sparsity": 2e-3, "patience": 0})
+    pruned = compress(sparse.model, {"passes": prune}, data=data, check=False)
+    tuned = finetune(pruned.model, _labelled(reference), val=_val(reference), device="cpu", progress=False,
+                     config={"epochs": epochs, "lr": 2e-3, "patience": 3})
+    seconds = time.perf_counter() - began
+    print("\n1. reference CNN, prune 50% of the channels per layer (test accuracy, original "
+          f"{original_acc:.3f})")
+    print(f"   prune, no training:                          {reference.accuracy(blind.model, device='cpu'):.3f}")
+    print(f"   sparsity-train (λ=2e-3, {epochs} ep), prune:       {reference.accuracy(pruned.model, device='cpu'):.3f}"
+          f"   ({sparse.gammas_below_threshold}/{sparse.gammas} γ < 0.01 after sparsity training)")
+    acc = reference.accuracy(tuned.model, device="cpu")
+    print(f"   sparsity-train, prune, fine-tune ({epochs} ep):    {acc:.3f}   "
+          f"(drop {100 * (original_acc - acc):.1f} points; target <= 1; {seconds:.0f} s)")
+
+
+def bench_codebook(name: str, epochs: int) -> None:
+    reference = get_reference_model(name)
+    passes = [{"cluster": {"bits": 4}}, {"svd": {"budget": 0.5}}]
+    inputs = {reference.input_name: np.asarray(reference.train_inputs)}
+    untuned = compress(reference.onnx_path, {"passes": passes}, data=inputs, check=False)
+    val = {reference.input_name: np.asarray(reference.test_inputs)}
+    began = time.perf_counter()
+    tuned = finetune(untuned.model, inputs, val=val, teacher=reference.onnx_path, device="cpu", progress=False,
+                     config={"epochs": epochs, "lr": 1e-3, "patience": 3})
+    seconds = time.perf_counter() - began
+    original = reference.predict(reference.onnx_path, device="cpu")
+    acc0 = reference.accuracy(reference.onnx_path, device="cpu")
+    print(f"\n2. reference {name}, 4-bit codebooks + SVD budget 0.5, label-free distillation ({epochs} ep, {seconds:.0f} s)")
+    print("   model        cosine   accuracy   size")
+    print(f"   original     1.0000   {acc0:.3f}      {untuned.report.before.bytes:,} B")
+    for label, model in (("untuned", untuned.model), ("fine-tuned", tuned.model)):
+        cos = cosine_similarity(reference.predict(model, device="cpu"), original)
+        print(f"   {label:<12} {cos:.4f}   {reference.accuracy(model, device='cpu'):.3f}      {model.ByteSize():,} B")
+    print("   targets: cosine >= 0.995, accuracy within 0.5 point of the original")
+
+
+def bench_speed() -> None:
+    reference = get_reference_model("cnn")
+    data = _labelled(reference)
+    result = finetune(reference.onnx_path, data, device="cpu", progress=False,
+                      config={"epochs": 2, "lr": 1e-4, "schedule": "constant", "warmup": 0, "patience": 0})
+    ort_epoch = min(row["seconds"] for row in result.history)
+    module = load_reference_module("cnn")
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.0)
+    x = torch.tensor(data[reference.input_name])
+    y = torch.tensor(data["labels"])
+    times = []
+    for _ in range(2):
+        order = torch.randperm(len(x))
+        began = time.perf_counter()
+        for start in range(0, len(x), 32):
+            index = order[start : start + 32]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(module(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - began)
+    torch_epoch = min(times)
+    print(f"\n3. one CPU training epoch of the reference CNN ({len(x)} images, batch 32, AdamW; best of 2, "
+          f"{torch.get_num_threads()} torch threads)")
+    print(f"   onnxruntime {ort_epoch:.2f} s   PyTorch {torch_epoch:.2f} s   ratio {ort_epoch / torch_epoch:.2f}x "
+          "(target <= 1.5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: prune, codebook, speed")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if "speed" not in skip:
+        bench_speed()
+    if "codebook" not in skip:
+        bench_codebook("cnn", args.epochs)
+        bench_codebook("transformer", args.epochs)
+    if "prune" not in skip:
+        bench_prune(args.epochs)
+
+
+if __name__ == "__main__":
+    main()
