@@ -17,7 +17,7 @@ import fnmatch
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -95,7 +95,9 @@ class PipelinePlan:
 @dataclass
 class PassContext:
     """What passes may need besides the model: sample inputs for measurements, the device,
-    a seed, progress-bar switch, symbolic dimension sizes. Shapes (one onnxruntime run at
+    a seed, progress-bar switch, symbolic dimension sizes, and ``accept``: whether a candidate
+    model meets the run's metric conditions (set by ``compress`` when metrics are given; passes
+    that search for the smallest acceptable model call it). Shapes (one onnxruntime run at
     batch 1) and costs are cached per model object, so passes never probe the same model twice."""
 
     feeds: dict[str, np.ndarray] | None = None
@@ -103,6 +105,7 @@ class PassContext:
     seed: int = 0
     progress: bool = False
     dims: dict[str, int] = field(default_factory=dict)
+    accept: Callable[[onnx.ModelProto], bool] | None = None
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 
     def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:
