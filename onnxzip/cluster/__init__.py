@@ -5,10 +5,13 @@
 * :func:`init_centroids` — the initialisations (linear, quantile, k-means++, k-means||);
 * :func:`estimate_k_birch` / :class:`ImprovedBirch` — the automatic cluster count;
 * :func:`assign_nearest`, :func:`index_entropy_bits`, :func:`pack_indices`,
-  :func:`unpack_indices`, :func:`storage_bits` — exact assignment and index storage.
+  :func:`unpack_indices`, :func:`pack_planes`, :func:`storage_bits` — exact assignment and
+  index storage (any width 1-8);
+* :func:`allocate_bits` — per-layer widths under a mean-bits budget from sensitivity curves.
 """
 from __future__ import annotations
 
+from onnxzip.cluster.allocate import allocate_bits, mean_bits
 from onnxzip.cluster.birch import ImprovedBirch, estimate_k_birch
 from onnxzip.cluster.channels import ChannelClusterResult, cluster_per_channel
 from onnxzip.cluster.kmeans import (
@@ -20,14 +23,26 @@ from onnxzip.cluster.kmeans import (
     init_centroids,
     lloyd,
 )
-from onnxzip.cluster.packing import PACK_BITS, pack_indices, storage_bits, unpack_indices
+from onnxzip.cluster.packing import (
+    INDEX_BITS,
+    PACK_BITS,
+    pack_indices,
+    pack_planes,
+    packed_bytes,
+    plane_widths,
+    storage_bits,
+    unpack_indices,
+    unpack_planes,
+)
 
 __all__ = [
+    "INDEX_BITS",
     "INITS",
     "PACK_BITS",
     "ChannelClusterResult",
     "ClusterResult",
     "ImprovedBirch",
+    "allocate_bits",
     "assign_nearest",
     "cluster_per_channel",
     "cluster_weights",
@@ -35,7 +50,12 @@ __all__ = [
     "index_entropy_bits",
     "init_centroids",
     "lloyd",
+    "mean_bits",
     "pack_indices",
+    "pack_planes",
+    "packed_bytes",
+    "plane_widths",
     "storage_bits",
     "unpack_indices",
+    "unpack_planes",
 ]

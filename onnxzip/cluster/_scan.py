@@ -116,21 +116,36 @@ class Histogram:
 
 
 def histogram(
-    values: np.ndarray, lo: float, hi: float, bins: int, *, second_moments: bool = False
+    values: np.ndarray,
+    lo: float,
+    hi: float,
+    bins: int,
+    *,
+    second_moments: bool = False,
+    sample_weight: np.ndarray | None = None,
 ) -> Histogram:
-    """Build a :class:`Histogram` of the output of :func:`as_weight_vector` in one pass."""
+    """Build a :class:`Histogram` of the output of :func:`as_weight_vector` in one pass. With
+    ``sample_weight`` (float32, one per value) every moment is weighted: ``counts`` holds Σw,
+    ``sums`` Σw·x, ``sumsq`` Σw·x²."""
     scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
     lo32 = np.float32(lo)
 
-    def one(_: int, chunk: np.ndarray) -> tuple[np.ndarray, ...]:
+    def one(start: int, chunk: np.ndarray) -> tuple[np.ndarray, ...]:
         coordinate = chunk - lo32
         coordinate *= scale
         # float32 rounding can put x == hi at coordinate ``bins``: one spare bin, folded below.
         index = coordinate.astype(np.intp)
-        moments = [np.bincount(index, minlength=bins + 1),
-                   np.bincount(index, weights=chunk, minlength=bins + 1)]
+        if sample_weight is None:
+            moments = [np.bincount(index, minlength=bins + 1),
+                       np.bincount(index, weights=chunk, minlength=bins + 1)]
+        else:
+            weight = sample_weight[start:start + chunk.size]
+            moments = [np.bincount(index, weights=weight, minlength=bins + 1),
+                       np.bincount(index, weights=weight * chunk, minlength=bins + 1)]
         if second_moments:
             np.square(chunk, out=coordinate)
+            if sample_weight is not None:
+                coordinate *= weight
             moments.append(np.bincount(index, weights=coordinate, minlength=bins + 1))
         return tuple(moments)
 

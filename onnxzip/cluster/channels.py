@@ -63,7 +63,16 @@ def cluster_per_channel(
         raise ConfigError(f"per-channel codebooks hold at most 256 entries, got k={k}.")
     rows = np.moveaxis(values, axis, 0)
     flat = rows.reshape(rows.shape[0], -1)
-    results = [cluster_weights(row, k, **options) for row in flat]
+    weight = options.pop("sample_weight", None)
+    if weight is None:
+        results = [cluster_weights(row, k, **options) for row in flat]
+    else:  # per-value weights follow their rows
+        weight_rows = np.moveaxis(np.broadcast_to(weight, values.shape), axis, 0)
+        weight_rows = weight_rows.reshape(flat.shape)
+        results = [
+            cluster_weights(row, k, sample_weight=w, **options)
+            for row, w in zip(flat, weight_rows)
+        ]
     used = max(result.k for result in results)
     codebook = np.empty((flat.shape[0], used), dtype=np.float32)
     indices = np.empty(flat.shape, dtype=np.uint8)

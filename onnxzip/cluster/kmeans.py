@@ -123,6 +123,7 @@ def cluster_weights(
     birch_branching: int = DEFAULT_BRANCHING,
     min_k: int = 2,
     max_bits: int = 8,
+    sample_weight: np.ndarray | None = None,
 ) -> ClusterResult:
     """Cluster the values of a weight tensor into a codebook of ``k`` centroids.
 
@@ -133,11 +134,20 @@ def cluster_weights(
     assignment no longer changes, or ``max_iter`` steps. With ``keep_zero`` and exact zeros in
     the tensor, one centroid is pinned at exactly 0.0 (never moved), so pruned weights stay 0.
     Per-output-channel clustering: call this on each row.
+
+    ``sample_weight`` (non-negative, the tensor's shape or broadcastable to it) makes it a
+    weighted k-means: minimise Σ_i w_i (x_i − c_{a(i)})², e.g. with w_i the energy E[x_j²] of
+    the input a weight multiplies (activation-aware clustering), so centroids sit where the
+    layer's output error is smallest. Lloyd's centroids become weighted means; the final
+    assignment (each weight to its nearest centroid) is the same for any positive weight.
+    Weights are scaled to mean 1 and floored at 1e-3 so no value is ignored entirely.
     """
     flat, lo, hi = as_weight_vector(values)
     if max_iter < 1:
         raise ConfigError(f"max_iter must be at least 1, got {max_iter}.")
-    hist = histogram(flat, lo, hi, HISTOGRAM_BINS, second_moments=k == "auto")
+    weight = _sample_weights(sample_weight, np.shape(values))
+    hist = histogram(flat, lo, hi, HISTOGRAM_BINS, second_moments=k == "auto",
+                     sample_weight=weight)
     if k == "auto":
         if not 1 <= max_bits <= 16 or not 1 <= min_k <= 2 ** max_bits:
             raise ConfigError(f"need 1 ≤ min_k ≤ 2**max_bits ≤ 65536, got {min_k=}, {max_bits=}.")
@@ -145,8 +155,9 @@ def cluster_weights(
         k = int(np.clip(found, min_k, 2 ** max_bits))
     _check_k(k)
 
-    centroids, pinned = _start(flat, hist, k, init, seed, keep_zero)
-    points, weights = _unique_points(flat) if flat.size <= EXACT_MAX_SIZE else hist.points()
+    centroids, pinned = _start(flat, hist, k, init, seed, keep_zero, weight)
+    points, weights = (_unique_points(flat, weight) if flat.size <= EXACT_MAX_SIZE
+                       else hist.points())
     centroids = lloyd(points, weights, centroids, pinned=pinned, max_iter=max_iter)
     codebook = np.unique(centroids.astype(np.float32))
     lookup = NearestCentroid(codebook, hist.lo, hist.hi, _grid_cells(flat.size, codebook.size))
@@ -231,22 +242,53 @@ def _grid_cells(size: int, k: int) -> int:
     return 1 << min(cells - 1, 4 * size, (1 << 18) - 1).bit_length()
 
 
-def _unique_points(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    points, counts = np.unique(flat, return_counts=True)
-    return points.astype(np.float64), counts.astype(np.float64)
+def _sample_weights(sample_weight: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Per-value weights as a flat float32 vector of mean 1, floored at 1e-3 (None: unweighted)."""
+    if sample_weight is None:
+        return None
+    try:
+        weight = np.broadcast_to(np.asarray(sample_weight, dtype=np.float64), shape).reshape(-1)
+    except ValueError as exc:
+        raise ConfigError(f"sample_weight of shape {np.shape(sample_weight)} does not fit "
+                          f"weights of shape {shape}.") from exc
+    if not np.all(np.isfinite(weight)) or weight.min() < 0:
+        raise ConfigError("sample_weight must be finite and non-negative.")
+    mean = weight.mean()
+    if mean <= 0:
+        return None
+    return np.maximum(weight / mean, 1e-3).astype(np.float32)
 
 
-def _init_points(flat: np.ndarray, hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+def _unique_points(
+    flat: np.ndarray, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    if weight is None:
+        points, counts = np.unique(flat, return_counts=True)
+        return points.astype(np.float64), counts.astype(np.float64)
+    points, inverse = np.unique(flat, return_inverse=True)
+    return points.astype(np.float64), np.bincount(inverse.reshape(-1), weights=weight,
+                                                  minlength=points.size)
+
+
+def _init_points(
+    flat: np.ndarray, hist: Histogram, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted points the initialisations sample from: distinct values if few, else bin means."""
-    return _unique_points(flat) if flat.size <= HISTOGRAM_BINS else hist.points()
+    return _unique_points(flat, weight) if flat.size <= HISTOGRAM_BINS else hist.points()
 
 
 def _start(
-    flat: np.ndarray, hist: Histogram, k: int, init: str | np.ndarray, seed: int, keep_zero: bool
+    flat: np.ndarray,
+    hist: Histogram,
+    k: int,
+    init: str | np.ndarray,
+    seed: int,
+    keep_zero: bool,
+    weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int | None]:
     """Initial centroids (sorted, distinct, float64) and the index of the pinned zero, if any."""
     if isinstance(init, str):
-        centroids = _initial(init, *_init_points(flat, hist), hist, k,
+        centroids = _initial(init, *_init_points(flat, hist, weight), hist, k,
                              np.random.default_rng(seed))
     else:
         centroids = np.unique(np.asarray(init, dtype=np.float64).reshape(-1))

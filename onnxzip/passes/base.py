@@ -17,7 +17,7 @@ import fnmatch
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -95,7 +95,10 @@ class PipelinePlan:
 @dataclass
 class PassContext:
     """What passes may need besides the model: sample inputs for measurements, the device,
-    a seed, progress-bar switch, symbolic dimension sizes, the original model and data. Shapes (one onnxruntime run at
+    a seed, progress-bar switch, symbolic dimension sizes, the original model and data (for
+    training steps), and ``accept``: whether a candidate model meets the run's metric conditions
+    (set by ``compress`` when metrics are given; passes that search for the smallest acceptable
+    model call it). Shapes (one onnxruntime run at
     batch 1) and costs are cached per model object, so passes never probe the same model twice."""
 
     feeds: dict[str, np.ndarray] | None = None
@@ -105,6 +108,7 @@ class PassContext:
     dims: dict[str, int] = field(default_factory=dict)
     original: onnx.ModelProto | None = None  # the pipeline's input model (a training step's teacher)
     data: Any = None  # the pipeline's data (.npz path or arrays), for training steps
+    accept: Callable[[onnx.ModelProto], bool] | None = None
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 
     def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:

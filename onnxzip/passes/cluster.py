@@ -5,21 +5,24 @@ step 5).
 Each weight tensor W is clustered by 1-D k-means (:mod:`onnxzip.cluster`): W ≈ codebook[indices]
 with K centroids (``k``, ``bits`` → K = 2**bits, or ``k=auto``: K from the improved BIRCH,
 bounded by ``max_bits``). The file stores the codebook (K values in W's dtype; [C, K] per
-output channel with ``per_channel``, flattened row-major) and the indices in b ∈ {1, 2, 4, 8}
-bits each (the smallest b with 2**b ≥ K): uint8 for b = 8, else 8/b indices packed per byte
-(layout of :func:`onnxzip.cluster.pack_indices`: first index in the low bits).
+output channel with ``per_channel``, flattened row-major) and the indices in b = ⌈log₂K⌉ bits
+each, any b from 1 to 8: uint8 for b = 8; b = 1, 2, 4 as 8/b indices packed per byte (layout of
+:func:`onnxzip.cluster.pack_indices`: first index in the low bits); b = 3, 5, 6, 7 as bit
+planes of those widths (:func:`onnxzip.cluster.pack_planes`: 7 = 4 + 2 + 1), exactly b bits
+per index in total.
 
-Decode subgraph (Cast, Gather, Reshape, Slice, Add: all exist since opset 7, so the model's
-opset is never raised; uint4 tensors are avoided because onnxruntime 1.19 has no CPU Cast from
-uint4, and BitShift/BitwiseAnd because BitwiseAnd needs opset 18)::
+Decode subgraph (Cast, Gather, Reshape, Slice, Mul, Add: all exist since opset 7, so the
+model's opset is never raised; uint4 tensors are avoided because onnxruntime 1.19 has no CPU
+Cast from uint4, and BitShift/BitwiseAnd because BitwiseAnd needs opset 18)::
 
-    indices (uint8) ─Cast(int32)─┬──────────────────────────────────────── idx   (b = 8)
-                                 └Gather(unpack table)─Reshape(W.shape)─ idx   (b < 8)
+    plane (uint8) ─Cast(int32)─┬───────────────────────────────────────────────── idx_j  (width 8)
+                               └Gather(uint8 unpack table)─Cast(int32)─[Reshape, Slice]─ idx_j
+    idx = Σ_j idx_j · 2**shift_j   (Mul by an int32 scalar, Add; one plane: idx = idx_0)
     per_channel:  idx += c·K   (Add of an int32 [1,..,C,..,1] offset: the flattened [C, K] row)
-    codebook ─Gather(idx)─ W_decoded (W's dtype and shape) → every consumer of W
+    codebook ─Gather(Reshape(idx, W.shape))─ W_decoded (W's dtype and shape) → consumers of W
 
-The unpack table (int32 [256, 8/b], row v = the 8/b indices packed in byte value v; 8, 4 or
-2 KB) is shared by all weights of a bit width in a graph. When the last byte is padded, a Reshape[-1] and
+The unpack table (uint8 [256, 8/w], row v = the 8/w indices packed in byte value v; 2 KB, 1 KB
+or 512 B) is shared by all planes of a width w in a graph. When the last byte is padded, a Reshape[-1] and
 a Slice keep the first N indices (Slice-1 attributes below opset 10, Slice-10 inputs above).
 
 Only lookups and integer adds: the decode equals ``codebook[indices]`` bit for bit. Every input
@@ -28,13 +31,30 @@ loads: inference runs exactly the original graph, with quantized weights. A weig
 placed in the innermost graph that encloses all its uses (``If``/``Loop`` bodies included).
 
 ``k=auto`` with ``round_k_to_storage`` (default) raises the BIRCH K to the capacity of its
-storage width (K = 13 → 16, K = 20 → 256): the file is the same size, the error only drops.
+storage width (K = 13 → 16, K = 20 → 32): the file is the same size, the error only drops.
 An explicit ``k`` is used as given. K > 256 (more than 8 bits per index) is refused: uint16
 indices would save at most 2× and a fine scalar quantizer serves that better.
+
+With calibration data (``--data``) and ``activation_aware`` (default), weights feeding
+MatMul/Gemm/Conv are clustered by weighted k-means, each element weighted by the energy
+E[x_j²] of the input channel it multiplies (:mod:`onnxzip.passes.cluster_calibration`).
+
+``avg_bits=B`` chooses every weight's width itself: a sensitivity curve per weight (output
+distortion on the data with that weight alone clustered at b = 1..``max_bits`` bits, measured in
+onnxruntime) and :func:`onnxzip.cluster.allocate_bits` minimise the summed distortion at a mean
+of B index bits per clustered weight. ``bits=search`` bisects B (steps of ``search_step``) for
+the smallest model that meets the ``--metric`` conditions. The plan records each weight's k and
+bits (replayable) and its curve; weights outside the main graph get ⌈B⌉ bits.
+
+Biases and normalization parameters (``small_params``) and tensors of any size are clustered
+when that shrinks the file: a tensor is kept raw unless its codebook, packed indices and decode
+nodes, serialized, take fewer bytes than the raw tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,25 +63,33 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxzip.cluster import (
+    allocate_bits,
     cluster_per_channel,
     cluster_weights,
     estimate_k_birch,
     index_entropy_bits,
-    pack_indices,
+    mean_bits,
+    pack_planes,
+    packed_bytes,
     storage_bits,
     unpack_indices,
 )
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
+from onnxzip.inputs import generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
+from onnxzip.passes.cluster_calibration import SensitivityProbe, input_energies
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
 from onnxzip.weights import WEIGHT_ROLES, Weight, constant_uses, discover_weights
 
+log = logging.getLogger(__name__)
+
 DEFAULT_K = 16
 MAX_K = 256
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_var"})
 
 
 @dataclass
@@ -69,14 +97,30 @@ class ClusterConfig:
     k: int | Literal["auto"] | None = option(
         None, "centroids per codebook (at most 256), or 'auto' (improved BIRCH); default 16"
     )
-    bits: int | None = option(None, "alternative to k: K = 2**bits (1 to 8)")
+    bits: int | Literal["search"] | None = option(
+        None,
+        "alternative to k: K = 2**bits (1 to 8); 'search': the smallest avg_bits meeting --metric",
+    )
+    avg_bits: float | None = option(
+        None,
+        "mean index bits per clustered weight; each weight's width chosen by measured sensitivity",
+    )
+    activation_aware: bool = option(
+        True, "with data: weight each element's error by the energy of the input it multiplies"
+    )
+    small_params: bool = option(
+        True, "also biases and BatchNorm/LayerNorm parameters, when that shrinks the file"
+    )
+    search_step: float = option(0.25, "bits=search: resolution of the avg_bits bisection")
     init: Literal["kmeans||", "kmeans++", "linear", "quantile"] = option(
         "kmeans||", "initial centroids (linear: evenly spaced from w_min to w_max, as in Method 1)"
     )
     per_channel: bool = option(
         False, "one codebook per output channel ([C, K]) instead of per tensor"
     )
-    min_size: int = option(1024, "cluster only weights with at least this many elements")
+    min_size: int = option(
+        1, "cluster only tensors with at least this many elements (all: decided by measured bytes)"
+    )
     include: list[str] = option(
         [], "weight or node name globs, or op types, to consider (empty: all)"
     )
@@ -93,13 +137,17 @@ class ClusterConfig:
     seed: int | None = option(None, "seed of the k-means initialisation (default: the run's seed)")
 
     def __post_init__(self) -> None:
-        if self.k is not None and self.bits is not None:
-            raise ValueError("give k or bits, not both")
+        if sum(x is not None for x in (self.k, self.bits, self.avg_bits)) > 1:
+            raise ValueError("give one of k, bits and avg_bits")
+        if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
+            raise ValueError(f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}")
+        if self.search_step <= 0:
+            raise ValueError(f"search_step must be positive, got {self.search_step}")
         if isinstance(self.k, int) and not 1 <= self.k <= MAX_K:
             raise ValueError(
                 f"k must be from 1 to {MAX_K} (at most 8 bits per index), got {self.k}"
             )
-        if self.bits is not None and not 1 <= self.bits <= 8:
+        if self.bits is not None and self.bits != "search" and not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be from 1 to 8, got {self.bits}")
         if not 1 <= self.max_bits <= 8:
             raise ValueError(f"max_bits must be from 1 to 8, got {self.max_bits}")
@@ -117,8 +165,13 @@ class ClusterConfig:
             raise ValueError(f"birch_branching must be at least 2, got {self.birch_branching}")
 
     @property
+    def allocated(self) -> bool:
+        """Widths chosen per weight from sensitivity curves (avg_bits or bits=search)."""
+        return self.avg_bits is not None or self.bits == "search"
+
+    @property
     def requested_k(self) -> int | Literal["auto"]:
-        if self.bits is not None:
+        if isinstance(self.bits, int):
             return 2**self.bits
         return DEFAULT_K if self.k is None else self.k
 
@@ -139,13 +192,14 @@ class Codebook:
     def decode(self) -> np.ndarray:
         return decode_numpy(self.codebook, self.indices, self.axis)
 
-    def stored_indices(self) -> np.ndarray:
-        return self.indices if self.bits == 8 else pack_indices(self.indices, self.bits)
+    def stored_planes(self) -> list[tuple[int, int, np.ndarray]]:
+        """(width, shift, bytes) of each stored index plane (width 8: the uint8 indices)."""
+        return pack_planes(self.indices, self.bits)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the codebook and the stored indices (the decode's small constants aside)."""
-        return int(self.codebook.nbytes + -(-self.indices.size * self.bits // 8))
+        return int(self.codebook.nbytes + packed_bytes(self.indices.size, self.bits))
 
 
 def decode_numpy(codebook: np.ndarray, indices: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -175,7 +229,9 @@ class ClusterPass(Pass):
         graph = import_graph(model)
         table = discover_weights(graph)
         uses = constant_uses(graph)
+        seed = context.seed if self.config.seed is None else self.config.seed
         layers: dict[str, dict[str, Any]] = {}
+        candidates: list[tuple[str, np.ndarray, int | None]] = []
         for weight in table.weights:
             if self._skip_reason(weight) is not None or weight.name not in uses:
                 continue
@@ -184,6 +240,9 @@ class ClusterPass(Pass):
             if _value_problem(values) is not None:
                 continue  # apply reports it
             axis = _channel_axis(constant, consumers) if self.config.per_channel else None
+            if self.config.allocated:
+                candidates.append((weight.name, values, axis))
+                continue
             k, birch_k = self.config.requested_k, None
             if k == "auto":
                 birch_k = self._birch_k(values, axis)
@@ -192,7 +251,107 @@ class ClusterPass(Pass):
                     k = 2 ** storage_bits(k)
             entry = {"k": k, "bits": storage_bits(k), "per_channel": axis is not None}
             layers[weight.name] = entry if birch_k is None else {**entry, "birch_k": birch_k}
+        if candidates:
+            layers.update(self._allocate(model, uses, candidates, context, seed))
         return Plan(self.name, self.config_dict(), layers)
+
+    def _energies(
+        self, model: onnx.ModelProto, uses: dict[str, Any], context: PassContext
+    ) -> dict[str, np.ndarray]:
+        """Activation-aware element weights (see :func:`input_energies`), once per model."""
+        if not (self.config.activation_aware and context.feeds):
+            return {}
+        cached = getattr(self, "_energy_cache", None)
+        if cached is None or cached[0] is not model:
+            names = [n for n, (c, _) in uses.items() if np.asarray(c.values).ndim >= 2]
+            energies = input_energies(model, uses, names, context.feeds, context.device)
+            self._energy_cache = (model, energies)
+        return self._energy_cache[1]
+
+    def _allocate(
+        self,
+        model: onnx.ModelProto,
+        uses: dict[str, Any],
+        candidates: list[tuple[str, np.ndarray, int | None]],
+        context: PassContext,
+        seed: int,
+    ) -> dict[str, dict[str, Any]]:
+        """Per-weight widths from measured sensitivity curves: at ``avg_bits``, or the smallest
+        mean width whose model ``context.accept`` takes (``bits=search``)."""
+        search = self.config.bits == "search"
+        if search and context.accept is None:
+            raise ConfigError(
+                "bits=search needs metric conditions (--metric) and data with labels or "
+                "references (--data)."
+            )
+        feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
+        energies = self._energies(model, uses, context)
+        probe = SensitivityProbe(model, feeds, context.device)
+        opset = default_opset(model)
+        widths = range(1, self.config.max_bits + 1)
+        curves: dict[str, dict[int, float]] = {}
+        sizes: dict[str, int] = {}
+        fixed: list[str] = []
+        for name, values, axis in context.track(candidates, "sensitivity"):
+            if not probe.covers(name):
+                fixed.append(name)
+                continue
+            curve = {}
+            for bits in widths:
+                stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
+                if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
+                    continue  # this width would not shrink the tensor
+                curve[stored.bits] = probe.distortion(name, stored.decode())
+            if curve:
+                curves[name], sizes[name] = curve, int(values.size)
+        axes = {name: axis for name, _values, axis in candidates}
+        shapes = {name: values.size for name, values, _axis in candidates}
+
+        def layers_at(avg: float) -> dict[str, dict[str, Any]]:
+            chosen = allocate_bits(curves, sizes, max(avg, _floor_bits(curves, sizes)))
+            chosen.update({name: min(8, int(np.ceil(avg))) for name in fixed})
+            out = {}
+            for name, bits in chosen.items():
+                entry = {"k": 2**bits, "bits": bits, "per_channel": axes[name] is not None}
+                if name in curves:
+                    entry["sensitivity"] = {str(b): float(f"{d:.4g}") for b, d in curves[name].items()}
+                out[name] = entry
+            return out
+
+        if not search:
+            layers = layers_at(float(self.config.avg_bits))
+        else:
+            layers = self._search(model, context, layers_at)
+        log.info("cluster widths: mean %.3f bits over %d weights",
+                 mean_bits({n: e["bits"] for n, e in layers.items()}, shapes), len(layers))
+        return layers
+
+    def _search(
+        self, model: onnx.ModelProto, context: PassContext, layers_at: Any
+    ) -> dict[str, dict[str, Any]]:
+        """Bisection over avg_bits ∈ {1, 1 + step, ..., max_bits} for the smallest mean width
+        whose clustered model meets the metric conditions (assumed monotone in the width)."""
+        step = self.config.search_step
+        grid = list(np.arange(1.0, self.config.max_bits + 1e-9, step))
+        config = self.config_dict()
+
+        def accepted(avg: float) -> bool:
+            plan = Plan(self.name, config, layers_at(avg))
+            ok = bool(context.accept(self.apply(model, plan, context).model))
+            log.info("bits=search: avg_bits=%.3g %s", avg, "meets the metrics" if ok else "fails")
+            return ok
+
+        low, high = 0, len(grid) - 1
+        if not accepted(grid[high]):
+            log.warning("bits=search: even avg_bits=%g fails the metric conditions", grid[high])
+            return layers_at(grid[high])
+        while low < high:
+            middle = (low + high) // 2
+            if accepted(grid[middle]):
+                high = middle
+            else:
+                low = middle + 1
+        return layers_at(grid[high])
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
         graph = import_graph(model)
@@ -200,9 +359,10 @@ class ClusterPass(Pass):
         uses = constant_uses(graph)
         parents = _graph_parents(graph)
         names = NameScope(graph)
-        tables: dict[tuple[int, int], gs.Constant] = {}  # (id(graph), bits) → unpack table
+        shared = DecodeShared()  # unpack tables and small constants, per graph
         opset = default_opset(model)
         seed = context.seed if self.config.seed is None else self.config.seed
+        energies = self._energies(model, uses, context)
         report = self.new_report()
         for weight in context.track(table.weights, "cluster"):
             ops = "/".join(sorted({use.op_type for use in weight.uses}))
@@ -223,30 +383,34 @@ class ClusterPass(Pass):
             constant, consumers = uses[weight.name]
             values = np.asarray(constant.values)
             axis = _channel_axis(constant, consumers) if entry.get("per_channel") else None
-            stored, quality = self._cluster(values, k, axis, seed)
-            if stored.nbytes >= values.nbytes:
+            stored, quality = self._stored(weight.name, values, k, axis, seed, energies.get(weight.name))
+            encoded = _decode_bytes(stored, values.shape, opset, weight.name)
+            raw = _raw_bytes(weight.name, values)
+            if encoded >= raw:
                 report.skip(
                     weight.name,
                     ops,
-                    f"codebook + indices ({stored.nbytes} B) are not smaller "
-                    f"than the weight ({values.nbytes} B)",
+                    f"codebook + indices + decode ({encoded} B) are not smaller "
+                    f"than the weight ({raw} B)",
                     params_before=weight.size,
                     params_after=weight.size,
                 )
                 continue
             owner = _innermost_common_graph([g for _node, g in consumers], parents)
-            added = _insert_decode(owner, constant, consumers, stored, names, tables, opset)
+            added = _insert_decode(owner, constant, consumers, stored, names, shared, opset)
             details = {
                 "k": stored.k,
                 "bits": stored.bits,
                 "per_channel": axis is not None,
                 "codebook_shape": list(stored.codebook.shape),
                 **quality,
+                "activation_aware": weight.name in energies,
                 "bytes_before": int(values.nbytes),
                 "bytes_after": int(sum(c.values.nbytes for c in added)),
             }
-            if "birch_k" in entry:
-                details["birch_k"] = entry["birch_k"]
+            for key in ("birch_k", "sensitivity"):
+                if key in entry:
+                    details[key] = entry[key]
             if (entry.get("per_channel") or self.config.per_channel) and axis is None:
                 details["note"] = (
                     "no single output-channel axis over its uses; one codebook per tensor"
@@ -263,8 +427,14 @@ class ClusterPass(Pass):
                 )
             )
             report.modified = True
-        if tables:
-            sizes = sorted({f"{t.name} ({t.values.nbytes} B)" for t in tables.values()})
+        clustered = {c.layer: (c.details["bits"], c.params_before) for c in report.changes
+                     if not c.skipped}
+        if clustered:
+            count = sum(n for _b, n in clustered.values())
+            average = sum(b * n for b, n in clustered.values()) / count
+            report.notes.append(f"mean index width {average:.3f} bits over {count} clustered values")
+        if shared.tables():
+            sizes = sorted({f"{t.name} ({t.values.nbytes} B)" for t in shared.tables()})
             report.notes.append(f"packed indices unpack through shared tables: {', '.join(sizes)}")
         for name in sorted(set(plan.layers) - {w.name for w in table.weights}):
             report.notes.append(f"plan entry '{name}' matches no weight of the model; ignored")
@@ -276,7 +446,8 @@ class ClusterPass(Pass):
         bypasses the size and include/exclude filters, never the type checks."""
         if weight.quantized:
             return "integer weight of an already-quantized model"
-        if not weight.roles & WEIGHT_ROLES:
+        allowed = WEIGHT_ROLES | SMALL_ROLES if self.config.small_params else WEIGHT_ROLES
+        if not weight.roles & allowed:
             roles = "/".join(sorted(weight.roles))
             return f"{roles} parameter (only weights and embeddings are clustered)"
         if weight.dtype not in FLOAT_DTYPES:
@@ -301,13 +472,39 @@ class ClusterPass(Pass):
             for row in rows
         )
 
+    def _stored(
+        self,
+        name: str,
+        values: np.ndarray,
+        k: int,
+        axis: int | None,
+        seed: int,
+        energy: np.ndarray | None,
+    ) -> tuple[Codebook, dict[str, float]]:
+        """:meth:`_cluster`, memoised on the tensor's content (the sensitivity sweep, the
+        ``bits=search`` probes and ``apply`` cluster the same tensors at the same K)."""
+        digest = hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16)
+        if energy is not None:
+            digest.update(np.ascontiguousarray(energy).tobytes())
+        key = (name, digest.hexdigest(), k, axis, seed)
+        cache = self.__dict__.setdefault("_cluster_cache", {})
+        if key not in cache:
+            cache[key] = self._cluster(values, k, axis, seed, energy)
+        return cache[key]
+
     def _cluster(
-        self, values: np.ndarray, k: int, axis: int | None, seed: int
+        self,
+        values: np.ndarray,
+        k: int,
+        axis: int | None,
+        seed: int,
+        energy: np.ndarray | None = None,
     ) -> tuple[Codebook, dict[str, float]]:
         """Cluster ``values`` into at most ``k`` centroids (fewer when the tensor has fewer
-        distinct values, which may also narrow the indices); the codebook takes the weight's
-        dtype."""
-        options = {"init": self.config.init, "keep_zero": self.config.keep_zero, "seed": seed}
+        distinct values, which may also narrow the indices), by k-means weighted by ``energy``
+        when given; the codebook takes the weight's dtype."""
+        options = {"init": self.config.init, "keep_zero": self.config.keep_zero, "seed": seed,
+                   "sample_weight": energy}
         if axis is None:
             result = cluster_weights(values, k, **options)
             entropy = index_entropy_bits(result.indices, result.k)
@@ -349,6 +546,31 @@ def _planned_k(name: str, entry: dict[str, Any]) -> int:
             "edit k (bits follow it)."
         )
     return int(k)
+
+
+def _floor_bits(curves: dict[str, dict[int, float]], sizes: dict[str, int]) -> float:
+    """The smallest mean width the curves allow (every weight at its narrowest width)."""
+    total = sum(sizes.values())
+    return sum(sizes[n] * min(c) for n, c in curves.items()) / total if total else 1.0
+
+
+def _raw_bytes(name: str, values: np.ndarray) -> int:
+    """Serialized bytes of the tensor as an initializer."""
+    return int(onnx.numpy_helper.from_array(np.asarray(values), name).ByteSize())
+
+
+def _decode_bytes(stored: Codebook, shape: tuple[int, ...], opset: int, prefix: str) -> int:
+    """Serialized bytes of ``stored``'s decode: its constants and nodes built in an empty graph
+    (the shared unpack tables and constants not counted: one serves every weight)."""
+    scratch = gs.Graph(opset=opset)
+    weight = gs.Constant("w", np.broadcast_to(np.float32(0), shape))  # only its shape is read
+    shared = DecodeShared()
+    _insert_decode(scratch, weight, [], stored, NameScope(scratch), shared, opset, prefix=prefix)
+    exported = gs.export_onnx(scratch, do_type_check=False)
+    common = {c.name for c in shared.constants.values()}
+    own = [t for t in exported.graph.initializer if t.name not in common]
+    # +3: the field tag and length prefix each repeated entry costs in the graph
+    return int(sum(m.ByteSize() + 3 for m in [*exported.graph.node, *own]))
 
 
 def _value_problem(values: np.ndarray) -> str | None:
@@ -433,28 +655,43 @@ def _axis_of_use(node: gs.Node, index: int, ndim: int) -> int | None:
 
 
 def unpack_table(bits: int) -> np.ndarray:
-    """int32 [256, 8/bits]: row v holds the indices packed in a byte of value v, in the layout of
-    :func:`onnxzip.cluster.pack_indices` (``table[packed]`` = the unpacked indices)."""
-    return (
-        unpack_indices(np.arange(256, dtype=np.uint8), bits, 256 * (8 // bits))
-        .reshape(256, -1)
-        .astype(np.int32)
-    )
+    """uint8 [256, 8/bits]: row v holds the indices packed in a byte of value v, in the layout of
+    :func:`onnxzip.cluster.pack_indices` (``table[packed]`` = the unpacked indices). uint8 keeps
+    the three tables at 3.5 KB; the looked-up indices are cast to int32 after the Gather."""
+    return unpack_indices(np.arange(256, dtype=np.uint8), bits, 256 * (8 // bits)).reshape(256, -1)
+
+
+class DecodeShared:
+    """What the decodes of one graph share: the unpack tables, small int constants (the [-1]
+    shape, plane scales) and a counter for short intermediate names (a decode adds up to 13
+    nodes, whose names would otherwise cost more bytes than a small tensor's indices)."""
+
+    def __init__(self) -> None:
+        self.constants: dict[tuple[int, str], gs.Constant] = {}
+        self.count = 0
+
+    def constant(self, graph: gs.Graph, names: NameScope, key: str, make: Any) -> gs.Constant:
+        slot = (id(graph), key)
+        if slot not in self.constants:
+            self.constants[slot] = gs.Constant(names.fresh(f"cluster_{key}"), make())
+        return self.constants[slot]
+
+    def tables(self) -> list[gs.Constant]:
+        return [c for (_g, key), c in self.constants.items() if key.startswith("unpack")]
+
+    def short_name(self, names: NameScope) -> str:
+        self.count += 1
+        return names.fresh(f"cq{self.count}")
 
 
 class _DecodeBuilder:
     """Adds the constants and nodes of one weight's decode to one graph. ``constants`` lists the
-    weight's own constants (to count its bytes); an unpack table is shared by every weight of its
-    bit width decoded in the same graph."""
+    weight's own constants (to count its bytes); the shared constants live in ``shared``."""
 
     def __init__(
-        self,
-        graph: gs.Graph,
-        names: NameScope,
-        prefix: str,
-        tables: dict[tuple[int, int], gs.Constant],
+        self, graph: gs.Graph, names: NameScope, prefix: str, shared: DecodeShared
     ) -> None:
-        self.graph, self.names, self.prefix, self.tables = graph, names, prefix, tables
+        self.graph, self.names, self.prefix, self.shared = graph, names, prefix, shared
         self.constants: list[gs.Constant] = []
 
     def const(self, suffix: str, value: np.ndarray) -> gs.Constant:
@@ -462,18 +699,25 @@ class _DecodeBuilder:
         self.constants.append(gs.Constant(name, np.ascontiguousarray(value)))
         return self.constants[-1]
 
+    def flat_shape(self) -> gs.Constant:
+        return self.shared.constant(
+            self.graph, self.names, "flat_shape", lambda: np.array([-1], np.int64)
+        )
+
+    def scale(self, shift: int) -> gs.Constant:
+        return self.shared.constant(
+            self.graph, self.names, f"scale_{1 << shift}", lambda: np.array(1 << shift, np.int32)
+        )
+
     def table(self, bits: int) -> gs.Constant:
-        key = (id(self.graph), bits)
-        if key not in self.tables:
-            name = self.names.fresh(f"cluster_unpack_{bits}bit")
-            self.tables[key] = gs.Constant(name, unpack_table(bits))
-        return self.tables[key]
+        return self.shared.constant(
+            self.graph, self.names, f"unpack_{bits}bit", lambda: unpack_table(bits)
+        )
 
     def op(self, op_type: str, inputs: list[gs.Tensor], **attrs: Any) -> gs.Variable:
-        """One node with an untyped output (so no value_info is stored for it)."""
-        output = gs.Variable(self.names.fresh(f"{self.prefix}_{op_type.lower()}"))
-        name = self.names.fresh(f"{self.prefix}/cluster/{op_type}")
-        self.graph.nodes.append(gs.Node(op_type, name, attrs, inputs, [output]))
+        """One node with a short name and an untyped output (so no value_info is stored)."""
+        output = gs.Variable(self.shared.short_name(self.names))
+        self.graph.nodes.append(gs.Node(op_type, output.name, attrs, inputs, [output]))
         return output
 
 
@@ -483,39 +727,49 @@ def _insert_decode(
     consumers: list[tuple[gs.Node, gs.Graph]],
     stored: Codebook,
     names: NameScope,
-    tables: dict[tuple[int, int], gs.Constant],
+    shared: DecodeShared,
     opset: int,
+    prefix: str | None = None,
 ) -> list[gs.Constant]:
     """Add the decode subgraph of ``stored`` (see the module docstring) to ``graph`` and point
     every consumer of ``weight`` at its output. Returns the weight's own constants."""
     shape = tuple(int(d) for d in weight.shape)
     count = int(np.prod(shape, dtype=np.int64))
-    build = _DecodeBuilder(graph, names, weight.name, tables)
+    prefix = weight.name if prefix is None else prefix
+    build = _DecodeBuilder(graph, names, prefix, shared)
     codebook = build.const("codebook", stored.codebook.reshape(-1))
-    packed = build.const(f"indices_u{stored.bits}", stored.stored_indices())
-    index = build.op("Cast", [packed], to=int(onnx.TensorProto.INT32))
-    if stored.bits < 8:
-        index = build.op("Gather", [build.table(stored.bits), index], axis=0)  # [bytes, 8/bits]
-        if packed.values.size * (8 // stored.bits) != count:  # padded last byte: keep count
-            index = build.op(
-                "Reshape", [index, build.const("flat_shape", np.array([-1], np.int64))]
-            )
-            if opset < 10:
-                index = build.op("Slice", [index], starts=[0], ends=[count], axes=[0])
-            else:
-                bounds = [
-                    build.const("slice_start", np.array([0], np.int64)),
-                    build.const("slice_end", np.array([count], np.int64)),
-                ]
-                index = build.op("Slice", [index, *bounds])
+    planes = stored.stored_planes()
+    index = None
+    for width, shift, data in planes:
+        suffix = f"indices_u{stored.bits}" if len(planes) == 1 else f"indices_u{stored.bits}_p{shift}"
+        plane = build.op("Cast", [build.const(suffix, data)], to=int(onnx.TensorProto.INT32))
+        if width < 8:
+            plane = build.op("Gather", [build.table(width), plane])  # [bytes, 8/width]
+            plane = build.op("Cast", [plane], to=int(onnx.TensorProto.INT32))
+            padded = data.size * (8 // width) != count
+            if padded or len(planes) > 1:
+                plane = build.op("Reshape", [plane, build.flat_shape()])
+            if padded:  # keep the first count indices
+                if opset < 10:
+                    plane = build.op("Slice", [plane], starts=[0], ends=[count], axes=[0])
+                else:
+                    bounds = [
+                        build.const("slice_start", np.array([0], np.int64)),
+                        build.const("slice_end", np.array([count], np.int64)),
+                    ]
+                    plane = build.op("Slice", [plane, *bounds])
+        if shift:
+            plane = build.op("Mul", [plane, build.scale(shift)])
+        index = plane if index is None else build.op("Add", [index, plane])
+    if len(shape) != 1 or planes[0][0] < 8:
         index = build.op("Reshape", [index, build.const("shape", np.array(shape, np.int64))])
     if stored.axis is not None:
         offset_shape = [1] * len(shape)
         offset_shape[stored.axis] = shape[stored.axis]
         offsets = np.arange(shape[stored.axis], dtype=np.int32).reshape(offset_shape) * stored.k
         index = build.op("Add", [index, build.const("row_offsets", offsets)])
-    decoded = build.op("Gather", [codebook, index], axis=0)
-    decoded.name = names.fresh(f"{weight.name}_decoded")
+    decoded = build.op("Gather", [codebook, index])  # axis 0
+    decoded.name = names.fresh(f"{prefix}_decoded")
     decoded.dtype, decoded.shape = stored.codebook.dtype, list(shape)
     for node, _owner in consumers:
         for slot, tensor in enumerate(node.inputs):

@@ -7,8 +7,10 @@ from onnxzip.cluster import cluster_per_channel, cluster_weights, storage_bits
 from onnxzip.errors import ConfigError
 
 
-def test_storage_bits_is_the_smallest_packable_width():
-    assert [storage_bits(k) for k in (1, 2, 3, 4, 5, 16, 17, 256)] == [1, 1, 2, 2, 4, 4, 8, 8]
+def test_storage_bits_is_ceil_log2_k():
+    assert [storage_bits(k) for k in (1, 2, 3, 4, 5, 9, 16, 17, 33, 65, 129, 256)] == [
+        1, 1, 2, 2, 3, 4, 4, 5, 6, 7, 8, 8
+    ]
     with pytest.raises(ConfigError, match="more than 8 bits"):
         storage_bits(257)
 

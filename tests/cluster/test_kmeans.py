@@ -208,3 +208,26 @@ def test_packing_rejects_what_does_not_fit() -> None:
 def test_explicit_init_must_match_k() -> None:
     with pytest.raises(ConfigError):
         cluster_weights(_mixture(100), 3, init=np.array([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("size", [3000, 100_000])
+def test_weighted_k_means_lowers_the_weighted_error(size):
+    """Weighting by per-value importance moves centroids to where the weighted SSE is lowest."""
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(size).astype(np.float32)
+    weight = np.exp(2 * rng.standard_normal(size)).astype(np.float32)
+    weight[values > 1] *= 30  # the upper tail matters most
+
+    def weighted_sse(result):
+        return float(np.sum(weight * (values - result.decode()) ** 2))
+
+    plain = cluster_weights(values, 8, seed=0)
+    weighted = cluster_weights(values, 8, seed=0, sample_weight=weight)
+    assert weighted_sse(weighted) < 0.6 * weighted_sse(plain)
+    # still an exact nearest-centroid assignment
+    np.testing.assert_array_equal(weighted.indices, assign_nearest(values, weighted.codebook))
+    # uniform weights are plain k-means
+    uniform = cluster_weights(values, 8, seed=0, sample_weight=np.full(size, 3.0))
+    np.testing.assert_allclose(uniform.codebook, plain.codebook, rtol=1e-5)
+    with pytest.raises(ConfigError, match="does not fit"):
+        cluster_weights(values, 8, sample_weight=np.ones(size + 1))

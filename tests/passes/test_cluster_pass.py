@@ -11,7 +11,14 @@ from helpers import assert_same_outputs, init, make_model, tensor
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxzip.passes.cluster  # noqa: F401 - registers the pass
-from onnxzip.cluster import cluster_per_channel, cluster_weights, storage_bits, unpack_indices
+from onnxzip.cluster import (
+    cluster_per_channel,
+    cluster_weights,
+    plane_widths,
+    storage_bits,
+    unpack_indices,
+    unpack_planes,
+)
 from onnxzip.errors import ConfigError
 from onnxzip.io import save_model
 from onnxzip.passes import PassContext, PipelinePlan, Plan, get_pass
@@ -66,9 +73,13 @@ def stored_reference(
     """codebook[indices] in numpy, from the initializers the pass wrote (unpacked in numpy)."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     codebook = inits[f"{weight}_codebook"].reshape(details["codebook_shape"])
-    packed = inits[f"{weight}_indices_u{details['bits']}"]
-    count = int(np.prod(shape))
-    indices = packed if details["bits"] == 8 else unpack_indices(packed, details["bits"], count)
+    bits, count = details["bits"], int(np.prod(shape))
+    planes = plane_widths(bits)
+    stored = [
+        (width, shift, inits[f"{weight}_indices_u{bits}" + ("" if len(planes) == 1 else f"_p{shift}")])
+        for width, shift in planes
+    ]
+    indices = unpack_planes(stored, count)
     axis = None
     if details["per_channel"]:
         axis = next(a for a, size in enumerate(shape) if size == codebook.shape[0])
@@ -111,13 +122,13 @@ def optimized_node_count(model: onnx.ModelProto | str, tmp_path, name: str) -> i
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_decode_is_exact_outputs_match_and_onnxruntime_folds_it(bits, per_channel, tmp_path):
     model = conv_fc_model()
     result = run_pass(model, bits=bits, per_channel=per_channel, seed=3)
     details = changed(result.report)
     shapes = {"conv_w": CONV_W.shape, "fc_w": FC_W.shape}
-    if bits == 8 and per_channel:  # 50 codebooks of up to 24 entries outweigh 1200 weights
+    if bits >= 5 and per_channel:  # 50 codebooks of up to 24 entries outweigh 1200 weights
         skipped = {c.layer: c.reason for c in result.report.changes if c.skipped}
         assert "not smaller than the weight" in skipped["fc_w"]
         del shapes["fc_w"]
@@ -148,10 +159,11 @@ def test_decode_is_exact_outputs_match_and_onnxruntime_folds_it(bits, per_channe
     )
 
 
+@pytest.mark.parametrize("bits", [1, 7])
 @pytest.mark.parametrize("opset", [9, 21])
-def test_decode_in_old_and_new_opsets(opset, tmp_path):
+def test_decode_in_old_and_new_opsets(opset, bits, tmp_path):
     model = conv_fc_model(opset=opset)
-    result = run_pass(model, bits=1)  # 270 weights in 1 bit: the padded last byte is sliced off
+    result = run_pass(model, bits=bits)  # 3510 weights: the padded last byte is sliced off
     assert {n.op_type for n in result.model.graph.node} >= {"Cast", "Gather", "Reshape", "Slice"}
     assert result.model.opset_import[0].version == opset
     details = changed(result.report)["conv_w"]
@@ -265,34 +277,45 @@ def test_weights_inside_if_branches(tmp_path):
     )
 
 
-def test_biases_normalization_and_small_tensors_are_skipped_with_a_reason():
+def test_small_tensors_are_clustered_when_measured_bytes_shrink():
     model = make_model(
         [
             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
             helper.make_node(
                 "BatchNormalization", ["c", "g", "beta", "mean", "var"], ["n"], name="bn"
             ),
-            helper.make_node("Conv", ["n", "w_small"], ["y"], name="conv2"),
+            helper.make_node("Conv", ["n", "w_small", "b_tiny"], ["y"], name="conv2"),
         ],
-        [tensor("x", ["N", 64, 4, 4])],
+        [tensor("x", ["N", 16, 4, 4])],
         [tensor("y", ["N", 4, 4, 4])],
         [
-            init("w", RNG.standard_normal((64, 64, 1, 1)).astype(np.float32)),
-            init("b", np.ones(64, np.float32)),
-            init("g", np.ones(64, np.float32)),
-            init("beta", np.zeros(64, np.float32)),
-            init("mean", np.zeros(64, np.float32)),
-            init("var", np.ones(64, np.float32)),
-            init("w_small", RNG.standard_normal((4, 64, 1, 1)).astype(np.float32)),
+            init("w", RNG.standard_normal((256, 16, 1, 1)).astype(np.float32)),
+            init("b", RNG.standard_normal(256).astype(np.float32)),
+            init("g", RNG.uniform(0.5, 1.5, 256).astype(np.float32)),
+            init("beta", np.zeros(256, np.float32)),
+            init("mean", np.zeros(256, np.float32)),
+            init("var", np.ones(256, np.float32)),
+            init("w_small", RNG.standard_normal((4, 256, 1, 1)).astype(np.float32)),
+            init("b_tiny", np.arange(4, dtype=np.float32)),
         ],
     )
-    report = ClusterPass(k=16).run(model, PassContext()).report
+    result = ClusterPass(k=16).run(model, PassContext())
+    report = result.report
     reasons = {c.layer: c.reason for c in report.changes if c.skipped}
-    assert list(changed(report)) == ["w"]
+    assert {"w", "w_small", "b", "g"} <= set(changed(report))
+    assert "not smaller than the weight" in reasons["b_tiny"]  # 16 B raw: the decode costs more
+    before, after = model.ByteSize(), result.model.ByteSize()
+    alone = ClusterPass(k=16, include=["w"]).run(model, PassContext()).model.ByteSize()
+    assert after < alone < before  # the small tensors shrink the file further
+    inits = {t.name for t in result.model.graph.initializer}
+    assert "b_tiny" in inits and "w_small" not in inits
+    plain = ClusterPass(k=16, small_params=False, min_size=2048).run(model, PassContext()).report
+    reasons = {c.layer: c.reason for c in plain.changes if c.skipped}
+    assert list(changed(plain)) == ["w"]
     assert "bias parameter" in reasons["b"] and "norm_scale parameter" in reasons["g"]
-    assert "256 elements < min_size 1024" in reasons["w_small"]
+    assert "1024 elements < min_size 2048" in reasons["w_small"]
     excluded = ClusterPass(k=16, exclude=["conv"]).run(model, PassContext()).report
-    assert not changed(excluded)
+    assert "w" not in changed(excluded)
     assert {c.reason for c in excluded.changes if c.layer == "w"} == {
         "not selected by include/exclude"
     }
@@ -303,7 +326,7 @@ def test_k_above_256_and_bad_options_are_refused():
         ClusterPass(k=300)
     with pytest.raises(ConfigError, match="bits must be from 1 to 8"):
         ClusterPass(bits=9)
-    with pytest.raises(ConfigError, match="k or bits, not both"):
+    with pytest.raises(ConfigError, match="give one of k, bits and avg_bits"):
         ClusterPass(k=16, bits=4)
     model = conv_fc_model()
     plan = run_pass(model, k=16).plan
