@@ -211,8 +211,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         write_json(args.report, result.report.to_dict())
     if args.save_plan:
         result.plan.save(args.save_plan)
-    if args.plot:
-        _write_plots(result.report.to_dict(), args.plot)
+    if args.plot and not _write_plots(result.report.to_dict(), args.plot):
+        print("warning: nothing to plot (no loop trajectory and no per-layer decisions)", file=sys.stderr)
     if work_dir:
         print(f"checkpoints of every try: {work_dir} (rerun the same command to resume)")
     if not result.passed:
@@ -249,11 +249,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def _write_plots(report: dict[str, Any], out_dir: str) -> None:
+def _write_plots(report: dict[str, Any], out_dir: str) -> int:
     from onnxzip.plots import plot_report
 
-    for path in plot_report(report, out_dir):
+    written = plot_report(report, out_dir)
+    for path in written:
         print(f"wrote {path}")
+    return len(written)
 
 
 def _print_trajectory(trajectory: list[dict[str, Any]]) -> None:
@@ -284,8 +286,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         before, after = report["before"], report["after"]
         print(f"size {before['bytes']} → {after['bytes']} bytes, params {before['params']} → {after['params']}")
-    if args.plot:
-        _write_plots(report, args.plot)
+    if args.plot and not _write_plots(report, args.plot):
+        raise DataError(f"{args.report} has nothing to plot: no loop trajectory and no per-layer decisions.")
     return 0
 
 

@@ -144,7 +144,8 @@ def gamma_series(trajectory: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def plot_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write every plot the report has data for into ``out_dir``; returns the files written."""
+    """Write every plot the report has data for into ``out_dir``; returns the files written
+    (none when the report has no trajectory and no per-layer decisions)."""
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     written = []
@@ -157,6 +158,4 @@ def plot_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list
     series = gamma_series(trajectory)
     if len(series) > 1:
         written.append(plot_gamma(series, target / "gamma.png"))
-    if not written:
-        raise ConfigError("The report has nothing to plot: no loop trajectory and no per-layer decisions.")
     return written

@@ -188,3 +188,22 @@ def test_report_command_refuses_a_non_report(tmp_path):
     result = subprocess.run([sys.executable, "-m", "onnxzip.cli", "report", str(tmp_path / "x.json")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plots_without_matplotlib_say_how_to_install(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    from onnxzip.plots import plot_report
+
+    trajectory = [{"stage": "original", "iteration": 0, "value": None, "decision": "original", "bytes": 10,
+                   "metrics": {"min_cosine": 1.0}}]
+    with pytest.raises(ConfigError, match="pip install 'onnxzip\\[plots\\]'"):
+        plot_report({"trajectory": trajectory}, tmp_path)
