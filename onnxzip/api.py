@@ -1,6 +1,7 @@
 """Python API: ``compress`` and ``validate`` (``export`` lives in :mod:`onnxzip.torch_export`)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -96,6 +97,8 @@ def compress(
     check: bool = True,
     allow_gate_failure: bool = False,
     progress: bool = False,
+    val: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
     **pass_options: dict[str, Any] | bool,
 ) -> CompressResult:
     """Run a compression pipeline and validate the result against the original in onnxruntime.
@@ -107,6 +110,11 @@ def compress(
     ``["accuracy:max_drop=0.01", {"metric": "snr", "min": 30}]``, measured on ``data`` for the
     original and the result. Raises :class:`QualityGateError` when the fidelity gate or a metric
     condition fails, unless ``allow_gate_failure``.
+
+    A recipe with a ``loop`` (``recipe="method1"`` / ``"method2"``) compresses until the quality
+    limit: each stage is gated against the original on ``val`` (or ``data``), failed tries are
+    rolled back, and every finished try is checkpointed in ``work_dir`` so the same call resumes
+    (a temporary folder when not given: no resume).
     """
     start = time.perf_counter()
     given_recipe = recipe is not None
@@ -126,6 +134,8 @@ def compress(
         recipe.dims = {**recipe.dims, **dims}
     if data is None and recipe.data:
         data = recipe.data
+    if val is None and recipe.val:
+        val = recipe.val
     if metrics is not None:
         recipe.metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
     replay = PipelinePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
@@ -139,6 +149,13 @@ def compress(
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims, original=original, data=data)
     working, notes = prepare_model(original)
+    if recipe.loop is not None:
+        if recipe.passes and recipe.passes != Recipe.default().passes:
+            raise ConfigError("A loop recipe runs its own stages; give pass flags or a loop recipe, not both.")
+        if replay is not None:
+            raise ConfigError("A loop recipe searches; replay its result's plan without the loop recipe.")
+        return _compress_loop(original, working, notes, recipe, context, feeds, data, val, work_dir,
+                              start=start, allow_gate_failure=allow_gate_failure)
     before_cost = context.cost(original)
     executed = PipelinePlan()
     reports = []
@@ -153,8 +170,8 @@ def compress(
         executed.steps.append(result.plan)
     after_cost = context.cost(working)
     report = CompressionReport(
-        before=ModelSummary(original.ByteSize(), before_cost.params, before_cost.flops),
-        after=ModelSummary(working.ByteSize(), after_cost.params, after_cost.flops),
+        before=ModelSummary(original.ByteSize(), before_cost.params, before_cost.flops, context.latency(original)),
+        after=ModelSummary(working.ByteSize(), after_cost.params, after_cost.flops, context.latency(working)),
         passes=reports,
         notes=notes,
     )
@@ -173,6 +190,78 @@ def compress(
             "The compressed model failed the quality gate: " + "; ".join(result.failures()) + ".",
             report=result,
         )
+    return result
+
+
+def _gate_reports(original: onnx.ModelProto, model: onnx.ModelProto, recipe: Recipe,
+                  feeds: dict[str, np.ndarray], gate_data: Any) -> tuple[ValidationReport, Any]:
+    validation = _validate(original, model, feeds, device=recipe.device, gate=recipe.gate)
+    quality = quality_gate(original, model, gate_data, recipe.metrics, device=recipe.device) if recipe.metrics else None
+    return validation, quality
+
+
+def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: list[str], recipe: Recipe,
+                   context: PassContext, feeds: dict[str, np.ndarray], data: Any, val: Any,
+                   work_dir: str | os.PathLike[str] | None, *, start: float,
+                   allow_gate_failure: bool) -> CompressResult:
+    """Run the recipe's loop (see :mod:`onnxzip.search.loops`) and wrap its best model."""
+    import tempfile
+
+    from onnxzip.search.loops import CompressionLoop, Measurement, fingerprint
+
+    gate_data = val if val is not None else data
+
+    def make_context() -> PassContext:
+        return PassContext(feeds=feeds, device=context.device, seed=context.seed,
+                           progress=context.progress, dims=context.dims)
+
+    def measure(model: onnx.ModelProto) -> Measurement:
+        scratch = make_context()
+        cost = scratch.cost(model)
+        validation, quality = _gate_reports(original, model, recipe, feeds, gate_data)
+        values = {"min_cosine": min((o.cosine for o in validation.outputs), default=1.0)}
+        failures = list(validation.failures)
+        if quality is not None:
+            values.update({row.metric: float(row.candidate) for row in quality.rows})
+            failures += [f"{row.metric} {row.condition.kind}={row.condition.limit:g}" for row in quality.failures]
+        return Measurement(model.ByteSize(), cost.params, cost.flops, scratch.latency(model),
+                           not failures, values, failures)
+
+    def identity(source: Any) -> Any:
+        if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+            info = os.stat(source)
+            return [os.path.abspath(source), info.st_size, int(info.st_mtime)]
+        if isinstance(source, dict):
+            return {k: [list(np.shape(v)), float(np.asarray(v, dtype=np.float64).sum())] for k, v in source.items()}
+        return repr(source)
+
+    run_id = fingerprint(original, recipe.loop, {
+        "gate": dataclasses.asdict(recipe.gate), "metrics": recipe.metrics, "seed": recipe.seed,
+        "data": identity(data), "val": identity(val),
+    })
+    with tempfile.TemporaryDirectory(prefix="onnxzip-loop-") as scratch_dir:
+        loop = CompressionLoop(recipe.loop, work_dir=work_dir or scratch_dir, measure=measure,
+                               make_context=make_context, run_id=run_id, progress=context.progress)
+        outcome = loop.run(working)
+    best = outcome.model
+    first, last = outcome.trajectory[0], next(p for p in reversed(outcome.trajectory) if p.decision in ("accepted", "original"))
+    report = CompressionReport(
+        before=ModelSummary(original.ByteSize(), first.params, first.flops, first.latency_ms),
+        after=ModelSummary(best.ByteSize(), last.params, last.flops, last.latency_ms),
+        passes=outcome.reports,
+        notes=notes + ([f"resumed: {outcome.resumed} finished tries reused from {work_dir}"] if outcome.resumed else []),
+        trajectory=outcome.to_dict()["trajectory"],
+    )
+    if last.decision == "original":
+        report.notes.append("no stage of the loop passed the gate; the output is the original model")
+    validation, quality = _gate_reports(original, best, recipe, feeds, gate_data)
+    report.validation = validation.to_dict()
+    report.quality = quality.to_dict() if quality is not None else None
+    report.seconds = time.perf_counter() - start
+    result = CompressResult(best, report, PipelinePlan(), validation, quality)
+    if not result.passed and not allow_gate_failure:
+        raise QualityGateError(
+            "The compressed model failed the quality gate: " + "; ".join(result.failures()) + ".", report=result)
     return result
 
 

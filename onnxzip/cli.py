@@ -101,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("input", help="ONNX file to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
-    compress.add_argument("--recipe", metavar="FILE", help="YAML or JSON recipe (passes, gate, data, dims)")
+    compress.add_argument("--recipe", metavar="FILE", help="YAML or JSON recipe (passes, gate, data, dims, loop), "
+                          "or a built-in loop recipe: method1, method2")
     compress.add_argument("--plan", metavar="FILE.json", help="replay a saved plan instead of planning")
     compress.add_argument("--save-plan", metavar="FILE.json", help="write the plan that was applied")
     compress.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     compress.add_argument("--force", action="store_true", help="write the model even if the fidelity gate fails")
     compress.add_argument("--external-data", action="store_true", help="store tensors in a .data file beside the model")
+    compress.add_argument("--val", metavar="PATH", help="held-out data the loop's quality gate is measured on (default: --data)")
+    compress.add_argument("--work-dir", metavar="DIR", help="loop recipes: checkpoint every finished try here; the same "
+                          "command resumes from it (default OUTPUT.work)")
+    compress.add_argument("--plot", metavar="DIR", help="write PNG plots of the report (trajectory, per-layer decisions, γ histograms)")
     _add_common(compress)
     passes = compress.add_argument_group("passes")
     for name, cls in sorted(PASSES.items()):
@@ -139,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--options", metavar="KEY=VALUE,...", help="any other option listed below")
     finetune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="training device (default auto)")
     finetune.add_argument("--report", metavar="FILE.json", help="write the loss/metric curve and the frozen weights as JSON")
+    report = commands.add_parser("report", parents=[shared], help="print a saved compress report and plot it")
+    report.add_argument("report", help="report JSON written by compress --report")
+    report.add_argument("--plot", metavar="DIR", help="write PNG plots (trajectory, per-layer decisions, γ histograms)")
 
     demo = commands.add_parser("demo", parents=[shared], help="compress the built-in reference CNN and show the result")
     demo.add_argument("--model", default="cnn", help="reference model to use (default cnn)")
@@ -167,6 +175,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: Any, quiet: bool) -> None:
+    if result.report.trajectory:
+        _print_trajectory(result.report.trajectory)
+        print()
     print(result.report.table())
     if not quiet:
         for report in result.report.passes:
@@ -200,10 +211,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         recipe.batch = args.batch
     if args.metric:
         recipe.metrics = [*recipe.metrics, *args.metric]
+    work_dir = args.work_dir or (f"{args.output}.work" if recipe.loop is not None else None)
     try:
         result = compress(
             args.input, recipe, data=args.data, plan=args.plan, device=args.device,
             dims=_dims(args.dim), allow_gate_failure=args.force, progress=not args.quiet,
+            val=args.val, work_dir=work_dir,
         )
     except QualityGateError as exc:
         if exc.report is not None:
@@ -219,6 +232,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         write_json(args.report, result.report.to_dict())
     if args.save_plan:
         result.plan.save(args.save_plan)
+    if args.plot and not _write_plots(result.report.to_dict(), args.plot):
+        print("warning: nothing to plot (no loop trajectory and no per-layer decisions)", file=sys.stderr)
+    if work_dir:
+        print(f"checkpoints of every try: {work_dir} (rerun the same command to resume)")
     if not result.passed:
         print(f"warning: the quality gate failed ({'; '.join(result.failures())}); written anyway (--force)", file=sys.stderr)
     print(f"\nwrote {args.output}")
@@ -292,6 +309,48 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_plots(report: dict[str, Any], out_dir: str) -> int:
+    from onnxzip.plots import plot_report
+
+    written = plot_report(report, out_dir)
+    for path in written:
+        print(f"wrote {path}")
+    return len(written)
+
+
+def _print_trajectory(trajectory: list[dict[str, Any]]) -> None:
+    from onnxzip.report import human_bytes, human_count, render_table
+
+    keys = sorted({k for p in trajectory for k in p.get("metrics", {})})
+    rows = [[p["stage"] + ("" if p.get("value") is None else f"={p['value']}"), p["decision"],
+             human_bytes(p["bytes"]) if p["bytes"] else "-", human_count(p["params"]), human_count(p["flops"]),
+             "-" if p.get("latency_ms") is None else f"{p['latency_ms']:.3f} ms",
+             *[("-" if k not in p.get("metrics", {}) else f"{p['metrics'][k]:.4g}") for k in keys]]
+            for p in trajectory]
+    print(render_table(["try", "decision", "size", "params", "FLOPs", "latency", *keys], rows))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from onnxzip.errors import DataError
+
+    try:
+        report = json.loads(Path(args.report).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read report {args.report}: {exc}.") from exc
+    if not isinstance(report, dict) or "before" not in report or "after" not in report:
+        raise DataError(f"{args.report} is not a report written by onnxzip compress --report.")
+    if report.get("trajectory"):
+        _print_trajectory(report["trajectory"])
+    else:
+        before, after = report["before"], report["after"]
+        print(f"size {before['bytes']} → {after['bytes']} bytes, params {before['params']} → {after['params']}")
+    if args.plot and not _write_plots(report, args.plot):
+        raise DataError(f"{args.report} has nothing to plot: no loop trajectory and no per-layer decisions.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxzip.demo import run_demo
 
@@ -299,7 +358,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_validate,
-            "finetune": cmd_finetune, "demo": cmd_demo}
+            "finetune": cmd_finetune, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ from onnxzip.schema import build_config
 from onnxzip.fidelity import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
-_TOP_KEYS = {"passes", "gate", "metrics", "data", "dims", "device", "seed", "batch"}
+_TOP_KEYS = {"passes", "gate", "metrics", "data", "val", "dims", "device", "seed", "batch", "loop"}
+RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Recipe:
     seed: int = 0
     batch: int = 2
     metrics: list[Any] = field(default_factory=list)
+    val: str | None = None
+    loop: Any = None  # onnxzip.search.loops.LoopConfig: compress until the quality limit
 
     def build_passes(self) -> list[Pass]:
         """Instantiate (and so validate) every step."""
@@ -64,6 +67,8 @@ class Recipe:
             "seed": self.seed,
             "batch": self.batch,
             "metrics": self.metrics,
+            "val": self.val,
+            "loop": None if self.loop is None else self.loop.to_dict(),
         }
 
     @classmethod
@@ -87,8 +92,14 @@ class Recipe:
             seed=int(data.get("seed", 0)),
             batch=int(data.get("batch", 2)),
             metrics=list(data.get("metrics") or []),
+            val=data.get("val"),
         )
         recipe.build_passes()
+        if data.get("loop") is not None:
+            from onnxzip.search.loops import LoopConfig
+
+            recipe.loop = LoopConfig.from_dict(data["loop"], source=source)
+            recipe.loop.validate_steps()
         if recipe.metrics:
             from onnxzip.evaluators import parse_conditions
 
@@ -97,9 +108,13 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Recipe:
+        """A YAML/JSON recipe file, or the name of a built-in recipe (``method1``, ``method2``)."""
         source = Path(path)
+        if not source.is_file() and (RECIPES_DIR / f"{path}.yaml").is_file():
+            source = RECIPES_DIR / f"{path}.yaml"
         if not source.is_file():
-            raise ConfigError(f"Recipe file {source} does not exist.")
+            names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+            raise ConfigError(f"Recipe file {source} does not exist (built-in recipes: {names}).")
         text = source.read_text()
         try:
             if source.suffix.lower() == ".json":
@@ -111,8 +126,10 @@ class Recipe:
         except Exception as exc:  # yaml and json raise their own error types
             raise ConfigError(f"Recipe file {source} cannot be parsed: {str(exc).splitlines()[0]}") from exc
         recipe = cls.from_dict(data, source=f"recipe {source.name}")
-        if recipe.data and not Path(recipe.data).is_absolute():
-            recipe.data = str(source.parent / recipe.data)
+        for key in ("data", "val"):
+            value = getattr(recipe, key)
+            if value and not Path(value).is_absolute():
+                setattr(recipe, key, str(source.parent / value))
         return recipe
 
     @classmethod

@@ -90,11 +90,12 @@ class PassReport:
 
 @dataclass
 class ModelSummary:
-    """Size on disk, parameters and FLOPs (per sample) of one model."""
+    """Size on disk, parameters, FLOPs (per sample) and onnxruntime latency (batch 1) of one model."""
 
     bytes: int
     params: int
     flops: int
+    latency_ms: float | None = None
 
 
 @dataclass
@@ -109,6 +110,7 @@ class CompressionReport:
     quality: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    trajectory: list[dict[str, Any]] | None = None  # loops: every try, its costs, metrics, decision
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +127,9 @@ class CompressionReport:
             ["FLOPs/sample", human_count(self.before.flops), human_count(self.after.flops),
              ratio(self.before.flops, self.after.flops)],
         ]
+        if self.before.latency_ms and self.after.latency_ms:
+            rows.append(["latency (batch 1)", f"{self.before.latency_ms:.3f} ms", f"{self.after.latency_ms:.3f} ms",
+                         ratio(self.before.latency_ms, self.after.latency_ms)])
         for name, value in self.metrics.items():
             rows.append([name, *value])
         for row in (self.quality or {}).get("rows", []):

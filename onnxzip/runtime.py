@@ -144,3 +144,29 @@ def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, feeds)
     return dict(zip(names, values))
+
+
+def measure_latency(
+    model: onnx.ModelProto | str | os.PathLike[str] | bytes,
+    feeds: dict[str, np.ndarray],
+    device: str = "auto",
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    max_seconds: float = 2.0,
+) -> float:
+    """Median wall time in milliseconds of one ``session.run`` on ``feeds`` (after ``warmup``
+    runs), over ``repeats`` runs or as many as fit in ``max_seconds``."""
+    import time
+
+    session = make_session(model, device)
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(warmup):
+        session.run(names, feeds)
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times) < repeats and (not times or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        session.run(names, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000.0)

@@ -125,6 +125,13 @@ class PassContext:
     def cost(self, model: onnx.ModelProto) -> ModelCost:
         return self._memo("cost", model, lambda m: model_cost(m, self.shapes(m)))
 
+    def latency(self, model: onnx.ModelProto) -> float | None:
+        """Median onnxruntime latency (ms) at batch 1 on the context's inputs, or None without inputs."""
+        from onnxzip.runtime import measure_latency
+
+        feeds = self._batch_one_feeds()
+        return None if feeds is None else self._memo("latency", model, lambda m: measure_latency(m, feeds, self.device))
+
     def track(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
         """``items`` with a progress bar (per layer) when progress is on."""
         if not self.progress:

@@ -1,0 +1,351 @@
+"""Compress until the quality limit: staged loops with a gate, roll-back, checkpoints and resume.
+
+A loop is a list of **stages**. A stage runs its pipeline steps (passes and training steps) on
+the last accepted model and is judged by the gate, always against the *original* model:
+
+* a plain stage is accepted when the gate passes and rolled back when it fails;
+* a **sweep** stage repeats its steps for each value of ``sweep`` (``$value`` in a step's
+  options is replaced by it), from most to least conservative, each try starting from the model
+  the stage started with. Tries are accepted while the gate passes; the first failure ends the
+  sweep, and the stage keeps the last (most compressed) passing try. This is method 1's "lower
+  the ranks while the performance-decline condition holds" and method 2's "prune, fine-tune,
+  iterate to the target".
+
+Every finished try is checkpointed in ``work_dir`` (its model, then ``state.json``, each written
+atomically), so rerunning the same command continues after the last finished try and an
+interruption leaves the folder consistent. The trajectory records each try's size on disk,
+parameters, FLOPs, onnxruntime latency, metrics and decision.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxzip.errors import ConfigError
+from onnxzip.io import load_model, save_model, write_json
+from onnxzip.passes import PassContext, get_pass
+from onnxzip.report import PassReport
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+_STAGE_KEYS = {"name", "steps", "sweep", "optional"}
+
+
+@dataclass
+class Stage:
+    """One stage: its steps (``[{pass_name: options}]``) and optional sweep values."""
+
+    name: str
+    steps: list[dict[str, dict[str, Any]]]
+    sweep: list[Any] | None = None
+
+    def steps_for(self, value: Any) -> list[tuple[str, dict[str, Any]]]:
+        """The steps with ``$value`` replaced by ``value`` (in any option, nested lists too)."""
+
+        def substitute(option: Any) -> Any:
+            if option == "$value":
+                return value
+            if isinstance(option, list):
+                return [substitute(o) for o in option]
+            if isinstance(option, dict):
+                return {k: substitute(v) for k, v in option.items()}
+            return option
+
+        return [(name, substitute(options)) for step in self.steps for name, options in step.items()]
+
+
+@dataclass
+class LoopConfig:
+    """The ``loop`` section of a recipe."""
+
+    stages: list[Stage] = field(default_factory=list)
+    time_budget_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "the recipe") -> LoopConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
+            raise ConfigError(f"{source}: 'loop' must be a mapping with a non-empty 'stages' list.")
+        unknown = set(data) - {"stages", "time_budget_s"}
+        if unknown:
+            raise ConfigError(f"{source}: 'loop' has unknown keys {', '.join(sorted(unknown))}; allowed: stages, time_budget_s.")
+        stages = []
+        for index, item in enumerate(data["stages"]):
+            where = f"{source}: loop stage {index + 1}"
+            if not isinstance(item, dict) or not isinstance(item.get("steps"), list) or not item["steps"]:
+                raise ConfigError(f"{where} must be a mapping with a non-empty 'steps' list.")
+            extra = set(item) - _STAGE_KEYS
+            if extra:
+                raise ConfigError(f"{where} has unknown keys {', '.join(sorted(extra))}; allowed: name, steps, sweep.")
+            steps = []
+            for step in item["steps"]:
+                if isinstance(step, str):
+                    step = {step: {}}
+                if not isinstance(step, dict) or len(step) != 1:
+                    raise ConfigError(f"{where}: each step must be a name or a mapping like {{svd: {{budget: 0.5}}}}.")
+                (name, options), = step.items()
+                if options is not None and not isinstance(options, dict):
+                    raise ConfigError(f"{where}: options of step '{name}' must be a mapping.")
+                steps.append({get_pass(str(name)).name: dict(options or {})})
+            sweep = item.get("sweep")
+            if sweep is not None and (not isinstance(sweep, list) or not sweep):
+                raise ConfigError(f"{where}: 'sweep' must be a non-empty list of values.")
+            uses_value = "$value" in json.dumps(steps)
+            if sweep is not None and not uses_value:
+                raise ConfigError(f"{where}: a sweep needs '$value' in one of its step options.")
+            if sweep is None and uses_value:
+                raise ConfigError(f"{where}: '$value' is used but the stage has no 'sweep'.")
+            stages.append(Stage(str(item.get("name") or f"stage{index + 1}"), steps, sweep))
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{source}: loop stage names must be unique.")
+        budget = data.get("time_budget_s")
+        return cls(stages, None if budget is None else float(budget))
+
+    def validate_steps(self) -> None:
+        """Instantiate every step with its first sweep value, so bad options fail before any work."""
+        for stage in self.stages:
+            for value in (stage.sweep or [None])[:1] + (stage.sweep or [])[-1:]:
+                for name, options in stage.steps_for(value):
+                    get_pass(name)(options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [asdict(s) for s in self.stages], "time_budget_s": self.time_budget_s}
+
+
+@dataclass
+class Measurement:
+    """What the gate and the trajectory need to know about one model."""
+
+    bytes: int
+    params: int
+    flops: int
+    latency_ms: float | None
+    passed: bool
+    metrics: dict[str, float]
+    failures: list[str]
+
+
+@dataclass
+class TrajectoryPoint:
+    stage: str
+    iteration: int
+    value: Any
+    decision: str  # original | accepted | rejected | rolled back | skipped
+    bytes: int
+    params: int
+    flops: int
+    latency_ms: float | None
+    metrics: dict[str, float]
+    failures: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    seconds: float = 0.0
+    layers: dict[str, Any] = field(default_factory=dict)
+    gamma: list[float] | None = None
+    sparsity: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}:{self.iteration}"
+
+
+@dataclass
+class LoopResult:
+    model: onnx.ModelProto
+    trajectory: list[TrajectoryPoint]
+    reports: list[PassReport]
+    resumed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trajectory": [asdict(p) for p in self.trajectory], "resumed": self.resumed}
+
+
+def norm_scales(model: onnx.ModelProto) -> list[float]:
+    """|γ| of every BatchNormalization / LayerNormalization / InstanceNormalization in the main
+    graph (4 significant digits): what sparsity training drives to zero, for the γ histograms."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    values: list[float] = []
+    for node in model.graph.node:
+        if node.op_type in ("BatchNormalization", "LayerNormalization", "InstanceNormalization") and len(node.input) > 1:
+            tensor = inits.get(node.input[1])
+            if tensor is not None:
+                values += [float(f"{abs(v):.4g}") for v in numpy_helper.to_array(tensor).ravel()]
+    return values
+
+
+def _trains_sparsity(steps: list[tuple[str, dict[str, Any]]]) -> bool:
+    return any(float(options.get("sparsity") or 0) > 0 for _, options in steps)
+
+
+def fingerprint(model: onnx.ModelProto, loop: LoopConfig, extra: dict[str, Any]) -> str:
+    """Identifies a run: the input model's bytes, the loop and what else the caller names (data,
+    gate, metrics). A work folder only resumes the run that made it."""
+    digest = hashlib.sha256(model.SerializeToString(deterministic=True))
+    digest.update(json.dumps({"loop": loop.to_dict(), **extra}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def _layer_decisions(reports: list[PassReport]) -> dict[str, Any]:
+    """Per-layer decisions of a try for the plots: svd ranks, pruning ratios, codebook bits."""
+    decisions: dict[str, Any] = {}
+    for report in reports:
+        for change in report.changes:
+            if change.skipped:
+                continue
+            details = change.details or {}
+            for key in ("rank", "ratio", "bits", "k", "pruned", "kept"):
+                if key in details and isinstance(details[key], (int, float)):
+                    decisions.setdefault(report.pass_name, {}).setdefault(key, {})[change.layer] = details[key]
+    return decisions
+
+
+class CompressionLoop:
+    """Runs a :class:`LoopConfig` on ``original`` with checkpoints in ``work_dir``.
+
+    ``measure(model)`` returns a :class:`Measurement` (the gate against the original) and
+    ``make_context()`` a fresh :class:`PassContext` for the steps; the loop itself knows nothing
+    of how quality is measured.
+    """
+
+    def __init__(
+        self,
+        loop: LoopConfig,
+        *,
+        work_dir: str | os.PathLike[str],
+        measure: Callable[[onnx.ModelProto], Measurement],
+        make_context: Callable[[], PassContext],
+        run_id: str,
+        progress: bool = False,
+    ) -> None:
+        self.loop = loop
+        self.work_dir = Path(work_dir)
+        self.measure = measure
+        self.make_context = make_context
+        self.run_id = run_id
+        self.progress = progress
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.work_dir / "state.json"
+
+    def _load_state(self) -> dict[str, TrajectoryPoint]:
+        if not self.state_path.exists():
+            return {}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"The work folder's {self.state_path.name} cannot be read ({exc}); remove {self.work_dir} to start again.") from exc
+        if state.get("format") != STATE_FORMAT or state.get("run_id") != self.run_id:
+            raise ConfigError(
+                f"The work folder {self.work_dir} holds a run of a different model, recipe or data; "
+                "use another --work-dir or remove it to start again."
+            )
+        points = {}
+        for raw in state.get("trajectory", []):
+            point = TrajectoryPoint(**raw)
+            if point.checkpoint and not (self.work_dir / point.checkpoint).is_file():
+                break  # a checkpoint that was never finished: redo from here
+            points[point.key] = point
+        return points
+
+    def _save_state(self, trajectory: list[TrajectoryPoint], done: bool) -> None:
+        write_json(self.state_path, {
+            "format": STATE_FORMAT, "run_id": self.run_id, "done": done,
+            "trajectory": [asdict(p) for p in trajectory],
+        })
+
+    def _checkpoint(self, model: onnx.ModelProto, stage: str, iteration: int, index: int) -> str:
+        relative = f"steps/{index:03d}-{stage}-{iteration}.onnx"
+        save_model(model, self.work_dir / relative)
+        return relative
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run_steps(self, model: onnx.ModelProto, steps: list[tuple[str, dict[str, Any]]]) -> tuple[onnx.ModelProto, list[PassReport]]:
+        context = self.make_context()
+        reports = []
+        for name, options in steps:
+            log.info("loop step %s %s", name, options)
+            result = get_pass(name)(options).run(model, context)
+            model = result.model
+            reports.append(result.report)
+        return model, reports
+
+    def run(self, original: onnx.ModelProto) -> LoopResult:
+        from tqdm.auto import tqdm
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        done = self._load_state()
+        resumed = sum(1 for key in done if not key.startswith("original:"))
+        if resumed:
+            log.warning("resuming from %s: %d finished tries are reused", self.work_dir, resumed)
+        started = time.perf_counter()
+        trajectory: list[TrajectoryPoint] = []
+        reports: list[PassReport] = []
+
+        if "original:0" in done:
+            trajectory.append(done["original:0"])
+        else:
+            m = self.measure(original)
+            trajectory.append(TrajectoryPoint("original", 0, None, "original", m.bytes, m.params, m.flops,
+                                              m.latency_ms, m.metrics, m.failures, gamma=norm_scales(original)))
+            self._save_state(trajectory, done=False)
+        current, current_path = original, None
+        total = sum(len(stage.sweep or [None]) for stage in self.loop.stages)
+        bar = tqdm(total=total, desc="loop", unit="try", disable=not self.progress)
+        for stage in self.loop.stages:
+            base = current
+            for iteration, value in enumerate(stage.sweep or [None]):
+                key = f"{stage.name}:{iteration}"
+                bar.set_postfix_str(f"{stage.name}" + ("" if value is None else f"={value}"))
+                if key in done:
+                    point = done[key]
+                else:
+                    over = self.loop.time_budget_s is not None and time.perf_counter() - started > self.loop.time_budget_s
+                    if over:
+                        point = TrajectoryPoint(stage.name, iteration, value, "skipped", 0, 0, 0, None, {},
+                                                ["time budget spent"])
+                    else:
+                        point = self._try(stage, iteration, value, base, len(trajectory), reports)
+                    self._save_state([*trajectory, point], done=False)
+                trajectory.append(point)
+                bar.update(1)
+                if point.decision == "accepted":
+                    current_path = point.checkpoint
+                    current = None  # loaded lazily from the checkpoint
+                else:
+                    bar.update(len(stage.sweep or [None]) - iteration - 1)
+                    break
+            if current is None:
+                current = load_model(self.work_dir / current_path)
+        bar.close()
+        self._save_state(trajectory, done=True)
+        return LoopResult(current, trajectory, reports, resumed)
+
+    def _try(self, stage: Stage, iteration: int, value: Any, base: onnx.ModelProto, index: int,
+             reports: list[PassReport]) -> TrajectoryPoint:
+        start = time.perf_counter()
+        steps = stage.steps_for(value)
+        candidate, step_reports = self._run_steps(base, steps)
+        m = self.measure(candidate)
+        decision = "accepted" if m.passed else ("rejected" if stage.sweep else "rolled back")
+        checkpoint = self._checkpoint(candidate, stage.name, iteration, index) if m.passed else None
+        if m.passed:
+            reports.extend(step_reports)
+        log.info("%s try %d (%s): %s", stage.name, iteration, value, decision)
+        return TrajectoryPoint(stage.name, iteration, copy.deepcopy(value), decision, m.bytes, m.params,
+                               m.flops, m.latency_ms, m.metrics, m.failures, checkpoint,
+                               time.perf_counter() - start, _layer_decisions(step_reports),
+                               gamma=norm_scales(candidate) if m.passed else None, sparsity=_trains_sparsity(steps))
