@@ -147,7 +147,7 @@ def compress(
     if recipe.metrics and data is None:
         raise ConfigError("Metric conditions need data with labels or references (--data).")
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
-                          progress=progress, dims=recipe.dims, original=original, data=data)
+                          progress=progress, dims=recipe.dims, original=original, data=data, val=val)
     working, notes = prepare_model(original)
     if recipe.loop is not None:
         if recipe.passes and recipe.passes != Recipe.default().passes:
@@ -210,10 +210,12 @@ def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: l
     from onnxzip.search.loops import CompressionLoop, Measurement, fingerprint
 
     gate_data = val if val is not None else data
+    if not recipe.metrics:
+        raise ConfigError("A loop recipe needs a quality condition to compress until: give --metric "
+                          "(e.g. accuracy:max_drop=0.01 with labels, or argmax_agreement:min=0.98, cosine:min=0.99).")
 
     def make_context() -> PassContext:
-        return PassContext(feeds=feeds, device=context.device, seed=context.seed,
-                           progress=context.progress, dims=context.dims)
+        return dataclasses.replace(context, _cache={})
 
     def measure(model: onnx.ModelProto) -> Measurement:
         scratch = make_context()

@@ -108,6 +108,7 @@ class PassContext:
     dims: dict[str, int] = field(default_factory=dict)
     original: onnx.ModelProto | None = None  # the pipeline's input model (a training step's teacher)
     data: Any = None  # the pipeline's data (.npz path or arrays), for training steps
+    val: Any = None  # the pipeline's held-out data (a training step's validation set)
     accept: Callable[[onnx.ModelProto], bool] | None = None
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 

@@ -26,7 +26,8 @@ from onnxzip.train.trainable import complete_frozen, rewrite_for_training, selec
 @dataclass
 class FinetuneStepConfig(FinetuneConfig):
     teacher: str | None = option(None, "teacher ONNX file for distillation (default: the pipeline's input model)")
-    val: str | None = option(None, "validation .npz evaluated each epoch (best epoch kept, early stop)")
+    val: str | None = option(None, "validation .npz evaluated each epoch (best epoch kept, early stop; "
+                             "default: the pipeline's --val)")
 
 
 def _op_of(model: onnx.ModelProto, name: str) -> str:
@@ -60,7 +61,7 @@ class FinetunePass(Pass):
         options["include"] = selected or ["\0none"]
         options["exclude"] = []
         teacher = self.config.teacher or context.original
-        result = finetune(model, data, val=self.config.val, teacher=teacher, config=options,
+        result = finetune(model, data, val=self.config.val or context.val, teacher=teacher, config=options,
                           device=context.device, progress=context.progress)
         report = self.new_report()
         report.modified = bool(result.trained)

@@ -41,7 +41,8 @@ SWEEP = [0.9, 0.5, 0.2, 0.05, 0.01]
 
 def loop_recipe(**extra) -> dict:
     return {
-        "gate": {"min_cosine": 0.995},
+        "gate": {"min_cosine": None},
+        "metrics": ["cosine:min=0.995"],
         "loop": {"stages": [
             {"name": "svd", "sweep": SWEEP, "steps": [{"svd": {"budget": "$value"}}]},
             {"name": "cluster", "steps": [{"cluster": {"bits": 1}}]},  # far too coarse: rolled back
@@ -76,7 +77,7 @@ def test_sweep_keeps_most_compressed_passing_try_and_rolls_back_failures(tmp_pat
     for point in result.report.trajectory:
         assert (point["checkpoint"] is not None) == (point["decision"] == "accepted")
         if point["decision"] != "skipped":
-            assert point["bytes"] > 0 and point["latency_ms"] > 0 and "min_cosine" in point["metrics"]
+            assert point["bytes"] > 0 and point["latency_ms"] > 0 and "cosine" in point["metrics"]
 
 
 class Interrupt(Exception):
@@ -129,6 +130,14 @@ def test_interrupted_loop_resumes_from_the_last_finished_try(tmp_path):
     assert [(p.stage, p.value, p.decision) for p in resumed.trajectory] == \
         [(p.stage, p.value, p.decision) for p in uninterrupted.trajectory]
     assert resumed.model.SerializeToString() == uninterrupted.model.SerializeToString()
+
+
+def test_loop_without_a_quality_condition_is_refused():
+    recipe = loop_recipe()
+    del recipe["metrics"]
+    feeds = {"x": np.zeros((2, 64), np.float32)}
+    with pytest.raises(ConfigError, match="needs a quality condition"):
+        onnxzip.compress(low_rank_mlp(), recipe, data=feeds)
 
 
 def test_work_dir_of_another_run_is_refused(tmp_path):
