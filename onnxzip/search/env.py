@@ -19,6 +19,7 @@ ratios replay through the prune-channels pass to exactly these counts.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -223,10 +224,11 @@ class PruningEnv:
         options = self.options[gid]
         low_rest = {**self.least, **chosen}
         high_rest = {**self.full, **chosen}
-        hi_candidates = [n for n in options if self._within({**low_rest, gid: n})]
-        hi = hi_candidates[-1] if hi_candidates else options[0]
-        lo_candidates = [n for n in options if self._reaches({**high_rest, gid: n})]
-        lo = lo_candidates[0] if lo_candidates else options[-1]
+        # cost grows with n, so both bounds are found by bisection over the allowed counts
+        within = bisect.bisect_left(options, True, key=lambda n: not self._within({**low_rest, gid: n}))
+        hi = options[max(within - 1, 0)]
+        reaches = bisect.bisect_left(options, True, key=lambda n: self._reaches({**high_rest, gid: n}))
+        lo = options[min(reaches, len(options) - 1)]
         return min(lo, hi), hi
 
     def rollout(self, policy) -> Episode:  # noqa: ANN001 - policy(state, step) -> ratio in [0, 1]

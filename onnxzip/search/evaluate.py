@@ -122,7 +122,7 @@ class RayEvaluator:
             if address:
                 ray.init(address=address, **options)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, _metrics_export_port=None, **options)
+                ray.init(num_cpus=workers, include_dashboard=False, **options)
         actor = ray.remote(num_cpus=1)(_RayMeasurer)
         task_ref = ray.put(task)
         self.actors = [actor.remote(task_ref) for _ in range(max(1, workers))]

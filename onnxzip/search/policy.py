@@ -115,19 +115,26 @@ class Search:
                  labels: np.ndarray | None, *, budget: Budget, ddpg: DdpgConfig, selection: dict[str, Any],
                  selected=lambda group: True, max_ratio: float = 0.8,  # noqa: ANN001
                  reward_shape: str = "exp", reward_b: float = 0.05, workers: int = 0,
-                 ray_address: str | None = None) -> None:
+                 ray_address: str | None = None, evaluator: Any = None) -> None:
         shapes = context.shapes(model)
         analysis = analyze_channels(model, shapes=shapes)
         self.env = PruningEnv(analysis, context.cost(model), prunable_groups(analysis, selected), budget,
                               max_ratio=max_ratio, min_channels=selection.get("min_channels", 1),
                               round_to=selection.get("round_to", 1), compensate=selection.get("compensate", True))
         self.agent = DdpgAgent(self.env, ddpg)
-        task = RewardTask(model.SerializeToString(), shapes, inputs, labels, context.feeds, selection)
         self.reward_shape, self.reward_b = reward_shape, reward_b
         accuracy_term(0.0, reward_shape, reward_b)  # checks the options before any worker starts
         self.labels = labels is not None
-        self.evaluator = make_evaluator(task, workers=workers, address=ray_address)
+        self.owns_evaluator = evaluator is None
+        self.evaluator = evaluator or make_evaluator(
+            self.task(model, context, inputs, labels, selection), workers=workers, address=ray_address)
         self.history: list[EpisodeRecord] = []
+
+    @staticmethod
+    def task(model: onnx.ModelProto, context: PassContext, inputs: dict[str, np.ndarray], labels: np.ndarray | None,
+             selection: dict[str, Any]) -> RewardTask:
+        """The measurement task (share one evaluator between searches by passing ``evaluator``)."""
+        return RewardTask(model.SerializeToString(), context.shapes(model), inputs, labels, context.feeds, selection)
 
     def measure(self, episodes: list[Episode]) -> list[EpisodeRecord]:
         """Rewards of ``episodes`` (measured together, recorded in order)."""
@@ -152,7 +159,8 @@ class Search:
                 bar.update(len(episodes))
         finally:
             bar.close()
-            self.evaluator.close()
+            if self.owns_evaluator:
+                self.evaluator.close()
         best = max(self.history, key=lambda r: (r.reward, -r.episode))
         log.info("ddpg search: best episode %d, accuracy %.4f, reward %.4f", best.episode, best.accuracy, best.reward)
         return SearchResult(best.ratios, best, self.original_accuracy, self.env.cost.params0, self.env.cost.flops0,
