@@ -17,13 +17,15 @@ onnxruntime-training, issue 10), mean ± std over the seeds for the seeded metho
 evaluations per second in this process and with 1 and 2 Ray workers (same candidates), and the
 time of each DDPG search. Other processes on a shared machine slow every figure alike.
 
-Usage: ``python benchmarks/bench_ddpg.py [--budget 0.5] [--evaluations 300] [--seeds 0 1 2] [--workers 2]``.
+Usage: ``python benchmarks/bench_ddpg.py [--budget 0.5] [--evaluations 300] [--seeds 0 1 2] [--workers 2]
+[--throughput yes|no|only]``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import time
 
 import numpy as np
@@ -120,7 +122,7 @@ class Bench:
         result = search.run()
         return result.best.channels, result.seconds
 
-    def throughput(self, count: int = 24) -> dict[str, float]:
+    def throughput(self, count: int = 48) -> dict[str, float]:
         rng = np.random.default_rng(99)
         candidates = [self.env.rollout(lambda state, step: rng.uniform()).ratios for _ in range(count)]
         rates = {}
@@ -145,14 +147,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reward-samples", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2, help="Ray workers for the searches (0: in-process)")
-    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--throughput", choices=["yes", "no", "only"], default="yes",
+                        help="measure evaluations/s with 1 and 2 Ray workers first (only: nothing else)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if not args.skip_throughput:
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    if args.throughput != "no":
         rates = Bench.throughput(Bench(argparse.Namespace(**{**vars(args), "workers": 0})))
         base = rates["ray 1 worker"]
         print("evaluations/s: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
               + f"; 2 workers / 1 worker = {rates['ray 2 workers'] / base:.2f}x")
+        if args.throughput == "only":
+            return
     bench = Bench(args)
     print(f"cnn-sparse: {len(bench.env.groups)} groups, params {bench.env.cost.params0:,}, budget {args.budget:g} "
           f"({bench.target:,.0f} params), original test accuracy {bench.reference.accuracy(bench.model, device='cpu'):.4f}, "
@@ -177,6 +183,7 @@ def main() -> None:
               + " ".join(f"{a:.4f}" for a in accs))
     print(f"DDPG search seconds ({args.evaluations} episodes, workers={args.workers}): "
           + ", ".join(f"{s:.1f}" for s in seconds))
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def test_search_is_reproducible_records_episodes_and_replays(tmp_path, monkeypat
     model = mixed_graph()
     data = _labelled(model)
     first = onnxzip.compress(model, prune_channels=_ddpg(seed=5), data=data, allow_gate_failure=True)
-    second = onnxzip.compress(model, prune_channels=_ddpg(seed=5), data=data, allow_gate_failure=True)
+    recipe = {"passes": [{"prune-channels": _ddpg(seed=5)}]}  # the same through a recipe
+    second = onnxzip.compress(model, recipe, data=data, allow_gate_failure=True)
     report = first.report.passes[0]
     search = report.details["search"]
     assert len(search["episodes"]) == 10 and {"ratios", "params", "flops", "reward", "accuracy"} <= set(search["episodes"][0])
