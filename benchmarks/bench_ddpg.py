@@ -164,16 +164,20 @@ def main() -> None:
           f"({bench.target:,.0f} params), original test accuracy {bench.reference.accuracy(bench.model, device='cpu'):.4f}, "
           f"{args.evaluations} evaluations per search, reward split {args.reward_samples} training items")
     rows: dict[str, list[dict[str, float]]] = {}
-    rows["uniform"] = [{**bench.score(bench.uniform()), "evals": 1}]
-    rows["global BN-|gamma|"] = [{**bench.score(bench.global_bn()), "evals": 1}]
-    counts, used = bench.greedy()
-    rows["greedy sensitivity"] = [{**bench.score(counts), "evals": used}]
+
+    def record(name: str, counts: dict[str, int], evals: int) -> None:
+        rows.setdefault(name, []).append({**bench.score(counts), "evals": evals})
+        print(f"  {name}: test accuracy {rows[name][-1]['test']:.4f} ({evals} evaluations)", flush=True)
+
+    record("uniform", bench.uniform(), 1)
+    record("global BN-|gamma|", bench.global_bn(), 1)
+    record("greedy sensitivity", *bench.greedy())
     seconds = []
     for seed in args.seeds:
-        rows.setdefault("random search", []).append({**bench.score(bench.random_search(seed)), "evals": args.evaluations})
+        record("random search", bench.random_search(seed), args.evaluations)
         counts, spent = bench.ddpg(seed)
         seconds.append(spent)
-        rows.setdefault("DDPG", []).append({**bench.score(counts), "evals": args.evaluations})
+        record("DDPG", counts, args.evaluations)
     bench.evaluator.close()
     print(f"{'method':20s} {'test acc (pre-fine-tune)':>26s} {'params kept':>12s} {'evals':>6s}  per seed")
     for name, results in rows.items():

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxzip.errors import ConfigError
+from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators import load_dataset
 from onnxzip.passes.base import Pass, PassContext
 from onnxzip.pruning.groups import analyze_channels
@@ -100,6 +100,8 @@ def reward_data(model: onnx.ModelProto, data: Any, feeds: dict[str, np.ndarray] 
     count = min(samples, len(dataset))
     items = [dataset.inputs(i) for i in range(count)]
     names = [i.name for i in model.graph.input if i.name in items[0]]
+    if not names:
+        raise DataError(f"The reward data holds none of the model's inputs ({', '.join(i.name for i in model.graph.input)}).")
     inputs = {name: np.stack([item[name] for item in items]) for name in names}
     labels = [dataset.label(i) for i in range(count)]
     if any(label is None for label in labels):
