@@ -146,3 +146,12 @@ def test_two_ray_workers_give_the_in_process_plan():
     _, remote = resolve_step(get_pass("prune-channels")({**options, "workers": 2}), model, context, data)
     assert remote.ratios == local.ratios
     assert [(r.ratios, r.accuracy, r.reward) for r in remote.history] == [(r.ratios, r.accuracy, r.reward) for r in local.history]
+
+
+def test_reward_data_without_the_model_inputs_is_a_data_error():
+    from onnxzip.errors import DataError
+
+    model = mixed_graph()
+    step = get_pass("prune-channels")(_ddpg())
+    with pytest.raises(DataError, match="none of the model's inputs"):
+        resolve_step(step, model, PassContext(), {"other": np.zeros((4, 3, 8, 8), np.float32)})
