@@ -60,6 +60,7 @@ class ReferenceSpec:
 
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
     "cnn": ReferenceSpec(cnn.build, digits_images, cnn.TRAIN_CONFIG),
+    "cnn-sparse": ReferenceSpec(cnn.build, digits_images, cnn.SPARSE_TRAIN_CONFIG),
     "transformer": ReferenceSpec(transformer.build, digits_rows, transformer.TRAIN_CONFIG),
 }
 

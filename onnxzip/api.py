@@ -21,6 +21,7 @@ from onnxzip.quality import fidelity_feeds, quality_gate
 from onnxzip.recipe import PassStep, Recipe
 from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
+from onnxzip.search import resolve_step
 from onnxzip.fidelity import FidelityGate, ValidationReport
 from onnxzip.fidelity import validate as _validate
 from onnxzip.weights import materialize_weights
@@ -163,8 +164,13 @@ def compress(
     if not passes or passes[-1].name != "cleanup":
         steps.append((get_pass("cleanup")(), None))
     for step, step_plan in tqdm(steps, desc="passes", unit="pass", disable=not progress):
+        search = None
+        if step_plan is None:  # a replayed plan never searches again
+            step, search = resolve_step(step, working, context, data)
         log.info("running pass %s", step.name)
         result = step.run(working, context, plan=step_plan)
+        if search is not None:
+            result.report.details["search"] = search.to_dict()
         working = result.model
         reports.append(result.report)
         executed.steps.append(result.plan)

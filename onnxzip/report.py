@@ -67,6 +67,7 @@ class PassReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)  # pass-specific records (e.g. a search's episodes)
 
     def skip(self, layer: str, op_type: str, reason: str, **costs: int) -> None:
         self.changes.append(LayerChange(layer, op_type, "skipped", reason, **costs))

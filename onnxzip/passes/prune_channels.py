@@ -7,6 +7,9 @@ every channel (``|γ|`` of the BatchNorms, or filter L1/L2 norms when BatchNorm 
 edit the indices and replay with ``--plan``. Apply: remove every other channel everywhere it
 appears and fold what removed channels still carried into the next layer's bias
 (:mod:`onnxzip.pruning.surgery`). The model becomes smaller and faster, not masked.
+
+``policy=ddpg`` is resolved above this layer (:mod:`onnxzip.search.policy`, run by
+``compress``): a DDPG search fills ``layer_ratios``, then this pass plans as usual.
 """
 from __future__ import annotations
 
@@ -41,6 +44,19 @@ class PruneChannelsConfig:
     compensate: bool = option(True, "fold what removed channels still carry into the next layer's bias")
     include: list[str] = option([], "source layer globs or op types whose groups may be pruned (empty: all)")
     exclude: list[str] = option([], "source layer globs or op types whose groups are left alone")
+    policy: Literal["importance", "ddpg"] = option("importance", "ddpg: search per-group ratios with DDPG first (compress/CLI/recipes; needs a budget)")
+    params_budget: float | None = option(None, "ddpg: share of the original model's params the result keeps")
+    flops_budget: float | None = option(None, "ddpg: share of the original model's FLOPs the result keeps")
+    episodes: int = option(300, "ddpg: episodes (reward evaluations) of the search")
+    warmup: int = option(100, "ddpg: first episodes with random actions")
+    proposals: int = option(4, "ddpg: episodes proposed and measured together per round")
+    max_ratio: float = option(0.8, "ddpg: largest fraction of a group the search may remove")
+    reward: Literal["exp", "linear"] = option("exp", "ddpg: accuracy term exp(-dacc/b) or 1 - dacc/b")
+    reward_b: float = option(0.05, "ddpg: b, the accuracy drop the reward term scales by")
+    reward_samples: int = option(1000, "ddpg: items of --data measured per reward")
+    workers: int = option(0, "ddpg: Ray workers of a local instance (0: evaluate in this process)")
+    ray_address: str | None = option(None, "ddpg: join this Ray cluster (auto or ray://host:port)")
+    seed: int = option(0, "ddpg: seed of the agent and its exploration")
 
 
 @register_pass
@@ -52,6 +68,8 @@ class PruneChannelsPass(Pass):
 
     def _check_config(self) -> None:
         config = self.config
+        if config.policy == "ddpg" and not config.layer_ratios:
+            raise ConfigError("Pass 'prune-channels' with policy=ddpg runs its search through onnxzip.compress or the CLI.")
         if config.ratio is None and config.threshold is None and not config.layer_ratios:
             raise ConfigError("Pass 'prune-channels' needs ratio, threshold or layer_ratios.")
         if config.ratio is not None and config.threshold is not None:
@@ -63,7 +81,8 @@ class PruneChannelsPass(Pass):
         if config.min_channels < 1 or config.round_to < 1:
             raise ConfigError("Pass 'prune-channels': min_channels and round_to must be at least 1.")
 
-    def _selected(self, group: ChannelGroup) -> bool:
+    def selects(self, group: ChannelGroup) -> bool:
+        """Whether include/exclude let this pass prune ``group``."""
         config = self.config
         sources = [(s.node.name, s.node.op) for s in group.sources]
         return any(matches(n, op, config.include, []) for n, op in sources) and all(
@@ -73,7 +92,7 @@ class PruneChannelsPass(Pass):
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         self._check_config()
         analysis = analyze_channels(model, shapes=context.shapes(model))
-        candidates = [g for g in analysis.groups if g.prunable and self._selected(g)]
+        candidates = [g for g in analysis.groups if g.prunable and self.selects(g)]
         importances = {
             g.id: group_importance(g, self.config.importance, self.config.aggregate).values for g in candidates
         }

@@ -1,0 +1,200 @@
+"""``policy=ddpg`` of the prune-channels pass: search per-group ratios, hand the pass a plan.
+
+The pass layer never imports the search. :func:`resolve_step` runs at API level (``compress``,
+hence the CLI and recipes) before a ``prune-channels`` step whose ``policy`` is ``ddpg``: it
+searches, then returns the same pass configured with the found ``layer_ratios``. Its plan is an
+ordinary plan (kept channel indices per group) that ``--plan`` replays without searching.
+
+Reward of an episode (method 2): ``R = A(Δacc; b) · (−log η_params)`` with ``η_params`` the
+share of params kept and ``Δacc`` the original's minus the candidate's accuracy on the reward
+split (``A = exp(−Δacc / b)`` or ``A = 1 − Δacc / b``); without labels accuracy is agreement
+with the original's argmax.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from onnxzip.errors import ConfigError, DataError
+from onnxzip.evaluators import load_dataset
+from onnxzip.passes.base import Pass, PassContext
+from onnxzip.pruning.groups import analyze_channels
+from onnxzip.search.ddpg import DdpgAgent, DdpgConfig
+from onnxzip.search.env import Budget, Episode, PruningEnv, prunable_groups
+from onnxzip.search.evaluate import Measurement, RewardTask, make_evaluator
+
+log = logging.getLogger(__name__)
+
+
+def accuracy_term(delta: float, kind: str, b: float) -> float:
+    """``exp(−Δacc/b)`` (``exp``) or ``1 − Δacc/b`` (``linear``): 1 when nothing is lost."""
+    if b <= 0:
+        raise ConfigError("reward_b must be positive.")
+    if kind == "exp":
+        return math.exp(-delta / b)
+    if kind == "linear":
+        return 1.0 - delta / b
+    raise ConfigError(f"Unknown reward shape {kind!r}; choose exp or linear.")
+
+
+def reward(measurement: Measurement, params_kept: float, kind: str, b: float) -> float:
+    """``A(Δacc; b) · (−log η_params)``."""
+    delta = measurement.original_accuracy - measurement.accuracy
+    return accuracy_term(delta, kind, b) * -math.log(max(min(params_kept, 1.0 - 1e-12), 1e-12))
+
+
+@dataclass
+class EpisodeRecord:
+    episode: int
+    ratios: dict[str, float]
+    channels: dict[str, int]
+    params: int
+    flops: int
+    accuracy: float
+    reward: float
+
+
+@dataclass
+class SearchResult:
+    """The best episode's ratios and every episode's record."""
+
+    ratios: dict[str, float]
+    best: EpisodeRecord
+    original_accuracy: float
+    params_before: int
+    flops_before: int
+    history: list[EpisodeRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    labels: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_episode": self.best.episode, "best_reward": self.best.reward, "best_accuracy": self.best.accuracy,
+            "original_accuracy": self.original_accuracy, "params_kept": self.best.params / self.params_before,
+            "flops_kept": self.best.flops / max(self.flops_before, 1), "episodes": len(self.history),
+            "seconds": round(self.seconds, 2), "accuracy": "labels" if self.labels else "agreement with the original",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary and every episode (ratios, channels, params, FLOPs, accuracy, reward)."""
+        return {"summary": self.summary(), "episodes": [asdict(r) for r in self.history]}
+
+
+def reward_data(model: onnx.ModelProto, data: Any, feeds: dict[str, np.ndarray] | None,
+                samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The reward split: the first ``samples`` items of ``data`` with their labels when they are
+    class indices, else the fidelity feeds (accuracy then means agreement with the original)."""
+    if data is None:
+        if not feeds:
+            raise ConfigError("policy=ddpg needs data for its reward (--data), or model inputs it can generate.")
+        log.warning("policy=ddpg without --data: rewards measure agreement with the original on generated inputs")
+        return feeds, None
+    dataset = load_dataset(data)
+    count = min(samples, len(dataset))
+    items = [dataset.inputs(i) for i in range(count)]
+    names = [i.name for i in model.graph.input if i.name in items[0]]
+    if not names:
+        raise DataError(f"The reward data holds none of the model's inputs ({', '.join(i.name for i in model.graph.input)}).")
+    inputs = {name: np.stack([item[name] for item in items]) for name in names}
+    labels = [dataset.label(i) for i in range(count)]
+    if any(label is None for label in labels):
+        return inputs, None
+    array = np.asarray(labels)
+    return inputs, (array.astype(np.int64) if np.issubdtype(array.dtype, np.integer) else None)
+
+
+class Search:
+    """Environment, agent and evaluator wired together (suggest → measure → record)."""
+
+    def __init__(self, model: onnx.ModelProto, context: PassContext, inputs: dict[str, np.ndarray],
+                 labels: np.ndarray | None, *, budget: Budget, ddpg: DdpgConfig, selection: dict[str, Any],
+                 selected=lambda group: True, max_ratio: float = 0.8,  # noqa: ANN001
+                 reward_shape: str = "exp", reward_b: float = 0.05, workers: int = 0,
+                 ray_address: str | None = None, evaluator: Any = None) -> None:
+        shapes = context.shapes(model)
+        analysis = analyze_channels(model, shapes=shapes)
+        self.env = PruningEnv(analysis, context.cost(model), prunable_groups(analysis, selected), budget,
+                              max_ratio=max_ratio, min_channels=selection.get("min_channels", 1),
+                              round_to=selection.get("round_to", 1), compensate=selection.get("compensate", True))
+        self.agent = DdpgAgent(self.env, ddpg)
+        self.reward_shape, self.reward_b = reward_shape, reward_b
+        accuracy_term(0.0, reward_shape, reward_b)  # checks the options before any worker starts
+        self.labels = labels is not None
+        self.owns_evaluator = evaluator is None
+        self.evaluator = evaluator or make_evaluator(
+            self.task(model, context, inputs, labels, selection), workers=workers, address=ray_address)
+        self.history: list[EpisodeRecord] = []
+
+    @staticmethod
+    def task(model: onnx.ModelProto, context: PassContext, inputs: dict[str, np.ndarray], labels: np.ndarray | None,
+             selection: dict[str, Any]) -> RewardTask:
+        """The measurement task (share one evaluator between searches by passing ``evaluator``)."""
+        return RewardTask(model.SerializeToString(), context.shapes(model), inputs, labels, context.feeds, selection)
+
+    def measure(self, episodes: list[Episode]) -> list[EpisodeRecord]:
+        """Rewards of ``episodes`` (measured together, recorded in order)."""
+        results = self.evaluator.map([e.ratios for e in episodes])
+        records = []
+        for episode, result in zip(episodes, results):
+            value = reward(result, episode.params / self.env.cost.params0, self.reward_shape, self.reward_b)
+            records.append(EpisodeRecord(len(self.history) + len(records), episode.ratios, episode.counts,
+                                         episode.params, episode.flops, result.accuracy, value))
+            self.original_accuracy = result.original_accuracy
+        self.history.extend(records)
+        return records
+
+    def run(self, progress: bool = False) -> SearchResult:
+        start = time.perf_counter()
+        bar = tqdm(total=self.agent.config.episodes, desc="ddpg search", unit="episode", disable=not progress)
+        try:
+            while not self.agent.done:
+                episodes = self.agent.ask()
+                records = self.measure(episodes)
+                self.agent.tell(episodes, [r.reward for r in records])
+                bar.update(len(episodes))
+        finally:
+            bar.close()
+            if self.owns_evaluator:
+                self.evaluator.close()
+        best = max(self.history, key=lambda r: (r.reward, -r.episode))
+        log.info("ddpg search: best episode %d, accuracy %.4f, reward %.4f", best.episode, best.accuracy, best.reward)
+        return SearchResult(best.ratios, best, self.original_accuracy, self.env.cost.params0, self.env.cost.flops0,
+                            self.history, time.perf_counter() - start, self.labels)
+
+
+def _check_options(config: Any) -> None:
+    if config.params_budget is None and config.flops_budget is None:
+        raise ConfigError("policy=ddpg needs params_budget or flops_budget.")
+    if any(b is not None and not 0 < b <= 1 for b in (config.params_budget, config.flops_budget)):
+        raise ConfigError("policy=ddpg: params_budget and flops_budget must be in (0, 1].")
+    if config.episodes < 1 or config.warmup < 0 or config.proposals < 1 or config.reward_samples < 1:
+        raise ConfigError("policy=ddpg: episodes, proposals and reward_samples must be at least 1, warmup at least 0.")
+    if not 0 < config.max_ratio < 1 or config.workers < 0:
+        raise ConfigError("policy=ddpg: max_ratio must be in (0, 1) and workers at least 0.")
+
+
+def resolve_step(step: Pass, model: onnx.ModelProto, context: PassContext, data: Any) -> tuple[Pass, SearchResult | None]:
+    """``step`` itself, or for ``prune-channels`` with ``policy=ddpg`` the same pass configured
+    with the searched ``layer_ratios`` (and the search that found them)."""
+    config = step.config
+    if step.name != "prune-channels" or getattr(config, "policy", "importance") != "ddpg":
+        return step, None
+    _check_options(config)
+    inputs, labels = reward_data(model, data, context.feeds, config.reward_samples)
+    ddpg = DdpgConfig(episodes=config.episodes, warmup=config.warmup, proposals=config.proposals, seed=config.seed)
+    selection = {k: getattr(config, k) for k in ("importance", "aggregate", "min_channels", "round_to", "compensate")}
+
+    search = Search(model, context, inputs, labels, budget=Budget(config.params_budget, config.flops_budget),
+                    ddpg=ddpg, selection=selection, selected=step.selects, max_ratio=config.max_ratio,
+                    reward_shape=config.reward, reward_b=config.reward_b, workers=config.workers,
+                    ray_address=config.ray_address)
+    result = search.run(progress=context.progress)
+    options = {**asdict(config), "layer_ratios": result.ratios, "ratio": None, "threshold": None}
+    return type(step)(options), result

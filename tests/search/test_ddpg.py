@@ -1,0 +1,157 @@
+"""DDPG channel-pruning search: exact costs and budget on hand-built graphs with residual Adds,
+depthwise convs and Concat, reproducibility, plan replay, the CLI, and Ray == in-process."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_same_outputs
+from pruning.graphs import GraphBuilder
+
+import onnxzip
+from onnxzip.cli import main
+from onnxzip.cost import model_cost
+from onnxzip.errors import ConfigError
+from onnxzip.inputs import generate_inputs
+from onnxzip.passes import PassContext, get_pass
+from onnxzip.pruning import analyze_channels
+from onnxzip.runtime import make_session, run_session
+from onnxzip.search import Budget, PruningEnv, resolve_step
+from onnxzip.search import policy as search_policy
+from onnxzip.search.env import prunable_groups
+
+
+def mixed_graph() -> onnx.ModelProto:
+    """stem → depthwise → Concat(side branch) → mix Conv → Add(stem) → Conv → GAP → Gemm; no
+    BN scale is zero, so every removed channel carries a value (a compensation bias appears)."""
+    b = GraphBuilder(7)
+    stem = b.node("Relu", [b.bn(b.conv("x", 3, 8, name="stem"), 8, name="stem_bn")])
+    dw = b.node("Relu", [b.bn(b.conv(stem, 8, 8, group=8, name="dw"), 8, name="dw_bn")])
+    side = b.node("Relu", [b.bn(b.conv(stem, 8, 6, name="side"), 6, name="side_bn")])
+    joined = b.node("Concat", [dw, side], axis=1)
+    mix = b.node("Relu", [b.bn(b.conv(joined, 14, 8, name="mix"), 8, name="mix_bn")])
+    block = b.node("Relu", [b.node("Add", [mix, stem])])
+    top = b.node("Relu", [b.bn(b.conv(block, 8, 12, name="top"), 12, name="top_bn")])
+    return b.model(b.head(top, 12))
+
+
+def _env(model: onnx.ModelProto, **budget: float) -> PruningEnv:
+    context = PassContext()
+    analysis = analyze_channels(model, shapes=context.shapes(model))
+    return PruningEnv(analysis, context.cost(model), prunable_groups(analysis, lambda g: True), Budget(**budget))
+
+
+def _labelled(model: onnx.ModelProto, count: int = 48) -> dict[str, np.ndarray]:
+    feeds = generate_inputs(model, batch=count, seed=3)
+    logits = next(iter(run_session(make_session(model, "cpu"), feeds).values()))
+    return {**feeds, "labels": logits.argmax(axis=1)}
+
+
+def _ddpg(**extra) -> dict:
+    return {"policy": "ddpg", "params_budget": 0.6, "episodes": 10, "warmup": 4, "proposals": 3, **extra}
+
+
+def test_groups_in_graph_order_and_costs_are_exact():
+    model = mixed_graph()
+    env = _env(model, params=0.6)
+    assert [g.id for g in env.groups] == ["stem", "side", "top"]
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        episode = env.rollout(lambda state, step: rng.uniform())
+        pruned = get_pass("prune-channels")(layer_ratios=episode.ratios).run(model, PassContext())
+        kept = {gid: len(d["keep"]) for gid, d in pruned.plan.layers.items()}
+        assert kept == episode.counts
+        actual = model_cost(pruned.model)
+        assert (episode.params, episode.flops) == (actual.params, actual.flops)
+
+
+@pytest.mark.parametrize("budget", [{"params": 0.5}, {"params": 0.7}, {"flops": 0.45}])
+def test_budget_is_met_within_one_channel(budget):
+    env = _env(mixed_graph(), **budget)
+    kind = next(iter(budget))
+    target = budget[kind] * (env.cost.params0 if kind == "params" else env.cost.flops0)
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(20):
+        episode = env.rollout(lambda state, step: rng.uniform())
+        value = episode.params if kind == "params" else episode.flops
+        one_channel = env.one_channel(episode.counts, env.groups[-1].id)[0 if kind == "params" else 1]
+        assert target - one_channel < value <= target
+        seen.add(tuple(episode.counts.values()))
+    assert len(seen) > 3  # the wall leaves the agent real choices
+
+
+def test_search_is_reproducible_records_episodes_and_replays(tmp_path, monkeypatch):
+    model = mixed_graph()
+    data = _labelled(model)
+    first = onnxzip.compress(model, prune_channels=_ddpg(seed=5), data=data, allow_gate_failure=True)
+    recipe = {"passes": [{"prune-channels": _ddpg(seed=5)}]}  # the same through a recipe
+    second = onnxzip.compress(model, recipe, data=data, allow_gate_failure=True)
+    report = first.report.passes[0]
+    search = report.details["search"]
+    assert len(search["episodes"]) == 10 and {"ratios", "params", "flops", "reward", "accuracy"} <= set(search["episodes"][0])
+    assert first.plan.to_dict() == second.plan.to_dict()
+    assert search["episodes"] == second.report.passes[0].details["search"]["episodes"]
+    best = max(search["episodes"], key=lambda e: e["reward"])
+    assert first.plan.steps[0].config["layer_ratios"] == best["ratios"]
+    assert report.params_after == best["params"] <= 0.6 * report.params_before
+    # the plan replays without searching
+    path = tmp_path / "plan.json"
+    first.plan.save(path)
+    monkeypatch.setattr(search_policy.Search, "run", lambda self, progress=False: pytest.fail("searched again"))
+    replayed = onnxzip.compress(model, plan=path, allow_gate_failure=True)
+    assert_same_outputs(first.model, replayed.model)
+
+
+def test_cli_ddpg_then_plan(tmp_path):
+    model = mixed_graph()
+    source, data = tmp_path / "m.onnx", tmp_path / "data.npz"
+    onnx.save(model, source)
+    np.savez(data, **_labelled(model))
+    plan, report = tmp_path / "plan.json", tmp_path / "report.json"
+    flags = "policy=ddpg,params_budget=0.5,episodes=6,warmup=3,proposals=2,seed=1,reward=linear,reward_b=0.2"
+    assert main(["compress", str(source), "-o", str(tmp_path / "a.onnx"), "--prune-channels", flags, "--data", str(data),
+                 "--save-plan", str(plan), "--report", str(report), "--force", "-q"]) == 0
+    assert json.loads(plan.read_text())["steps"][0]["config"]["layer_ratios"]
+    assert main(["compress", str(source), "-o", str(tmp_path / "b.onnx"), "--plan", str(plan), "--force", "-q"]) == 0
+    assert_same_outputs(str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"))
+    assert main(["compress", str(source), "-o", str(tmp_path / "c.onnx"), "--prune-channels", "policy=ddpg", "-q"]) == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"policy": "ddpg"}, "needs params_budget or flops_budget"),
+    (_ddpg(params_budget=1.5), "must be in (0, 1]"),
+    (_ddpg(reward_b=0), "reward_b must be positive"),
+    (_ddpg(params_budget=0.01), "cannot be met"),
+])
+def test_bad_options_are_config_errors(options, message):
+    model = mixed_graph()
+    step = get_pass("prune-channels")(options)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        resolve_step(step, model, PassContext(feeds=generate_inputs(model, batch=4)), _labelled(model, 8))
+    with pytest.raises(ConfigError, match="runs its search through onnxzip.compress"):
+        get_pass("prune-channels")(_ddpg()).run(model, PassContext())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed")
+def test_two_ray_workers_give_the_in_process_plan():
+    model = mixed_graph()
+    data = _labelled(model, 32)
+    context = PassContext(feeds=generate_inputs(model, batch=4))
+    options = _ddpg(episodes=8, warmup=4, proposals=4, seed=2)
+    _, local = resolve_step(get_pass("prune-channels")(options), model, context, data)
+    _, remote = resolve_step(get_pass("prune-channels")({**options, "workers": 2}), model, context, data)
+    assert remote.ratios == local.ratios
+    assert [(r.ratios, r.accuracy, r.reward) for r in remote.history] == [(r.ratios, r.accuracy, r.reward) for r in local.history]
+
+
+def test_reward_data_without_the_model_inputs_is_a_data_error():
+    from onnxzip.errors import DataError
+
+    model = mixed_graph()
+    step = get_pass("prune-channels")(_ddpg())
+    with pytest.raises(DataError, match="none of the model's inputs"):
+        resolve_step(step, model, PassContext(), {"other": np.zeros((4, 3, 8, 8), np.float32)})
