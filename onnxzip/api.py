@@ -138,6 +138,9 @@ def compress(
         raise ConfigError("Metric conditions need data with labels or references (--data).")
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims)
+    if recipe.metrics:  # passes that search for the smallest acceptable model ask this
+        context.accept = lambda candidate: quality_gate(
+            original, candidate, data, recipe.metrics, device=recipe.device).passed
     working, notes = prepare_model(original)
     before_cost = context.cost(original)
     executed = PipelinePlan()

@@ -89,6 +89,7 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 16
 MAX_K = 256
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops widening
 SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_var"})
 
 
@@ -112,6 +113,7 @@ class ClusterConfig:
         True, "also biases and BatchNorm/LayerNorm parameters, when that shrinks the file"
     )
     search_step: float = option(0.25, "bits=search: resolution of the avg_bits bisection")
+    sweep_samples: int = option(32, "avg_bits/bits=search: data items the sensitivity sweep runs")
     init: Literal["kmeans||", "kmeans++", "linear", "quantile"] = option(
         "kmeans||", "initial centroids (linear: evenly spaced from w_min to w_max, as in Method 1)"
     )
@@ -141,6 +143,8 @@ class ClusterConfig:
             raise ValueError("give one of k, bits and avg_bits")
         if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
             raise ValueError(f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}")
+        if self.sweep_samples < 1:
+            raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
         if self.search_step <= 0:
             raise ValueError(f"search_step must be positive, got {self.search_step}")
         if isinstance(self.k, int) and not 1 <= self.k <= MAX_K:
@@ -285,8 +289,9 @@ class ClusterPass(Pass):
                 "references (--data)."
             )
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
+        feeds = {k: v[: self.config.sweep_samples] if np.ndim(v) else v for k, v in feeds.items()}
         energies = self._energies(model, uses, context)
-        probe = SensitivityProbe(model, feeds, context.device)
+        probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -296,12 +301,14 @@ class ClusterPass(Pass):
             if not probe.covers(name):
                 fixed.append(name)
                 continue
-            curve = {}
+            curve: dict[int, float] = {}
             for bits in widths:
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
                 curve[stored.bits] = probe.distortion(name, stored.decode())
+                if curve[stored.bits] <= LOSSLESS or stored.bits < bits:
+                    break  # wider codebooks cannot do better (or the tensor has < 2**bits values)
             if curve:
                 curves[name], sizes[name] = curve, int(values.size)
         axes = {name: axis for name, _values, axis in candidates}
