@@ -43,8 +43,10 @@ E[x_j²] of the input channel it multiplies (:mod:`onnxzip.passes.cluster_calibr
 distortion on the data with that weight alone clustered at b = 1..``max_bits`` bits, measured in
 onnxruntime) and :func:`onnxzip.cluster.allocate_bits` minimise the summed distortion at a mean
 of B index bits per clustered weight. ``bits=search`` bisects B (steps of ``search_step``) for
-the smallest model that meets the ``--metric`` conditions. The plan records each weight's k and
-bits (replayable) and its curve; weights outside the main graph get ⌈B⌉ bits.
+the smallest model that meets the ``--metric`` conditions. Leaving a tensor raw is one more
+point of every curve (no error, 32 bits per float32 value counted in the budget), so a small
+sensitive tensor stays raw. The plan records each weight's k and bits (replayable) and its
+curve; weights outside the main graph get ⌈B⌉ bits.
 
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
 when that shrinks the file: a tensor is kept raw unless its codebook, packed indices and decode
@@ -309,7 +311,8 @@ class ClusterPass(Pass):
                 curve[stored.bits] = probe.distortion(name, stored.decode())
                 if curve[stored.bits] <= LOSSLESS or stored.bits < bits:
                     break  # wider codebooks cannot do better (or the tensor has < 2**bits values)
-            if curve:
+            if curve:  # or left raw: no error, 8·itemsize bits per value in the budget
+                curve[8 * values.dtype.itemsize] = 0.0
                 curves[name], sizes[name] = curve, int(values.size)
         axes = {name: axis for name, _values, axis in candidates}
         shapes = {name: values.size for name, values, _axis in candidates}
@@ -319,6 +322,8 @@ class ClusterPass(Pass):
             chosen.update({name: min(8, int(np.ceil(avg))) for name in fixed})
             out = {}
             for name, bits in chosen.items():
+                if bits > 8:
+                    continue  # left raw: clustering it costs more accuracy than its bytes
                 entry = {"k": 2**bits, "bits": bits, "per_channel": axes[name] is not None}
                 if name in curves:
                     entry["sensitivity"] = {str(b): float(f"{d:.4g}") for b, d in curves[name].items()}
