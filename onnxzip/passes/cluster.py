@@ -144,7 +144,9 @@ class ClusterConfig:
         if sum(x is not None for x in (self.k, self.bits, self.avg_bits)) > 1:
             raise ValueError("give one of k, bits and avg_bits")
         if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
-            raise ValueError(f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}")
+            raise ValueError(
+                f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}"
+            )
         if self.sweep_samples < 1:
             raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
         if self.search_step <= 0:
@@ -326,7 +328,9 @@ class ClusterPass(Pass):
                     continue  # left raw: clustering it costs more accuracy than its bytes
                 entry = {"k": 2**bits, "bits": bits, "per_channel": axes[name] is not None}
                 if name in curves:
-                    entry["sensitivity"] = {str(b): float(f"{d:.4g}") for b, d in curves[name].items()}
+                    entry["sensitivity"] = {
+                        str(b): float(f"{d:.4g}") for b, d in curves[name].items()
+                    }
                 out[name] = entry
             return out
 
@@ -395,7 +399,9 @@ class ClusterPass(Pass):
             constant, consumers = uses[weight.name]
             values = np.asarray(constant.values)
             axis = _channel_axis(constant, consumers) if entry.get("per_channel") else None
-            stored, quality = self._stored(weight.name, values, k, axis, seed, energies.get(weight.name))
+            stored, quality = self._stored(
+                weight.name, values, k, axis, seed, energies.get(weight.name)
+            )
             encoded = _decode_bytes(stored, values.shape, opset, weight.name)
             raw = _raw_bytes(weight.name, values)
             if encoded >= raw:
@@ -444,7 +450,9 @@ class ClusterPass(Pass):
         if clustered:
             count = sum(n for _b, n in clustered.values())
             average = sum(b * n for b, n in clustered.values()) / count
-            report.notes.append(f"mean index width {average:.3f} bits over {count} clustered values")
+            report.notes.append(
+                f"mean index width {average:.3f} bits over {count} clustered values"
+            )
         if shared.tables():
             sizes = sorted({f"{t.name} ({t.values.nbytes} B)" for t in shared.tables()})
             report.notes.append(f"packed indices unpack through shared tables: {', '.join(sizes)}")
@@ -753,7 +761,7 @@ def _insert_decode(
     planes = stored.stored_planes()
     index = None
     for width, shift, data in planes:
-        suffix = f"indices_u{stored.bits}" if len(planes) == 1 else f"indices_u{stored.bits}_p{shift}"
+        suffix = f"indices_u{stored.bits}" + ("" if len(planes) == 1 else f"_p{shift}")
         plane = build.op("Cast", [build.const(suffix, data)], to=int(onnx.TensorProto.INT32))
         if width < 8:
             plane = build.op("Gather", [build.table(width), plane])  # [bytes, 8/width]

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def run_outputs(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], device: str, names: list[str] | None = None
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    device: str,
+    names: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` on ``feeds``; with ``names``, those tensors are made outputs first."""
     if names:
@@ -160,7 +163,8 @@ class SensitivityProbe:
 
     def distortion(self, name: str, value: np.ndarray) -> float:
         """mean over float outputs of ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
-        outputs = run_session(self.session, {**self.feeds, name: value.astype(self.values[name].dtype)})
+        value = value.astype(self.values[name].dtype)
+        outputs = run_session(self.session, {**self.feeds, name: value})
         errors = []
         for key, ref in self.reference.items():
             diff = outputs[key].astype(np.float64) - ref
