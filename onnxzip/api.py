@@ -149,6 +149,10 @@ def compress(
         raise ConfigError("Metric conditions need data with labels or references (--data).")
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims, original=original, data=data, val=val)
+    if recipe.metrics:  # passes that search for the smallest acceptable model ask this
+        judged_on = val if val is not None else data
+        context.accept = lambda candidate: quality_gate(
+            original, candidate, judged_on, recipe.metrics, device=recipe.device).passed
     working, notes = prepare_model(original)
     if recipe.loop is not None:
         if recipe.passes and recipe.passes != Recipe.default().passes:

@@ -43,8 +43,10 @@ E[x_j²] of the input channel it multiplies (:mod:`onnxzip.passes.cluster_calibr
 distortion on the data with that weight alone clustered at b = 1..``max_bits`` bits, measured in
 onnxruntime) and :func:`onnxzip.cluster.allocate_bits` minimise the summed distortion at a mean
 of B index bits per clustered weight. ``bits=search`` bisects B (steps of ``search_step``) for
-the smallest model that meets the ``--metric`` conditions. The plan records each weight's k and
-bits (replayable) and its curve; weights outside the main graph get ⌈B⌉ bits.
+the smallest model that meets the ``--metric`` conditions. Leaving a tensor raw is one more
+point of every curve (no error, 32 bits per float32 value counted in the budget), so a small
+sensitive tensor stays raw. The plan records each weight's k and bits (replayable) and its
+curve; weights outside the main graph get ⌈B⌉ bits.
 
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
 when that shrinks the file: a tensor is kept raw unless its codebook, packed indices and decode
@@ -89,6 +91,7 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 16
 MAX_K = 256
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops widening
 SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_var"})
 
 
@@ -112,6 +115,7 @@ class ClusterConfig:
         True, "also biases and BatchNorm/LayerNorm parameters, when that shrinks the file"
     )
     search_step: float = option(0.25, "bits=search: resolution of the avg_bits bisection")
+    sweep_samples: int = option(32, "avg_bits/bits=search: data items the sensitivity sweep runs")
     init: Literal["kmeans||", "kmeans++", "linear", "quantile"] = option(
         "kmeans||", "initial centroids (linear: evenly spaced from w_min to w_max, as in Method 1)"
     )
@@ -140,7 +144,11 @@ class ClusterConfig:
         if sum(x is not None for x in (self.k, self.bits, self.avg_bits)) > 1:
             raise ValueError("give one of k, bits and avg_bits")
         if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
-            raise ValueError(f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}")
+            raise ValueError(
+                f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}"
+            )
+        if self.sweep_samples < 1:
+            raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
         if self.search_step <= 0:
             raise ValueError(f"search_step must be positive, got {self.search_step}")
         if isinstance(self.k, int) and not 1 <= self.k <= MAX_K:
@@ -285,8 +293,9 @@ class ClusterPass(Pass):
                 "references (--data)."
             )
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
+        feeds = {k: v[: self.config.sweep_samples] if np.ndim(v) else v for k, v in feeds.items()}
         energies = self._energies(model, uses, context)
-        probe = SensitivityProbe(model, feeds, context.device)
+        probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -296,13 +305,16 @@ class ClusterPass(Pass):
             if not probe.covers(name):
                 fixed.append(name)
                 continue
-            curve = {}
+            curve: dict[int, float] = {}
             for bits in widths:
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
                 curve[stored.bits] = probe.distortion(name, stored.decode())
-            if curve:
+                if curve[stored.bits] <= LOSSLESS or stored.bits < bits:
+                    break  # wider codebooks cannot do better (or the tensor has < 2**bits values)
+            if curve:  # or left raw: no error, 8·itemsize bits per value in the budget
+                curve[8 * values.dtype.itemsize] = 0.0
                 curves[name], sizes[name] = curve, int(values.size)
         axes = {name: axis for name, _values, axis in candidates}
         shapes = {name: values.size for name, values, _axis in candidates}
@@ -312,9 +324,13 @@ class ClusterPass(Pass):
             chosen.update({name: min(8, int(np.ceil(avg))) for name in fixed})
             out = {}
             for name, bits in chosen.items():
+                if bits > 8:
+                    continue  # left raw: clustering it costs more accuracy than its bytes
                 entry = {"k": 2**bits, "bits": bits, "per_channel": axes[name] is not None}
                 if name in curves:
-                    entry["sensitivity"] = {str(b): float(f"{d:.4g}") for b, d in curves[name].items()}
+                    entry["sensitivity"] = {
+                        str(b): float(f"{d:.4g}") for b, d in curves[name].items()
+                    }
                 out[name] = entry
             return out
 
@@ -383,7 +399,9 @@ class ClusterPass(Pass):
             constant, consumers = uses[weight.name]
             values = np.asarray(constant.values)
             axis = _channel_axis(constant, consumers) if entry.get("per_channel") else None
-            stored, quality = self._stored(weight.name, values, k, axis, seed, energies.get(weight.name))
+            stored, quality = self._stored(
+                weight.name, values, k, axis, seed, energies.get(weight.name)
+            )
             encoded = _decode_bytes(stored, values.shape, opset, weight.name)
             raw = _raw_bytes(weight.name, values)
             if encoded >= raw:
@@ -432,7 +450,9 @@ class ClusterPass(Pass):
         if clustered:
             count = sum(n for _b, n in clustered.values())
             average = sum(b * n for b, n in clustered.values()) / count
-            report.notes.append(f"mean index width {average:.3f} bits over {count} clustered values")
+            report.notes.append(
+                f"mean index width {average:.3f} bits over {count} clustered values"
+            )
         if shared.tables():
             sizes = sorted({f"{t.name} ({t.values.nbytes} B)" for t in shared.tables()})
             report.notes.append(f"packed indices unpack through shared tables: {', '.join(sizes)}")
@@ -741,7 +761,7 @@ def _insert_decode(
     planes = stored.stored_planes()
     index = None
     for width, shift, data in planes:
-        suffix = f"indices_u{stored.bits}" if len(planes) == 1 else f"indices_u{stored.bits}_p{shift}"
+        suffix = f"indices_u{stored.bits}" + ("" if len(planes) == 1 else f"_p{shift}")
         plane = build.op("Cast", [build.const(suffix, data)], to=int(onnx.TensorProto.INT32))
         if width < 8:
             plane = build.op("Gather", [build.table(width), plane])  # [bytes, 8/width]

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def run_outputs(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], device: str, names: list[str] | None = None
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    device: str,
+    names: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` on ``feeds``; with ``names``, those tensors are made outputs first."""
     if names:
@@ -119,33 +122,49 @@ def _main_tensors(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 class SensitivityProbe:
-    """Output distortion of ``model`` on ``feeds`` when one main-graph initializer is replaced."""
+    """Output distortion of ``model`` on ``feeds`` when one main-graph initializer is replaced.
 
-    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], device: str) -> None:
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(model)
-        self.feeds, self.device = feeds, device
-        self.slots = {t.name: i for i, t in enumerate(self.model.graph.initializer)}
-        reference = run_outputs(self.model, feeds, device)
+    The probed initializers become graph inputs of one session, fed their original values, so
+    a probe is one run (no session per probe): a sweep of L weights × 8 widths stays seconds."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        feeds: dict[str, np.ndarray],
+        device: str,
+        names: list[str],
+    ) -> None:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        graph = probe.graph
+        inputs = {i.name for i in graph.input}
+        wanted = set(names) - inputs
+        self.values: dict[str, np.ndarray] = {}
+        kept = []
+        for tensor in graph.initializer:
+            if tensor.name in wanted:
+                self.values[tensor.name] = numpy_helper.to_array(tensor)
+                graph.input.append(onnx.helper.make_tensor_value_info(
+                    tensor.name, tensor.data_type, list(tensor.dims)))
+            else:
+                kept.append(tensor)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        self.session = make_session(probe, device)
+        self.feeds = {**feeds, **self.values}
+        reference = run_session(self.session, self.feeds)
         self.reference = {
             k: v.astype(np.float64) for k, v in reference.items()
             if np.issubdtype(np.asarray(v).dtype, np.floating)
         }
 
     def covers(self, name: str) -> bool:
-        return name in self.slots
+        return name in self.values
 
     def distortion(self, name: str, value: np.ndarray) -> float:
         """mean over float outputs of ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
-        initializers = self.model.graph.initializer
-        slot = self.slots[name]
-        original = onnx.TensorProto()
-        original.CopyFrom(initializers[slot])
-        initializers[slot].CopyFrom(numpy_helper.from_array(value, name))
-        try:
-            outputs = run_outputs(self.model, self.feeds, self.device)
-        finally:
-            initializers[slot].CopyFrom(original)
+        value = value.astype(self.values[name].dtype)
+        outputs = run_session(self.session, {**self.feeds, name: value})
         errors = []
         for key, ref in self.reference.items():
             diff = outputs[key].astype(np.float64) - ref
