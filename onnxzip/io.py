@@ -28,6 +28,7 @@ from onnx import external_data_helper
 
 from onnxzip.compat import check_opsets, compatible_ir_version, ir_version_as
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
+from onnxzip.sanity import check_structure
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
                 f"{name} uses an operator unknown to ONNX: {message}"
             ) from exc
         raise InvalidModelError(f"{name} is not a valid ONNX model: {message}") from exc
+    check_structure(model, name)
 
 
 
