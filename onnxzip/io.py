@@ -28,7 +28,7 @@ from onnx import external_data_helper
 
 from onnxzip.compat import check_opsets, compatible_ir_version, ir_version_as
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
-from onnxzip.sanity import check_structure
+from onnxzip.sanity import check_structure, check_text
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,12 @@ def _load_external(model: onnx.ModelProto, base_dir: Path, name: str) -> None:
 def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
     """Refuse models onnxruntime 1.19 cannot load or that are not valid ONNX."""
     check_opsets(model)
+    check_text(model, name)  # first: the checker's own messages would quote undecodable bytes
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
+    except UnicodeDecodeError as exc:  # a message quoting bytes check_text does not reach
+        raise InvalidModelError(f"{name} is not a valid ONNX model: it holds text that is not UTF-8.") from exc
     except onnx.checker.ValidationError as exc:
         message = _first_line(exc)
         if "No Op registered" in message or "No opset import" in message:

@@ -56,9 +56,7 @@ _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "QLinearConv":
 
 def check_structure(model: onnx.ModelProto, name: str = "the model") -> None:
     """Raise :class:`InvalidModelError` (one sentence) for what the ONNX checker lets through."""
-    bad = _first_non_utf8(model, "model")
-    if bad:
-        raise InvalidModelError(f"{name} has a text field that is not valid UTF-8 ({bad}).")
+    check_text(model, name)
     if not model.graph.output:
         raise InvalidModelError(f"{name} declares no graph outputs, so there is nothing to compute.")
     for graph in iter_graphs(model.graph):
@@ -76,11 +74,25 @@ def check_structure(model: onnx.ModelProto, name: str = "the model") -> None:
                 _check_attributes(node, graph, label, name)
 
 
+def check_text(model: onnx.ModelProto, name: str = "the model") -> None:
+    """Refuse string fields holding bytes that are not UTF-8 (names, doc strings, metadata)."""
+    bad = _first_non_utf8(model, "model")
+    if bad:
+        raise InvalidModelError(f"{name} has a text field that is not valid UTF-8 ({bad}).")
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf >= 6 has ``is_repeated``; older releases only ``label``.
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
 def _first_non_utf8(message: Message, path: str) -> str | None:
     """Path of the first string field holding undecodable bytes (python protobuf then returns
     ``bytes`` instead of ``str``), or None."""
     for field, value in message.ListFields():
-        repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        repeated = _is_repeated(field)
         if field.type == FieldDescriptor.TYPE_STRING:
             values = value if repeated else [value]
             for index, item in enumerate(values):
@@ -182,9 +194,11 @@ def _check_attributes(node: onnx.NodeProto, graph: onnx.GraphProto, label: str, 
             refuse(f"{key}={values} ({wanted} entries expected)")
 
 
-# The child imports only numpy and onnxruntime (not onnxzip), so it starts quickly.
+# The child imports only numpy and onnxruntime (not onnxzip), so it starts quickly (~0.5 s);
+# onnxruntime-training's import-time check of ORTModule would import torch (~3.5 s more).
 _CHILD = r"""
 import sys
+sys.modules["onnxruntime.training"] = None
 import numpy as np
 import onnxruntime as ort
 options = ort.SessionOptions()
@@ -198,10 +212,14 @@ except Exception as exc:
 if len(sys.argv) < 3:
     print("ok")
     sys.exit(0)
+sets = {}
 with np.load(sys.argv[2], allow_pickle=False) as archive:
-    feeds = {key: archive[key] for key in archive.files}
+    for key in archive.files:
+        index, _, name = key.partition("/")
+        sets.setdefault(int(index), {})[name] = archive[key]
 try:
-    session.run(None, feeds)
+    for index in sorted(sets):
+        session.run(None, sets[index])
 except Exception as exc:
     print("run", str(exc).strip().replace("\n", " "), sep="\t")
     sys.exit(0)
@@ -224,9 +242,11 @@ def _clean(message: str) -> str:
     return message.rstrip(".") + "."
 
 
-def probe_in_child(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None) -> float:
-    """Build a session for ``model`` and run it once on ``feeds`` (only build it when ``feeds``
-    is None) in a child process; returns the seconds it took. A native crash, a load error or a run error of onnxruntime becomes an
+def probe_in_child(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]] | None
+) -> float:
+    """Build a session for ``model`` and run it on ``feeds`` (a feed set or a list of them; only
+    build the session when None) in a child process; returns the seconds it took. A native crash, a load error or a run error of onnxruntime becomes an
     :class:`InvalidModelError` with one sentence.
 
     This is done once per untrusted input (the first time onnxruntime sees it): once the model
@@ -241,7 +261,8 @@ def probe_in_child(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None) 
         model_path.write_bytes(_serialize_compatible(model))
         command = [sys.executable, "-c", _CHILD, str(model_path)]
         if feeds is not None:
-            np.savez(feeds_path, **feeds)
+            sets = feeds if isinstance(feeds, list) else [feeds]
+            np.savez(feeds_path, **{f"{i}/{k}": v for i, one in enumerate(sets) for k, v in one.items()})
             command.append(str(feeds_path))
         try:
             done = subprocess.run(
@@ -270,13 +291,23 @@ def probe_in_child(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None) 
 
 
 
-def probe_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The first sample of ``feeds`` when every input has a symbolic batch axis (the probe only
-    has to reach every kernel once), else ``feeds`` as they are."""
+def probe_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Feed sets for the probe that cover how the model will be run at a fraction of the cost:
+    with a symbolic batch axis, the first sample and the first two (a model may run at batch 1
+    and fail or crash at 2, e.g. Flatten(axis=0) feeding a Gemm); with a fixed batch k, the
+    first k samples; otherwise ``feeds`` as they are."""
     from onnxzip.inputs import graph_inputs
 
-    inputs = {i.name: i.type.tensor_type.shape.dim for i in graph_inputs(model)}
-    symbolic = all(dims and not dims[0].HasField("dim_value") for dims in inputs.values())
-    if not symbolic or not feeds or any(np.ndim(v) == 0 for v in feeds.values()):
-        return feeds
-    return {key: np.asarray(value)[:1] for key, value in feeds.items()}
+    firsts = {i.name: i.type.tensor_type.shape.dim[0] for i in graph_inputs(model) if i.type.tensor_type.shape.dim}
+    lengths = {np.shape(v)[0] if np.ndim(v) else None for v in feeds.values()}
+    if not feeds or len(lengths) != 1 or None in lengths or set(firsts) != set(feeds):
+        return [feeds]
+    (length,) = lengths
+    fixed = {int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in firsts.values()}
+    if fixed == {None}:
+        sizes = sorted({min(length, 1), min(length, 2)})
+    elif len(fixed) == 1:
+        sizes = [min(length, next(iter(fixed)))]
+    else:
+        return [feeds]
+    return [{key: np.asarray(value)[:size] for key, value in feeds.items()} for size in sizes]
