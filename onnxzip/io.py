@@ -43,6 +43,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The whole message on one line (the checker spreads one sentence over several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_model(source: onnx.ModelProto | str | os.PathLike[str] | bytes, *, check: bool = True) -> onnx.ModelProto:
     """Load and check a model. A ``ModelProto`` is deep-copied so the caller's object is untouched."""
     if isinstance(source, onnx.ModelProto):
@@ -111,7 +117,7 @@ def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
     except UnicodeDecodeError as exc:  # a message quoting bytes check_text does not reach
         raise InvalidModelError(f"{name} is not a valid ONNX model: it holds text that is not UTF-8.") from exc
     except onnx.checker.ValidationError as exc:
-        message = _first_line(exc)
+        message = _one_line(exc)
         if "No Op registered" in message or "No opset import" in message:
             raise UnsupportedModelError(
                 f"{name} uses an operator unknown to ONNX: {message}"

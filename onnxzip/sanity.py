@@ -237,6 +237,8 @@ def _clean(message: str) -> str:
             message = message.split(marker, 1)[1]
             break
     message = " ".join(message.split())
+    if message.startswith("Load model from ") and " failed:" in message:  # names our temporary file
+        message = message.split(" failed:", 1)[1].strip()
     if len(message) > 300:
         message = message[:297] + "..."
     return message.rstrip(".") + "."

@@ -470,15 +470,20 @@ def _captured(folder: Path):  # noqa: ANN202
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
     out_path, err_path = folder / "stdout", folder / "stderr"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+    out_path.write_bytes(b"")
+    err_path.write_bytes(b"")
+    with open(out_path, "ab") as out, open(err_path, "ab") as err, \
+            open(out_path, "a", encoding="utf-8") as text_out, open(err_path, "a", encoding="utf-8") as text_err:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         texts: dict[str, str] = {}
         try:
-            yield texts
+            # sys.stdout/sys.stderr may not write to fds 1/2 (pytest replaces them): redirect both.
+            with contextlib.redirect_stdout(text_out), contextlib.redirect_stderr(text_err):
+                yield texts
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            text_out.flush()
+            text_err.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
