@@ -336,9 +336,11 @@ def bad_utf8(data: bytes, rng: Rng) -> bytes:
         model = _parse(data)
     except Exception:  # noqa: BLE001 - an earlier mutation broke the bytes already
         return data
-    names = sorted({n.name for g in _all_graphs(model) for n in g.node if len(n.name) >= 2}
-                   | {t.name for g in _all_graphs(model) for t in g.initializer if len(t.name) >= 2}
-                   | {model.producer_name} - {""})
+    names = sorted(name for name in {n.name for g in _all_graphs(model) for n in g.node}
+                   | {t.name for g in _all_graphs(model) for t in g.initializer} | {model.producer_name}
+                   if isinstance(name, str) and len(name) >= 2)  # names already broken are bytes
+    if not names:
+        return data
     name = _pick(rng, names).encode()
     bad = bytes(int(rng.choice([0x80, 0xC0, 0xFF, 0xFE])) for _ in name)
     return data.replace(name, bad, 1 + int(rng.integers(2)))
