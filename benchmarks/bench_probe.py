@@ -22,7 +22,7 @@ from onnxzip.sanity import probe_feeds, probe_in_child
 
 def timed_compress(path: str) -> float:
     start = time.perf_counter()
-    onnxzip.api.compress(path, cluster={"bits": 4})
+    onnxzip.api.compress(path, cluster={"bits": 4}, allow_gate_failure=True)
     return time.perf_counter() - start
 
 
