@@ -22,6 +22,7 @@ from onnxzip.recipe import PassStep, Recipe
 from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
 from onnxzip.search import resolve_step
+from onnxzip.sanity import probe_feeds, probe_in_child
 from onnxzip.fidelity import FidelityGate, ValidationReport
 from onnxzip.fidelity import validate as _validate
 from onnxzip.weights import materialize_weights
@@ -145,6 +146,7 @@ def compress(
     passes = recipe.build_passes()
     original = load_model(model)
     feeds = fidelity_feeds(original, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
+    probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
     if recipe.metrics and data is None:
         raise ConfigError("Metric conditions need data with labels or references (--data).")
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,

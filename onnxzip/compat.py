@@ -87,6 +87,9 @@ def required_ir_version(model: onnx.ModelProto) -> int:
     ir = helper.find_min_ir_version_for(opsets, ignore_unknown=True) if opsets else 3
     if len(model.functions) > 0:
         ir = max(ir, 8)
+    inputs = {i.name for i in model.graph.input}
+    if any(t.name not in inputs for t in model.graph.initializer):
+        ir = max(ir, 4)  # IR 3 requires every initializer to be listed as a graph input
     return max(ir, _min_ir_for_types(model))
 
 

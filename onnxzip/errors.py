@@ -16,6 +16,10 @@ class InvalidModelError(OnnxzipError):
     """The file is not a readable ONNX model (not ONNX, truncated, missing external data...)."""
 
 
+class NativeCrashError(InvalidModelError):
+    """onnxruntime crashed natively (a signal) on the model, in a child process."""
+
+
 class UnsupportedModelError(OnnxzipError):
     """The model is valid ONNX but uses something onnxzip or the target runtime cannot handle."""
 

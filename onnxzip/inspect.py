@@ -11,8 +11,10 @@ import onnx
 from onnxzip.cost import model_cost, observed_shapes
 from onnxzip.graph import import_graph, walk_nodes
 from onnxzip.inputs import generate_inputs
+from onnxzip.errors import DataError, InvalidModelError, NativeCrashError
 from onnxzip.io import load_model
 from onnxzip.passes import PASSES
+from onnxzip.sanity import probe_in_child
 from onnxzip.report import human_bytes, human_count, render_table
 from onnxzip.weights import discover_weights
 
@@ -79,10 +81,18 @@ def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto, *, dims: dic
     model = load_model(source)
     notes: list[str] = []
     try:
-        shapes = observed_shapes(model, generate_inputs(model, batch=1, dims=dims))
-    except Exception as exc:  # noqa: BLE001 - FLOPs then come from shape inference alone
-        notes.append(f"could not run the model to measure shapes ({str(exc).splitlines()[0]})")
-        shapes = observed_shapes(model, {})
+        feeds: dict | None = generate_inputs(model, batch=1, dims=dims)
+    except DataError as exc:
+        feeds = None
+        notes.append(f"could not run the model to measure shapes ({exc})")
+    try:
+        probe_in_child(model, feeds)  # the first run, where a native crash cannot take us down
+    except NativeCrashError:
+        raise
+    except InvalidModelError as exc:  # FLOPs then come from shape inference alone
+        notes.append(f"could not run the model to measure shapes ({exc})")
+        feeds = None
+    shapes = observed_shapes(model, feeds or {})
     cost = model_cost(model, shapes)
     if not cost.shapes_known:
         notes.append("some shapes are unknown; FLOPs are a lower bound")

@@ -28,6 +28,7 @@ from onnx import external_data_helper
 
 from onnxzip.compat import check_opsets, compatible_ir_version, ir_version_as
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
+from onnxzip.sanity import check_structure, check_text
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The whole message on one line (the checker spreads one sentence over several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_model(source: onnx.ModelProto | str | os.PathLike[str] | bytes, *, check: bool = True) -> onnx.ModelProto:
@@ -103,16 +110,20 @@ def _load_external(model: onnx.ModelProto, base_dir: Path, name: str) -> None:
 def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
     """Refuse models onnxruntime 1.19 cannot load or that are not valid ONNX."""
     check_opsets(model)
+    check_text(model, name)  # first: the checker's own messages would quote undecodable bytes
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
+    except UnicodeDecodeError as exc:  # a message quoting bytes check_text does not reach
+        raise InvalidModelError(f"{name} is not a valid ONNX model: it holds text that is not UTF-8.") from exc
     except onnx.checker.ValidationError as exc:
-        message = _first_line(exc)
+        message = _one_line(exc)
         if "No Op registered" in message or "No opset import" in message:
             raise UnsupportedModelError(
                 f"{name} uses an operator unknown to ONNX: {message}"
             ) from exc
         raise InvalidModelError(f"{name} is not a valid ONNX model: {message}") from exc
+    check_structure(model, name)
 
 
 

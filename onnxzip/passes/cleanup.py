@@ -81,8 +81,11 @@ def _fix_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
             continue
         dims = tensor_type.shape.dim
         if len(dims) != len(observed):
-            tensor_type.ClearField("shape")
-            notes.append(f"output '{output.name}': declared rank {len(dims)} but onnxruntime gives {len(observed)}; shape cleared")
+            # The checker requires a shape on graph outputs: keep the observed rank, sizes unknown.
+            tensor_type.shape.ClearField("dim")
+            for _ in observed:
+                tensor_type.shape.dim.add()
+            notes.append(f"output '{output.name}': declared rank {len(dims)} but onnxruntime gives {len(observed)}; sizes cleared")
             continue
         for axis, (dim, size) in enumerate(zip(dims, observed)):
             if dim.HasField("dim_value") and dim.dim_value != size:
