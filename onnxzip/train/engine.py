@@ -258,6 +258,7 @@ def finetune(
     model = _prepared(load_model(model))
     teacher_model = load_model(teacher) if teacher is not None else None
     device = resolve_device(device)
+    log.info("fine-tuning on %s", "CUDA" if device == "cuda" else "the CPU")
     train = _load_data(model, data, "training")
     held_out = _load_data(model, val, "validation") if val is not None else None
     fixed = fixed_batch(model)
