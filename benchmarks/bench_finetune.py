@@ -2,14 +2,15 @@
 
 Prints, side by side with the untuned result measured in the same run:
 
-1. Reference CNN: sparsity training (L1 on BatchNorm γ, labels) → prune 50% of the channels of
+1. Reference CNN: sparsity training (L1 on BatchNorm γ, labels; with AdamW the proximal step
+   lr·λ competes with an update of about lr, so λ is of order 0.1-1) → prune 50% of the channels of
    every layer → fine-tune with labels: test accuracy against the original.
 2. Reference CNN and transformer at 4-bit codebooks + SVD budget 0.5, then label-free
    distillation from the original: output cosine to the original and test accuracy.
 3. One training epoch of the reference CNN in onnxruntime vs the same epoch in PyTorch (same
    data, batch 32, AdamW, learning rate): the time ratio.
 
-Usage: ``python benchmarks/bench_finetune.py [--epochs 8] [--skip prune,codebook,speed]``.
+Usage: ``python benchmarks/bench_finetune.py [--epochs 6] [--bits 4] [--sparsity 0.5] [--skip prune,codebook,speed]``.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _val(reference):
     return {reference.input_name: np.asarray(reference.test_inputs), "labels": np.asarray(reference.test_labels)}
 
 
-def bench_prune(epochs: int) -> None:
+def bench_prune(epochs: int, sparsity: float) -> None:
     reference = get_reference_model("cnn")
     original_acc = reference.accuracy(reference.onnx_path, device="cpu")
     prune = [{"prune-channels": {"ratio": 0.5, "scope": "layer"}}]
@@ -43,7 +44,7 @@ def bench_prune(epochs: int) -> None:
     blind = compress(reference.onnx_path, {"passes": prune}, data=data, check=False)
     began = time.perf_counter()
     sparse = finetune(reference.onnx_path, _labelled(reference), device="cpu", progress=False,
-                      config={"epochs": epochs, "lr": 2e-3, "sparsity": 2e-3, "patience": 0})
+                      config={"epochs": epochs, "lr": 2e-3, "sparsity": sparsity, "patience": 0})
     pruned = compress(sparse.model, {"passes": prune}, data=data, check=False)
     tuned = finetune(pruned.model, _labelled(reference), val=_val(reference), device="cpu", progress=False,
                      config={"epochs": epochs, "lr": 2e-3, "patience": 3})
@@ -51,16 +52,16 @@ def bench_prune(epochs: int) -> None:
     print("\n1. reference CNN, prune 50% of the channels per layer (test accuracy, original "
           f"{original_acc:.3f})")
     print(f"   prune, no training:                          {reference.accuracy(blind.model, device='cpu'):.3f}")
-    print(f"   sparsity-train (λ=2e-3, {epochs} ep), prune:       {reference.accuracy(pruned.model, device='cpu'):.3f}"
+    print(f"   sparsity-train (λ={sparsity:g}, {epochs} ep), prune:   {reference.accuracy(pruned.model, device='cpu'):.3f}"
           f"   ({sparse.gammas_below_threshold}/{sparse.gammas} γ < 0.01 after sparsity training)")
     acc = reference.accuracy(tuned.model, device="cpu")
     print(f"   sparsity-train, prune, fine-tune ({epochs} ep):    {acc:.3f}   "
           f"(drop {100 * (original_acc - acc):.1f} points; target <= 1; {seconds:.0f} s)")
 
 
-def bench_codebook(name: str, epochs: int) -> None:
+def bench_codebook(name: str, epochs: int, bits: int) -> None:
     reference = get_reference_model(name)
-    passes = [{"cluster": {"bits": 4}}, {"svd": {"budget": 0.5}}]
+    passes = [{"cluster": {"bits": bits}}, {"svd": {"budget": 0.5}}]
     inputs = {reference.input_name: np.asarray(reference.train_inputs)}
     untuned = compress(reference.onnx_path, {"passes": passes}, data=inputs, check=False)
     val = {reference.input_name: np.asarray(reference.test_inputs)}
@@ -70,7 +71,7 @@ def bench_codebook(name: str, epochs: int) -> None:
     seconds = time.perf_counter() - began
     original = reference.predict(reference.onnx_path, device="cpu")
     acc0 = reference.accuracy(reference.onnx_path, device="cpu")
-    print(f"\n2. reference {name}, 4-bit codebooks + SVD budget 0.5, label-free distillation ({epochs} ep, {seconds:.0f} s)")
+    print(f"\n2. reference {name}, {bits}-bit codebooks + SVD budget 0.5, label-free distillation ({epochs} ep, {seconds:.0f} s)")
     print("   model        cosine   accuracy   size")
     print(f"   original     1.0000   {acc0:.3f}      {untuned.report.before.bytes:,} B")
     for label, model in (("untuned", untuned.model), ("fine-tuned", tuned.model)):
@@ -110,17 +111,19 @@ def bench_speed() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--bits", type=int, default=4, help="codebook bits of part 2")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="λ of the sparsity training in part 1")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: prune, codebook, speed")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if "speed" not in skip:
         bench_speed()
     if "codebook" not in skip:
-        bench_codebook("cnn", args.epochs)
-        bench_codebook("transformer", args.epochs)
+        bench_codebook("cnn", args.epochs, args.bits)
+        bench_codebook("transformer", args.epochs, args.bits)
     if "prune" not in skip:
-        bench_prune(args.epochs)
+        bench_prune(args.epochs, args.sparsity)
 
 
 if __name__ == "__main__":

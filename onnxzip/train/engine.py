@@ -60,7 +60,7 @@ class FinetuneConfig:
     loss: Literal["auto", "mse", "l1", "kl", "cross_entropy"] = option(
         "auto", "auto: cross_entropy with labels, mse against references, else distillation (mse) "
         "from the teacher; kl distills class scores")
-    sparsity: float = option(0.0, "λ of an L1 penalty on BatchNorm/LayerNorm γ (proximal step)")
+    sparsity: float = option(0.0, "λ of an L1 penalty on BatchNorm/LayerNorm γ (proximal step; the last epoch is kept)")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
     metric: str | None = option(None, "evaluator metric on --val (default: accuracy with labels, "
@@ -258,6 +258,7 @@ def finetune(
     model = _prepared(load_model(model))
     teacher_model = load_model(teacher) if teacher is not None else None
     device = resolve_device(device)
+    log.info("fine-tuning on %s", "CUDA" if device == "cuda" else "the CPU")
     train = _load_data(model, data, "training")
     held_out = _load_data(model, val, "validation") if val is not None else None
     fixed = fixed_batch(model)
@@ -425,7 +426,7 @@ def _train(
         if progress:
             tqdm.write("finetune " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()))
-        if score > best_score:
+        if score > best_score or sparse:  # sparsity training keeps its last (sparsest) epoch
             best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
         else:
             stale += 1

@@ -280,6 +280,9 @@ def select_weights(
         if name in inner_reads:
             frozen[name] = "read inside an If/Loop/Scan body (onnxruntime cannot train it)"
             continue
+        if int(np.prod(tensor.dims)) <= 1:
+            frozen[name] = "a scalar constant (eps, scale factors, activation constants), not a weight"
+            continue
         uses = consumers.get(name, [])
         bad = [(n, s) for n, s in uses if s not in WEIGHT_SLOTS.get(n.op_type, ())]
         if not uses:

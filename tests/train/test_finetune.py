@@ -260,3 +260,13 @@ def test_sparsity_soft_threshold_drives_gammas_below_the_threshold():
                       config={**FAST, "lr": 0.05, "sparsity": 10.0, "epochs": 2})
     gamma = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == "g")
     assert result.gammas == 6 and result.gammas_below_threshold == int(np.sum(np.abs(gamma) < 1e-2)) >= 4
+
+
+def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
+    teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((128, 8)).astype(np.float32)
+    result = finetune(student, {"x": x}, teacher=teacher, device="cpu", progress=False,
+                      config={"loss": "kl", "epochs": 3, "lr": 0.01, "patience": 0})
+    assert result.losses == ["kl(y)"]
+    agree = lambda m: np.mean(_outputs(m, {"x": x})["y"].argmax(1) == _outputs(teacher, {"x": x})["y"].argmax(1))  # noqa: E731
+    assert agree(result.model) > agree(student)
