@@ -148,6 +148,8 @@ class Pass:
     config_class: ClassVar[type]
     summary: ClassVar[str] = ""
     shorthand: ClassVar[str | None] = None  # the option a bare flag value sets (--cluster auto)
+    # Plans from the weights alone (no onnxruntime run, no sample inputs needed).
+    weight_only: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
