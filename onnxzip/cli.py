@@ -64,7 +64,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output (default 0.99)")
     gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output")
     gate.add_argument("--max-abs", type=float, default=None, help="maximum absolute error per output")
-    gate.add_argument("--min-argmax-agreement", type=float, default=None, help="minimum share of equal argmax for class scores")
+    gate.add_argument("--min-argmax-agreement", type=float, default=None, help="minimum share of equal argmax for class-score outputs (default 0.95)")
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, float]:

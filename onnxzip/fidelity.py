@@ -44,7 +44,7 @@ class FidelityGate:
     min_cosine: float | None = 0.99
     max_rel_l2: float | None = None
     max_abs: float | None = None
-    min_argmax_agreement: float | None = None
+    min_argmax_agreement: float | None = 0.95  # class-score outputs only
 
     def __post_init__(self) -> None:
         for name in ("min_cosine", "min_argmax_agreement"):

@@ -203,7 +203,7 @@ def resolve_input_shapes(
     from onnxzip.runtime import make_session, run_session
 
     try:
-        session = make_session(model, "cpu", optimization="basic")
+        session = make_session(model, "cpu", optimization="basic", quiet=True)
     except InvalidModelError as exc:
         log.info("cannot probe input sizes: %s", exc)
         return result(choices[0], False, 0)

@@ -17,6 +17,13 @@ def _ints(name: str, values: list[int]) -> onnx.NodeProto:
     return _const(name, np.array(values, dtype=np.int64))
 
 
+def _trained_like(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """Weights bunched around a dozen values, as trained weights often are (4-bit codebooks
+    then keep them nearly exactly)."""
+    levels = np.linspace(-1.0, 1.0, 12)
+    return ((rng.choice(levels, size=shape) + rng.normal(0, 0.005, size=shape)) * scale).astype(np.float32)
+
+
 def vision_model(seed: int = 0) -> onnx.ModelProto:
     """x[?, 3, ?, ?] (axis 0 unnamed, axis 2 ``'?'``, axis 3 without value or name) → Conv(s2) →
     Relu → Conv(s2) → Reshape[0, 2048] (only 32×32 images fit) → Gemm → logits[N, 10]; every
@@ -31,10 +38,10 @@ def vision_model(seed: int = 0) -> onnx.ModelProto:
         elif param:
             dim.dim_param = param
     nodes = [
-        _const("w1", rng.standard_normal((32, 3, 3, 3)).astype(np.float32) * 0.3),
-        _const("w2", rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1),
-        _const("b2", rng.standard_normal(32).astype(np.float32) * 0.1),
-        _const("fc", rng.standard_normal((2048, 10)).astype(np.float32) * 0.05),
+        _const("w1", _trained_like(rng, (32, 3, 3, 3), 0.3)),
+        _const("w2", _trained_like(rng, (32, 32, 3, 3), 0.1)),
+        _const("b2", _trained_like(rng, (32,), 0.1)),
+        _const("fc", _trained_like(rng, (2048, 10), 0.05)),
         _ints("flat", [0, 2048]),
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),

@@ -150,6 +150,8 @@ class Pass:
     shorthand: ClassVar[str | None] = None  # the option a bare flag value sets (--cluster auto)
     # Plans from the weights alone (no onnxruntime run, no sample inputs needed).
     weight_only: ClassVar[bool] = False
+    # The pass exists to make files smaller: an output that is not is discarded (see run).
+    reduces_bytes: ClassVar[bool] = True
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -188,6 +190,15 @@ class Pass:
         result = self.apply(model, plan, context)
         self._check_output(result.model)
         report = result.report
+        if self.reduces_bytes and report.modified and result.model.ByteSize() >= model.ByteSize():
+            reason = (f"the rewritten model ({result.model.ByteSize()} B) would not be smaller than "
+                      f"its input ({model.ByteSize()} B); rewrite skipped")
+            for change in report.changes:
+                if not change.skipped:
+                    change.decision, change.reason = "skipped", reason
+            report.notes.append(reason)
+            report.modified = False
+            result = PassResult(model, report, result.plan)
         before, after = context.cost(model), context.cost(result.model)
         report.params_before, report.params_after = before.params, after.params
         report.flops_before, report.flops_after = before.flops, after.flops

@@ -32,6 +32,7 @@ class CleanupPass(Pass):
     name = "cleanup"
     config_class = CleanupConfig
     weight_only = True
+    reduces_bytes = False
     summary = "Remove dead nodes and unused initializers, fold constant weight chains, sort, fix shapes."
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
