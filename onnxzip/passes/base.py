@@ -190,7 +190,8 @@ class Pass:
         result = self.apply(model, plan, context)
         self._check_output(result.model)
         report = result.report
-        if self.reduces_bytes and report.modified and result.model.ByteSize() >= model.ByteSize():
+        forced = bool(getattr(self.config, "allow_unprofitable", False))  # opted in to growth
+        if self.reduces_bytes and not forced and report.modified and result.model.ByteSize() >= model.ByteSize():
             reason = (f"the rewritten model ({result.model.ByteSize()} B) would not be smaller than "
                       f"its input ({model.ByteSize()} B); rewrite skipped")
             for change in report.changes:

@@ -122,7 +122,7 @@ class SvdConfig:
     min_size: int = option(4096, "factorize only weights with at least this many elements")
     allow_unprofitable: bool = option(
         False,
-        "rewrite even at ranks >= break-even m*n/(m+n) (more parameters; for exactness checks)",
+        "rewrite even at ranks >= break-even m*n/(m+n), or when the file would grow (exactness checks)",
     )
     verify: bool = option(
         False, "check the output cosine in onnxruntime and relax the rule until min_cosine holds"
