@@ -28,6 +28,7 @@ import onnx
 from onnxzip.compat import check_opsets, make_compatible
 from onnxzip.cost import ModelCost, model_cost, observed_shapes
 from onnxzip.errors import ConfigError, OnnxzipError
+from onnxzip.graph import dedupe_initializers
 from onnxzip.io import write_json
 from onnxzip.report import PassReport
 from onnxzip.schema import build_config
@@ -188,8 +189,10 @@ class Pass:
         elif plan.pass_name != self.name:
             raise ConfigError(f"A plan for pass '{plan.pass_name}' cannot be replayed by pass '{self.name}'.")
         result = self.apply(model, plan, context)
-        self._check_output(result.model)
         report = result.report
+        if result.model is not model:  # rewrites repeated per If branch: identical weights stored once
+            report.notes.extend(dedupe_initializers(result.model))
+        self._check_output(result.model)
         forced = bool(getattr(self.config, "allow_unprofitable", False))  # opted in to growth
         if self.reduces_bytes and not forced and report.modified and result.model.ByteSize() >= model.ByteSize():
             reason = (f"the rewritten model ({result.model.ByteSize()} B) would not be smaller than "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxzip.compat import iter_graphs
-from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
+from onnxzip.graph import export_model, import_graph, tidy
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.schema import option
 from onnxzip.weights import materialize_weights
@@ -43,7 +43,6 @@ class CleanupPass(Pass):
             report.notes.extend(materialize_weights(graph))
         tidy(graph)
         new_model = export_model(graph, model)
-        report.notes.extend(dedupe_initializers(new_model))
         live = _tensor_names(new_model.graph)
         kept_info = [vi for vi in new_model.graph.value_info if vi.name in live]
         del new_model.graph.value_info[:]
