@@ -123,8 +123,8 @@ def parse_conditions(
                 resolve_metric({"name": metric, **dict(options)})
             except ConfigError as exc:
                 raise ConfigError(
-                    f"Condition on {metric!r}: {', '.join(k for k, _ in options)} is neither a bound "
-                    f"({', '.join(KINDS)}) nor an option of the metric ({exc})"
+                    f"Condition on {metric!r}: unknown bound(s) {', '.join(k for k, _ in options)}; "
+                    f"use {', '.join(KINDS)} or an option the metric accepts ({exc})"
                 ) from exc
         bounds = {k: v for k, v in fields.items() if k in KINDS}
         if not bounds:

@@ -17,7 +17,7 @@ def test_condition_keys_other_than_bounds_are_metric_options():
     assert condition.kind == "min" and condition.limit == 0.8 and condition.options == (("sample_rate", 16000),)
     assert QualityGate(["stoi:min=0.8,sample_rate=16000", "accuracy:max_drop=0.01"]).metrics == [
         {"name": "stoi", "sample_rate": 16000}, "accuracy"]
-    with pytest.raises(ConfigError, match="neither a bound"):
+    with pytest.raises(ConfigError, match="unknown bound"):
         parse_conditions("stoi:min=0.8,rate=16000")
     with pytest.raises(ConfigError, match="sets no bound"):
         parse_conditions({"metric": "stoi", "sample_rate": 16000})
