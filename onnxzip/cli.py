@@ -159,6 +159,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _print_result(result: Any, quiet: bool) -> None:
     print(result.report.table())
+    for note in result.report.notes:  # how inputs were sized, an unchecked or a growing result
+        if note.startswith(("inputs generated", "fidelity not checked", "warning:")):
+            print(f"note: {note}")
     if not quiet:
         for report in result.report.passes:
             changed = [c for c in report.changes if not c.skipped]
