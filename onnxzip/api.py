@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxzip.errors import ConfigError, QualityGateError
-from onnxzip.graph import export_model, import_graph, tidy
+from onnxzip.errors import ConfigError, DataError, QualityGateError
+from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
 from onnxzip.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
 from onnxzip.quality import fidelity_feeds, quality_gate
@@ -23,6 +23,7 @@ from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
 from onnxzip.search import resolve_step
 from onnxzip.sanity import probe_feeds, probe_in_child
+from onnxzip.shapes import generated_feeds
 from onnxzip.fidelity import FidelityGate, ValidationReport
 from onnxzip.fidelity import validate as _validate
 from onnxzip.weights import materialize_weights
@@ -71,7 +72,29 @@ def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if not notes:
         return model, []
     tidy(graph)
-    return export_model(graph, model), notes
+    prepared = export_model(graph, model)
+    notes.extend(dedupe_initializers(prepared))
+    return prepared, notes
+
+
+def _feeds(
+    model: onnx.ModelProto, data: Any, recipe: Recipe, passes: list[Any]
+) -> tuple[dict[str, np.ndarray] | None, str | None, str | None]:
+    """(feeds, how generated inputs were sized, why there are none). Generated inputs get sizes
+    onnxruntime accepts; when none are found a weight-only pipeline (cluster, cleanup) still
+    runs, without the fidelity check, since its plan needs no run."""
+    if data is not None:
+        feeds = fidelity_feeds(model, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
+        return feeds, None, None
+    try:
+        feeds, resolution = generated_feeds(model, batch=recipe.batch, dims=recipe.dims,
+                                            input_shapes=recipe.input_shapes, seed=recipe.seed)
+    except DataError as exc:
+        if not all(p.weight_only for p in passes):
+            raise
+        log.warning("fidelity not checked: %s", exc)
+        return None, None, str(exc)
+    return feeds, resolution.describe(), None
 
 
 def _recipe_from(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None) -> Recipe:
@@ -96,6 +119,7 @@ def compress(
     metrics: Any = None,
     device: str | None = None,
     dims: dict[str, int] | None = None,
+    input_shapes: dict[str, Any] | None = None,
     check: bool = True,
     allow_gate_failure: bool = False,
     progress: bool = False,
@@ -134,6 +158,8 @@ def compress(
         recipe.device = device
     if dims:
         recipe.dims = {**recipe.dims, **dims}
+    if input_shapes:
+        recipe.input_shapes = {**recipe.input_shapes, **input_shapes}
     if data is None and recipe.data:
         data = recipe.data
     if val is None and recipe.val:
@@ -145,10 +171,11 @@ def compress(
         recipe.passes = [PassStep(get_pass(p.pass_name).name, p.config) for p in replay.steps]
     passes = recipe.build_passes()
     original = load_model(model)
-    feeds = fidelity_feeds(original, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
-    probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
     if recipe.metrics and data is None:
         raise ConfigError("Metric conditions need data with labels or references (--data).")
+    feeds, generated, unchecked = _feeds(original, data, recipe, passes)
+    if feeds is not None:
+        probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims, original=original, data=data, val=val)
     if recipe.metrics:  # passes that search for the smallest acceptable model ask this
@@ -156,6 +183,10 @@ def compress(
         context.accept = lambda candidate: quality_gate(
             original, candidate, judged_on, recipe.metrics, device=recipe.device).passed
     working, notes = prepare_model(original)
+    if generated:
+        notes.append(f"inputs generated from the signature: {generated}")
+    if unchecked:
+        notes.append(f"fidelity not checked: no inputs could be generated ({unchecked})")
     if recipe.loop is not None:
         if recipe.passes and recipe.passes != Recipe.default().passes:
             raise ConfigError("A loop recipe runs its own stages; give pass flags or a loop recipe, not both.")
@@ -187,9 +218,15 @@ def compress(
         passes=reports,
         notes=notes,
     )
+    if working.ByteSize() >= original.ByteSize():
+        message = (f"the output ({working.ByteSize()} B) is not smaller than the input "
+                   f"({original.ByteSize()} B)")
+        log.warning("%s", message)
+        notes.append(f"warning: {message}")
     validation = None
-    if check:
-        validation = _validate(original, working, feeds, device=recipe.device, gate=recipe.gate)
+    if check and feeds is not None:
+        validation = _validate(original, working, feeds, device=recipe.device, gate=recipe.gate,
+                               generated=generated)
         report.validation = validation.to_dict()
     quality = None
     if check and recipe.metrics:

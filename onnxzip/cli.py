@@ -38,10 +38,23 @@ def _dims(values: list[str] | None) -> dict[str, int]:
     return dims
 
 
+def _input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    from onnxzip.shapes import parse_input_shape
+
+    return dict(parse_input_shape(item) for item in values or [])
+
+
+def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dimension (repeatable)")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=d0,d1,...",
+                        help="whole shape of one input, any dimension named or not (repeatable; "
+                             "default: sizes onnxruntime accepts are found automatically)")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="PATH", help="inputs: .npz (arrays by input name, plus labels/references), "
                         "a folder of WAVs (clean/ + noisy/) or images (default: generated from the signature)")
-    parser.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dimension (repeatable)")
+    _add_shape_flags(parser)
     parser.add_argument("--batch", type=int, default=None, help="batch size of generated inputs (default 2)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="onnxruntime device (default auto)")
     parser.add_argument("--metric", action="append", metavar="COND",
@@ -51,7 +64,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output (default 0.99)")
     gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output")
     gate.add_argument("--max-abs", type=float, default=None, help="maximum absolute error per output")
-    gate.add_argument("--min-argmax-agreement", type=float, default=None, help="minimum share of equal argmax for class scores")
+    gate.add_argument("--min-argmax-agreement", type=float, default=None, help="minimum share of equal argmax for class-score outputs (default 0.95)")
 
 
 def _gate_overrides(args: argparse.Namespace) -> dict[str, float]:
@@ -86,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="ONNX file")
     inspect.add_argument("--top", type=int, default=10, help="how many of the largest weights to list")
     inspect.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
-    inspect.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dimension (repeatable)")
+    _add_shape_flags(inspect)
 
     compress = commands.add_parser(
         "compress",
@@ -167,7 +180,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from onnxzip.inspect import inspect_model
 
-    info = inspect_model(args.model, dims=_dims(args.dim), top=args.top)
+    info = inspect_model(args.model, dims=_dims(args.dim), input_shapes=_input_shapes(args.input_shape), top=args.top)
     print(info.text())
     if args.json:
         write_json(args.json, info.to_dict())
@@ -179,6 +192,9 @@ def _print_result(result: Any, quiet: bool) -> None:
         _print_trajectory(result.report.trajectory)
         print()
     print(result.report.table())
+    for note in result.report.notes:  # how inputs were sized, an unchecked or a growing result
+        if note.startswith(("inputs generated", "fidelity not checked", "warning:")):
+            print(f"note: {note}")
     if not quiet:
         for report in result.report.passes:
             changed = [c for c in report.changes if not c.skipped]
@@ -215,17 +231,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     try:
         result = compress(
             args.input, recipe, data=args.data, plan=args.plan, device=args.device,
-            dims=_dims(args.dim), allow_gate_failure=args.force, progress=not args.quiet,
-            val=args.val, work_dir=work_dir,
+            dims=_dims(args.dim), input_shapes=_input_shapes(args.input_shape),
+            allow_gate_failure=args.force, progress=not args.quiet, val=args.val, work_dir=work_dir,
         )
     except QualityGateError as exc:
+        generated = False
         if exc.report is not None:
             _print_result(exc.report, args.quiet)
             if args.report:
                 write_json(args.report, exc.report.report.to_dict())
-        raise QualityGateError(
-            f"{exc} Nothing was written; relax the limits, pass --data with real inputs, or use --force."
-        ) from exc
+            generated = exc.report.validation is not None and exc.report.validation.generated
+        hint = ("the inputs were generated (random, not real data): pass --data with real inputs, "
+                "relax the limits, or use --force" if generated
+                else "relax the limits, pass --data with real inputs, or use --force")
+        raise QualityGateError(f"{exc} Nothing was written; {hint}.") from exc
     result.save(args.output, external_data=True if args.external_data else None)
     _print_result(result, args.quiet)
     if args.report:
@@ -248,7 +267,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxzip.fidelity import FidelityGate
 
     report = validate(
-        args.original, args.candidate, args.data, dims=_dims(args.dim), batch=args.batch or 2,
+        args.original, args.candidate, args.data, dims=_dims(args.dim),
+        input_shapes=_input_shapes(args.input_shape), batch=args.batch or 2,
         device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)),
     )
     print(report.table())

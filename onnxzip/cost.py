@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.graph import import_graph, subgraphs_of, walk_nodes
+from onnxzip.graph import FOLDABLE_OPS, constant_value, import_graph, subgraphs_of, walk_nodes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class ModelCost:
     params: int = 0
     flops: int = 0
     shapes_known: bool = True
+    unmeasured: list[str] = field(default_factory=list)  # counted nodes whose FLOPs are unknown
 
     def by_node(self) -> dict[str, NodeCost]:
         return {n.name: n for n in self.nodes}
@@ -60,8 +61,8 @@ class ModelCost:
 def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of all main-graph tensors, observed in onnxruntime on ``feeds`` (batch-1 inputs
     generated from the signature when omitted), completed by ONNX shape inference."""
-    from onnxzip.inputs import generate_inputs
     from onnxzip.runtime import make_session, run_session
+    from onnxzip.shapes import generated_feeds
 
     shapes: dict[str, tuple[int, ...]] = {}
     try:
@@ -84,7 +85,7 @@ def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None 
     del probe.graph.value_info[:]
     try:
         if feeds is None:
-            feeds = generate_inputs(model, batch=1, seed=0)
+            feeds = generated_feeds(model, batch=1, seed=0, probe=False)[0]
         shapes.update({name: tuple(np.shape(value)) for name, value in feeds.items()})
         session = make_session(probe, "cpu", optimization="disabled")
         for name, value in run_session(session, feeds).items():
@@ -101,6 +102,11 @@ def _shape(tensor: gs.Tensor, shapes: dict[str, tuple[int, ...]]) -> tuple[int, 
         return shapes[tensor.name]
     if tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape):
         return tuple(tensor.shape)
+    if tensor.inputs and (tensor.inputs[0].op == "Constant" or tensor.inputs[0].op in FOLDABLE_OPS):
+        # A Constant node or a constant chain (inside If branches no run observes): fold it.
+        value = constant_value(tensor)
+        if value is not None:
+            return tuple(int(d) for d in value.shape)
     return None
 
 
@@ -155,8 +161,12 @@ def _float_size(tensor: gs.Tensor, shapes: dict[str, tuple[int, ...]]) -> int:
     if isinstance(tensor, gs.Constant):
         value = tensor.values
         return int(value.size) if np.issubdtype(value.dtype, np.floating) and value.size > 1 else 0
-    shape = _shape(tensor, shapes)
     dtype = tensor.dtype
+    if dtype is None and tensor.inputs and tensor.inputs[0].op in FOLDABLE_OPS | {"Constant"}:
+        value = constant_value(tensor)  # a Constant node or chain: its value says the dtype
+        if value is not None:
+            return int(value.size) if np.issubdtype(value.dtype, np.floating) and value.size > 1 else 0
+    shape = _shape(tensor, shapes)
     floating = dtype is None or np.issubdtype(np.dtype(dtype), np.floating)
     size = int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
     return size if floating and size > 1 else 0
@@ -189,6 +199,7 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         flops = node_flops(node, shapes) if node.op in COUNTED_OPS else 0
         if flops is None:
             cost.shapes_known = False
+            cost.unmeasured.append(node.name or node.op)
             flops = 0
         cost.flops += flops
         cost.nodes.append(NodeCost(node.name, node.op, params, flops))

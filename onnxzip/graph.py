@@ -5,6 +5,7 @@ constant-only chains (``Constant`` nodes, Transpose, Slice, Concat, Unsqueeze, R
 from __future__ import annotations
 
 import itertools
+from typing import Any
 from collections.abc import Iterator
 
 import numpy as np
@@ -205,3 +206,102 @@ class NameScope:
             candidate = f"{base}_{suffix}"
         self._taken.add(candidate)
         return candidate
+
+
+def _graph_tree(graph: onnx.GraphProto) -> list[tuple[onnx.GraphProto, int | None]]:
+    """Every graph of the model with the index of its parent graph (None for the main graph)."""
+    found: list[tuple[onnx.GraphProto, int | None]] = []
+
+    def visit(current: onnx.GraphProto, parent: int | None) -> None:
+        index = len(found)
+        found.append((current, parent))
+        for node in current.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g, index)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attribute.graphs:
+                        visit(sub, index)
+
+    visit(graph, None)
+    return found
+
+
+def dedupe_initializers(model: onnx.ModelProto, min_bytes: int = 64) -> list[str]:
+    """Store identical initializers (same type, shape and bytes) once, in place.
+
+    Materializing constant chains that several ``If``/``Loop`` branches repeat leaves one copy
+    per branch; the copy kept moves to the innermost graph enclosing all copies (subgraphs see
+    outer names), and the other names are rewritten to it in their graph and its subgraphs.
+    Names of main-graph inputs and outputs are never touched. Returns one note, or none."""
+    import hashlib
+
+    tree = _graph_tree(model.graph)
+    protected = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+
+    def ancestors(index: int) -> list[int]:
+        chain = [index]
+        while tree[chain[-1]][1] is not None:
+            chain.append(tree[chain[-1]][1])  # type: ignore[arg-type]
+        return chain[::-1]
+
+    groups: dict[tuple[Any, ...], list[tuple[int, onnx.TensorProto]]] = {}
+    for index, (graph, _parent) in enumerate(tree):
+        for tensor in graph.initializer:
+            if tensor.name in protected or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            value = numpy_helper.to_array(tensor)
+            if value.nbytes < min_bytes:
+                continue
+            key = (tensor.data_type, tuple(tensor.dims), hashlib.sha1(value.tobytes()).digest())
+            groups.setdefault(key, []).append((index, tensor))
+    renames: dict[int, dict[str, str]] = {}
+    removed: dict[int, set[str]] = {}
+    saved, merged = 0, 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        chains = [ancestors(index) for index, _ in members]
+        keeper_graph = chains[0][0]
+        for level in zip(*chains):
+            if any(g != level[0] for g in level):
+                break
+            keeper_graph = level[0]
+        keep_index, keep = next(((i, t) for i, t in members if i == keeper_graph), members[0])
+        if keep_index != keeper_graph:
+            moved = onnx.TensorProto()
+            moved.CopyFrom(keep)
+            tree[keeper_graph][0].initializer.append(moved)
+            removed.setdefault(keep_index, set()).add(keep.name)
+        for index, tensor in members:
+            if tensor is keep:
+                continue
+            removed.setdefault(index, set()).add(tensor.name)
+            renames.setdefault(index, {})[tensor.name] = keep.name
+            saved += numpy_helper.to_array(tensor).nbytes
+            merged += 1
+    if not merged:
+        return []
+    for index, names in removed.items():
+        graph = tree[index][0]
+        kept = [t for t in graph.initializer if t.name not in names]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if tree[index][1] is not None:  # old IRs list a subgraph's initializers as its inputs
+            inputs = [i for i in graph.input if i.name not in names]
+            del graph.input[:]
+            graph.input.extend(inputs)
+    for index, mapping in renames.items():
+        for sub_index, _ in enumerate(tree):
+            if index not in ancestors(sub_index):
+                continue
+            graph = tree[sub_index][0]
+            for node in graph.node:
+                for position, name in enumerate(node.input):
+                    if name in mapping:
+                        node.input[position] = mapping[name]
+            if sub_index != 0:
+                for output in graph.output:
+                    if output.name in mapping:
+                        output.name = mapping[output.name]
+    return [f"stored {merged} duplicate weights once ({saved} B saved)"]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxzip.errors import DataError
 
-RESERVED_NPZ_KEYS = frozenset({"labels", "references"})
+RESERVED_NPZ_KEYS = frozenset({"labels", "references", "sample_rate"})
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -68,7 +69,8 @@ def resolve_shape(
             label = dim.dim_param or f"axis {axis}"
             raise DataError(
                 f"Input '{info.name}' has an unknown dimension '{label}'; give its size with "
-                f"--dim {dim.dim_param or 'NAME'}=N (or dims={{...}} in Python)."
+                f"--dim {dim.dim_param or 'NAME'}=N or --input-shape {info.name}=d0,d1,... "
+                "(dims= / input_shapes= in Python)."
             )
     return tuple(shape)
 
@@ -83,16 +85,22 @@ def _vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def generate_inputs(
-    model: onnx.ModelProto, *, batch: int = 2, dims: dict[str, int] | None = None, seed: int = 0
+    model: onnx.ModelProto,
+    *,
+    batch: int = 2,
+    dims: dict[str, int] | None = None,
+    seed: int = 0,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs matching the model's signature (see module docstring)."""
+    """Random inputs matching the model's signature (see module docstring); ``shapes`` gives
+    concrete shapes by input name (from :func:`onnxzip.shapes.resolve_input_shapes`)."""
     rng = np.random.default_rng(seed)
     vocab = _vocab_sizes(model)
     batch_names = batch_dim_names(model)
     feeds: dict[str, np.ndarray] = {}
     for info in graph_inputs(model):
         dtype = _np_dtype(info)
-        shape = resolve_shape(info, batch, dims, batch_names)
+        shape = shapes[info.name] if shapes and info.name in shapes else resolve_shape(info, batch, dims, batch_names)
         if np.issubdtype(dtype, np.floating):
             feeds[info.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         elif dtype == np.bool_:
@@ -143,6 +151,8 @@ def feeds_from_arrays(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> 
                 f"Input '{info.name}' expects {len(declared)} dimensions but the data has shape {value.shape}."
             )
         for axis, dim in enumerate(declared):
+            if axis == 0:
+                continue  # N samples on a fixed batch of k run in chunks (runtime.run_batched)
             if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != value.shape[axis]:
                 raise DataError(
                     f"Input '{info.name}' expects size {dim.dim_value} on axis {axis} but the data "
@@ -159,9 +169,13 @@ def model_feeds(
     batch: int = 2,
     dims: dict[str, int] | None = None,
     seed: int = 0,
+    input_shapes: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Feeds from a ``.npz`` path or a dict of arrays, else generated from the signature."""
+    """Feeds from a ``.npz`` path or a dict of arrays, else generated from the signature at
+    sizes onnxruntime accepts (:func:`onnxzip.shapes.generated_feeds`)."""
     if data is None:
-        return generate_inputs(model, batch=batch, dims=dims, seed=seed)
+        from onnxzip.shapes import generated_feeds
+
+        return generated_feeds(model, batch=batch, dims=dims, input_shapes=input_shapes, seed=seed)[0]
     arrays = load_npz(data) if isinstance(data, (str, os.PathLike)) else dict(data)
     return feeds_from_arrays(model, arrays)

@@ -10,12 +10,12 @@ import onnx
 
 from onnxzip.cost import model_cost, observed_shapes
 from onnxzip.graph import import_graph, walk_nodes
-from onnxzip.inputs import generate_inputs
 from onnxzip.errors import DataError, InvalidModelError, NativeCrashError
 from onnxzip.io import load_model
 from onnxzip.passes import PASSES
 from onnxzip.sanity import probe_in_child
 from onnxzip.report import human_bytes, human_count, render_table
+from onnxzip.shapes import generated_feeds
 from onnxzip.weights import discover_weights
 
 
@@ -45,6 +45,7 @@ class Inspection:
     params: int
     flops: int
     size_bytes: int
+    flops_unmeasured: int = 0  # counted nodes whose FLOPs could not be measured
     weights: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -52,12 +53,19 @@ class Inspection:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def _flops_text(self) -> str:
+        if not self.flops_unmeasured:
+            return human_count(self.flops)
+        if not self.flops:
+            return f"not measured ({self.flops_unmeasured} nodes with unknown shapes)"
+        return f"≥ {human_count(self.flops)} ({self.flops_unmeasured} nodes not measured)"
+
     def text(self) -> str:
         lines = [
             f"model: {self.path}",
             f"IR {self.ir_version}, opsets {', '.join(f'{d or DEFAULT_DOMAIN}={v}' for d, v in self.opsets.items())}, "
             f"producer {self.producer or '?'}, {human_bytes(self.size_bytes)}",
-            f"parameters {human_count(self.params)}, FLOPs/sample {human_count(self.flops)}",
+            f"parameters {human_count(self.params)}, FLOPs/sample {self._flops_text()}",
         ]
         if self.metadata:
             lines.append("metadata: " + ", ".join(f"{k}" for k in self.metadata))
@@ -77,25 +85,35 @@ class Inspection:
 
 
 def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto, *, dims: dict[str, int] | None = None,
-                  top: int = 10) -> Inspection:
+                  input_shapes: dict[str, Any] | None = None, top: int = 10) -> Inspection:
+    """Opsets, signature, op histogram, parameters (weights wherever they live: initializers,
+    Constant nodes, constant chains, subgraphs) and FLOPs per sample at sizes onnxruntime
+    accepts (:func:`onnxzip.shapes.resolve_input_shapes` at batch 1)."""
     model = load_model(source)
     notes: list[str] = []
+    measured = True
     try:
-        feeds: dict | None = generate_inputs(model, batch=1, dims=dims)
-    except DataError as exc:
-        feeds = None
-        notes.append(f"could not run the model to measure shapes ({exc})")
-    try:
-        probe_in_child(model, feeds)  # the first run, where a native crash cannot take us down
-    except NativeCrashError:
-        raise
-    except InvalidModelError as exc:  # FLOPs then come from shape inference alone
-        notes.append(f"could not run the model to measure shapes ({exc})")
-        feeds = None
+        feeds: dict | None
+        feeds, resolution = generated_feeds(model, batch=1, dims=dims, input_shapes=input_shapes)
+        if resolution.chosen:
+            notes.append(f"FLOPs measured with {resolution.describe()}")
+    except DataError as exc:  # FLOPs then come from shape inference alone
+        notes.append(f"could not run the model to measure shapes: {exc}")
+        feeds, measured = None, False
+    if feeds is not None:
+        try:
+            probe_in_child(model, feeds)  # the first run, where a native crash cannot take us down
+        except NativeCrashError:
+            raise
+        except InvalidModelError as exc:
+            notes.append(f"could not run the model to measure shapes ({exc})")
+            feeds, measured = None, False
     shapes = observed_shapes(model, feeds or {})
     cost = model_cost(model, shapes)
-    if not cost.shapes_known:
-        notes.append("some shapes are unknown; FLOPs are a lower bound")
+    if cost.unmeasured:
+        shown = ", ".join(cost.unmeasured[:5]) + (", ..." if len(cost.unmeasured) > 5 else "")
+        notes.append(f"FLOPs of {len(cost.unmeasured)} nodes could not be measured (shapes unknown: {shown}); "
+                     "the total is a lower bound" + ("" if measured else "; give sizes with --input-shape"))
     graph = import_graph(model)
     table = discover_weights(graph)
     notes.extend(table.notes)
@@ -116,6 +134,7 @@ def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto, *, dims: dic
         params=cost.params,
         flops=cost.flops,
         size_bytes=model.ByteSize(),
+        flops_unmeasured=len(cost.unmeasured),
         weights=[
             {
                 "name": w.name, "shape": list(w.shape), "dtype": w.dtype,

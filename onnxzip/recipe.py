@@ -8,6 +8,7 @@ checked. The same schema reads a YAML/JSON file, Python objects and the CLI flag
     metrics: [accuracy:max_drop=0.01, {metric: snr, min: 30}]   # quality conditions on `data`
     data: calib.npz          # optional; inputs are generated from the signature otherwise
     dims: {seq: 16}
+    input_shapes: {x: [1, 3, 224, 224]}   # whole input shapes, any dim (named or not)
     device: auto
     seed: 0
 """
@@ -27,7 +28,7 @@ from onnxzip.schema import build_config
 from onnxzip.fidelity import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
-_TOP_KEYS = {"passes", "gate", "metrics", "data", "val", "dims", "device", "seed", "batch", "loop"}
+_TOP_KEYS = {"passes", "gate", "metrics", "data", "val", "dims", "input_shapes", "device", "seed", "batch", "loop"}
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -46,6 +47,7 @@ class Recipe:
     gate: FidelityGate = field(default_factory=FidelityGate)
     data: str | None = None
     dims: dict[str, int] = field(default_factory=dict)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
     device: str = "auto"
     seed: int = 0
     batch: int = 2
@@ -63,6 +65,7 @@ class Recipe:
             "gate": dataclasses.asdict(self.gate),
             "data": self.data,
             "dims": self.dims,
+            "input_shapes": self.input_shapes,
             "device": self.device,
             "seed": self.seed,
             "batch": self.batch,
@@ -83,8 +86,12 @@ class Recipe:
         dims = data.get("dims") or {}
         if not isinstance(dims, dict):
             raise ConfigError(f"{source}: 'dims' must map dimension names to sizes.")
+        shapes = data.get("input_shapes") or {}
+        if not isinstance(shapes, dict):
+            raise ConfigError(f"{source}: 'input_shapes' must map input names to lists of sizes.")
         recipe = cls(
             passes=steps,
+            input_shapes={str(k): _sizes(v, f"{source}: input_shapes['{k}']") for k, v in shapes.items()},
             gate=gate,
             data=data.get("data"),
             dims={str(k): int(v) for k, v in dims.items()},
@@ -135,6 +142,18 @@ class Recipe:
     @classmethod
     def default(cls) -> Recipe:
         return cls(passes=[PassStep(name, dict(options)) for name, options in DEFAULT_PASSES])
+
+
+def _sizes(value: Any, where: str) -> list[int]:
+    """A list of positive sizes, from a list or a "d0,d1,..." string."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        sizes = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a list of positive sizes, got {value!r}.") from None
+    if not sizes or any(v <= 0 for v in sizes):
+        raise ConfigError(f"{where} must be a list of positive sizes, got {value!r}.")
+    return sizes
 
 
 def parse_step(item: Any, source: str) -> PassStep:

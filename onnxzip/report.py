@@ -139,5 +139,8 @@ class CompressionReport:
         if self.validation:
             worst = min((o["cosine"] for o in self.validation["outputs"]), default=1.0)
             verdict = "pass" if self.validation["passed"] else "FAIL"
-            rows.append(["fidelity (min cosine)", "1", f"{worst:.6f}", verdict])
+            label = "fidelity (min cosine)"
+            if self.validation.get("generated"):
+                label += ", generated inputs"
+            rows.append([label, "1", f"{worst:.6f}", verdict])
         return render_table(["", "before", "after", "reduction"], rows)

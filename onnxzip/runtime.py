@@ -146,6 +146,50 @@ def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     return dict(zip(names, values))
 
 
+def session_batch_size(session: Any) -> int | None:
+    """The fixed size of axis 0 shared by the session's inputs, or None when it is symbolic
+    (or the inputs disagree, or have no axis 0)."""
+    sizes = {i.shape[0] for i in session.get_inputs() if i.shape}
+    if len(sizes) == 1:
+        size = next(iter(sizes))
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+def run_batched(
+    session: Any, feeds: dict[str, np.ndarray], batch_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """Run ``session`` on ``feeds`` holding N samples on axis 0, in chunks the model accepts,
+    and concatenate the outputs on axis 0: the one place that feeds N samples to a model.
+
+    A model whose inputs fix axis 0 at k (deployment files often fix k = 1) runs k samples at a
+    time; the last chunk is filled up by repeating its last sample and the extra output rows are
+    dropped, so any N works. A symbolic batch runs ``batch_size`` samples at a time (all at
+    once when None). Feeds whose axis 0 sizes differ (a state tensor beside the batch) run as
+    they are, in one call.
+    """
+    rows = {np.shape(v)[0] if np.ndim(v) else None for v in feeds.values()}
+    fixed = session_batch_size(session)
+    chunk = fixed or batch_size
+    if len(rows) != 1 or None in rows or chunk is None:
+        return run_session(session, feeds)
+    total = int(rows.pop())
+    if total == chunk or (fixed is None and total <= chunk):
+        return run_session(session, feeds)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, total, chunk):
+        real = min(chunk, total - start)
+        part = {k: np.asarray(v[start:start + real]) for k, v in feeds.items()}
+        if fixed is not None and real < chunk:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, axis=0)]) for k, v in part.items()}
+        for name, value in run_session(session, part).items():
+            if np.ndim(value) and value.shape[0] == chunk and real < chunk:
+                value = value[:real]
+            parts.setdefault(name, []).append(value if np.ndim(value) else np.reshape(value, (1,)))
+    return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+
 def measure_latency(
     model: onnx.ModelProto | str | os.PathLike[str] | bytes,
     feeds: dict[str, np.ndarray],

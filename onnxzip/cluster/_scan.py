@@ -115,6 +115,23 @@ class Histogram:
         return float(np.sqrt(max(self.sumsq.sum() / total - mean * mean, 0.0)))
 
 
+def cell_coordinates(chunk: np.ndarray, lo: float, hi: float, cells: int) -> np.ndarray:
+    """``(x - lo) * cells / (hi - lo)`` for every x of ``chunk`` (float32 values in [lo, hi]),
+    in [0, cells].
+
+    float32 arithmetic when it is safe; a range too narrow (denormal spans: cells / (hi - lo)
+    overflows, 0 × inf = NaN) or too wide (hi - lo overflows float32) for float32 is computed
+    in float64 and clipped, so no coordinate is NaN, infinite or negative."""
+    limits = np.finfo(np.float32)
+    scale = cells / (hi - lo) if hi > lo else 0.0
+    if hi - lo < float(limits.max) / 2 and (scale == 0 or float(limits.tiny) <= scale < float(limits.max) / 2):
+        coordinate = chunk - np.float32(lo)
+        coordinate *= np.float32(scale)
+        return coordinate
+    coordinate = (chunk.astype(np.float64) - lo) * scale
+    return np.clip(coordinate, 0, cells, out=coordinate)
+
+
 def histogram(
     values: np.ndarray,
     lo: float,
@@ -127,12 +144,9 @@ def histogram(
     """Build a :class:`Histogram` of the output of :func:`as_weight_vector` in one pass. With
     ``sample_weight`` (float32, one per value) every moment is weighted: ``counts`` holds Σw,
     ``sums`` Σw·x, ``sumsq`` Σw·x²."""
-    scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
-    lo32 = np.float32(lo)
 
     def one(start: int, chunk: np.ndarray) -> tuple[np.ndarray, ...]:
-        coordinate = chunk - lo32
-        coordinate *= scale
+        coordinate = cell_coordinates(chunk, lo, hi, bins)
         # float32 rounding can put x == hi at coordinate ``bins``: one spare bin, folded below.
         index = coordinate.astype(np.intp)
         if sample_weight is None:
@@ -188,9 +202,8 @@ class NearestCentroid:
         self.codebook = codebook
         self.index_dtype = np.uint8 if codebook.size <= 256 else np.uint16
         self._thresholds = exact_thresholds(codebook)
-        self._lo = np.float32(lo)
+        self._lo, self._hi, self._cells = lo, hi, cells
         scale = cells / (hi - lo) if hi > lo else 0.0
-        self._scale = np.float32(scale)
         # One cell past the end: float32 rounding can put x == hi at coordinate ``cells``.
         grid = np.arange(cells + 1, dtype=np.float64)
         coords = (self._thresholds.astype(np.float64) - lo) * scale
@@ -201,8 +214,7 @@ class NearestCentroid:
 
     def lookup(self, chunk: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Write the index of the nearest centroid of every value of ``chunk`` into ``out``."""
-        coordinate = chunk - self._lo
-        coordinate *= self._scale
+        coordinate = cell_coordinates(chunk, self._lo, self._hi, self._cells)
         picked = self._table.take(coordinate.astype(np.intp))
         unresolved = np.flatnonzero(picked < 0)
         if unresolved.size:

@@ -146,7 +146,8 @@ def _sample_rate(dataset: Dataset, override: int | None, metric: str) -> int:
     rate = override or dataset.sample_rate
     if not rate:
         raise DataError(
-            f"{metric} needs the audio sample rate; use a SpeechDataset or sample_rate=."
+            f"{metric} needs the audio sample rate; give it as {metric}:...,sample_rate=16000, "
+            "a 'sample_rate' key in the .npz, or use a SpeechDataset."
         )
     return int(rate)
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LABELS = "labels"
 REFERENCES = "references"
+SAMPLE_RATE = "sample_rate"  # a scalar in an .npz: the audio sample rate in Hz
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -58,9 +59,16 @@ class ArrayDataset(Dataset):
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], *, output: str | None = None) -> ArrayDataset:
-        """Split a name → array mapping into inputs and the reserved ``labels``/``references``."""
-        inputs = {k: v for k, v in arrays.items() if k not in (LABELS, REFERENCES)}
-        return cls(inputs, arrays.get(LABELS), arrays.get(REFERENCES), output=output)
+        """Split a name → array mapping into inputs and the reserved ``labels``/``references``
+        (and a scalar ``sample_rate``, which becomes the dataset's sample rate)."""
+        inputs = {k: v for k, v in arrays.items() if k not in (LABELS, REFERENCES, SAMPLE_RATE)}
+        dataset = cls(inputs, arrays.get(LABELS), arrays.get(REFERENCES), output=output)
+        if SAMPLE_RATE in arrays:
+            rate = np.asarray(arrays[SAMPLE_RATE])
+            if rate.size != 1 or not np.issubdtype(rate.dtype, np.number) or not float(rate.reshape(-1)[0]) > 0:
+                raise DataError(f"'{SAMPLE_RATE}' in the data must be one positive number, got {rate!r}.")
+            dataset.sample_rate = int(rate.reshape(-1)[0])
+        return dataset
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str], *, output: str | None = None) -> ArrayDataset:

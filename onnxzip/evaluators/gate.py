@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnxzip.errors import ConfigError
-from onnxzip.evaluators.base import MetricResult, format_number, json_number, parse_spec
+from onnxzip.evaluators.base import MetricResult, coerce, format_number, json_number, parse_spec
 
 KINDS = ("min", "max", "max_drop")
 
@@ -34,6 +34,8 @@ class GateCondition:
     metric: str
     kind: str
     limit: float
+    #: Options of the metric itself (``sample_rate``), as sorted (key, value) pairs.
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -111,17 +113,25 @@ def parse_conditions(
         metric = fields.pop("metric", None)
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"A gate condition needs a 'metric' name, got {dict(spec)!r}.")
-        unknown = sorted(set(fields) - set(KINDS))
-        if unknown:
-            raise ConfigError(
-                f"Condition on {metric!r}: unknown bound(s) {', '.join(unknown)}; "
-                f"use {', '.join(KINDS)}."
-            )
-        if not fields:
+        # Keys other than bounds are options of the metric (stoi:min=0.8,sample_rate=16000);
+        # building the metric names any it does not accept.
+        options = tuple(sorted((k, coerce(v)) for k, v in fields.items() if k not in KINDS))
+        if options:
+            from onnxzip.evaluators.registry import resolve_metric
+
+            try:
+                resolve_metric({"name": metric, **dict(options)})
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"Condition on {metric!r}: unknown bound(s) {', '.join(k for k, _ in options)}; "
+                    f"use {', '.join(KINDS)} or an option the metric accepts ({exc})"
+                ) from exc
+        bounds = {k: v for k, v in fields.items() if k in KINDS}
+        if not bounds:
             raise ConfigError(f"Condition on {metric!r} sets no bound ({', '.join(KINDS)}).")
         return [
-            GateCondition(metric, kind, _number(value, f"{metric}:{kind}"))
-            for kind, value in fields.items()
+            GateCondition(metric, kind, _number(value, f"{metric}:{kind}"), options)
+            for kind, value in bounds.items()
         ]
     if isinstance(spec, Iterable):
         return [condition for item in spec for condition in parse_conditions(item)]
@@ -212,9 +222,13 @@ class QualityGate:
         self.conditions = parse_conditions(conditions)
 
     @property
-    def metrics(self) -> list[str]:
-        """Metric names the conditions need, in first-mention order (evaluate these)."""
-        return list(dict.fromkeys(condition.metric for condition in self.conditions))
+    def metrics(self) -> list[str | dict[str, Any]]:
+        """Metrics the conditions need, in first-mention order (evaluate these): the name, or
+        ``{"name": ..., **options}`` when a condition gives the metric options."""
+        specs: dict[str, dict[str, Any]] = {}
+        for condition in self.conditions:
+            specs.setdefault(condition.metric, {}).update(condition.options)
+        return [{"name": name, **options} if options else name for name, options in specs.items()]
 
     def check(
         self,

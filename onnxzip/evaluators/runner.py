@@ -23,7 +23,7 @@ from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators.base import Dataset, Metric, MetricResult, fit_length
 from onnxzip.evaluators.data import load_dataset
 from onnxzip.evaluators.registry import resolve_metrics
-from onnxzip.runtime import make_session, run_session
+from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +113,13 @@ def _fit_item(array: np.ndarray, spec: _InputSpec) -> np.ndarray:
 
 
 def _run_group(
-    session: Any,
-    specs: list[_InputSpec],
-    items: list[dict[str, np.ndarray]],
-    fixed_batch: int | None,
+    session: Any, specs: list[_InputSpec], items: list[dict[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray]]:
-    """Run same-shaped items as one batch; outputs split back per item."""
-    count = len(items)
-    rows = items + [items[-1]] * ((fixed_batch or count) - count)
-    feeds = {spec.name: np.stack([row[spec.name] for row in rows]) for spec in specs}
-    outputs = run_session(session, feeds)
-    return [{name: value[index] for name, value in outputs.items()} for index in range(count)]
+    """Run same-shaped items as one batch (in chunks a fixed-batch model accepts); outputs
+    split back per item."""
+    feeds = {spec.name: np.stack([row[spec.name] for row in items]) for spec in specs}
+    outputs = run_batched(session, feeds)
+    return [{name: value[index] for name, value in outputs.items()} for index in range(len(items))]
 
 
 def _same_shapes(items: list[dict[str, np.ndarray]]) -> bool:
@@ -158,9 +154,9 @@ def predict(
             indices = range(start, min(start + group_size, len(dataset)))
             items = [_prepare(dataset.inputs(index), specs) for index in indices]
             if _same_shapes(items):
-                outputs = _run_group(session, specs, items, fixed_batch)
+                outputs = _run_group(session, specs, items)
             else:
-                outputs = [_run_group(session, specs, [item], fixed_batch)[0] for item in items]
+                outputs = [_run_group(session, specs, [item])[0] for item in items]
             results.extend(dataset.postprocess(out, index) for out, index in zip(outputs, indices))
             bar.update(len(indices))
     return Predictions(tuple(results))

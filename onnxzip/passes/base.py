@@ -28,6 +28,7 @@ import onnx
 from onnxzip.compat import check_opsets, make_compatible
 from onnxzip.cost import ModelCost, model_cost, observed_shapes
 from onnxzip.errors import ConfigError, OnnxzipError
+from onnxzip.graph import dedupe_initializers
 from onnxzip.io import write_json
 from onnxzip.report import PassReport
 from onnxzip.schema import build_config
@@ -162,6 +163,10 @@ class Pass:
     config_class: ClassVar[type]
     summary: ClassVar[str] = ""
     shorthand: ClassVar[str | None] = None  # the option a bare flag value sets (--cluster auto)
+    # Plans from the weights alone (no onnxruntime run, no sample inputs needed).
+    weight_only: ClassVar[bool] = False
+    # The pass exists to make files smaller: an output that is not is discarded (see run).
+    reduces_bytes: ClassVar[bool] = True
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -198,8 +203,20 @@ class Pass:
         elif plan.pass_name != self.name:
             raise ConfigError(f"A plan for pass '{plan.pass_name}' cannot be replayed by pass '{self.name}'.")
         result = self.apply(model, plan, context)
-        self._check_output(result.model)
         report = result.report
+        if result.model is not model:  # rewrites repeated per If branch: identical weights stored once
+            report.notes.extend(dedupe_initializers(result.model))
+        self._check_output(result.model)
+        forced = bool(getattr(self.config, "allow_unprofitable", False))  # opted in to growth
+        if self.reduces_bytes and not forced and report.modified and result.model.ByteSize() >= model.ByteSize():
+            reason = (f"the rewritten model ({result.model.ByteSize()} B) would not be smaller than "
+                      f"its input ({model.ByteSize()} B); rewrite skipped")
+            for change in report.changes:
+                if not change.skipped:
+                    change.decision, change.reason = "skipped", reason
+            report.notes.append(reason)
+            report.modified = False
+            result = PassResult(model, report, result.plan)
         before, after = context.cost(model), context.cost(result.model)
         report.params_before, report.params_after = before.params, after.params
         report.flops_before, report.flops_after = before.flops, after.flops

@@ -31,6 +31,8 @@ class CleanupConfig:
 class CleanupPass(Pass):
     name = "cleanup"
     config_class = CleanupConfig
+    weight_only = True
+    reduces_bytes = False
     summary = "Remove dead nodes and unused initializers, fold constant weight chains, sort, fix shapes."
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
@@ -71,9 +73,14 @@ def _tensor_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def _fix_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Replace fixed output dims that disagree with the observed batch-1 run by the observed
-    size (axis 0 becomes the symbolic 'batch')."""
+    """Replace declared output dims that disagree with the observed batch-1 run.
+
+    The result is always a valid declaration: axis 0 becomes the symbol 'batch'; another axis
+    takes the observed size when every non-batch input dim is fixed (the size cannot depend on
+    the probe's choices), else a fresh symbol. A wrong rank is redeclared the same way, axis by
+    axis, so the type keeps a shape (old IRs require one on graph outputs)."""
     notes = []
+    reliable = _non_batch_dims_fixed(model)
     for output in model.graph.output:
         observed = shapes.get(output.name)
         tensor_type = output.type.tensor_type
@@ -81,21 +88,41 @@ def _fix_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
             continue
         dims = tensor_type.shape.dim
         if len(dims) != len(observed):
-            # The checker requires a shape on graph outputs: keep the observed rank, sizes unknown.
+            old = [d.dim_param or d.dim_value for d in dims]
             tensor_type.shape.ClearField("dim")
-            for _ in observed:
-                tensor_type.shape.dim.add()
-            notes.append(f"output '{output.name}': declared rank {len(dims)} but onnxruntime gives {len(observed)}; sizes cleared")
+            for axis, size in enumerate(observed):
+                _set_dim(tensor_type.shape.dim.add(), output.name, axis, size, reliable)
+            new = [d.dim_param or d.dim_value for d in dims]
+            notes.append(f"output '{output.name}': declared {old} but onnxruntime gives rank {len(observed)}; "
+                         f"declared {new}")
             continue
         for axis, (dim, size) in enumerate(zip(dims, observed)):
             if dim.HasField("dim_value") and dim.dim_value != size:
                 old = dim.dim_value
-                if axis == 0:
-                    dim.dim_param = "batch"
-                else:
-                    dim.dim_value = size
-                notes.append(f"output '{output.name}' axis {axis}: declared {old}, onnxruntime gives {size}; corrected")
+                _set_dim(dim, output.name, axis, size, reliable)
+                notes.append(f"output '{output.name}' axis {axis}: declared {old}, onnxruntime gives {size}; "
+                             f"declared {dim.dim_param or dim.dim_value}")
     return notes
+
+
+def _set_dim(dim: onnx.TensorShapeProto.Dimension, output: str, axis: int, size: int, reliable: bool) -> None:
+    if axis == 0:
+        dim.dim_param = "batch"
+    elif reliable:
+        dim.dim_value = size
+    else:
+        dim.dim_param = f"{output}_dim{axis}"
+
+
+def _non_batch_dims_fixed(model: onnx.ModelProto) -> bool:
+    """True when every input dim after axis 0 has a fixed size."""
+    from onnxzip.inputs import graph_inputs
+
+    return all(
+        d.HasField("dim_value") and d.dim_value > 0
+        for info in graph_inputs(model)
+        for d in list(info.type.tensor_type.shape.dim)[1:]
+    )
 
 
 def _confirmed_shape_inference(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> str:

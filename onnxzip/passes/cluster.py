@@ -225,6 +225,7 @@ def decode_numpy(codebook: np.ndarray, indices: np.ndarray, axis: int | None = N
 class ClusterPass(Pass):
     name = "cluster"
     config_class = ClusterConfig
+    weight_only = True
     summary = (
         "Codebook quantization: weights → K centroids + 1/2/4/8-bit indices decoded by Gather."
     )

@@ -18,6 +18,8 @@ class IdentityConfig:
 class IdentityPass(Pass):
     name = "identity"
     config_class = IdentityConfig
+    weight_only = True
+    reduces_bytes = False
     summary = "Change nothing (a baseline; validation and reports still run)."
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:

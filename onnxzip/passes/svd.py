@@ -57,10 +57,10 @@ import onnx_graphsurgeon as gs
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
-from onnxzip.inputs import generate_inputs
+from onnxzip.shapes import generated_feeds
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.report import LayerChange
-from onnxzip.runtime import make_session, run_session
+from onnxzip.runtime import make_session, run_batched
 from onnxzip.schema import option
 from onnxzip.svd import (
     BudgetLayer,
@@ -122,7 +122,7 @@ class SvdConfig:
     min_size: int = option(4096, "factorize only weights with at least this many elements")
     allow_unprofitable: bool = option(
         False,
-        "rewrite even at ranks >= break-even m*n/(m+n) (more parameters; for exactness checks)",
+        "rewrite even at ranks >= break-even m*n/(m+n), or when the file would grow (exactness checks)",
     )
     verify: bool = option(
         False, "check the output cosine in onnxruntime and relax the rule until min_cosine holds"
@@ -382,15 +382,15 @@ class SvdPass(Pass):
     ) -> tuple[Plan, list[str]]:
         """Relax the rule until the factorized model's outputs keep ``min_cosine`` on the
         context's inputs (random ones when there are none); returns the plan and the steps."""
-        feeds = context.feeds or generate_inputs(
+        feeds = context.feeds or generated_feeds(
             model, batch=2, dims=context.dims, seed=context.seed
-        )
-        reference = run_session(make_session(model, context.device), feeds)
+        )[0]
+        reference = run_batched(make_session(model, context.device), feeds)
         notes = []
         for step in range(self.config.verify_steps + 1):
             plan = Plan(self.name, self.config_dict(), entries)
             candidate = self.apply(model, plan, context).model
-            outputs = run_session(make_session(candidate, context.device), feeds)
+            outputs = run_batched(make_session(candidate, context.device), feeds)
             cosine = min(compare_arrays(k, reference[k], outputs[k]).cosine for k in reference)
             passed = cosine >= self.config.min_cosine
             notes.append(

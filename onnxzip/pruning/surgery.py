@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxzip.graph import NameScope, constant_value
-from onnxzip.inputs import generate_inputs
+from onnxzip.shapes import generated_feeds
 from onnxzip.pruning.groups import ChannelAnalysis, slice_window
 from onnxzip.runtime import make_session, run_session
 
@@ -285,7 +285,7 @@ def channel_medians(
             initializer.CopyFrom(numpy_helper.from_array(overrides[initializer.name], initializer.name))
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in known)
-    feeds = generate_inputs(model, batch=1, seed=0) if not feeds else {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}
+    feeds = generated_feeds(model, batch=1, seed=0)[0] if not feeds else {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}
     results = run_session(make_session(probe, "cpu", optimization="disabled"), feeds)
     medians = {}
     for name, axis in tensors.items():

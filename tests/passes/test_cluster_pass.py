@@ -185,14 +185,15 @@ def test_exact_zeros_stay_zero():
 
 
 def test_shared_initializer_is_clustered_once():
-    w = RNG.standard_normal((16, 16)).astype(np.float32)
+    # 64×64: big enough that codebook + 4-bit indices + the 2 KB unpack table are smaller
+    w = RNG.standard_normal((64, 64)).astype(np.float32)
     model = make_model(
         [
             helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
             helper.make_node("MatMul", ["h", "w"], ["y"], name="fc2"),
         ],
-        [tensor("x", ["N", 16])],
-        [tensor("y", ["N", 16])],
+        [tensor("x", ["N", 64])],
+        [tensor("y", ["N", 64])],
         [init("w", w)],
     )
     result = run_pass(model, k=8)
@@ -201,7 +202,7 @@ def test_shared_initializer_is_clustered_once():
     assert [n.input[0] for n in nodes if n.op_type == "Gather"].count("w_codebook") == 1
     assert {n.input[1] for n in nodes if n.op_type == "MatMul"} == {"w_decoded"}
     assert [t.name for t in result.model.graph.initializer].count("w_codebook") == 1
-    feeds = {"x": RNG.standard_normal((3, 16)).astype(np.float32)}
+    feeds = {"x": RNG.standard_normal((3, 64)).astype(np.float32)}
     decoded = graph_decoded(result.model, ["w"], feeds)
     assert_same_outputs(quantized_model(model, decoded), result.model, feeds, rtol=0, atol=0)
 
@@ -373,20 +374,20 @@ def test_plan_replay_with_an_edited_k():
 
 
 def test_float16_weight_keeps_its_dtype(tmp_path):
-    w = RNG.standard_normal((32, 32)).astype(np.float16)
+    w = RNG.standard_normal((64, 64)).astype(np.float16)
     model = make_model(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-        [tensor("x", ["N", 32], TensorProto.FLOAT16)],
-        [tensor("y", ["N", 32], TensorProto.FLOAT16)],
+        [tensor("x", ["N", 64], TensorProto.FLOAT16)],
+        [tensor("y", ["N", 64], TensorProto.FLOAT16)],
         [init("w", w)],
     )
     result = run_pass(model, bits=4)
     details = changed(result.report)["w"]
-    feeds = {"x": RNG.standard_normal((2, 32)).astype(np.float16)}
+    feeds = {"x": RNG.standard_normal((2, 64)).astype(np.float16)}
     decoded = graph_decoded(result.model, ["w"], feeds)["w"]
     assert decoded.dtype == np.float16
     np.testing.assert_array_equal(decoded, stored_reference(result.model, "w", details, w.shape))
-    assert 16 * 2 + 32 * 32 // 2 <= details["bytes_after"] <= 16 * 2 + 32 * 32 // 2 + 64
+    assert 16 * 2 + 64 * 64 // 2 <= details["bytes_after"] <= 16 * 2 + 64 * 64 // 2 + 64
     assert details["sqnr_db"] > 15
     quantized = quantized_model(model, {"w": decoded})
     assert_same_outputs(quantized, result.model, feeds, rtol=1e-3, atol=1e-3)

@@ -273,7 +273,8 @@ def test_recurrent_input_full_rank_is_exact(op, direction, layout):
             assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(a))
     else:
         assert full_rank(model, {"x": weights(7, 2, 12)}) <= 1e-4
-    result = run_svd(model, rank=2)
+    # A 5-unit RNN is so small that the extra node outweighs the saved bytes: opt in.
+    result = run_svd(model, rank=2, allow_unprofitable=True)
     projection, rnn = result.model.graph.node
     assert projection.op_type == "MatMul" and list(projection.input) == ["x", "w_svd_in"]
     assert rnn.input[0] == "rnn/svd_in_output" and rnn.input[1] == "w_svd_out"
