@@ -23,7 +23,7 @@ from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
 from onnxzip.search import resolve_step
 from onnxzip.sanity import probe_feeds, probe_in_child
-from onnxzip.shapes import generated_feeds
+from onnxzip.shapes import UnresolvedShapesError, generated_feeds
 from onnxzip.fidelity import FidelityGate, ValidationReport
 from onnxzip.fidelity import validate as _validate
 from onnxzip.weights import materialize_weights
@@ -89,8 +89,10 @@ def _feeds(
     try:
         feeds, resolution = generated_feeds(model, batch=recipe.batch, dims=recipe.dims,
                                             input_shapes=recipe.input_shapes, seed=recipe.seed)
-    except DataError as exc:
-        if not all(p.weight_only for p in passes):
+    except UnresolvedShapesError as exc:
+        # Guessed sizes may be wrong where the model itself is fine; a model that runs at no
+        # batch size is broken, and nothing is written for it.
+        if not exc.guessed or not all(p.weight_only for p in passes):
             raise
         log.warning("fidelity not checked: %s", exc)
         return None, None, str(exc)

@@ -130,6 +130,15 @@ def _candidates(model: onnx.ModelProto, info: onnx.ValueInfoProto, axis: int, sy
     return list(dict.fromkeys(found))
 
 
+class UnresolvedShapesError(DataError):
+    """No tried sizes ran the model. ``guessed`` tells whether sizes other than the batch had to
+    be guessed: if not, the model fails at every batch size, i.e. it cannot run at all."""
+
+    def __init__(self, guessed: bool, message: str) -> None:
+        super().__init__(message)
+        self.guessed = guessed
+
+
 def resolve_input_shapes(
     model: onnx.ModelProto,
     *,
@@ -207,22 +216,28 @@ def resolve_input_shapes(
     except InvalidModelError as exc:
         log.info("cannot probe input sizes: %s", exc)
         return result(choices[0], False, 0)
-    tried = []
+    tried, first_error = [], ""
     for attempt, choice in enumerate(choices, 1):
         feeds = generate_inputs(model, shapes=shapes_for(choice), seed=seed)
         try:
             run_session(session, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            log.debug("input sizes %s rejected: %s", choice, str(exc).splitlines()[0] if str(exc) else exc)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.debug("input sizes %s rejected: %s", choice, reason)
+            first_error = first_error or reason
             tried.append(", ".join(f"{groups[k][0]}={v}" for k, v in choice.items()))
             continue
         resolution = result(choice, True, attempt)
         log.info("%s", resolution.describe())
         return resolution
     labels = ", ".join(label for label, _ in groups.values())
-    raise DataError(
+    if not others:
+        sizes = " or ".join(str(choice["batch"]) for choice in choices)
+        raise UnresolvedShapesError(False, f"onnxruntime cannot run the model at batch size {sizes}: {first_error}")
+    raise UnresolvedShapesError(
+        True,
         f"onnxruntime ran the model at none of {len(tried)} tried sizes for its dynamic dimensions "
-        f"({labels}); give them with --input-shape NAME=d0,d1,... or --dim NAME=N, or pass --data."
+        f"({labels}); give them with --input-shape NAME=d0,d1,... or --dim NAME=N, or pass --data.",
     )
 
 

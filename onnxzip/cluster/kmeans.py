@@ -203,6 +203,12 @@ def lloyd(
         if pinned is not None:
             centroids[pinned] = pinned_value
             filled[pinned] = True
+        if np.any(np.diff(centroids) < 0):
+            # Prefix sums cancel catastrophically when a tensor spans many orders of magnitude
+            # (e.g. 1e-3 beside 1e30), so means can leave their run; keep the boundaries monotone.
+            centroids.sort()
+            if pinned is not None:
+                pinned = int(np.searchsorted(centroids, pinned_value))
         if not filled.all():
             relocated = _relocate_empty(points, edges, centroids, np.flatnonzero(~filled))
             if relocated is not None:

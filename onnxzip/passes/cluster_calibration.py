@@ -110,8 +110,13 @@ def input_energies(
         return {}
     energies = {}
     for name, found in plans.items():
-        total = sum(weight(np.asarray(values[act])) for act, weight in found)
-        energies[name] = np.asarray(total, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = sum(weight(np.asarray(values[act], dtype=np.float64)) for act, weight in found)
+            scaled = np.asarray(total / max(float(np.max(total)), np.finfo(np.float64).tiny), dtype=np.float32)
+        if not np.all(np.isfinite(scaled)) or np.any(scaled < 0):
+            log.info("input energies of %s are not finite; clustering it unweighted", name)
+            continue
+        energies[name] = scaled  # relative weights: only their ratios matter to weighted k-means
     return energies
 
 
