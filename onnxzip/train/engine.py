@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ from onnxzip.training import require_training
 from onnxzip.weights import materialize_weights
 
 log = logging.getLogger(__name__)
+# onnxruntime refuses a trainable weight that no output depends on; such weights are frozen and
+# the training graph is built again, at most this many times.
+_MAX_UNREACHABLE = 8
+_UNREACHABLE = re.compile(r"Cannot compute the partial derivative for '([^']+)' as it's unreachable")
 
 DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 
@@ -269,7 +274,7 @@ def finetune(
     ranks = {name: len(shape) for name, shape in observed_shapes(model, probe).items()}
     training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
     trainable, frozen = select_weights(training_copy, device, config.include, config.exclude)
-    frozen = complete_frozen(model, trainable, frozen, statistics)
+    trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
     result = FinetuneResult(model, trained=trainable, frozen=frozen, rewrites=rewrites, device=device,
                             losses=[f"{t.kind}({t.output})" for t in terms])
     for name, reason in frozen.items():
@@ -290,13 +295,23 @@ def finetune(
         work = Path(folder)
         model_file = work / "model.onnx"
         onnx.save(training_copy, str(model_file))
-        failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay)
-        session = None
-        if failure is None:
-            try:
-                session = _open(work, device)
-            except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
-                failure = _reason(exc)
+        for _attempt in range(_MAX_UNREACHABLE + 1):
+            failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay)
+            session = None
+            if failure is None:
+                try:
+                    session = _open(work, device)
+                except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
+                    failure = _reason(exc)
+            unreachable = _UNREACHABLE.search(failure or "")
+            if not unreachable or unreachable.group(1) not in trainable or len(trainable) == 1:
+                break
+            # e.g. a codebook that decodes BatchNorm running statistics: no gradient reaches it.
+            name = unreachable.group(1)
+            trainable = [t for t in trainable if t != name]
+            result.trained = trainable
+            result.frozen[name] = "no gradient reaches it from the outputs (onnxruntime)"
+            log.info("frozen %s: no gradient path; building the training graph again", name)
         if failure is not None:
             for name in trainable:
                 result.frozen[name] = f"onnxruntime could not build the training graph: {failure}"

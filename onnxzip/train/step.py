@@ -42,12 +42,13 @@ class FinetunePass(Pass):
     name = "finetune"
     config_class = FinetuneStepConfig
     summary = "fine-tune the weights in onnxruntime-training (labels, references or distillation from the original)"
+    reduces_bytes = False  # changes values, never sizes: the never-bigger guard does not apply
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         ranks = {name: len(shape) for name, shape in context.shapes(model).items()}
         training_copy, _, _, statistics = rewrite_for_training(model, ranks)
         trainable, frozen = select_weights(training_copy, context.device, self.config.include, self.config.exclude)
-        frozen = complete_frozen(model, trainable, frozen, statistics)
+        trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
         layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in trainable}
         layers.update({name: {"train": False, "reason": reason} for name, reason in frozen.items()})
         return Plan(self.name, self.config_dict(), layers)

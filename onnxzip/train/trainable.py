@@ -173,11 +173,11 @@ def rewrite_for_training(
         replacement = None
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
             replacement = _rewrite_batchnorm(node, index, inits, ranks, new_inits)
+            for name in node.input[3:5]:  # rewritten or not, running statistics never train
+                statistics[name] = f"running statistic of BatchNormalization '{node.name}' (kept frozen)"
             if replacement is not None:
                 gammas.append(node.input[1])
                 counts["BatchNormalization -> affine"] += 1
-                for name in node.input[3:5]:
-                    statistics[name] = f"running statistic of BatchNormalization '{node.name}' (kept frozen)"
         elif node.op_type == "HardSigmoid":
             replacement = _rewrite_hardsigmoid(node, index, opset, new_inits)
             counts["HardSigmoid -> Clip"] += replacement is not None
@@ -319,13 +319,35 @@ def select_weights(
     return trainable, frozen
 
 
+def _upstream_initializers(graph: onnx.GraphProto, tensor: str) -> set[str]:
+    """Initializers a tensor is computed from (e.g. the codebook a decoded statistic comes from)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    inits = {t.name for t in graph.initializer}
+    found, todo, seen = set(), [tensor], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inits:
+            found.add(name)
+        elif name in producer:
+            todo.extend(i for i in producer[name].input if i)
+    return found
+
+
 def complete_frozen(
     original: onnx.ModelProto, trainable: list[str], frozen: dict[str, str], statistics: dict[str, str]
-) -> dict[str, str]:
-    """``frozen`` plus a reason for every other initializer of ``original`` that does not train."""
+) -> tuple[list[str], dict[str, str]]:
+    """``trainable`` less the running statistics (and what they are decoded from, such as a
+    codebook), and ``frozen`` plus a reason for every other initializer of ``original`` that does
+    not train."""
     result = dict(frozen)
-    result.update({k: v for k, v in statistics.items() if k not in trainable})
+    for tensor, reason in statistics.items():
+        for name in _upstream_initializers(original.graph, tensor) | {tensor}:
+            result.setdefault(name, reason)
+    trainable = [name for name in trainable if name not in result]
     for tensor in original.graph.initializer:
         if tensor.name not in trainable and tensor.name not in result:
             result[tensor.name] = "a constant of a node rewritten for training (not a weight)"
-    return result
+    return trainable, result

@@ -156,7 +156,7 @@ def test_cli_avg_bits_and_bits_search_with_a_metric(tmp_path):
 
 def test_api_avg_bits_and_bad_options():
     model = mlp(W1, W2)
-    result = onnxzip.compress(model, cluster={"avg_bits": 4}, data={"x": X}, gate={"min_cosine": 0})
+    result = onnxzip.compress(model, cluster={"avg_bits": 4}, data={"x": X}, gate={"min_cosine": 0, "min_argmax_agreement": None})
     assert result.report.passes[0].notes[0].startswith("mean index width")
     with pytest.raises(ConfigError, match="give one of k, bits and avg_bits"):
         ClusterPass(k=4, avg_bits=3)

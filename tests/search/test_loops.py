@@ -41,7 +41,7 @@ SWEEP = [0.9, 0.5, 0.2, 0.05, 0.01]
 
 def loop_recipe(**extra) -> dict:
     return {
-        "gate": {"min_cosine": None},
+        "gate": {"min_cosine": None, "min_argmax_agreement": None},
         "metrics": ["cosine:min=0.995"],
         "loop": {"stages": [
             {"name": "svd", "sweep": SWEEP, "steps": [{"svd": {"budget": "$value"}}]},
