@@ -7,6 +7,7 @@ any failure into a message; the caller then freezes instead of crashing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,11 @@ def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: st
     spec = folder / "spec.json"
     spec.write_text(json.dumps({"model": str(model_file), "trainable": trainable, "optimizer": optimizer,
                                 "weight_decay": weight_decay, "out": str(folder)}))
+    # The child imports this very onnxzip, also when it was put on sys.path rather than installed.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        done = subprocess.run([sys.executable, "-m", "onnxzip.train._artifacts", str(spec)], cwd=folder,
+        done = subprocess.run([sys.executable, "-m", "onnxzip.train._artifacts", str(spec)], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return f"generating the training graph took over {TIMEOUT_S} s"

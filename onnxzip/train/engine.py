@@ -65,7 +65,10 @@ class FinetuneConfig:
     loss: Literal["auto", "mse", "l1", "kl", "cross_entropy"] = option(
         "auto", "auto: cross_entropy with labels, mse against references, else distillation (mse) "
         "from the teacher; kl distills class scores")
-    sparsity: float = option(0.0, "λ of an L1 penalty on BatchNorm/LayerNorm γ (proximal step; the last epoch is kept)")
+    sparsity: float = option(0.0, "λ of an L1 penalty on BatchNorm/LayerNorm γ: its subgradient joins γ's own "
+                             "optimizer step, a γ that crosses zero stops at zero; the last epoch is kept")
+    gamma_lr_scale: float = option(10.0, "under sparsity training, γ steps at this multiple of the learning rate "
+                                   "(without weight decay), so that unimportant γ can reach zero")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
     metric: str | None = option(None, "evaluator metric on --val (default: accuracy with labels, "
@@ -79,6 +82,8 @@ class FinetuneConfig:
             raise ValueError("epochs must be at least 1")
         if self.lr <= 0 or self.batch_size < 1 or self.sparsity < 0 or not 0 <= self.warmup < 1:
             raise ValueError("lr and batch_size must be positive, sparsity >= 0 and 0 <= warmup < 1")
+        if self.gamma_lr_scale <= 0:
+            raise ValueError("gamma_lr_scale must be positive")
 
 
 @dataclass
@@ -185,8 +190,43 @@ def with_weights(model: onnx.ModelProto, values: dict[str, NDArray[Any]]) -> onn
     return result
 
 
-def _soft_threshold(values: NDArray[np.float32], amount: float) -> NDArray[np.float32]:
-    return (np.sign(values) * np.maximum(np.abs(values) - amount, 0.0)).astype(values.dtype)
+class _SparseGammas:
+    """The optimizer of the γ under sparsity training (network slimming): onnxruntime's optimizer
+    has one learning rate and decays every weight, so after its step each γ is set again from its
+    value before the step, by its own Adam (or SGD) step on ``∂loss/∂γ + λ·sign(γ)`` at
+    ``gamma_lr_scale`` × the learning rate without weight decay. A γ whose step crosses zero stops
+    at zero, and stays there while ``|∂loss/∂γ| ≤ λ``. With Adam the L1 term moves an unimportant γ by about the learning rate each step
+    whatever its scale, which a proximal step of ``lr·λ`` after AdamW does not: that shrinks every
+    γ alike and only collapses the model when λ is large enough to reach zero."""
+
+    def __init__(self, names: list[str], config: FinetuneConfig) -> None:
+        self.names, self.config = names, config
+        self.moments: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
+        self.steps = 0
+
+    def before(self, state: Any) -> dict[str, tuple[NDArray[np.float32], NDArray[np.float32]]]:
+        """Each γ's value and gradient before onnxruntime's optimizer step."""
+        return {n: (np.array(state.parameters[n].data), np.array(state.parameters[n].grad)) for n in self.names}
+
+    def after(self, state: Any, before: dict[str, tuple[NDArray[np.float32], NDArray[np.float32]]],
+              rate: float) -> None:
+        self.steps += 1
+        lr = rate * self.config.gamma_lr_scale
+        for name, (value, grad) in before.items():
+            g = grad.astype(np.float64) + self.config.sparsity * np.sign(value)
+            if self.config.optimizer == "adamw":
+                m, v = self.moments.get(name, (np.zeros_like(g), np.zeros_like(g)))
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                self.moments[name] = (m, v)
+                m_hat, v_hat = m / (1 - 0.9 ** self.steps), v / (1 - 0.999 ** self.steps)
+                step = lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+            else:
+                step = lr * g
+            new = value - step
+            new[(np.sign(new) != np.sign(value)) & (value != 0)] = 0.0
+            # Zero is where L1's subdifferential holds the loss's gradient: stay there.
+            new[(value == 0) & (np.abs(grad) <= self.config.sparsity)] = 0.0
+            state.parameters[name].data = new.astype(value.dtype)
 
 
 def _loss_terms(
@@ -397,6 +437,7 @@ def _train(
     arrays = {**train.inputs, **train_targets}
     val_arrays = {**held_out.inputs, **val_targets} if held_out is not None else None
     sparse = [g for g in gammas if g in result.trained] if config.sparsity > 0 else []
+    slimming = _SparseGammas(sparse, config)
     metric = _metric_name(config, held_out, model)
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = len(_batches(len(train), batch, fixed, None))
@@ -414,11 +455,11 @@ def _train(
                 rate = lr_at(step, total, config)
                 optimizer.set_learning_rate(rate)
                 loss = module(*[arrays[name][chunk] for name in names])
+                before = slimming.before(state) if sparse else None
                 optimizer.step()
+                if before is not None:
+                    slimming.after(state, before, rate)
                 module.lazy_reset_grad()
-                for gamma in sparse:
-                    parameter = state.parameters[gamma]
-                    parameter.data = _soft_threshold(parameter.data, rate * config.sparsity)
                 losses.append(float(np.asarray(loss)))
                 bar.set_postfix(loss=f"{np.mean(losses):.4g}")
                 step += 1

@@ -252,7 +252,7 @@ def test_a_refused_training_graph_freezes_instead_of_crashing():
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
-def test_sparsity_soft_threshold_drives_gammas_below_the_threshold():
+def test_a_strong_sparsity_drives_gammas_to_zero_where_they_stay():
     rng = np.random.default_rng(4)
     model = _bn_cnn(rng, channels=6)
     x, labels = _digit_data(rng)
@@ -260,6 +260,38 @@ def test_sparsity_soft_threshold_drives_gammas_below_the_threshold():
                       config={**FAST, "lr": 0.05, "sparsity": 10.0, "epochs": 2})
     gamma = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == "g")
     assert result.gammas == 6 and result.gammas_below_threshold == int(np.sum(np.abs(gamma) < 1e-2)) >= 4
+
+
+def _slimmable(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """x → MatMul → BN → Relu → MatMul → y with 8 hidden channels, of which the first 3 carry the
+    output and the other 5 almost nothing; references are the model's own outputs."""
+    f32 = np.float32
+    w2 = np.array([[1.0], [0.8], [0.6], [0.003], [0.003], [0.002], [0.002], [0.001]], f32)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("BatchNormalization", ["h", "g", "be", "mu", "var"], ["bn"], name="bn"),
+         helper.make_node("Relu", ["bn"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        [tensor("x", ["N", 6])], [tensor("y", ["N", 1])],
+        [init("w1", rng.standard_normal((6, 8)).astype(f32)), init("g", np.ones(8, f32)),
+         init("be", np.full(8, 0.1, f32)), init("mu", np.zeros(8, f32)), init("var", np.full(8, 6.0, f32)),
+         init("w2", w2)])
+    x = rng.standard_normal((256, 6)).astype(f32)
+    return model, x, _outputs(model, {"x": x})["y"]
+
+
+def test_sparsity_training_zeroes_unimportant_gammas_and_keeps_the_important_ones():
+    # A proximal step of lr·λ after AdamW shrinks every γ alike: at a λ that zeroes the idle
+    # channels it zeroes all of them. γ's own Adam step on the L1 subgradient is selective.
+    model, x, y = _slimmable(np.random.default_rng(5))
+    config = {"epochs": 6, "patience": 0, "lr": 1e-2, "batch_size": 32, "sparsity": 2e-3, "include": ["g"]}
+    result = finetune(model, {"x": x, "references": y}, device="cpu", progress=False, config=config)
+    gamma = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == "g")
+    assert np.all(np.abs(gamma[3:]) < 1e-2), gamma  # idle channels: exactly zero or nearly
+    assert np.all(np.abs(gamma[:3]) > 0.5), gamma  # working channels keep their scale
+    assert result.gammas == 8 and result.gammas_below_threshold == 5
+    error = float(np.mean((_outputs(result.model, {"x": x})["y"] - y) ** 2))
+    assert error < 0.05 * float(np.mean(y ** 2))
 
 
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
