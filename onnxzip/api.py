@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -194,7 +195,7 @@ def compress(
             raise ConfigError("A loop recipe runs its own stages; give pass flags or a loop recipe, not both.")
         if replay is not None:
             raise ConfigError("A loop recipe searches; replay its result's plan without the loop recipe.")
-        return _compress_loop(original, working, notes, recipe, context, feeds, data, val, work_dir,
+        return _compress_loop(original, working, notes, recipe, context, feeds, generated, data, val, work_dir,
                               start=start, allow_gate_failure=allow_gate_failure)
     before_cost = context.cost(original)
     executed = PipelinePlan()
@@ -225,15 +226,9 @@ def compress(
                    f"({original.ByteSize()} B)")
         log.warning("%s", message)
         notes.append(f"warning: {message}")
-    validation = None
-    if check and feeds is not None:
-        validation = _validate(original, working, feeds, device=recipe.device, gate=recipe.gate,
-                               generated=generated)
-        report.validation = validation.to_dict()
-    quality = None
-    if check and recipe.metrics:
-        quality = quality_gate(original, working, data, recipe.metrics, device=recipe.device, progress=progress)
-        report.quality = quality.to_dict()
+    validation, quality = _gate(original, working, recipe, feeds, generated, data, progress) if check else (None, None)
+    report.validation = validation.to_dict() if validation is not None else None
+    report.quality = quality.to_dict() if quality is not None else None
     report.seconds = time.perf_counter() - start
     result = CompressResult(working, report, executed, validation, quality)
     if not result.passed and not allow_gate_failure:
@@ -244,15 +239,20 @@ def compress(
     return result
 
 
-def _gate_reports(original: onnx.ModelProto, model: onnx.ModelProto, recipe: Recipe,
-                  feeds: dict[str, np.ndarray], gate_data: Any) -> tuple[ValidationReport, Any]:
-    validation = _validate(original, model, feeds, device=recipe.device, gate=recipe.gate)
-    quality = quality_gate(original, model, gate_data, recipe.metrics, device=recipe.device) if recipe.metrics else None
+def _gate(original: onnx.ModelProto, model: onnx.ModelProto, recipe: Recipe, feeds: dict[str, np.ndarray] | None,
+          generated: Any, judged_on: Any, progress: bool = False) -> tuple[ValidationReport | None, Any]:
+    """The gate of ``model`` against ``original``, the same for a pipeline's output and a loop's
+    tries: fidelity on ``feeds`` (none when no inputs could be made) and the recipe's metric
+    conditions on ``judged_on``."""
+    validation = (_validate(original, model, feeds, device=recipe.device, gate=recipe.gate, generated=generated)
+                  if feeds is not None else None)
+    quality = (quality_gate(original, model, judged_on, recipe.metrics, device=recipe.device, progress=progress)
+               if recipe.metrics else None)
     return validation, quality
 
 
 def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: list[str], recipe: Recipe,
-                   context: PassContext, feeds: dict[str, np.ndarray], data: Any, val: Any,
+                   context: PassContext, feeds: dict[str, np.ndarray] | None, generated: Any, data: Any, val: Any,
                    work_dir: str | os.PathLike[str] | None, *, start: float,
                    allow_gate_failure: bool) -> CompressResult:
     """Run the recipe's loop (see :mod:`onnxzip.search.loops`) and wrap its best model."""
@@ -268,12 +268,20 @@ def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: l
     def make_context() -> PassContext:
         return dataclasses.replace(context, _cache={})
 
+    gated: dict[str, tuple[ValidationReport | None, Any]] = {}  # by model digest: the output is not gated twice
+
+    def digest(model: onnx.ModelProto) -> str:
+        return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
     def measure(model: onnx.ModelProto) -> Measurement:
         scratch = make_context()
         cost = scratch.cost(model)
-        validation, quality = _gate_reports(original, model, recipe, feeds, gate_data)
-        values = {"min_cosine": min((o.cosine for o in validation.outputs), default=1.0)}
-        failures = list(validation.failures)
+        validation, quality = gated[digest(model)] = _gate(original, model, recipe, feeds, generated, gate_data)
+        values: dict[str, float] = {}
+        failures: list[str] = []
+        if validation is not None:
+            values["min_cosine"] = min((o.cosine for o in validation.outputs), default=1.0)
+            failures += validation.failures
         if quality is not None:
             values.update({row.metric: float(row.candidate) for row in quality.rows})
             failures += [f"{row.metric} {row.condition.kind}={row.condition.limit:g}" for row in quality.failures]
@@ -307,8 +315,8 @@ def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: l
     )
     if last.decision == "original":
         report.notes.append("no stage of the loop passed the gate; the output is the original model")
-    validation, quality = _gate_reports(original, best, recipe, feeds, gate_data)
-    report.validation = validation.to_dict()
+    validation, quality = gated.get(digest(best)) or _gate(original, best, recipe, feeds, generated, gate_data)
+    report.validation = validation.to_dict() if validation is not None else None
     report.quality = quality.to_dict() if quality is not None else None
     report.seconds = time.perf_counter() - start
     result = CompressResult(best, report, PipelinePlan(), validation, quality)

@@ -51,6 +51,7 @@ def plot_trajectory(trajectory: list[dict[str, Any]], path: Path) -> Path:
     measured = [p for p in trajectory if p.get("bytes") and key in p.get("metrics", {})]
     for decision, style in (("original", dict(marker="*", s=160, c="black")),
                             ("accepted", dict(marker="o", s=50, c="tab:green")),
+                            ("ungated", dict(marker="s", s=40, c="tab:gray")),
                             ("rejected", dict(marker="x", s=50, c="tab:red")),
                             ("rolled back", dict(marker="x", s=50, c="tab:orange"))):
         chosen = [p for p in measured if p["decision"] == decision]
@@ -132,12 +133,13 @@ def plot_gamma(series: dict[str, np.ndarray], path: Path, threshold: float | Non
 def gamma_series(trajectory: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """|γ| of the original, after each sparsity-training stage, and of the final model."""
     series: dict[str, np.ndarray] = {}
-    accepted = [p for p in trajectory if p["decision"] in _ACCEPTED and p.get("gamma")]
-    for point in accepted:
+    kept = [p for p in trajectory if p["decision"] in (*_ACCEPTED, "ungated") and p.get("gamma")]
+    for point in kept:
         if point["decision"] == "original":
             series["original"] = np.asarray(point["gamma"])
         elif point.get("sparsity"):
             series[f"after {point['stage']}"] = np.asarray(point["gamma"])
+    accepted = [p for p in kept if p["decision"] in _ACCEPTED]
     if accepted and accepted[-1]["decision"] != "original":
         series["final"] = np.asarray(accepted[-1]["gamma"])
     return series

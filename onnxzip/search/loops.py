@@ -4,6 +4,10 @@ A loop is a list of **stages**. A stage runs its pipeline steps (passes and trai
 the last accepted model and is judged by the gate, always against the *original* model:
 
 * a plain stage is accepted when the gate passes and rolled back when it fails;
+* an **ungated** stage (``gate: false``) is an intermediate step such as method 2's sparsity
+  training, which costs quality that the next stage's fine-tuning recovers: it is measured and
+  always continued from (decision ``ungated`` when it fails the gate), but only a model that
+  passed the gate can be the loop's output;
 * a **sweep** stage repeats its steps for each value of ``sweep`` (``$value`` in a step's
   options is replaced by it), from most to least conservative, each try starting from the model
   the stage started with. Tries are accepted while the gate passes; the first failure ends the
@@ -39,7 +43,9 @@ from onnxzip.report import PassReport
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-_STAGE_KEYS = {"name", "steps", "sweep", "optional"}
+_STAGE_KEYS = {"name", "steps", "sweep", "gate"}
+# Decisions a later stage continues from.
+CONTINUED = ("accepted", "ungated")
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Stage:
     name: str
     steps: list[dict[str, dict[str, Any]]]
     sweep: list[Any] | None = None
+    gate: bool = True
 
     def steps_for(self, value: Any) -> list[tuple[str, dict[str, Any]]]:
         """The steps with ``$value`` replaced by ``value`` (in any option, nested lists too)."""
@@ -86,7 +93,7 @@ class LoopConfig:
                 raise ConfigError(f"{where} must be a mapping with a non-empty 'steps' list.")
             extra = set(item) - _STAGE_KEYS
             if extra:
-                raise ConfigError(f"{where} has unknown keys {', '.join(sorted(extra))}; allowed: name, steps, sweep.")
+                raise ConfigError(f"{where} has unknown keys {', '.join(sorted(extra))}; allowed: name, steps, sweep, gate.")
             steps = []
             for step in item["steps"]:
                 if isinstance(step, str):
@@ -105,7 +112,12 @@ class LoopConfig:
                 raise ConfigError(f"{where}: a sweep needs '$value' in one of its step options.")
             if sweep is None and uses_value:
                 raise ConfigError(f"{where}: '$value' is used but the stage has no 'sweep'.")
-            stages.append(Stage(str(item.get("name") or f"stage{index + 1}"), steps, sweep))
+            gated = item.get("gate", True)
+            if not isinstance(gated, bool):
+                raise ConfigError(f"{where}: 'gate' must be true or false.")
+            if not gated and sweep is not None:
+                raise ConfigError(f"{where}: a sweep stage is judged by the gate; 'gate: false' is for plain stages.")
+            stages.append(Stage(str(item.get("name") or f"stage{index + 1}"), steps, sweep, gated))
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"{source}: loop stage names must be unique.")
@@ -141,7 +153,7 @@ class TrajectoryPoint:
     stage: str
     iteration: int
     value: Any
-    decision: str  # original | accepted | rejected | rolled back | skipped
+    decision: str  # original | accepted | ungated | rejected | rolled back | skipped
     bytes: int
     params: int
     flops: int
@@ -303,6 +315,7 @@ class CompressionLoop:
                                               m.latency_ms, m.metrics, m.failures, gamma=norm_scales(original)))
             self._save_state(trajectory, done=False)
         current, current_path = original, None
+        passing_path: str | None = None  # the last continued-from try that passed the gate
         total = sum(len(stage.sweep or [None]) for stage in self.loop.stages)
         bar = tqdm(total=total, desc="loop", unit="try", disable=not self.progress)
         for stage in self.loop.stages:
@@ -322,9 +335,11 @@ class CompressionLoop:
                     self._save_state([*trajectory, point], done=False)
                 trajectory.append(point)
                 bar.update(1)
-                if point.decision == "accepted":
+                if point.decision in CONTINUED:
                     current_path = point.checkpoint
                     current = None  # loaded lazily from the checkpoint
+                    if point.decision == "accepted":
+                        passing_path = point.checkpoint
                 else:
                     bar.update(len(stage.sweep or [None]) - iteration - 1)
                     break
@@ -332,6 +347,10 @@ class CompressionLoop:
                 current = load_model(self.work_dir / current_path)
         bar.close()
         self._save_state(trajectory, done=True)
+        if current_path != passing_path:  # the last stage continued from did not pass the gate
+            current = original if passing_path is None else load_model(self.work_dir / passing_path)
+            if passing_path is None:
+                log.warning("no try of the loop passed the gate; the output is the original model")
         return LoopResult(current, trajectory, reports, resumed)
 
     def _try(self, stage: Stage, iteration: int, value: Any, base: onnx.ModelProto, index: int,
@@ -340,12 +359,13 @@ class CompressionLoop:
         steps = stage.steps_for(value)
         candidate, step_reports = self._run_steps(base, steps)
         m = self.measure(candidate)
-        decision = "accepted" if m.passed else ("rejected" if stage.sweep else "rolled back")
-        checkpoint = self._checkpoint(candidate, stage.name, iteration, index) if m.passed else None
-        if m.passed:
+        decision = "accepted" if m.passed else ("ungated" if not stage.gate else "rejected" if stage.sweep else "rolled back")
+        kept = decision in CONTINUED
+        checkpoint = self._checkpoint(candidate, stage.name, iteration, index) if kept else None
+        if kept:
             reports.extend(step_reports)
         log.info("%s try %d (%s): %s", stage.name, iteration, value, decision)
         return TrajectoryPoint(stage.name, iteration, copy.deepcopy(value), decision, m.bytes, m.params,
                                m.flops, m.latency_ms, m.metrics, m.failures, checkpoint,
                                time.perf_counter() - start, _layer_decisions(step_reports),
-                               gamma=norm_scales(candidate) if m.passed else None, sparsity=_trains_sparsity(steps))
+                               gamma=norm_scales(candidate) if kept else None, sparsity=_trains_sparsity(steps))

@@ -132,6 +132,35 @@ def test_interrupted_loop_resumes_from_the_last_finished_try(tmp_path):
     assert resumed.model.SerializeToString() == uninterrupted.model.SerializeToString()
 
 
+def test_ungated_stage_is_continued_from_but_never_the_output(tmp_path, monkeypatch):
+    import onnxzip.api as api
+
+    calls = []
+    real_gate = api._gate
+    monkeypatch.setattr(api, "_gate", lambda *a, **k: calls.append(1) or real_gate(*a, **k))
+    model = low_rank_mlp()
+    feeds = {"x": np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)}
+    recipe = loop_recipe()
+    recipe["loop"]["stages"] = [
+        {"name": "svd", "sweep": [0.9, 0.5], "steps": [{"svd": {"budget": "$value"}}]},
+        {"name": "coarse", "gate": False, "steps": [{"cluster": {"bits": 1}}]},  # fails, continued from
+        {"name": "fine", "steps": [{"cluster": {"bits": 8}}]},  # on the 1-bit model: still fails
+    ]
+    result = onnxzip.compress(model, recipe, data=feeds, work_dir=tmp_path / "work")
+    decisions = [(p["stage"], p["decision"]) for p in result.report.trajectory]
+    assert decisions == [("original", "original"), ("svd", "accepted"), ("svd", "accepted"),
+                         ("coarse", "ungated"), ("fine", "rolled back")]
+    coarse = result.report.trajectory[3]
+    assert coarse["checkpoint"] is not None and coarse["failures"]
+    # The output is the last try that passed (svd=0.5), not the ungated one it continued from.
+    assert result.passed and result.report.after.bytes == result.report.trajectory[2]["bytes"]
+    out = run_session(make_session(result.model, "cpu"), feeds)["y"]
+    ref = run_session(make_session(model, "cpu"), feeds)["y"]
+    assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= 0.995
+    # Each try is gated once; the output's gate is the one its try already had.
+    assert len(calls) == len(decisions)
+
+
 def test_loop_without_a_quality_condition_is_refused():
     recipe = loop_recipe()
     del recipe["metrics"]
@@ -155,6 +184,8 @@ def test_work_dir_of_another_run_is_refused(tmp_path):
     ({"stages": [{"steps": [{"nope": {}}]}]}, "nope"),
     ({"stages": [{"steps": [{"svd": {"budget": "$value"}}], "sweep": ["x"]}]}, "budget"),
     ({"stages": [{"steps": [{"svd": {}}], "repeat": 2}]}, "unknown keys repeat"),
+    ({"stages": [{"steps": [{"svd": {}}], "gate": "no"}]}, "'gate' must be true or false"),
+    ({"stages": [{"steps": [{"svd": {"budget": "$value"}}], "sweep": [0.5], "gate": False}]}, "for plain stages"),
 ])
 def test_bad_loops_are_one_sentence_config_errors(loop, message):
     with pytest.raises(ConfigError, match=message):
