@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", parents=[shared], help="compress the built-in reference CNN and show the result")
     demo.add_argument("--model", default="cnn", help="reference model to use (default cnn)")
     demo.add_argument("--output-dir", default="onnxzip-demo", help="where to write the models (default ./onnxzip-demo)")
+    demo.add_argument("--recipe", default=None,
+                      help="loop recipe for the CNN (e.g. method2: the full sweeps, several minutes); "
+                           "default: method 2 with a short budget")
     return parser
 
 
@@ -339,15 +342,9 @@ def _write_plots(report: dict[str, Any], out_dir: str) -> int:
 
 
 def _print_trajectory(trajectory: list[dict[str, Any]]) -> None:
-    from onnxzip.report import human_bytes, human_count, render_table
+    from onnxzip.report import trajectory_table
 
-    keys = sorted({k for p in trajectory for k in p.get("metrics", {})})
-    rows = [[p["stage"] + ("" if p.get("value") is None else f"={p['value']}"), p["decision"],
-             human_bytes(p["bytes"]) if p["bytes"] else "-", human_count(p["params"]), human_count(p["flops"]),
-             "-" if p.get("latency_ms") is None else f"{p['latency_ms']:.3f} ms",
-             *[("-" if k not in p.get("metrics", {}) else f"{p['metrics'][k]:.4g}") for k in keys]]
-            for p in trajectory]
-    print(render_table(["try", "decision", "size", "params", "FLOPs", "latency", *keys], rows))
+    print(trajectory_table(trajectory))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -374,7 +371,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxzip.demo import run_demo
 
-    return run_demo(args.model, Path(args.output_dir), quiet=args.quiet)
+    return run_demo(args.model, Path(args.output_dir), quiet=args.quiet, recipe=args.recipe)
 
 
 COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_validate,

@@ -144,3 +144,14 @@ class CompressionReport:
                 label += ", generated inputs"
             rows.append([label, "1", f"{worst:.6f}", verdict])
         return render_table(["", "before", "after", "reduction"], rows)
+
+
+def trajectory_table(trajectory: list[dict[str, Any]]) -> str:
+    """A loop's trajectory as a table: each try's decision, size, params, FLOPs, latency, metrics."""
+    keys = sorted({k for p in trajectory for k in p.get("metrics", {})})
+    rows = [[p["stage"] + ("" if p.get("value") is None else f"={p['value']}"), p["decision"],
+             human_bytes(p["bytes"]) if p["bytes"] else "-", human_count(p["params"]), human_count(p["flops"]),
+             "-" if p.get("latency_ms") is None else f"{p['latency_ms']:.3f} ms",
+             *[("-" if k not in p.get("metrics", {}) else f"{p['metrics'][k]:.4g}") for k in keys]]
+            for p in trajectory]
+    return render_table(["try", "decision", "size", "params", "FLOPs", "latency", *keys], rows)

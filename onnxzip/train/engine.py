@@ -67,7 +67,7 @@ class FinetuneConfig:
         "from the teacher; kl distills class scores")
     sparsity: float = option(0.0, "λ of an L1 penalty on BatchNorm/LayerNorm γ: its subgradient joins γ's own "
                              "optimizer step, a γ that crosses zero stops at zero; the last epoch is kept")
-    gamma_lr_scale: float = option(10.0, "under sparsity training, γ steps at this multiple of the learning rate "
+    gamma_lr_scale: float = option(20.0, "under sparsity training, γ steps at this multiple of the learning rate "
                                    "(without weight decay), so that unimportant γ can reach zero")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")

@@ -62,9 +62,15 @@ class FinetunePass(Pass):
         options["include"] = selected or ["\0none"]
         options["exclude"] = []
         teacher = self.config.teacher or context.original
-        result = finetune(model, data, val=self.config.val or context.val, teacher=teacher, config=options,
+        val, skipped_val = self.config.val or context.val, None
+        if val is not None and not isinstance(val, dict) and not str(val).endswith(".npz"):
+            # e.g. a folder of WAVs that the loop's gate scores: epochs are not evaluated on it
+            val, skipped_val = None, f"validation data {val} is not arrays (.npz); every epoch trains, the last is kept"
+        result = finetune(model, data, val=val, teacher=teacher, config=options,
                           device=context.device, progress=context.progress)
         report = self.new_report()
+        if skipped_val:
+            report.notes.append(skipped_val)
         report.modified = bool(result.trained)
         for name in result.trained:
             report.changes.append(LayerChange(name, _op_of(model, name), "trained"))
