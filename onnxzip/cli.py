@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training inputs by input name, optional 'labels' (class indices) or 'references'")
     finetune.add_argument("--val", metavar="VAL.npz", help="validation data evaluated each epoch (best epoch kept)")
     finetune.add_argument("--teacher", metavar="ORIGINAL.onnx", help="model to distill from when the data has no labels")
+    finetune.add_argument("--match", metavar="TENSOR", action="append",
+                          help="also match the teacher's activation of this inner tensor (MSE; repeatable)")
     finetune.add_argument("--epochs", type=int, help="training epochs (default 3)")
     finetune.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     finetune.add_argument("--sparsity", type=float, help="λ of the L1 penalty on BatchNorm/LayerNorm γ (default 0)")
@@ -308,7 +310,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
         raise ConfigError("The output path is the input file; onnxzip never overwrites its input.")
     options: dict[str, Any] = parse_flag_value(args.options, shorthand=None, owner="--options")
-    for key in ("epochs", "lr", "sparsity", "batch_size", "loss"):
+    for key in ("epochs", "lr", "sparsity", "batch_size", "loss", "match"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     result = finetune(args.input, args.data, val=args.val, teacher=args.teacher, config=options,

@@ -69,6 +69,9 @@ class FinetuneConfig:
                              "optimizer step, a γ that crosses zero stops at zero; the last epoch is kept")
     gamma_lr_scale: float = option(20.0, "under sparsity training, γ steps at this multiple of the learning rate "
                                    "(without weight decay), so that unimportant γ can reach zero")
+    match: list[str] = option([], "inner tensor names whose activations also match the teacher's (MSE; "
+                              "same shapes in both models, e.g. block outputs after SVD or codebooks)")
+    match_weight: float = option(1.0, "weight of each matched activation's MSE in the loss")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
     metric: str | None = option(None, "evaluator metric on --val (default: accuracy with labels, "
@@ -274,15 +277,39 @@ def _targets(terms: list[LossTerm], data: _Data, teacher_out: dict[str, NDArray[
 
 
 def _teacher_outputs(teacher: onnx.ModelProto, student: onnx.ModelProto, data: _Data, batch: int,
-                     device: str) -> dict[str, NDArray[Any]]:
-    """Teacher outputs on ``data`` named like the student's outputs (by name, else by position)."""
-    raw = run_batched(teacher, data.inputs, batch, device)
+                     device: str, inner: list[str] = ()) -> dict[str, NDArray[Any]]:
+    """Teacher outputs on ``data`` named like the student's outputs (by name, else by position),
+    plus the teacher's activations of the ``inner`` tensors (by their names)."""
     names = [o.name for o in student.graph.output]
+    extra = [name for name in inner if name not in {o.name for o in teacher.graph.output}]
+    if extra:
+        teacher = copy.deepcopy(teacher)
+        teacher.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    raw = run_batched(teacher, data.inputs, batch, device)
+    matched = {name: raw.pop(name) for name in extra}
+    matched.update({name: raw[name] for name in inner if name in raw})
     if all(name in raw for name in names):
-        return {name: raw[name] for name in names}
+        return {**{name: raw[name] for name in names}, **matched}
     if len(raw) != len(names):
         raise ConfigError("The teacher's outputs do not match the student's outputs (names or count).")
-    return dict(zip(names, raw.values()))
+    return {**dict(zip(names, raw.values())), **matched}
+
+
+def _check_matched(names: list[str], student: onnx.ModelProto, teacher: onnx.ModelProto,
+                   training_copy: onnx.ModelProto, probe: dict[str, NDArray[Any]]) -> None:
+    """Every matched tensor exists in both models, is float, and has the same shape in both."""
+    produced = {o for n in training_copy.graph.node for o in n.output}
+    teacher_produced = {o for n in teacher.graph.node for o in n.output}
+    for name in names:
+        if name not in produced or name not in teacher_produced:
+            where = "the student" if name not in produced else "the teacher"
+            raise ConfigError(f"match: tensor {name!r} is not computed in {where} (give names of node outputs "
+                              "that both models keep).")
+    student_shapes, teacher_shapes = observed_shapes(student, probe), observed_shapes(teacher, probe)
+    for name in names:
+        if student_shapes.get(name) != teacher_shapes.get(name):
+            raise ConfigError(f"match: tensor {name!r} has shape {teacher_shapes.get(name)} in the teacher and "
+                              f"{student_shapes.get(name)} in the student (pruned channels cannot be matched).")
 
 
 def finetune(
@@ -309,6 +336,11 @@ def finetune(
     fixed = fixed_batch(model)
     batch = fixed or config.batch_size
     terms, needs_teacher = _loss_terms(model, config, train, teacher_model is not None)
+    if config.match:
+        if teacher_model is None:
+            raise ConfigError("Matching intermediate activations (match=) needs a teacher model (--teacher).")
+        terms += [LossTerm(name, "mse", f"onnxzip_match_{i}", config.match_weight) for i, name in enumerate(config.match)]
+        needs_teacher = True
 
     probe = {k: v[: fixed or 1] for k, v in train.inputs.items()}
     ranks = {name: len(shape) for name, shape in observed_shapes(model, probe).items()}
@@ -323,8 +355,10 @@ def finetune(
         result.notes.append("nothing can train in this model; it is returned unchanged")
         return result
 
-    teacher_train = _teacher_outputs(teacher_model, model, train, batch, device) if needs_teacher else None
-    teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device)
+    if config.match:
+        _check_matched(config.match, model, teacher_model, training_copy, probe)
+    teacher_train = _teacher_outputs(teacher_model, model, train, batch, device, config.match) if needs_teacher else None
+    teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device, config.match)
                    if needs_teacher and held_out is not None else None)
     train_targets = _targets(terms, train, teacher_train)
     val_targets = _targets(terms, held_out, teacher_val) if held_out is not None else None

@@ -8,6 +8,8 @@ to the loss positionally. Terms (summed):
 * ``kl``: −Σ_c p_c · log softmax(y)_c averaged over rows, with p = softmax(teacher logits), i.e. the
   KL divergence to the teacher's class distribution up to the teacher's (constant) entropy;
 * ``cross_entropy``: SoftmaxCrossEntropyLoss against int64 ``labels``.
+
+A term may carry a weight; intermediate-activation matching adds ``mse`` terms on inner tensors.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class LossTerm:
     output: str
     kind: str
     target: str
+    weight: float = 1.0
 
 
 def _mean(nodes: list[onnx.NodeProto], source: str, name: str) -> str:
@@ -68,6 +71,10 @@ def add_loss(
             parts.append(f"{tag}/value")
         else:
             raise ValueError(f"unknown loss kind {term.kind!r}")
+        if term.weight != 1.0:
+            graph.initializer.append(numpy_helper.from_array(np.float32(term.weight), f"{tag}/weight"))
+            nodes.append(helper.make_node("Mul", [parts[-1], f"{tag}/weight"], [f"{tag}/weighted"]))
+            parts[-1] = f"{tag}/weighted"
     total = parts[0]
     for index, part in enumerate(parts[1:]):
         nodes.append(helper.make_node("Add", [total, part], [f"{LOSS_NAME}/sum{index}"]))

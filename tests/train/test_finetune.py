@@ -294,6 +294,47 @@ def test_sparsity_training_zeroes_unimportant_gammas_and_keeps_the_important_one
     assert error < 0.05 * float(np.mean(y ** 2))
 
 
+def _inner(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return _outputs(probe, {"x": x})[name]
+
+
+def test_matching_an_intermediate_activation_pulls_it_towards_the_teachers():
+    teacher = mlp(np.random.default_rng(0))
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    w1 = next(t for t in student.graph.initializer if t.name == "w1")
+    noisy = numpy_helper.to_array(w1) + 0.5 * np.random.default_rng(9).standard_normal((8, 16)).astype(np.float32)
+    w1.CopyFrom(numpy_helper.from_array(noisy, "w1"))
+    x = np.random.default_rng(2).standard_normal((256, 8)).astype(np.float32)
+    config = {"epochs": 8, "lr": 0.05, "patience": 0, "include": ["w1", "b1"]}
+    plain = finetune(student, {"x": x}, teacher=teacher, device="cpu", progress=False, config=config)
+    matched = finetune(student, {"x": x}, teacher=teacher, device="cpu", progress=False,
+                       config={**config, "match": ["h2"], "match_weight": 1.0})
+    assert matched.losses == ["mse(y)", "mse(h2)"]
+    error = lambda m: float(np.mean((_inner(m, "h2", x) - _inner(teacher, "h2", x)) ** 2))  # noqa: E731
+    assert error(matched.model) < 0.5 * error(plain.model) and error(matched.model) < 0.2 * error(student)
+    assert [n.op_type for n in matched.model.graph.node] == [n.op_type for n in student.graph.node]
+
+
+def test_matching_needs_a_teacher_and_tensors_both_models_compute_alike():
+    model = mlp(np.random.default_rng(0))
+    x = np.zeros((8, 8), np.float32)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        finetune(model, {"x": x, "references": np.zeros((8, 4), np.float32)}, device="cpu", progress=False,
+                 config={"match": ["h2"]})
+    with pytest.raises(ConfigError, match="'nope' is not computed in the student"):
+        finetune(model, {"x": x}, teacher=model, device="cpu", progress=False, config={"match": ["nope"]})
+    narrow = mlp(np.random.default_rng(0))
+    for t in narrow.graph.initializer:  # 12 hidden units instead of 16, as channel pruning leaves it
+        array = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array(array[..., :12] if t.name in ("w1", "b1", "w2") else array, t.name))
+    with pytest.raises(ConfigError, match="pruned channels cannot be matched"):
+        finetune(narrow, {"x": x}, teacher=model, device="cpu", progress=False, config={"match": ["h2"]})
+
+
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
     teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(1))
     x = np.random.default_rng(2).standard_normal((128, 8)).astype(np.float32)

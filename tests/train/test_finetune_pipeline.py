@@ -60,3 +60,8 @@ def test_finetune_command(tmp_path, capsys):
     assert main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "missing.npz")]) == 2
     assert main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "unlabelled.npz")]) == 2
     assert "--teacher" in capsys.readouterr().err
+    code = main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "unlabelled.npz"),
+                 "--teacher", str(source), "--match", "bn", "--epochs", "1", "-q"])
+    assert code == 0 and "mse(bn)" in capsys.readouterr().out
+    assert main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "unlabelled.npz"),
+                 "--teacher", str(source), "--match", "nope", "-q"]) == 2
