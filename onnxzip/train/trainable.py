@@ -6,7 +6,8 @@ rewrite is undone on export by construction and names/shapes of trainable tensor
 
 * ``BatchNormalization`` → ``(x − μ)·(1/√(σ² + ε))·γ + β`` with μ and 1/√(σ² + ε) frozen
   constants and γ, β reshaped to ``[C, 1, …]``: onnxruntime would otherwise train with batch
-  statistics and overwrite the running ones.
+  statistics and overwrite the running ones. Statistics computed in the graph (decoded from a
+  codebook) get the same form with ``(x − μ) / √(σ² + ε)`` as nodes.
 * ``LayerNormalization`` declares its optional Mean / InvStdDev outputs (its gradient needs them).
 * ``LSTM`` / ``GRU`` inputs padded with ``""`` to 8 / 6 slots (LSTMTraining / GRUTraining).
 * ``HardSigmoid(x)`` → ``Clip(α·x + β, 0, 1)`` (no gradient builder is registered for it).
@@ -72,10 +73,26 @@ def _rewrite_batchnorm(node, index, inits, ranks, new_inits) -> list[onnx.NodePr
     if len(node.output) != 1 and any(node.output[1:]):
         return None  # a training-mode BN; leave it (its weights get frozen by onnxruntime's rules)
     x, scale, bias, mean, var = node.input[:5]
-    if not all(n in inits for n in (scale, bias, mean, var)):
-        return None
     rank = ranks.get(x, 4)
     eps = float(_attr(node, "epsilon", 1e-5))
+    if not all(n in inits for n in (mean, var)):
+        # statistics computed in the graph (e.g. decoded from a codebook): the same affine form
+        # with 1/√(σ² + ε) as nodes; Reshape to [-1, 1, …] needs no channel count
+        names = {k: _unique(node, index, k) for k in ("shape", "eps", "g", "b", "mu", "var", "ve", "sd", "c", "n", "s")}
+        new_inits += [_const(names["shape"], np.asarray([-1] + [1] * max(rank - 2, 0), np.int64)),
+                      _const(names["eps"], np.float32(eps))]
+        return [
+            helper.make_node("Reshape", [scale, names["shape"]], [names["g"]]),
+            helper.make_node("Reshape", [bias, names["shape"]], [names["b"]]),
+            helper.make_node("Reshape", [mean, names["shape"]], [names["mu"]]),
+            helper.make_node("Reshape", [var, names["shape"]], [names["var"]]),
+            helper.make_node("Add", [names["var"], names["eps"]], [names["ve"]]),
+            helper.make_node("Sqrt", [names["ve"]], [names["sd"]]),
+            helper.make_node("Sub", [x, names["mu"]], [names["c"]]),
+            helper.make_node("Div", [names["c"], names["sd"]], [names["n"]]),
+            helper.make_node("Mul", [names["n"], names["g"]], [names["s"]]),
+            helper.make_node("Add", [names["s"], names["b"]], [node.output[0]], name=node.name),
+        ]
     channels = int(np.prod(inits[mean].dims))
     shape = [channels] + [1] * max(rank - 2, 0)
     mu = numpy_helper.to_array(inits[mean]).astype(np.float32).reshape(shape)

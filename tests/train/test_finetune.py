@@ -335,6 +335,38 @@ def test_matching_needs_a_teacher_and_tensors_both_models_compute_alike():
         finetune(narrow, {"x": x}, teacher=model, device="cpu", progress=False, config={"match": ["h2"]})
 
 
+def test_batchnorm_with_statistics_computed_in_the_graph_trains_in_affine_form():
+    # Running statistics behind graph nodes (as a codebook decode leaves them): still rewritten,
+    # so the BN uses them rather than batch statistics, and they stay untouched.
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    mu, var = rng.standard_normal(3).astype(f32), (rng.random(3) + 0.5).astype(f32)  # 3-entry codebooks
+    index = np.array([0, 1, 2, 2, 1, 0], np.int64)
+    model = make_model(
+        [helper.make_node("Gather", ["mu0", "idx"], ["mu"]), helper.make_node("Gather", ["var0", "idx"], ["var"]),
+         helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("BatchNormalization", ["h", "g", "be", "mu", "var"], ["bn"], name="bn"),
+         helper.make_node("Relu", ["bn"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 2])],
+        [init("w1", rng.standard_normal((4, 6)).astype(f32)), init("g", np.ones(6, f32)), init("be", np.zeros(6, f32)),
+         init("mu0", mu), init("var0", var), init("idx", index), init("w2", rng.standard_normal((6, 2)).astype(f32))])
+    x = rng.standard_normal((128, 4)).astype(f32)
+    target = rng.standard_normal((128, 2)).astype(f32)
+    before = float(np.mean((_outputs(model, {"x": x})["y"] - target) ** 2))
+    result = finetune(model, {"x": x, "references": target}, device="cpu", progress=False,
+                      config={"epochs": 4, "lr": 0.02, "patience": 0})
+    assert result.rewrites.get("BatchNormalization -> affine") == 1
+    assert set(result.trained) == {"w1", "g", "be", "w2"} and {"mu0", "var0"} <= set(result.frozen)
+    values = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(values["mu0"], mu)
+    np.testing.assert_array_equal(values["var0"], var)
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
+    assert float(np.mean((_outputs(result.model, {"x": x})["y"] - target) ** 2)) < 0.8 * before
+    # the training loss (inference-form BN) agrees with the exported model's error on the data
+    assert abs(result.history[-1]["loss"] - float(np.mean((_outputs(result.model, {"x": x})["y"] - target) ** 2))) < 0.1 * before
+
+
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
     teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(1))
     x = np.random.default_rng(2).standard_normal((128, 8)).astype(np.float32)
