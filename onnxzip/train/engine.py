@@ -39,7 +39,7 @@ from onnxzip.io import load_model
 from onnxzip.runtime import make_session, resolve_device, run_session
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
-from onnxzip.train.losses import LossTerm, add_loss
+from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
 from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
 from onnxzip.training import require_training
 from onnxzip.weights import materialize_weights
@@ -69,6 +69,8 @@ class FinetuneConfig:
                              "optimizer step, a γ that crosses zero stops at zero; the last epoch is kept")
     gamma_lr_scale: float = option(20.0, "under sparsity training, γ steps at this multiple of the learning rate "
                                    "(without weight decay), so that unimportant γ can reach zero")
+    loss_model: str | None = option(None, "ONNX file of a user loss: inputs (prediction, target) -> one float "
+                                    "scalar; target: the data's references, else labels, else the teacher's output")
     match: list[str] = option([], "inner tensor names whose activations also match the teacher's (MSE; "
                               "same shapes in both models, e.g. block outputs after SVD or codebooks)")
     match_weight: float = option(1.0, "weight of each matched activation's MSE in the loss")
@@ -241,6 +243,15 @@ def _loss_terms(
         raise ConfigError("The model has no float output to train against.")
     first = outputs[0].name
     kind = config.loss
+    if config.loss_model:
+        loss_graph = load_loss_model(config.loss_model, model)
+        if data.references is not None:
+            return [LossTerm(first, "user", "onnxzip_references", graph=loss_graph)], False
+        if data.labels is not None:
+            return [LossTerm(first, "user", "onnxzip_labels", graph=loss_graph)], False
+        if not has_teacher:
+            raise ConfigError("A user loss (loss_model) needs 'references' or 'labels' in the data, or a teacher.")
+        return [LossTerm(first, "user", "onnxzip_teacher_0", graph=loss_graph)], True
     if kind == "cross_entropy" or (kind == "auto" and data.labels is not None):
         if data.labels is None:
             raise DataError("loss=cross_entropy needs 'labels' in the training data.")
@@ -263,7 +274,7 @@ def _loss_terms(
 def _targets(terms: list[LossTerm], data: _Data, teacher_out: dict[str, NDArray[Any]] | None) -> dict[str, NDArray[Any]]:
     targets = {}
     for term in terms:
-        if term.kind == "cross_entropy":
+        if term.target == "onnxzip_labels":
             targets[term.target] = data.labels
         elif term.target == "onnxzip_references":
             targets[term.target] = data.references

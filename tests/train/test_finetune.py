@@ -367,6 +367,37 @@ def test_batchnorm_with_statistics_computed_in_the_graph_trains_in_affine_form()
     assert abs(result.history[-1]["loss"] - float(np.mean((_outputs(result.model, {"x": x})["y"] - target) ** 2))) < 0.1 * before
 
 
+def _user_loss(tmp_path, opset: int = 17, inputs: int = 2):
+    """mean(|p − t|³) as an ONNX file: what a user would export from their own loss."""
+    names = ["p", "t", "extra"][:inputs]
+    model = make_model(
+        [helper.make_node("Sub", ["p", "t"], ["d"]), helper.make_node("Abs", ["d"], ["a"]),
+         helper.make_node("Pow", ["a", "three"], ["c"]), helper.make_node("ReduceMean", ["c"], ["loss"], keepdims=0)],
+        [tensor(n, ["N", 4]) for n in names], [tensor("loss", [])], [init("three", np.float32(3.0))], opset=opset)
+    path = tmp_path / f"loss{opset}_{inputs}.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_a_user_loss_model_is_spliced_in_and_trains(tmp_path):
+    student = mlp(np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((128, 8)).astype(np.float32)
+    target = _outputs(mlp(np.random.default_rng(0)), {"x": x})["y"]
+    cubic = lambda m: float(np.mean(np.abs(_outputs(m, {"x": x})["y"] - target) ** 3))  # noqa: E731
+    result = finetune(student, {"x": x, "references": target}, device="cpu", progress=False,
+                      config={"epochs": 8, "lr": 0.05, "patience": 0, "loss_model": _user_loss(tmp_path)})
+    assert result.losses == ["user(y)"]
+    assert cubic(result.model) < 0.5 * cubic(student)
+    assert abs(result.history[-1]["loss"] - cubic(result.model)) < 0.5 * cubic(result.model) + 1e-3
+    assert [t.name for t in result.model.graph.initializer] == [t.name for t in student.graph.initializer]
+    with pytest.raises(ConfigError, match="2 inputs"):
+        finetune(student, {"x": x, "references": target}, device="cpu", progress=False,
+                 config={"loss_model": _user_loss(tmp_path, inputs=3)})
+    with pytest.raises(ConfigError, match="opset 17 or lower"):
+        finetune(student, {"x": x, "references": target}, device="cpu", progress=False,
+                 config={"loss_model": _user_loss(tmp_path, opset=18)})
+
+
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
     teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(1))
     x = np.random.default_rng(2).standard_normal((128, 8)).astype(np.float32)
