@@ -35,11 +35,11 @@ DEMO_LOOP: dict[str, Any] = {
         {"name": "sparsity", "gate": False,
          "steps": [{"finetune": {"epochs": 5, "lr": 0.001, "sparsity": 0.01, "patience": 0}}]},
         {"name": "prune", "steps": [{"prune-channels": {"ratio": 0.5}},
-                                    {"finetune": {"epochs": 5, "lr": 0.001, "loss": "kl", "patience": 0}}]},
+                                    {"finetune": {"epochs": 5, "lr": 0.001, "loss": "kl", "patience": 0, "keep": "last"}}]},
         {"name": "blocks", "steps": [{"prune-blocks": {"count": 1}},
-                                     {"finetune": {"epochs": 2, "lr": 0.0005, "loss": "kl", "patience": 0}}]},
+                                     {"finetune": {"epochs": 2, "lr": 0.0005, "loss": "kl", "patience": 0, "keep": "last"}}]},
         {"name": "cluster", "steps": [{"cluster": {"bits": 4}},
-                                      {"finetune": {"epochs": 2, "lr": 0.0003, "loss": "kl", "patience": 0}}]},
+                                      {"finetune": {"epochs": 2, "lr": 0.0003, "loss": "kl", "patience": 0, "keep": "last"}}]},
     ]},
 }
 

@@ -76,6 +76,8 @@ class FinetuneConfig:
     match_weight: float = option(1.0, "weight of each matched activation's MSE in the loss")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
+    keep: Literal["best", "last"] = option("best", "the epoch whose weights are returned: best on --val (else the "
+                                           "lowest training loss), or last (no selection on the validation data)")
     metric: str | None = option(None, "evaluator metric on --val (default: accuracy with labels, "
                                 "cosine to the teacher without)")
     include: list[str] = option([], "weight name globs that train (empty: all float weights)")
@@ -527,7 +529,7 @@ def _train(
         if progress:
             tqdm.write("finetune " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()))
-        if score > best_score or sparse:  # sparsity training keeps its last (sparsest) epoch
+        if score > best_score or sparse or config.keep == "last":  # sparsity training keeps its last (sparsest) epoch
             best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
         else:
             stale += 1

@@ -398,6 +398,21 @@ def test_a_user_loss_model_is_spliced_in_and_trains(tmp_path):
                  config={"loss_model": _user_loss(tmp_path, opset=18)})
 
 
+def test_keep_last_returns_the_last_epoch_without_selecting_on_the_validation_data():
+    teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((64, 8)).astype(np.float32)
+    y = _outputs(teacher, {"x": x})["y"]
+    # a learning rate far too high: validation loss is not monotone, so "best" and "last" differ
+    config = {"epochs": 4, "lr": 0.5, "patience": 0, "warmup": 0.0, "schedule": "constant"}
+    best = finetune(student, {"x": x, "references": y}, val={"x": x[:16], "references": y[:16]}, device="cpu",
+                    progress=False, config=config)
+    last = finetune(student, {"x": x, "references": y}, val={"x": x[:16], "references": y[:16]}, device="cpu",
+                    progress=False, config={**config, "keep": "last"})
+    assert last.best_epoch == 4
+    val_losses = [row["val_loss"] for row in best.history]
+    assert best.best_epoch == 1 + int(np.argmax([-v for v in val_losses]))
+
+
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
     teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(1))
     x = np.random.default_rng(2).standard_normal((128, 8)).astype(np.float32)
