@@ -12,6 +12,7 @@ inside the agent, so a seed gives the same search on any machine and any number 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,9 @@ class DdpgConfig:
     buffer_episodes: int = 100
     noise: float = 0.5
     noise_decay: float = 0.95
+    noise_floor: float = 0.0  # the noise scale never decays below this
     baseline_decay: float = 0.95
+    normalize: bool = False  # divide the advantage by a moving standard deviation of the rewards
     seed: int = 0
 
 
@@ -84,10 +87,12 @@ class DdpgAgent:
         self.capacity = config.buffer_episodes * len(env.groups)
         self.buffer: list[tuple[np.ndarray, float, float, np.ndarray, float]] = []
         self.baseline: float | None = None
+        self.variance = 0.0
         self.episode = 0
 
     def noise_scale(self, episode: int) -> float:
-        return self.config.noise * self.config.noise_decay ** max(0, episode - self.config.warmup)
+        decayed = self.config.noise * self.config.noise_decay ** max(0, episode - self.config.warmup)
+        return max(decayed, self.config.noise_floor)
 
     def _act(self, state: np.ndarray) -> float:
         with self._torch, torch.no_grad():
@@ -115,10 +120,17 @@ class DdpgAgent:
 
     def tell(self, episodes: list[Episode], rewards: list[float]) -> None:
         """Learn from the round's episodes, in the order they were asked."""
+        decay = self.config.baseline_decay
         for episode, reward in zip(episodes, rewards):
-            self.baseline = reward if self.baseline is None else (
-                self.config.baseline_decay * self.baseline + (1 - self.config.baseline_decay) * reward)
+            if self.baseline is None:
+                self.baseline = reward
+            else:  # exponentially weighted mean and variance of the rewards
+                diff = reward - self.baseline
+                self.baseline += (1 - decay) * diff
+                self.variance = decay * (self.variance + (1 - decay) * diff * diff)
             advantage = reward - self.baseline
+            if self.config.normalize and self.variance > 0:
+                advantage /= math.sqrt(self.variance)
             following = self.env.next_states(episode)
             last = len(episode.states) - 1
             for step, (state, action) in enumerate(zip(episode.states, episode.actions)):

@@ -155,3 +155,78 @@ def test_reward_data_without_the_model_inputs_is_a_data_error():
     step = get_pass("prune-channels")(_ddpg())
     with pytest.raises(DataError, match="none of the model's inputs"):
         resolve_step(step, model, PassContext(), {"other": np.zeros((4, 3, 8, 8), np.float32)})
+
+
+class _Scripted:
+    """An evaluator whose accuracies follow a script by call order (the original scores 1.0)."""
+
+    def __init__(self, good: set[int]) -> None:
+        self.good, self.calls = good, 0
+
+    def map(self, candidates):
+        from onnxzip.search.evaluate import Measurement
+
+        results = []
+        for _ in candidates:
+            results.append(Measurement(1.0 if self.calls in self.good else 0.5, 1.0))
+            self.calls += 1
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+def _search(evaluator, **ddpg) -> search_policy.Search:
+    from onnxzip.search import DdpgConfig
+
+    model = mixed_graph()
+    context = PassContext(feeds=generate_inputs(model, batch=4))
+    data = _labelled(model, 16)
+    inputs = {k: v for k, v in data.items() if k != "labels"}
+    selection = {"importance": "auto", "aggregate": "mean", "min_channels": 1, "round_to": 1, "compensate": True}
+    return search_policy.Search(model, context, inputs, data["labels"], budget=Budget(params=0.6),
+                                ddpg=DdpgConfig(**ddpg), selection=selection, evaluator=evaluator)
+
+
+@pytest.mark.parametrize("good, source", [(1, "warm-up"), (6, "agent")])
+def test_search_returns_the_best_measured_episode(good, source):
+    """The result is the episode with the highest measured reward, wherever it came in the search
+    (a warm-up episode too), not what the actor would propose at the end."""
+    result = _search(_Scripted({good}), episodes=9, warmup=4, proposals=2, hidden=16, seed=3).run()
+    assert [r.episode for r in result.history] == list(range(9))
+    assert result.best.episode == good and result.best_from == source == result.summary()["best_from"]
+    assert result.ratios == result.history[good].ratios
+    assert result.best.reward == max(r.reward for r in result.history)
+    assert result.best.reward > 1.5 * max(r.reward for r in result.history if r.episode != good)
+
+
+def test_best_episode_measures_again_to_its_recorded_accuracy():
+    """With real onnxruntime rewards the returned ratios are a measured policy: measuring them
+    again gives the recorded accuracy, and no episode scored a higher reward."""
+    from onnxzip.search.evaluate import Measurer
+
+    search = _search(None, episodes=8, warmup=3, proposals=2, hidden=16, seed=1)
+    task = search.evaluator.measurer.task
+    result = search.run()
+    again = Measurer(task, threads=1).measure(result.ratios)
+    assert again.accuracy == result.best.accuracy
+    assert all(r.reward <= result.best.reward for r in result.history)
+    assert len({tuple(r.channels.values()) for r in result.history}) > 1
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_agent_learns_with_and_without_reward_normalisation(normalize):
+    """The moving baseline (and, with ``normalize``, the moving std) of the rewards: the
+    advantages the buffer holds are centred, and scaled to about unit spread when normalised."""
+    search = _search(_Scripted(set(range(0, 30, 3))), episodes=30, warmup=10, proposals=3, hidden=16,
+                     normalize=normalize, seed=0)
+    result = search.run()
+    advantages = np.array([row[2] for row in search.agent.buffer])
+    rewards = np.array([r.reward for r in result.history])
+    assert abs(search.agent.baseline - rewards.mean()) < rewards.std()
+    assert search.agent.variance > 0
+    spread = advantages.std()
+    if normalize:
+        assert 0.5 < spread < 3
+    else:
+        assert 0.5 * rewards.std() < spread < 2 * rewards.std()
