@@ -21,7 +21,7 @@ this process and with 1 and 2 Ray workers (same candidates), and the time of eac
 Other processes on a shared machine slow every figure alike.
 
 Usage: ``python benchmarks/bench_ddpg.py [--budget 0.5] [--evaluations 300] [--seeds 0 1 2] [--workers 2]
-[--throughput yes|no|only] [--finetune-epochs 3] [--finetune-lr 2e-3]``.
+[--throughput yes|no|only] [--finetune-epochs 3] [--finetune-lr 1e-3]``.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def main() -> None:
                         help="measure evaluations/s with 1 and 2 Ray workers first (only: nothing else)")
     parser.add_argument("--finetune-epochs", type=int, default=3,
                         help="epochs of onnxruntime-training fine-tuning of each pruned model (0: skip)")
-    parser.add_argument("--finetune-lr", type=float, default=2e-3, help="peak learning rate of the fine-tuning")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of the fine-tuning")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")

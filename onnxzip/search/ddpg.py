@@ -3,11 +3,15 @@
 ``ask()`` rolls out ``K`` episodes of the environment with the actor plus independent
 truncated-normal noise (uniform random actions during the warm-up episodes); the caller
 measures each episode's reward however it likes and hands them back with ``tell()``. Every
-transition of an episode gets the episode's reward minus a moving-average baseline; the critic
-minimises the TD error ``(Q(s, a) − (r + γ·Q'(s', π'(s'))))²``, the actor maximises ``Q(s, π(s))``
-and the target networks follow softly, ``θ' ← τθ + (1 − τ)θ'``. The noise scale decays as
-``σ · decay^(episode − warmup)``. All randomness comes from the seed; torch runs on one thread
-inside the agent, so a seed gives the same search on any machine and any number of workers.
+transition of an episode gets the episode's reward minus a moving-average baseline (divided by
+the rewards' moving standard deviation with ``normalize``, so the critic's targets keep a unit
+scale whatever the reward's); the critic minimises the TD error
+``(Q(s, a) − (r + γ·Q'(s', π'(s'))))²``, the actor maximises ``Q(s, π(s))`` and the target
+networks follow softly, ``θ' ← τθ + (1 − τ)θ'``. The noise scale decays as
+``σ · decay^(episode − warmup)``, never below ``noise_floor`` (at zero noise a converged actor
+proposes the same policy again and again, each a wasted evaluation). All randomness comes from
+the seed; torch runs on one thread inside the agent, so a seed gives the same search on any
+machine and any number of workers.
 """
 from __future__ import annotations
 
@@ -29,17 +33,21 @@ class DdpgConfig:
     warmup: int = 100
     proposals: int = 4  # K episodes per round, measured together
     hidden: int = 300
-    actor_lr: float = 1e-4
+    # AMC's settings except where marked. On cnn-sparse at 20 % of the params, 300 evaluations:
+    # AMC's found a best reward-split accuracy of 0.992 (seed 0; test 0.972, 3-seed test mean
+    # 0.971), random search 0.988-0.990 (seeds 0-2; test 0.975-0.978); the marked ones
+    # 0.994-0.996 (seeds 0-2; test 0.981-0.986).
+    actor_lr: float = 1e-3  # AMC 1e-4
     critic_lr: float = 1e-3
     tau: float = 0.01
     discount: float = 1.0
     batch_size: int = 64
     buffer_episodes: int = 100
     noise: float = 0.5
-    noise_decay: float = 0.95
-    noise_floor: float = 0.0  # the noise scale never decays below this
+    noise_decay: float = 0.98  # AMC 0.95
+    noise_floor: float = 0.1  # the noise scale never decays below this (AMC 0)
     baseline_decay: float = 0.95
-    normalize: bool = False  # divide the advantage by a moving standard deviation of the rewards
+    normalize: bool = True  # divide the advantage by a moving standard deviation of the rewards (AMC no)
     seed: int = 0
 
 
