@@ -113,7 +113,7 @@ class CostModel:
             f_in = term.inputs.kept(counts) / term.inputs.total if term.inputs is not None else 1.0
             f_out = term.outputs.kept(counts) / term.outputs.total if term.outputs is not None else 1.0
             params += term.params_weight * f_in * f_out + term.params_out * f_out + term.params_fixed
-            if term.compensation_bias and term.inputs is not None and term.inputs.kept(counts) < term.inputs.total - 1e-6:
+            if term.compensation_bias and f_in < 1 - 1e-9:
                 params += term.compensation_bias * f_out
             flops += term.flops * f_out * (f_in if term.flops_uses_in else 1.0)
         return (self.params0 - self.node_params0 + round(params), self.flops0 - self.node_flops0 + round(flops))
