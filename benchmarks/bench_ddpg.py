@@ -33,7 +33,7 @@ DDPG 0.9917 ± 0.0023; at 20 %: uniform 0.5639, BN-|γ| 0.5417, greedy 0.9861, r
 tried on these runs (1e-3 gave DDPG 0.9861 ± 0.0060 / 0.9898 ± 0.0026, one seed 0.9806), so the
 after-fine-tuning column is not an unbiased test figure; differences there are a few images. The
 agent's defaults (:class:`onnxzip.search.DdpgConfig`) were chosen on this model at 20 % by the
-best reward-split reward of three variants, seeds 0-2.
+best reward-split reward among five variants, seeds 0-2.
 """
 from __future__ import annotations
 
