@@ -3,15 +3,20 @@
 ``ask()`` rolls out ``K`` episodes of the environment with the actor plus independent
 truncated-normal noise (uniform random actions during the warm-up episodes); the caller
 measures each episode's reward however it likes and hands them back with ``tell()``. Every
-transition of an episode gets the episode's reward minus a moving-average baseline; the critic
-minimises the TD error ``(Q(s, a) − (r + γ·Q'(s', π'(s'))))²``, the actor maximises ``Q(s, π(s))``
-and the target networks follow softly, ``θ' ← τθ + (1 − τ)θ'``. The noise scale decays as
-``σ · decay^(episode − warmup)``. All randomness comes from the seed; torch runs on one thread
-inside the agent, so a seed gives the same search on any machine and any number of workers.
+transition of an episode gets the episode's reward minus a moving-average baseline (divided by
+the rewards' moving standard deviation with ``normalize``, so the critic's targets keep a unit
+scale whatever the reward's); the critic minimises the TD error
+``(Q(s, a) − (r + γ·Q'(s', π'(s'))))²``, the actor maximises ``Q(s, π(s))`` and the target
+networks follow softly, ``θ' ← τθ + (1 − τ)θ'``. The noise scale decays as
+``σ · decay^(episode − warmup)``, never below ``noise_floor`` (at zero noise a converged actor
+proposes the same policy again and again, each a wasted evaluation). All randomness comes from
+the seed; torch runs on one thread inside the agent, so a seed gives the same search on any
+machine and any number of workers.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,15 +33,21 @@ class DdpgConfig:
     warmup: int = 100
     proposals: int = 4  # K episodes per round, measured together
     hidden: int = 300
-    actor_lr: float = 1e-4
+    # AMC's settings except where marked. On cnn-sparse at 20 % of the params, 300 evaluations:
+    # AMC's found a best reward-split accuracy of 0.992 (seed 0; test 0.972, 3-seed test mean
+    # 0.971), random search 0.988-0.990 (seeds 0-2; test 0.975-0.978); the marked ones
+    # 0.994-0.996 (seeds 0-2; test 0.981-0.986).
+    actor_lr: float = 1e-3  # AMC 1e-4
     critic_lr: float = 1e-3
     tau: float = 0.01
     discount: float = 1.0
     batch_size: int = 64
     buffer_episodes: int = 100
     noise: float = 0.5
-    noise_decay: float = 0.95
+    noise_decay: float = 0.98  # AMC 0.95
+    noise_floor: float = 0.1  # the noise scale never decays below this (AMC 0)
     baseline_decay: float = 0.95
+    normalize: bool = True  # divide the advantage by a moving standard deviation of the rewards (AMC no)
     seed: int = 0
 
 
@@ -84,10 +95,12 @@ class DdpgAgent:
         self.capacity = config.buffer_episodes * len(env.groups)
         self.buffer: list[tuple[np.ndarray, float, float, np.ndarray, float]] = []
         self.baseline: float | None = None
+        self.variance = 0.0
         self.episode = 0
 
     def noise_scale(self, episode: int) -> float:
-        return self.config.noise * self.config.noise_decay ** max(0, episode - self.config.warmup)
+        decayed = self.config.noise * self.config.noise_decay ** max(0, episode - self.config.warmup)
+        return max(decayed, self.config.noise_floor)
 
     def _act(self, state: np.ndarray) -> float:
         with self._torch, torch.no_grad():
@@ -115,10 +128,17 @@ class DdpgAgent:
 
     def tell(self, episodes: list[Episode], rewards: list[float]) -> None:
         """Learn from the round's episodes, in the order they were asked."""
+        decay = self.config.baseline_decay
         for episode, reward in zip(episodes, rewards):
-            self.baseline = reward if self.baseline is None else (
-                self.config.baseline_decay * self.baseline + (1 - self.config.baseline_decay) * reward)
+            if self.baseline is None:
+                self.baseline = reward
+            else:  # exponentially weighted mean and variance of the rewards
+                diff = reward - self.baseline
+                self.baseline += (1 - decay) * diff
+                self.variance = decay * (self.variance + (1 - decay) * diff * diff)
             advantage = reward - self.baseline
+            if self.config.normalize and self.variance > 0:
+                advantage /= math.sqrt(self.variance)
             following = self.env.next_states(episode)
             last = len(episode.states) - 1
             for step, (state, action) in enumerate(zip(episode.states, episode.actions)):

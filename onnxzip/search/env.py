@@ -95,14 +95,16 @@ class CostModel:
         cmap = analysis.maps.get(tensor)
         if cmap is None or not cmap.positions:
             return None
-        fixed, weights = 0.0, {}
+        fixed, positions = 0, {}
         for position in cmap.positions:
             group = analysis.group_of_space.get(position[0]) if position is not None else None
             if group in self.sizes:
-                weights[group] = weights.get(group, 0.0) + 1.0 / self.sizes[group]
+                positions[group] = positions.get(group, 0) + 1
             else:
                 fixed += 1
-        return _Linear(len(cmap.positions), fixed, weights)
+        # count first, divide once: a group filling the tensor weighs exactly 1.0 (a sum of 1/size
+        # terms can land below 1 and make an unpruned consumer look pruned)
+        return _Linear(len(cmap.positions), float(fixed), {g: n / self.sizes[g] for g, n in positions.items()})
 
     def costs(self, counts: dict[str, int]) -> tuple[int, int]:
         """(params, FLOPs) of the whole model when group ``g`` keeps ``counts[g]`` channels."""
@@ -111,7 +113,7 @@ class CostModel:
             f_in = term.inputs.kept(counts) / term.inputs.total if term.inputs is not None else 1.0
             f_out = term.outputs.kept(counts) / term.outputs.total if term.outputs is not None else 1.0
             params += term.params_weight * f_in * f_out + term.params_out * f_out + term.params_fixed
-            if term.compensation_bias and f_in < 1:
+            if term.compensation_bias and f_in < 1 - 1e-9:
                 params += term.compensation_bias * f_out
             flops += term.flops * f_out * (f_in if term.flops_uses_in else 1.0)
         return (self.params0 - self.node_params0 + round(params), self.flops0 - self.node_flops0 + round(flops))

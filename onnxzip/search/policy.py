@@ -63,7 +63,12 @@ class EpisodeRecord:
 
 @dataclass
 class SearchResult:
-    """The best episode's ratios and every episode's record."""
+    """The best *measured* episode's ratios and every episode's record.
+
+    ``best`` is the episode with the highest measured reward over the whole search, random
+    warm-up episodes included (as AMC keeps its best-reward policy), never an unmeasured output
+    of the final actor; ties go to the earlier episode. ``warmup`` episodes came first.
+    """
 
     ratios: dict[str, float]
     best: EpisodeRecord
@@ -73,10 +78,17 @@ class SearchResult:
     history: list[EpisodeRecord] = field(default_factory=list)
     seconds: float = 0.0
     labels: bool = False
+    warmup: int = 0
+
+    @property
+    def best_from(self) -> str:
+        """``warm-up`` when a random warm-up episode was the best, else ``agent``."""
+        return "warm-up" if self.best.episode < self.warmup else "agent"
 
     def summary(self) -> dict[str, Any]:
         return {
-            "best_episode": self.best.episode, "best_reward": self.best.reward, "best_accuracy": self.best.accuracy,
+            "best_episode": self.best.episode, "best_from": self.best_from, "best_reward": self.best.reward,
+            "best_accuracy": self.best.accuracy,
             "original_accuracy": self.original_accuracy, "params_kept": self.best.params / self.params_before,
             "flops_kept": self.best.flops / max(self.flops_before, 1), "episodes": len(self.history),
             "seconds": round(self.seconds, 2), "accuracy": "labels" if self.labels else "agreement with the original",
@@ -163,10 +175,14 @@ class Search:
             bar.close()
             if self.owns_evaluator:
                 self.evaluator.close()
+        # the best measured episode (warm-up included), not the last actor's output
         best = max(self.history, key=lambda r: (r.reward, -r.episode))
-        log.info("ddpg search: best episode %d, accuracy %.4f, reward %.4f", best.episode, best.accuracy, best.reward)
-        return SearchResult(best.ratios, best, self.original_accuracy, self.env.cost.params0, self.env.cost.flops0,
-                            self.history, time.perf_counter() - start, self.labels)
+        result = SearchResult(best.ratios, best, self.original_accuracy, self.env.cost.params0, self.env.cost.flops0,
+                              self.history, time.perf_counter() - start, self.labels,
+                              min(self.agent.config.warmup, len(self.history)))
+        log.info("ddpg search: best episode %d (%s), accuracy %.4f, reward %.4f", best.episode, result.best_from,
+                 best.accuracy, best.reward)
+        return result
 
 
 def _check_options(config: Any) -> None:
