@@ -3,7 +3,7 @@
 Prints, side by side with the untuned result measured in the same run:
 
 1. Reference CNN (the plain one, trained without sparsity): sparsity training (L1 on BatchNorm γ,
-   γ at 20× the learning rate) with labels, and label-free by distillation from the original →
+   γ at 10× a learning rate of 2e-3 (the recipe's default 20× 1e-3 measured 0.989 here)) with labels, and label-free by distillation from the original →
    prune 50% of the channels (global |γ| ranking) → recovery by distillation from the original
    (no labels, last epoch kept, no model selection on the test split): test accuracy against the
    original, beside pruning without any training.
@@ -54,7 +54,7 @@ def bench_prune(epochs: int, sparsity: float) -> None:
     recover = {"epochs": epochs + 2, "lr": 1e-3, "patience": 0, "loss": "kl"}
     for mode in ("labels", "label-free"):
         began = time.perf_counter()
-        config = {"epochs": epochs, "lr": 1e-3, "sparsity": sparsity, "patience": 0}
+        config = {"epochs": epochs, "lr": 2e-3, "sparsity": sparsity, "patience": 0, "gamma_lr_scale": 10}
         if mode == "labels":
             sparse = finetune(reference.onnx_path, _labelled(reference), device="cpu", progress=False, config=config)
         else:
