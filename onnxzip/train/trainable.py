@@ -192,7 +192,7 @@ def rewrite_for_training(
             replacement = _rewrite_batchnorm(node, index, inits, ranks, new_inits)
             for name in node.input[3:5]:  # rewritten or not, running statistics never train
                 statistics[name] = f"running statistic of BatchNormalization '{node.name}' (kept frozen)"
-            if replacement is not None:
+            if replacement is not None and node.input[1] in inits:  # a decoded γ has no value of its own
                 gammas.append(node.input[1])
                 counts["BatchNormalization -> affine"] += 1
         elif node.op_type == "HardSigmoid":
