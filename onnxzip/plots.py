@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from onnxzip.errors import ConfigError
+from onnxzip.report import LAYER_DECISION_KEYS
 
 _ACCEPTED = ("original", "accepted")
 
@@ -88,7 +89,7 @@ def layer_decisions(report: dict[str, Any]) -> dict[str, dict[str, float]]:
         for change in pass_report.get("changes", []):
             if change.get("decision") == "skipped":
                 continue
-            for key in ("rank", "ratio", "bits", "k"):
+            for key in LAYER_DECISION_KEYS:
                 value = (change.get("details") or {}).get(key)
                 if isinstance(value, (int, float)):
                     found.setdefault(f"{pass_report['pass_name']} {key}", {})[change["layer"]] = value

@@ -5,6 +5,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+# The per-layer decisions a pass report's details may carry (svd rank, pruning ratio and counts,
+# codebook bits and size): what the loop's trajectory keeps and the per-layer plots draw.
+LAYER_DECISION_KEYS = ("rank", "ratio", "bits", "k", "pruned", "kept")
+
+
 def render_table(header: list[str], rows: list[list[str]]) -> str:
     """Plain-text table with aligned columns (no dependency on a terminal library)."""
     widths = [len(h) for h in header]

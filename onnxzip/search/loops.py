@@ -38,7 +38,7 @@ import onnx
 from onnxzip.errors import ConfigError
 from onnxzip.io import load_model, save_model, write_json
 from onnxzip.passes import PassContext, get_pass
-from onnxzip.report import PassReport
+from onnxzip.report import LAYER_DECISION_KEYS, PassReport
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _layer_decisions(reports: list[PassReport]) -> dict[str, Any]:
             if change.skipped:
                 continue
             details = change.details or {}
-            for key in ("rank", "ratio", "bits", "k", "pruned", "kept"):
+            for key in LAYER_DECISION_KEYS:
                 if key in details and isinstance(details[key], (int, float)):
                     decisions.setdefault(report.pass_name, {}).setdefault(key, {})[change.layer] = details[key]
     return decisions
