@@ -78,7 +78,7 @@ def run_demo(name: str, output_dir: Path, *, quiet: bool = False, recipe: str | 
         result = compress(original_path, chosen, data=training, val=held_back, metrics=metrics,
                           work_dir=work_dir, progress=not quiet)
         shutil.rmtree(work_dir, ignore_errors=True)
-        described = (f"method 2 as a loop, recipe {recipe}" if recipe is not None else
+        described = (f"loop recipe {recipe}" if recipe is not None else
                      "method 2 as a loop with a short budget (one try per stage; --recipe method2 runs the "
                      "full sweeps)") + ", trained on the training split, every try gated on the held-back digits"
     compressed_path = output_dir / f"{name}.compressed.onnx"
