@@ -75,32 +75,24 @@ def _rewrite_batchnorm(node, index, inits, ranks, new_inits) -> list[onnx.NodePr
     x, scale, bias, mean, var = node.input[:5]
     rank = ranks.get(x, 4)
     eps = float(_attr(node, "epsilon", 1e-5))
-    if not all(n in inits for n in (mean, var)):
-        # statistics computed in the graph (e.g. decoded from a codebook): the same affine form
-        # with 1/√(σ² + ε) as nodes; Reshape to [-1, 1, …] needs no channel count
-        names = {k: _unique(node, index, k) for k in ("shape", "eps", "g", "b", "mu", "var", "ve", "sd", "c", "n", "s")}
-        new_inits += [_const(names["shape"], np.asarray([-1] + [1] * max(rank - 2, 0), np.int64)),
-                      _const(names["eps"], np.float32(eps))]
-        return [
-            helper.make_node("Reshape", [scale, names["shape"]], [names["g"]]),
-            helper.make_node("Reshape", [bias, names["shape"]], [names["b"]]),
-            helper.make_node("Reshape", [mean, names["shape"]], [names["mu"]]),
+    shape = [-1] + [1] * max(rank - 2, 0)  # per channel, broadcast over the spatial axes
+    names = {k: _unique(node, index, k) for k in ("mean", "inv_std", "shape", "eps", "var", "ve", "sd", "g", "b", "c", "n", "s")}
+    new_inits.append(_const(names["shape"], np.asarray(shape, np.int64)))
+    if mean in inits and var in inits:  # μ and 1/√(σ² + ε) as constants
+        mu = numpy_helper.to_array(inits[mean]).astype(np.float32).reshape(shape)
+        inv = (1.0 / np.sqrt(numpy_helper.to_array(inits[var]).astype(np.float32) + eps)).reshape(shape)
+        new_inits += [_const(names["mean"], mu), _const(names["inv_std"], inv)]
+        statistics: list[onnx.NodeProto] = []
+    else:  # statistics computed in the graph (e.g. decoded from a codebook): the same, as nodes
+        new_inits.append(_const(names["eps"], np.float32(eps)))
+        statistics = [
+            helper.make_node("Reshape", [mean, names["shape"]], [names["mean"]]),
             helper.make_node("Reshape", [var, names["shape"]], [names["var"]]),
             helper.make_node("Add", [names["var"], names["eps"]], [names["ve"]]),
             helper.make_node("Sqrt", [names["ve"]], [names["sd"]]),
-            helper.make_node("Sub", [x, names["mu"]], [names["c"]]),
-            helper.make_node("Div", [names["c"], names["sd"]], [names["n"]]),
-            helper.make_node("Mul", [names["n"], names["g"]], [names["s"]]),
-            helper.make_node("Add", [names["s"], names["b"]], [node.output[0]], name=node.name),
+            helper.make_node("Reciprocal", [names["sd"]], [names["inv_std"]]),
         ]
-    channels = int(np.prod(inits[mean].dims))
-    shape = [channels] + [1] * max(rank - 2, 0)
-    mu = numpy_helper.to_array(inits[mean]).astype(np.float32).reshape(shape)
-    inv = (1.0 / np.sqrt(numpy_helper.to_array(inits[var]).astype(np.float32) + eps)).reshape(shape)
-    names = {k: _unique(node, index, k) for k in ("mean", "inv_std", "shape", "g", "b", "c", "n", "s")}
-    new_inits += [_const(names["mean"], mu), _const(names["inv_std"], inv),
-                  _const(names["shape"], np.asarray(shape, np.int64))]
-    return [
+    return statistics + [
         helper.make_node("Reshape", [scale, names["shape"]], [names["g"]]),
         helper.make_node("Reshape", [bias, names["shape"]], [names["b"]]),
         helper.make_node("Sub", [x, names["mean"]], [names["c"]]),
@@ -192,9 +184,10 @@ def rewrite_for_training(
             replacement = _rewrite_batchnorm(node, index, inits, ranks, new_inits)
             for name in node.input[3:5]:  # rewritten or not, running statistics never train
                 statistics[name] = f"running statistic of BatchNormalization '{node.name}' (kept frozen)"
-            if replacement is not None and node.input[1] in inits:  # a decoded γ has no value of its own
-                gammas.append(node.input[1])
+            if replacement is not None:
                 counts["BatchNormalization -> affine"] += 1
+                if node.input[1] in inits:  # a γ decoded from a codebook has no value of its own
+                    gammas.append(node.input[1])
         elif node.op_type == "HardSigmoid":
             replacement = _rewrite_hardsigmoid(node, index, opset, new_inits)
             counts["HardSigmoid -> Clip"] += replacement is not None

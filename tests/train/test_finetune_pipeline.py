@@ -29,6 +29,8 @@ def test_compress_cluster_then_label_free_finetune_beats_untuned_on_the_referenc
     assert step.pass_name == "finetune" and step.modified
     assert any("mse(output)" in note for note in step.notes)  # distillation: the data has no labels
     assert any("indices" in (c.reason or "") for c in step.changes if c.skipped)
+    # every BN trains in affine form, also those whose γ or statistics are decoded from codebooks
+    assert "trainable rewrites (undone on export): BatchNormalization -> affine ×15" in step.notes
     original = reference.predict(reference.onnx_path)
     before, after = reference.predict(untuned.model), reference.predict(tuned.model)
     assert cosine_similarity(after, original) > cosine_similarity(before, original) + 0.05
