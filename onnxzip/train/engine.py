@@ -123,9 +123,14 @@ class _Data:
         return len(next(iter(self.inputs.values())))
 
 
+def is_array_data(source: Any) -> bool:
+    """Whether ``source`` is training data :func:`finetune` reads: arrays by name, or an .npz."""
+    return isinstance(source, dict) or (isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"))
+
+
 def _load_data(model: onnx.ModelProto, source: DataSource, what: str) -> _Data:
     if isinstance(source, (str, os.PathLike)):
-        if not str(source).endswith(".npz"):
+        if not is_array_data(source):
             raise DataError(f"Training data ({what}) must be an .npz file of arrays by input name, got {source}.")
         arrays = load_npz(source)
     elif isinstance(source, dict):
@@ -308,9 +313,10 @@ def _teacher_outputs(teacher: onnx.ModelProto, student: onnx.ModelProto, data: _
     return {**dict(zip(names, raw.values())), **matched}
 
 
-def _check_matched(names: list[str], student: onnx.ModelProto, teacher: onnx.ModelProto,
+def _check_matched(names: list[str], student_shapes: dict[str, tuple[int, ...]], teacher: onnx.ModelProto,
                    training_copy: onnx.ModelProto, probe: dict[str, NDArray[Any]]) -> None:
-    """Every matched tensor exists in both models, is float, and has the same shape in both."""
+    """Every matched tensor exists in both models and has the same shape in both (the student's
+    shapes observed on ``probe``)."""
     produced = {o for n in training_copy.graph.node for o in n.output}
     teacher_produced = {o for n in teacher.graph.node for o in n.output}
     for name in names:
@@ -318,7 +324,7 @@ def _check_matched(names: list[str], student: onnx.ModelProto, teacher: onnx.Mod
             where = "the student" if name not in produced else "the teacher"
             raise ConfigError(f"match: tensor {name!r} is not computed in {where} (give names of node outputs "
                               "that both models keep).")
-    student_shapes, teacher_shapes = observed_shapes(student, probe), observed_shapes(teacher, probe)
+    teacher_shapes = observed_shapes(teacher, probe)
     for name in names:
         if student_shapes.get(name) != teacher_shapes.get(name):
             raise ConfigError(f"match: tensor {name!r} has shape {teacher_shapes.get(name)} in the teacher and "
@@ -356,7 +362,8 @@ def finetune(
         needs_teacher = True
 
     probe = {k: v[: fixed or 1] for k, v in train.inputs.items()}
-    ranks = {name: len(shape) for name, shape in observed_shapes(model, probe).items()}
+    shapes = observed_shapes(model, probe)
+    ranks = {name: len(shape) for name, shape in shapes.items()}
     training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
     trainable, frozen = select_weights(training_copy, device, config.include, config.exclude)
     trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
@@ -369,7 +376,7 @@ def finetune(
         return result
 
     if config.match:
-        _check_matched(config.match, model, teacher_model, training_copy, probe)
+        _check_matched(config.match, shapes, teacher_model, training_copy, probe)
     teacher_train = _teacher_outputs(teacher_model, model, train, batch, device, config.match) if needs_teacher else None
     teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device, config.match)
                    if needs_teacher and held_out is not None else None)

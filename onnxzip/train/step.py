@@ -19,7 +19,7 @@ from onnxzip.errors import ConfigError
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
-from onnxzip.train.engine import FinetuneConfig, finetune
+from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data
 from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
 
 
@@ -63,7 +63,7 @@ class FinetunePass(Pass):
         options["exclude"] = []
         teacher = self.config.teacher or context.original
         val, skipped_val = self.config.val or context.val, None
-        if val is not None and not isinstance(val, dict) and not str(val).endswith(".npz"):
+        if val is not None and not is_array_data(val):
             # e.g. a folder of WAVs that the loop's gate scores: epochs are not evaluated on it
             val, skipped_val = None, f"validation data {val} is not arrays (.npz); every epoch trains, the last is kept"
         result = finetune(model, data, val=val, teacher=teacher, config=options,
