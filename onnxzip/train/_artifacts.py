@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from onnxzip.train.losses import LOSS_NAME
 
 TIMEOUT_S = 900
+_NOISE = re.compile(r"\[[IVW]:onnxruntime:|Warning: ")
 
 
 def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: str,
@@ -34,11 +36,16 @@ def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: st
         return f"generating the training graph took over {TIMEOUT_S} s"
     if done.returncode == 0 and (folder / "optimizer_model.onnx").is_file():
         return None
-    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    # onnxruntime's info/warning log lines ("[I:onnxruntime:...] GraphTransformer ... status: OK")
+    # and Python warnings say nothing about why the generator failed; its error lines do
+    lines = [line.strip() for line in done.stderr.splitlines()
+             if line.strip() and not _NOISE.search(line)]
     errors = [line for line in lines if "Error" in line or "error" in line or "Assert" in line]
-    detail = (errors or lines or [f"exit status {done.returncode}"])[-1]
+    detail = (errors or lines or [""])[-1]
     if done.returncode < 0:
-        detail = f"the generator was killed by signal {-done.returncode} ({detail})"
+        detail = f"the generator was killed by signal {-done.returncode}" + (f" ({detail})" if detail else "")
+    elif not detail:
+        detail = f"exit status {done.returncode}"
     return detail[:400]
 
 
