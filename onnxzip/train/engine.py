@@ -37,6 +37,7 @@ from onnxzip.graph import export_model, import_graph, tidy
 from onnxzip.inputs import feeds_from_arrays, graph_inputs, load_npz
 from onnxzip.io import load_model
 from onnxzip.runtime import make_session, resolve_device, run_session
+from onnxzip.sanity import probe_feeds, probe_in_child
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
@@ -340,9 +341,12 @@ def finetune(
     config: FinetuneConfig | dict[str, Any] | None = None,
     device: str = "auto",
     progress: bool = True,
+    probed: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` (an .npz path or arrays by input name, with optional
-    ``labels`` / ``references``); see the module docstring."""
+    ``labels`` / ``references``); see the module docstring. Unless ``probed`` (a model onnxzip
+    made from an input that already ran), the model and the teacher first run on the data in a
+    child process, so that data they cannot run on, or a crash, is one sentence."""
     if not isinstance(config, FinetuneConfig):
         config = build_config(FinetuneConfig, config or {}, owner="finetune")
     require_training("Fine-tuning")
@@ -351,6 +355,10 @@ def finetune(
     device = resolve_device(device)
     log.info("fine-tuning on %s", "CUDA" if device == "cuda" else "the CPU")
     train = _load_data(model, data, "training")
+    if not probed:
+        for checked in (model, teacher_model):
+            if checked is not None:
+                probe_in_child(checked, probe_feeds(checked, train.inputs))
     held_out = _load_data(model, val, "validation") if val is not None else None
     fixed = fixed_batch(model)
     batch = fixed or config.batch_size

@@ -67,3 +67,23 @@ def test_finetune_command(tmp_path, capsys):
     assert code == 0 and "mse(bn)" in capsys.readouterr().out
     assert main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "unlabelled.npz"),
                  "--teacher", str(source), "--match", "nope", "-q"]) == 2
+
+
+def test_finetune_command_on_data_the_deployment_file_cannot_run_is_one_sentence(tmp_path, capsys):
+    from deployment import vision_model  # IR 6, weights in Constant nodes, only 32×32 images fit
+
+    source, target = tmp_path / "vision.onnx", tmp_path / "out.onnx"
+    onnx.save(vision_model(), source)
+    before = source.read_bytes()
+    np.savez(tmp_path / "small.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    code = main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "small.npz"),
+                 "--teacher", str(source), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "could not run the model" in err and "Traceback" not in err
+    assert not target.exists() and source.read_bytes() == before
+    np.savez(tmp_path / "fit.npz", x=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    assert main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "fit.npz"),
+                 "--teacher", str(source), "--match", "c2", "--epochs", "1", "-q"]) == 0
+    trained = onnx.load(target)
+    assert trained.ir_version <= 10 and trained.opset_import[0].version == 12  # loads in onnxruntime 1.19
+    assert "mse(c2)" in capsys.readouterr().out
