@@ -14,10 +14,12 @@ Measured on 2 shared cores (2026-12-03), scored as above:
   (every SVD step and every codebook width of the sweeps passed).
 * transformer, method 1: 3138 kB → 172 kB, **18.2× smaller**, scored half 0.961 → 0.972,
   1.42× faster at batch 1 (SVD budget 0.25 rejected, codebooks to 2.5 bits accepted).
-* CNN, method 2: 2742 kB → 103 kB, **26.7× smaller**, but the scored half falls 1.000 → 0.944
-  (gating half 0.994), 1.10× faster at batch 1, 541 s: 180 gating images decide each try to one
-  image, so the sweeps accept models that generalise worse (prune 0.5 accepted, 0.6 collapsed to
-  0.22, one block removed cost an image and was rejected). Targets not met.
+* CNN, method 2: 2742 kB → 62 kB, **44.1× smaller**, scored half 1.000 → 0.994 (drop 0.56
+  points), **3.46× faster** at batch 1 (0.720 → 0.208 ms), 9.2× fewer parameters, 5.6× fewer
+  FLOPs, 299 s: prune 0.4, 0.5 and 0.6 of every group's channels accepted, one residual block
+  removed (two rejected), codebooks at 4 and 3 bits accepted (2.5 rejected). Targets met.
+  The previous recipe ranked channels globally by |γ| and fine-tuned 8 epochs: 26.7× smaller,
+  scored half 0.944, 1.10× faster, 541 s (targets missed).
 
 Usage: ``python benchmarks/bench_loops.py [--models cnn,transformer,speech] [--max-drop 0.01] [--work DIR]``
 (work folders are kept: a rerun resumes).

@@ -35,3 +35,17 @@ def test_readme_python_block_runs_verbatim(tmp_path, monkeypatch):
     assert namespace["report"].rows == 5
     # the functions stay functions whatever the block imported
     assert callable(onnxzip.compress) and callable(onnxzip.validate) and callable(onnxzip.export)
+
+
+def test_readme_yaml_recipes_parse_and_their_steps_build():
+    import yaml
+
+    from onnxzip.recipe import Recipe
+
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2
+    for text in blocks:
+        recipe = Recipe.from_dict(yaml.safe_load(text))
+        recipe.build_passes()
+        if recipe.loop is not None:
+            recipe.loop.validate_steps()

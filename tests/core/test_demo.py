@@ -33,3 +33,28 @@ def test_demo_runs_a_given_loop_recipe(tmp_path, capsys):
     compressed = tmp_path / "out" / "cnn.compressed.onnx"
     assert compressed.stat().st_size * 3 < (tmp_path / "out" / "cnn.onnx").stat().st_size
     assert get_reference_model("cnn").accuracy(compressed) >= 0.98
+
+
+def test_demo_loop_is_the_method2_recipe_with_one_value_per_sweep():
+    import yaml
+
+    from onnxzip.demo import DEMO_EPOCHS, DEMO_SWEEP_VALUES, demo_loop
+    from onnxzip.recipe import RECIPES_DIR, Recipe
+
+    full = yaml.safe_load((RECIPES_DIR / "method2.yaml").read_text())["loop"]["stages"]
+    short = demo_loop()["loop"]["stages"]
+    assert [s["name"] for s in short] == [s["name"] for s in full]
+    for mine, theirs in zip(short, full):
+        if theirs.get("sweep"):
+            assert mine["sweep"] == [DEMO_SWEEP_VALUES[theirs["name"]]]
+            assert mine["sweep"][0] in theirs["sweep"]  # a value the full recipe tries too
+        for step, original in zip(mine["steps"], theirs["steps"]):
+            (name, options), = step.items()
+            (original_name, original_options), = original.items()
+            assert name == original_name
+            expected = dict(original_options)
+            if name == "finetune":
+                assert options["epochs"] == DEMO_EPOCHS[theirs["name"]] <= original_options["epochs"]
+                expected["epochs"] = options["epochs"]
+            assert options == expected
+    assert Recipe.from_dict(demo_loop()).loop is not None
