@@ -316,10 +316,12 @@ class CompressionLoop:
             self._save_state(trajectory, done=False)
         current, current_path = original, None
         passing_path: str | None = None  # the last continued-from try that passed the gate
+        passing_reports = 0  # how many of ``reports`` made that try's model
         total = sum(len(stage.sweep or [None]) for stage in self.loop.stages)
         bar = tqdm(total=total, desc="loop", unit="try", disable=not self.progress)
         for stage in self.loop.stages:
             base = current
+            stage_start = len(reports)  # a sweep's tries each start from ``base``: the kept one's reports replace the last
             for iteration, value in enumerate(stage.sweep or [None]):
                 key = f"{stage.name}:{iteration}"
                 bar.set_postfix_str(f"{stage.name}" + ("" if value is None else f"={value}"))
@@ -331,7 +333,7 @@ class CompressionLoop:
                         point = TrajectoryPoint(stage.name, iteration, value, "skipped", 0, 0, 0, None, {},
                                                 ["time budget spent"])
                     else:
-                        point = self._try(stage, iteration, value, base, len(trajectory), reports)
+                        point = self._try(stage, iteration, value, base, len(trajectory), reports, stage_start)
                     self._save_state([*trajectory, point], done=False)
                 trajectory.append(point)
                 bar.update(1)
@@ -339,7 +341,7 @@ class CompressionLoop:
                     current_path = point.checkpoint
                     current = None  # loaded lazily from the checkpoint
                     if point.decision == "accepted":
-                        passing_path = point.checkpoint
+                        passing_path, passing_reports = point.checkpoint, len(reports)
                 else:
                     bar.update(len(stage.sweep or [None]) - iteration - 1)
                     break
@@ -349,12 +351,13 @@ class CompressionLoop:
         self._save_state(trajectory, done=True)
         if current_path != passing_path:  # the last stage continued from did not pass the gate
             current = original if passing_path is None else load_model(self.work_dir / passing_path)
+            del reports[passing_reports:]  # the pass reports of ungated tries the output does not contain
             if passing_path is None:
                 log.warning("no try of the loop passed the gate; the output is the original model")
         return LoopResult(current, trajectory, reports, resumed)
 
     def _try(self, stage: Stage, iteration: int, value: Any, base: onnx.ModelProto, index: int,
-             reports: list[PassReport]) -> TrajectoryPoint:
+             reports: list[PassReport], stage_start: int) -> TrajectoryPoint:
         start = time.perf_counter()
         steps = stage.steps_for(value)
         candidate, step_reports = self._run_steps(base, steps)
@@ -363,6 +366,7 @@ class CompressionLoop:
         kept = decision in CONTINUED
         checkpoint = self._checkpoint(candidate, stage.name, iteration, index) if kept else None
         if kept:
+            del reports[stage_start:]
             reports.extend(step_reports)
         log.info("%s try %d (%s): %s", stage.name, iteration, value, decision)
         return TrajectoryPoint(stage.name, iteration, copy.deepcopy(value), decision, m.bytes, m.params,

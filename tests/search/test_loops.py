@@ -154,6 +154,9 @@ def test_ungated_stage_is_continued_from_but_never_the_output(tmp_path, monkeypa
     assert coarse["checkpoint"] is not None and coarse["failures"]
     # The output is the last try that passed (svd=0.5), not the ungated one it continued from.
     assert result.passed and result.report.after.bytes == result.report.trajectory[2]["bytes"]
+    # ... and its pass reports are those of the passes it went through: the svd=0.5 try's (not
+    # also svd=0.9's, which it did not start from) and no 1-bit cluster report.
+    assert [r.pass_name for r in result.report.passes] == ["svd"]
     out = run_session(make_session(result.model, "cpu"), feeds)["y"]
     ref = run_session(make_session(model, "cpu"), feeds)["y"]
     assert float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)) >= 0.995
