@@ -30,7 +30,6 @@ DEMO_METRICS = ["accuracy:max_drop=0.02"]
 # of each sweep and fewer fine-tuning epochs, so that the demo stays near a minute and a half.
 DEMO_SWEEP_VALUES: dict[str, Any] = {"prune": 0.5, "blocks": 1, "cluster": 3}
 DEMO_EPOCHS: dict[str, int] = {"sparsity": 2, "prune": 10, "blocks": 3, "cluster": 3}
-DEMO_LOOP_METRICS = ["accuracy:max_drop=0.02"]
 
 
 def demo_loop() -> dict[str, Any]:
@@ -50,7 +49,7 @@ def demo_loop() -> dict[str, Any]:
             if options is not None and name in DEMO_EPOCHS:
                 options["epochs"] = DEMO_EPOCHS[name]
     recipe["loop"].pop("time_budget_s", None)
-    recipe["metrics"] = list(DEMO_LOOP_METRICS)
+    recipe["metrics"] = list(DEMO_METRICS)
     return recipe
 
 
@@ -81,7 +80,7 @@ def run_demo(name: str, output_dir: Path, *, quiet: bool = False, recipe: str | 
         described = "recipe " + " → ".join(next(iter(step)) for step in DEMO_PASSES)
     else:
         chosen: Any = recipe if recipe is not None else demo_loop()
-        metrics = None if recipe is None else ["accuracy:max_drop=0.02"]
+        metrics = None if recipe is None else list(DEMO_METRICS)
         work_dir = output_dir / f"{name}.work"
         if work_dir.exists():
             shutil.rmtree(work_dir)  # a demo always runs from the start
