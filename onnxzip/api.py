@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError, QualityGateError
 from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
+from onnxzip.inputs import data_notes, parse_sample_axes
 from onnxzip.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
 from onnxzip.quality import fidelity_feeds, quality_gate
@@ -85,7 +86,8 @@ def _feeds(
     onnxruntime accepts; when none are found a weight-only pipeline (cluster, cleanup) still
     runs, without the fidelity check, since its plan needs no run."""
     if data is not None:
-        feeds = fidelity_feeds(model, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed)
+        feeds = fidelity_feeds(model, data, batch=recipe.batch, dims=recipe.dims, seed=recipe.seed,
+                               sample_axes=recipe.sample_axes)
         return feeds, None, None
     try:
         feeds, resolution = generated_feeds(model, batch=recipe.batch, dims=recipe.dims,
@@ -123,6 +125,7 @@ def compress(
     device: str | None = None,
     dims: dict[str, int] | None = None,
     input_shapes: dict[str, Any] | None = None,
+    sample_axes: dict[str, int | None] | str | None = None,
     check: bool = True,
     allow_gate_failure: bool = False,
     progress: bool = False,
@@ -163,6 +166,8 @@ def compress(
         recipe.dims = {**recipe.dims, **dims}
     if input_shapes:
         recipe.input_shapes = {**recipe.input_shapes, **input_shapes}
+    if sample_axes:
+        recipe.sample_axes = {**recipe.sample_axes, **parse_sample_axes(sample_axes)}
     if data is None and recipe.data:
         data = recipe.data
     if val is None and recipe.val:
@@ -180,14 +185,17 @@ def compress(
     if feeds is not None:
         probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
-                          progress=progress, dims=recipe.dims, original=original, data=data, val=val)
+                          progress=progress, dims=recipe.dims, original=original, data=data, val=val,
+                          sample_axes=recipe.sample_axes)
     if recipe.metrics:  # passes that search for the smallest acceptable model ask this
         judged_on = val if val is not None else data
         context.accept = lambda candidate: quality_gate(
-            original, candidate, judged_on, recipe.metrics, device=recipe.device).passed
+            original, candidate, judged_on, recipe.metrics, device=recipe.device,
+            sample_axes=recipe.sample_axes).passed
     working, notes = prepare_model(original)
     if generated:
         notes.append(f"inputs generated from the signature: {generated}")
+    notes.extend(data_notes(original, feeds))
     if unchecked:
         notes.append(f"fidelity not checked: no inputs could be generated ({unchecked})")
     if recipe.loop is not None:
@@ -246,7 +254,8 @@ def _gate(original: onnx.ModelProto, model: onnx.ModelProto, recipe: Recipe, fee
     conditions on ``judged_on``."""
     validation = (_validate(original, model, feeds, device=recipe.device, gate=recipe.gate, generated=generated)
                   if feeds is not None else None)
-    quality = (quality_gate(original, model, judged_on, recipe.metrics, device=recipe.device, progress=progress)
+    quality = (quality_gate(original, model, judged_on, recipe.metrics, device=recipe.device, progress=progress,
+                            sample_axes=recipe.sample_axes)
                if recipe.metrics else None)
     return validation, quality
 

@@ -51,10 +51,24 @@ def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
                              "default: sizes onnxruntime accepts are found automatically)")
 
 
+def _add_sample_axis_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-axis", action="append", metavar="INPUT=AXIS",
+                        help="which axis of INPUT's data holds the samples, or 'none' for data that is the same "
+                             "for every sample (repeatable; default: the axis the model declares symbolic, see "
+                             "the README's data layout rule)")
+
+
+def _sample_axes(values: list[str] | None) -> dict[str, int | None]:
+    from onnxzip.inputs import parse_sample_axes
+
+    return parse_sample_axes(",".join(values or []))
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="PATH", help="inputs: .npz (arrays by input name, plus labels/references), "
                         "a folder of WAVs (clean/ + noisy/) or images (default: generated from the signature)")
     _add_shape_flags(parser)
+    _add_sample_axis_flag(parser)
     parser.add_argument("--batch", type=int, default=None, help="batch size of generated inputs (default 2)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="onnxruntime device (default auto)")
     parser.add_argument("--metric", action="append", metavar="COND",
@@ -147,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
     finetune.add_argument("--data", required=True, metavar="TRAIN.npz",
                           help="training inputs by input name, optional 'labels' (class indices) or 'references'")
+    _add_sample_axis_flag(finetune)
     finetune.add_argument("--val", metavar="VAL.npz", help="validation data evaluated each epoch (best epoch kept)")
     finetune.add_argument("--teacher", metavar="ORIGINAL.onnx", help="model to distill from when the data has no labels")
     finetune.add_argument("--match", metavar="TENSOR", action="append",
@@ -237,7 +252,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         result = compress(
             args.input, recipe, data=args.data, plan=args.plan, device=args.device,
             dims=_dims(args.dim), input_shapes=_input_shapes(args.input_shape),
-            allow_gate_failure=args.force, progress=not args.quiet, val=args.val, work_dir=work_dir,
+            sample_axes=_sample_axes(args.sample_axis), allow_gate_failure=args.force, progress=not args.quiet, val=args.val, work_dir=work_dir,
         )
     except QualityGateError as exc:
         generated = False
@@ -275,6 +290,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         args.original, args.candidate, args.data, dims=_dims(args.dim),
         input_shapes=_input_shapes(args.input_shape), batch=args.batch or 2,
         device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)),
+        sample_axes=_sample_axes(args.sample_axis),
     )
     print(report.table())
     data = report.to_dict()
@@ -285,7 +301,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from onnxzip.quality import quality_gate
 
         quality = quality_gate(args.original, args.candidate, args.data, args.metric,
-                               device=args.device or "auto", progress=not args.quiet)
+                               device=args.device or "auto", progress=not args.quiet,
+                               sample_axes=_sample_axes(args.sample_axis))
         print()
         print(quality.render())
         data["quality"] = quality.to_dict()
@@ -314,7 +331,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     result = finetune(args.input, args.data, val=args.val, teacher=args.teacher, config=options,
-                      device=args.device, progress=not args.quiet)
+                      device=args.device, progress=not args.quiet, sample_axes=_sample_axes(args.sample_axis))
     save_model(result.model, args.output)
     if result.history:
         keys = list(result.history[0])

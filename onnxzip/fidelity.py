@@ -180,12 +180,14 @@ def validate(
     device: str = "auto",
     gate: FidelityGate | None = None,
     generated: str | None = None,
+    sample_axes: dict[str, int | None] | None = None,
 ) -> ValidationReport:
     """Compare ``candidate`` with ``original`` in onnxruntime on the same inputs.
 
     Without ``data`` the inputs are generated at sizes onnxruntime accepts
     (:func:`onnxzip.shapes.generated_feeds`); ``generated`` describes feeds that a caller
-    generated itself and passes as ``data``."""
+    generated itself and passes as ``data``. Array data is laid out by the original's declared
+    shapes (:func:`onnxzip.inputs.infer_sample_axes`; ``sample_axes`` settles an ambiguous input)."""
     reference_model = load_model(original)
     candidate_model = load_model(candidate)
     from onnxzip.quality import fidelity_feeds, is_dataset_source
@@ -198,7 +200,8 @@ def validate(
         )
         generated = resolution.describe()
     else:
-        feeds = fidelity_feeds(reference_model, data, batch=batch, dims=dims or {}, seed=seed)
+        feeds = fidelity_feeds(reference_model, data, batch=batch, dims=dims or {}, seed=seed,
+                               sample_axes=sample_axes)
     resolved = resolve_device(device)
     reference_out = run_batched(make_session(reference_model, resolved), feeds, batch_size)
     candidate_out = run_batched(make_session(candidate_model, resolved), feeds, batch_size)
@@ -209,7 +212,8 @@ def validate(
                                           problem="output missing from the candidate"))
             continue
         outputs.append(compare_arrays(name, value, candidate_out[name]))
-    rows = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+    rows = getattr(feeds, "count", None) or (
+        next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1)
     report = ValidationReport(
         outputs=outputs,
         device=resolved,

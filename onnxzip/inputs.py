@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -146,18 +147,12 @@ def feeds_from_arrays(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> 
             else:
                 raise DataError(f"Input '{info.name}' expects {dtype} but the data holds {value.dtype}.")
         declared = info.type.tensor_type.shape.dim
-        if declared and len(declared) != value.ndim:
+        if info.type.tensor_type.HasField("shape") and len(declared) != value.ndim:
             raise DataError(
                 f"Input '{info.name}' expects {len(declared)} dimensions but the data has shape {value.shape}."
             )
-        for axis, dim in enumerate(declared):
-            if axis == 0:
-                continue  # N samples on a fixed batch of k run in chunks (runtime.run_batched)
-            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != value.shape[axis]:
-                raise DataError(
-                    f"Input '{info.name}' expects size {dim.dim_value} on axis {axis} but the data "
-                    f"has shape {value.shape}."
-                )
+        if np.issubdtype(value.dtype, np.floating) and value.size and not np.all(np.isfinite(value)):
+            raise DataError(f"Input '{info.name}' holds NaN or infinite values; calibration data must be finite.")
         feeds[info.name] = value
     return feeds
 
@@ -170,12 +165,283 @@ def model_feeds(
     dims: dict[str, int] | None = None,
     seed: int = 0,
     input_shapes: dict[str, Any] | None = None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Feeds from a ``.npz`` path or a dict of arrays, else generated from the signature at
-    sizes onnxruntime accepts (:func:`onnxzip.shapes.generated_feeds`)."""
+    """Feeds from a ``.npz`` path or a dict of arrays (as :class:`Samples`, which know each
+    input's sample axis), else generated from the signature at sizes onnxruntime accepts
+    (:func:`onnxzip.shapes.generated_feeds`)."""
     if data is None:
         from onnxzip.shapes import generated_feeds
 
         return generated_feeds(model, batch=batch, dims=dims, input_shapes=input_shapes, seed=seed)[0]
+    return samples_from(model, data, sample_axes)
+
+
+# --- Sample layout: the one rule every path that feeds N samples uses -----------------------
+
+Dim = int | str | None  # a declared dimension: a fixed size, a symbol, or unknown
+SHARED = None  # the sample axis of an input that is the same for every sample
+
+
+def declared_shapes(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...] | None]:
+    """Each real input's declared shape (fixed sizes as ints, symbols as names, unknown as None;
+    None for the whole shape when the rank is unknown)."""
+    shapes: dict[str, tuple[Dim, ...] | None] = {}
+    for info in graph_inputs(model):
+        tensor = info.type.tensor_type
+        if not tensor.HasField("shape"):
+            shapes[info.name] = None
+            continue
+        shapes[info.name] = tuple(
+            int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+            for d in tensor.shape.dim
+        )
+    return shapes
+
+
+def session_shapes(session: Any) -> dict[str, tuple[Dim, ...] | None]:
+    """The same as :func:`declared_shapes`, read from an onnxruntime session's inputs."""
+    shapes: dict[str, tuple[Dim, ...] | None] = {}
+    for node in session.get_inputs():
+        shape = node.shape
+        shapes[node.name] = None if shape is None else tuple(
+            d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else None) for d in shape
+        )
+    return shapes
+
+
+def _batch_like(name: Dim) -> bool:
+    return isinstance(name, str) and (name in BATCH_NAMES or "batch" in name.lower())
+
+
+def _sample_axis(name: str, shape: tuple[Dim, ...], value: np.ndarray, batch_symbols: set[str]) -> int | None | str:
+    """The sample axis of one input by the layout rule (see :func:`infer_sample_axes`): an axis index,
+    ``SHARED`` for an array that is the declared shape exactly, or "ambiguous"."""
+    if value.ndim != len(shape):
+        raise DataError(
+            f"Input '{name}' expects {len(shape)} dimensions (declared {_show(shape)}) but the data has "
+            f"shape {value.shape}."
+        )
+    wrong = [axis for axis, dim in enumerate(shape) if isinstance(dim, int) and value.shape[axis] != dim]
+    if wrong:
+        # A fixed axis holds samples when it is the batch (axis 0) or a size-1 axis (a fixed
+        # batch of 1 elsewhere, e.g. a state [layers, 1, hidden]); any other mismatch is wrong data.
+        if len(wrong) > 1 or not (wrong[0] == 0 or shape[wrong[0]] == 1):
+            axis = wrong[0] if wrong[0] != 0 or len(wrong) == 1 else wrong[1]
+            raise DataError(
+                f"Input '{name}' expects size {shape[axis]} on axis {axis} (declared {_show(shape)}) but the "
+                f"data has shape {value.shape}."
+            )
+        return wrong[0]
+    symbolic = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
+    if not symbolic:
+        return SHARED
+    if len(symbolic) == 1:
+        return symbolic[0]
+    for test in (_batch_like, lambda dim: dim in batch_symbols):
+        named = [axis for axis in symbolic if test(shape[axis])]
+        if len(named) == 1:
+            return named[0]
+    if 0 in symbolic and shape[0] is None:
+        return 0
+    return "ambiguous"
+
+
+def _show(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def infer_sample_axes(
+    shapes: dict[str, tuple[Dim, ...] | None],
+    arrays: Mapping[str, np.ndarray],
+    overrides: Mapping[str, int | None] | None = None,
+) -> tuple[dict[str, int | None], int]:
+    """Per input, the axis that holds the samples, and the number of samples.
+
+    The rule: the sample axis of an input is the axis the model declares symbolic (the batch is
+    not always axis 0: recurrent states are often ``[layers, batch, hidden]``); where several are
+    symbolic, the one named like a batch (``batch``, ``N``, ...), else the symbol other inputs
+    use as their batch; a fixed axis whose size the data does not match holds the samples when
+    it is axis 0 or a size-1 axis (a fixed batch, run in chunks of that size). An array that is
+    the declared shape exactly (a scalar sample rate, a fixed state) is the same for every
+    sample. ``overrides`` (``--sample-axis NAME=K``, ``none`` for shared) settle the rest; an
+    ambiguous input is one sentence naming that flag.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(shapes))
+    if unknown:
+        raise DataError(f"--sample-axis names {', '.join(unknown)}, which the model has no input called.")
+    batch_symbols: set[str] = set()
+    for shape in shapes.values():
+        if shape and isinstance(shape[0], str):
+            batch_symbols.add(shape[0])
+    axes: dict[str, int | None] = {}
+    for name, value in arrays.items():
+        shape = shapes.get(name)
+        value = np.asarray(value)
+        if name in overrides:
+            axis = overrides[name]
+            if axis is not None and not -value.ndim <= axis < value.ndim:
+                raise DataError(f"--sample-axis {name}={axis} is outside the data's {value.ndim} dimensions.")
+            axes[name] = None if axis is None else axis % value.ndim
+            continue
+        if shape is None:  # rank unknown: samples on axis 0 of anything with an axis
+            axes[name] = 0 if value.ndim else SHARED
+            continue
+        found = _sample_axis(name, shape, value, batch_symbols)
+        if found == "ambiguous":
+            raise DataError(
+                f"Input '{name}' (declared {_show(shape)}) has several symbolic axes and none is named like a "
+                f"batch; say which holds the samples with --sample-axis {name}=K (sample_axes= in Python)."
+            )
+        axes[name] = found
+    counts = {name: np.shape(arrays[name])[axis] for name, axis in axes.items() if axis is not None}
+    if not counts:
+        # Every array is the declared shape exactly: one feed, whose axis 0 (if any) is the batch.
+        axes = {name: 0 if np.ndim(arrays[name]) else SHARED for name in arrays}
+        counts = {name: np.shape(arrays[name])[0] for name, axis in axes.items() if axis is not None}
+        if not counts:
+            return axes, 1
+    if len(set(counts.values())) != 1:
+        raise DataError(
+            "The inputs hold different numbers of samples ("
+            + ", ".join(f"{name}: {count} on axis {axes[name]}" for name, count in counts.items())
+            + "); every input needs the same count on its sample axis."
+        )
+    count = next(iter(counts.values()))
+    if count == 0:
+        raise DataError("The data holds no samples (the sample axis has size 0).")
+    return axes, int(count)
+
+
+def take(value: np.ndarray, index: Any, axis: int | None) -> np.ndarray:
+    """The samples ``index`` (a slice or integer array) of one array along its sample axis."""
+    if axis is None:
+        return value
+    where = [slice(None)] * np.ndim(value)
+    where[axis] = index
+    return np.asarray(value[tuple(where)])
+
+
+class Samples(Mapping[str, np.ndarray]):
+    """N samples of a model's inputs, loaded once, with each input's sample axis.
+
+    It is a mapping of input name → array (what onnxruntime is fed), so every consumer can use
+    it as plain feeds; :func:`onnxzip.runtime.run_batched` reads its axes and runs it in chunks
+    a fixed-batch model accepts. ``labels`` / ``references`` (reserved names in an ``.npz``)
+    ride along on axis 0.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], axes: Mapping[str, int | None], count: int,
+                 *, labels: np.ndarray | None = None, references: np.ndarray | None = None) -> None:
+        self._arrays = dict(arrays)
+        self.axes = dict(axes)
+        self.count = int(count)
+        self.labels = labels
+        self.references = references
+        for name, values in (("labels", labels), ("references", references)):
+            if values is not None and len(values) != self.count:
+                raise DataError(f"The data has {len(values)} {name} for {self.count} samples.")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        return f"Samples({self.count} samples: " + ", ".join(
+            f"{k} {v.shape} axis {self.axes.get(k)}" for k, v in self._arrays.items()) + ")"
+
+    def take(self, index: Any) -> Samples:
+        """The samples ``index`` (slice or integer array), with labels and references."""
+        picked = {name: take(value, index, self.axes.get(name)) for name, value in self._arrays.items()}
+        count = len(range(self.count)[index]) if isinstance(index, slice) else len(np.asarray(index))
+        return Samples(picked, self.axes, count,
+                       labels=None if self.labels is None else self.labels[index],
+                       references=None if self.references is None else self.references[index])
+
+    def with_shared(self, extra: Mapping[str, np.ndarray]) -> Samples:
+        """The same samples plus arrays that are the same for every sample (weights fed as inputs)."""
+        return Samples({**self._arrays, **extra}, {**self.axes, **{k: SHARED for k in extra}}, self.count,
+                       labels=self.labels, references=self.references)
+
+    def describe(self) -> str:
+        """One line: how the data is laid out (for reports)."""
+        parts = [f"{name} {tuple(value.shape)}: " + ("same for every sample" if self.axes.get(name) is None
+                 else f"samples on axis {self.axes[name]}") for name, value in self._arrays.items()]
+        return f"{self.count} samples; " + "; ".join(parts)
+
+
+def samples_from(
+    model: onnx.ModelProto,
+    data: str | os.PathLike[str] | Mapping[str, np.ndarray] | Samples,
+    sample_axes: Mapping[str, int | None] | None = None,
+) -> Samples:
+    """Load ``data`` (an ``.npz`` path or arrays by input name) once into :class:`Samples` for
+    ``model``: inputs picked and checked (:func:`feeds_from_arrays`), the layout rule applied."""
+    if isinstance(data, Samples):
+        return data
     arrays = load_npz(data) if isinstance(data, (str, os.PathLike)) else dict(data)
-    return feeds_from_arrays(model, arrays)
+    feeds = feeds_from_arrays(model, arrays)
+    axes, count = infer_sample_axes(declared_shapes(model), feeds, sample_axes)
+    labels = np.asarray(arrays["labels"]) if "labels" in arrays else None
+    references = np.asarray(arrays["references"]) if "references" in arrays else None
+    if labels is not None and labels.ndim == 0:
+        raise DataError("'labels' in the data must hold one entry per sample, got a scalar.")
+    if references is not None and references.ndim == 0:
+        raise DataError("'references' in the data must hold one entry per sample, got a scalar.")
+    return Samples(feeds, axes, count, labels=labels, references=references)
+
+
+def parse_sample_axes(text: str | Mapping[str, Any] | None) -> dict[str, int | None]:
+    """``"state=1,sr=none"`` (or a mapping) → ``{"state": 1, "sr": None}``."""
+    if not text:
+        return {}
+    items = text.items() if isinstance(text, Mapping) else (
+        part.partition("=")[::2] for part in str(text).split(",") if part.strip())
+    axes: dict[str, int | None] = {}
+    for name, value in items:
+        name, raw = str(name).strip(), str(value).strip().lower()
+        if not name or not raw:
+            raise DataError(f"--sample-axis expects NAME=AXIS (or NAME=none), got {text!r}.")
+        if raw in ("none", "shared", "null"):
+            axes[name] = None
+            continue
+        try:
+            axes[name] = int(raw)
+        except ValueError as exc:
+            raise DataError(f"--sample-axis {name}={value}: the axis must be an integer or 'none'.") from exc
+    return axes
+
+
+def first_samples(feeds: Mapping[str, np.ndarray], count: int, model: onnx.ModelProto | None = None) -> Samples:
+    """The first ``count`` samples of ``feeds`` (a :class:`Samples`, or plain arrays laid out by
+    the rule against ``model``'s declared shapes) along each input's sample axis."""
+    if not isinstance(feeds, Samples):
+        shapes = declared_shapes(model) if model is not None else {}
+        known = {name: shapes.get(name) for name in feeds}
+        axes, total = infer_sample_axes(known, feeds)
+        feeds = Samples(feeds, axes, total)
+    return feeds.take(slice(0, min(count, feeds.count)))
+
+
+def data_notes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None) -> list[str]:
+    """Report notes on how the data is laid out and which inputs carry recurrent state (a float
+    input declared like an output): they are fed their calibrated values like any input, and
+    fine-tuning distils the state outputs like any output."""
+    if not isinstance(feeds, Samples):
+        return []
+    notes = [f"data: {feeds.describe()}"]
+    shapes = declared_shapes(model)
+    out_shapes = {tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                        for d in o.type.tensor_type.shape.dim) for o in model.graph.output}
+    states = [name for name, shape in shapes.items() if shape and len(shape) > 1 and shape in out_shapes
+              and name in feeds and np.issubdtype(feeds[name].dtype, np.floating)]
+    if states:
+        notes.append("state inputs " + ", ".join(states) + " (declared like an output): fed their calibrated "
+                     "values as ordinary inputs; fine-tuning distils the state outputs like every output")
+    return notes

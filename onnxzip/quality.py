@@ -11,7 +11,9 @@ import onnx
 
 from onnxzip.evaluators import GateReport, QualityGate, load_dataset, predict, score
 from onnxzip.evaluators.base import Dataset
+from onnxzip.evaluators.data import model_dataset
 from onnxzip.inputs import model_feeds
+from onnxzip.io import load_model
 
 FIDELITY_ITEMS = 32
 
@@ -27,12 +29,14 @@ def is_dataset_source(data: Any) -> bool:
 
 
 def fidelity_feeds(
-    model: onnx.ModelProto, data: Any, *, batch: int, dims: dict[str, int], seed: int
+    model: onnx.ModelProto, data: Any, *, batch: int, dims: dict[str, int], seed: int,
+    sample_axes: dict[str, int | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Feeds for the fidelity check: from ``data`` (.npz, arrays, or the first items of a
-    dataset, stacked when their shapes agree) or generated from the signature."""
+    """Feeds for the fidelity check: from ``data`` (.npz or arrays, as
+    :class:`~onnxzip.inputs.Samples`; or the first items of a dataset, stacked when their
+    shapes agree) or generated from the signature."""
     if not is_dataset_source(data):
-        return model_feeds(model, data, batch=batch, dims=dims, seed=seed)
+        return model_feeds(model, data, batch=batch, dims=dims, seed=seed, sample_axes=sample_axes)
     dataset = load_dataset(data)
     items = [dataset.inputs(i) for i in range(min(FIDELITY_ITEMS, len(dataset)))]
     same = all(item[k].shape == items[0][k].shape for item in items for k in items[0])
@@ -48,11 +52,14 @@ def quality_gate(
     *,
     device: str = "auto",
     progress: bool = False,
+    sample_axes: dict[str, int | None] | None = None,
 ) -> GateReport:
     """Evaluate the metrics that ``conditions`` name on both models (the original is run once
-    and also serves as the reference of fidelity metrics) and judge the conditions."""
+    and also serves as the reference of fidelity metrics) and judge the conditions. Array data
+    is laid out by the original's declared shapes (:func:`onnxzip.evaluators.data.model_dataset`)."""
     gate = QualityGate(conditions)
-    dataset = load_dataset(data)
+    dataset = model_dataset(load_model(original) if not isinstance(original, onnx.ModelProto) else original,
+                            data, sample_axes)
     reference = predict(original, dataset, device=device, progress=progress)
     before = score(reference, dataset, gate.metrics, reference=reference)
     after = score(predict(candidate, dataset, device=device, progress=progress), dataset, gate.metrics,

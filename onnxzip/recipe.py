@@ -9,6 +9,7 @@ checked. The same schema reads a YAML/JSON file, Python objects and the CLI flag
     data: calib.npz          # optional; inputs are generated from the signature otherwise
     dims: {seq: 16}
     input_shapes: {x: [1, 3, 224, 224]}   # whole input shapes, any dim (named or not)
+    sample_axes: {state: 1, sr: none}   # which axis of an input's data holds the samples
     device: auto
     seed: 0
 """
@@ -22,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from onnxzip.errors import ConfigError
+from onnxzip.inputs import parse_sample_axes
 import onnxzip.train.step  # noqa: F401 - registers the finetune step beside the passes
 from onnxzip.passes import Pass, get_pass
 from onnxzip.schema import build_config
 from onnxzip.fidelity import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
-_TOP_KEYS = {"passes", "gate", "metrics", "data", "val", "dims", "input_shapes", "device", "seed", "batch", "loop"}
+_TOP_KEYS = {"passes", "gate", "metrics", "data", "val", "dims", "input_shapes", "sample_axes", "device", "seed",
+             "batch", "loop"}
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -48,6 +51,7 @@ class Recipe:
     data: str | None = None
     dims: dict[str, int] = field(default_factory=dict)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    sample_axes: dict[str, int | None] = field(default_factory=dict)  # input -> axis holding the samples (None: shared)
     device: str = "auto"
     seed: int = 0
     batch: int = 2
@@ -66,6 +70,7 @@ class Recipe:
             "data": self.data,
             "dims": self.dims,
             "input_shapes": self.input_shapes,
+            "sample_axes": self.sample_axes,
             "device": self.device,
             "seed": self.seed,
             "batch": self.batch,
@@ -93,6 +98,7 @@ class Recipe:
             passes=steps,
             input_shapes={str(k): _sizes(v, f"{source}: input_shapes['{k}']") for k, v in shapes.items()},
             gate=gate,
+            sample_axes=parse_sample_axes(_mapping(data.get("sample_axes"), f"{source}: 'sample_axes'")),
             data=data.get("data"),
             dims={str(k): int(v) for k, v in dims.items()},
             device=str(data.get("device", "auto")),
@@ -169,3 +175,12 @@ def parse_step(item: Any, source: str) -> PassStep:
             raise ConfigError(f"{source}: options of pass '{name}' must be a mapping.")
         return PassStep(get_pass(str(name)).name, dict(options or {}))
     raise ConfigError(f"{source}: each pass must be a name or a mapping like {{svd: {{energy: 0.95}}}}.")
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """A recipe entry that must be a mapping (empty when absent)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(value).__name__}.")
+    return value

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxzip.errors import ConfigError, InvalidModelError, RuntimeUnavailableError
+from onnxzip.errors import ConfigError, DataError, InvalidModelError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -142,52 +143,92 @@ def _serialize_compatible(model: onnx.ModelProto) -> bytes:
 def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``session`` on ``feeds`` and return outputs by name."""
     names = [o.name for o in session.get_outputs()]
-    values = session.run(names, feeds)
+    values = session.run(names, dict(feeds))
     return dict(zip(names, values))
 
 
-def session_batch_size(session: Any) -> int | None:
-    """The fixed size of axis 0 shared by the session's inputs, or None when it is symbolic
-    (or the inputs disagree, or have no axis 0)."""
-    sizes = {i.shape[0] for i in session.get_inputs() if i.shape}
-    if len(sizes) == 1:
-        size = next(iter(sizes))
-        if isinstance(size, int) and size > 0:
-            return size
-    return None
-
-
 def run_batched(
-    session: Any, feeds: dict[str, np.ndarray], batch_size: int | None = None
+    session: Any,
+    feeds: Mapping[str, np.ndarray],
+    batch_size: int | None = None,
+    *,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run ``session`` on ``feeds`` holding N samples on axis 0, in chunks the model accepts,
-    and concatenate the outputs on axis 0: the one place that feeds N samples to a model.
+    """Run ``session`` on ``feeds`` holding N samples, in chunks the model accepts, and join the
+    outputs on their sample axes: the one place that feeds N samples to a model (see
+    :func:`run_samples`)."""
+    return run_samples(session, feeds, batch_size, sample_axes=sample_axes)[0]
 
-    A model whose inputs fix axis 0 at k (deployment files often fix k = 1) runs k samples at a
-    time; the last chunk is filled up by repeating its last sample and the extra output rows are
-    dropped, so any N works. A symbolic batch runs ``batch_size`` samples at a time (all at
-    once when None). Feeds whose axis 0 sizes differ (a state tensor beside the batch) run as
-    they are, in one call.
+
+def run_samples(
+    session: Any,
+    feeds: Mapping[str, np.ndarray],
+    batch_size: int | None = None,
+    *,
+    sample_axes: Mapping[str, int | None] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, int | None]]:
+    """Outputs of ``session`` over the N samples in ``feeds``, and each output's sample axis.
+
+    Each input's sample axis comes from ``feeds.axes`` (:class:`onnxzip.inputs.Samples`), then
+    ``sample_axes``, else the layout rule (:func:`onnxzip.inputs.infer_sample_axes`); an input
+    that is the same for every sample is fed whole to every chunk. A model that fixes its batch
+    at k runs k samples at a time (the last chunk is filled up by repeating its last sample and
+    the extra outputs dropped), so any N works; a symbolic batch runs ``batch_size`` samples at
+    a time (all at once when None). An output's sample axis is the one the model names like an
+    input's sample axis (``[20, batch, 37]``), else one named like a batch, else the first axis
+    of the chunk's size; an output without one is stacked per chunk (axis None).
     """
-    rows = {np.shape(v)[0] if np.ndim(v) else None for v in feeds.values()}
-    fixed = session_batch_size(session)
-    chunk = fixed or batch_size
-    if len(rows) != 1 or None in rows or chunk is None:
-        return run_session(session, feeds)
-    total = int(rows.pop())
-    if total == chunk or (fixed is None and total <= chunk):
-        return run_session(session, feeds)
+    from onnxzip.inputs import infer_sample_axes, session_shapes, take
+
+    shapes = session_shapes(session)
+    arrays = {name: np.asarray(value) for name, value in feeds.items()}
+    given = {**dict(getattr(feeds, "axes", {}) or {}), **dict(sample_axes or {})}
+    given = {name: axis for name, axis in given.items() if name in arrays and name in shapes}
+    axes, count = infer_sample_axes(shapes, arrays, given)
+    sampled = {name: axis for name, axis in axes.items() if axis is not None}
+    fixed = {shapes[name][axis] for name, axis in sampled.items()
+             if shapes.get(name) and isinstance(shapes[name][axis], int)}
+    if len(fixed) > 1:
+        raise DataError(f"The model's inputs fix different batch sizes on their sample axes: {sorted(fixed)}.")
+    chunk = next(iter(fixed)) if fixed else (batch_size or count)
+    symbols = {shapes[name][axis] for name, axis in sampled.items()
+               if shapes.get(name) and isinstance(shapes[name][axis], str)}
+    declared_out = {o.name: o.shape for o in session.get_outputs()}
+    out_axes: dict[str, int | None] = {}
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, total, chunk):
-        real = min(chunk, total - start)
-        part = {k: np.asarray(v[start:start + real]) for k, v in feeds.items()}
-        if fixed is not None and real < chunk:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, axis=0)]) for k, v in part.items()}
+    for start in range(0, count, chunk):
+        real = min(chunk, count - start)
+        part = {name: take(value, slice(start, start + real), axes[name]) for name, value in arrays.items()}
+        if fixed and real < chunk:
+            fill = np.repeat(np.arange(real - 1, real), chunk - real)
+            part = {name: value if axes[name] is None else np.concatenate(
+                [value, take(value, fill, axes[name])], axis=axes[name]) for name, value in part.items()}
         for name, value in run_session(session, part).items():
-            if np.ndim(value) and value.shape[0] == chunk and real < chunk:
-                value = value[:real]
-            parts.setdefault(name, []).append(value if np.ndim(value) else np.reshape(value, (1,)))
-    return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+            if name not in out_axes:
+                out_axes[name] = _output_axis(declared_out.get(name), np.shape(value), chunk if fixed else real, symbols)
+            axis = out_axes[name]
+            if axis is not None and real < np.shape(value)[axis]:
+                value = take(value, slice(0, real), axis)
+            parts.setdefault(name, []).append(value)
+    joined = {}
+    for name, values in parts.items():
+        axis = out_axes[name]
+        joined[name] = values[0] if len(values) == 1 else (
+            np.concatenate(values, axis=axis) if axis is not None else np.stack(values))
+    return joined, out_axes
+
+
+def _output_axis(declared: Any, shape: tuple[int, ...], rows: int, symbols: set[str]) -> int | None:
+    """The sample axis of one output (see :func:`run_samples`)."""
+    from onnxzip.inputs import BATCH_NAMES
+
+    if declared is not None and len(declared) == len(shape):
+        for test in (lambda d: d in symbols, lambda d: isinstance(d, str) and (d in BATCH_NAMES or "batch" in d.lower())):
+            named = [axis for axis, dim in enumerate(declared) if test(dim) and shape[axis] == rows]
+            if named:
+                return named[0]
+    matching = [axis for axis, size in enumerate(shape) if size == rows]
+    return (0 if 0 in matching else matching[0]) if matching else None
 
 
 def measure_latency(

@@ -298,19 +298,22 @@ def probe_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[di
     """Feed sets for the probe that cover how the model will be run at a fraction of the cost:
     with a symbolic batch axis, the first sample and the first two (a model may run at batch 1
     and fail or crash at 2, e.g. Flatten(axis=0) feeding a Gemm); with a fixed batch k, the
-    first k samples; otherwise ``feeds`` as they are."""
-    from onnxzip.inputs import graph_inputs
+    first k samples (a chunk :func:`onnxzip.runtime.run_batched` would feed). Sample axes follow
+    the layout rule (:func:`onnxzip.inputs.infer_sample_axes`)."""
+    from onnxzip.inputs import Samples, declared_shapes, infer_sample_axes
 
-    firsts = {i.name: i.type.tensor_type.shape.dim[0] for i in graph_inputs(model) if i.type.tensor_type.shape.dim}
-    lengths = {np.shape(v)[0] if np.ndim(v) else None for v in feeds.values()}
-    if not feeds or len(lengths) != 1 or None in lengths or set(firsts) != set(feeds):
+    if not feeds:
         return [feeds]
-    (length,) = lengths
-    fixed = {int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in firsts.values()}
-    if fixed == {None}:
-        sizes = sorted({min(length, 1), min(length, 2)})
-    elif len(fixed) == 1:
-        sizes = [min(length, next(iter(fixed)))]
-    else:
-        return [feeds]
-    return [{key: np.asarray(value)[:size] for key, value in feeds.items()} for size in sizes]
+    shapes = declared_shapes(model)
+    if set(feeds) - set(shapes):
+        return [dict(feeds)]
+    if not isinstance(feeds, Samples):
+        axes, count = infer_sample_axes(shapes, feeds)
+        feeds = Samples(feeds, axes, count)
+    sampled = {name: axis for name, axis in feeds.axes.items() if axis is not None}
+    fixed = {shapes[name][axis] for name, axis in sampled.items()
+             if shapes.get(name) and isinstance(shapes[name][axis], int)}
+    if len(fixed) > 1:
+        return [dict(feeds)]
+    sizes = [min(feeds.count, next(iter(fixed)))] if fixed else sorted({min(feeds.count, 1), min(feeds.count, 2)})
+    return [dict(feeds.take(slice(0, size))) for size in sizes]

@@ -18,7 +18,7 @@ import numpy as np
 from onnxzip.errors import DataError, RuntimeUnavailableError
 from onnxzip.evaluators.audio import load_wav_folder
 from onnxzip.evaluators.base import Dataset
-from onnxzip.inputs import load_npz
+from onnxzip.inputs import Samples, load_npz, samples_from, take
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ class ArrayDataset(Dataset):
         inputs = {k: v for k, v in arrays.items() if k not in (LABELS, REFERENCES, SAMPLE_RATE)}
         dataset = cls(inputs, arrays.get(LABELS), arrays.get(REFERENCES), output=output)
         if SAMPLE_RATE in arrays:
-            rate = np.asarray(arrays[SAMPLE_RATE])
-            if rate.size != 1 or not np.issubdtype(rate.dtype, np.number) or not float(rate.reshape(-1)[0]) > 0:
-                raise DataError(f"'{SAMPLE_RATE}' in the data must be one positive number, got {rate!r}.")
-            dataset.sample_rate = int(rate.reshape(-1)[0])
+            dataset.sample_rate = _sample_rate(arrays[SAMPLE_RATE])
         return dataset
 
     @classmethod
@@ -96,6 +93,15 @@ class ArrayDataset(Dataset):
         references = [row.get("reference") for row in rows] if "reference" in rows[0] else None
         return cls(inputs, labels, references, output=output)
 
+    @classmethod
+    def from_samples(cls, samples: Samples, *, output: str | None = None) -> ArrayDataset:
+        """Items of :class:`~onnxzip.inputs.Samples`: each input cut on its own sample axis, an
+        input that is the same for every sample given whole to every item."""
+        dataset = cls({name: _AxisItems(value, samples.axes.get(name), samples.count)
+                       for name, value in samples.items()},
+                      samples.labels, samples.references, output=output)
+        return dataset
+
     def __len__(self) -> int:
         return self._size
 
@@ -107,6 +113,48 @@ class ArrayDataset(Dataset):
 
     def reference(self, index: int) -> np.ndarray | None:
         return None if self._references is None else np.asarray(self._references[index])
+
+
+class _AxisItems:
+    """Sequence view of one array's samples along ``axis`` (the whole array when None)."""
+
+    def __init__(self, value: np.ndarray, axis: int | None, count: int) -> None:
+        self.value, self.axis, self.count = value, axis, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return take(self.value, index, self.axis)
+
+
+def model_dataset(model: Any, source: Any, sample_axes: Mapping[str, int | None] | None = None) -> Dataset:
+    """``source`` as a :class:`Dataset` for ``model``: arrays (an ``.npz``, a mapping or
+    :class:`~onnxzip.inputs.Samples`) are laid out by the model's declared shapes
+    (:func:`onnxzip.inputs.infer_sample_axes`), so a state ``[layers, batch, hidden]`` is cut
+    on axis 1 and a scalar input is the same for every item; other sources as
+    :func:`load_dataset` reads them."""
+    arrays: Mapping[str, Any] | None = None
+    if isinstance(source, Samples):
+        return ArrayDataset.from_samples(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npz":
+        arrays = load_npz(source)
+    elif isinstance(source, Mapping):
+        arrays = source
+    if arrays is None:
+        return load_dataset(source)
+    dataset = ArrayDataset.from_samples(samples_from(model, arrays, sample_axes))
+    if SAMPLE_RATE in arrays:
+        dataset.sample_rate = _sample_rate(arrays[SAMPLE_RATE])
+    return dataset
+
+
+def _sample_rate(value: Any) -> int:
+    """The ``sample_rate`` entry of array data: one positive number (Hz)."""
+    rate = np.asarray(value)
+    if rate.size != 1 or not np.issubdtype(rate.dtype, np.number) or not float(rate.reshape(-1)[0]) > 0:
+        raise DataError(f"'{SAMPLE_RATE}' in the data must be one positive number, got {rate!r}.")
+    return int(rate.reshape(-1)[0])
 
 
 def _read_image(path: Path, grayscale: bool) -> np.ndarray:

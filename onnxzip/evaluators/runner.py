@@ -1,8 +1,9 @@
 """Run a model over a dataset in onnxruntime and score its predictions.
 
-Batching follows the model: when an input's first dimension is a fixed number the model runs
-that many items at a time (the last batch is filled up by repeating its last item, whose extra
-outputs are dropped); when it is symbolic, ``batch_size`` items at a time. Items whose shapes
+Batching follows the model (:func:`onnxzip.runtime.run_samples`): items are stacked on each
+input's declared batch axis (not always axis 0: a state ``[layers, batch, hidden]``); a model
+that fixes its batch runs that many items at a time, a symbolic batch ``batch_size`` at a time;
+an item that is the declared shape exactly (a scalar sample rate) is fed whole. Items whose shapes
 differ (utterances of different lengths) run one at a time. Other fixed dimensions of the model
 are met by zero-padding or cutting the item at the end of that axis.
 """
@@ -23,7 +24,8 @@ from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators.base import Dataset, Metric, MetricResult, fit_length
 from onnxzip.evaluators.data import load_dataset
 from onnxzip.evaluators.registry import resolve_metrics
-from onnxzip.runtime import make_session, run_batched
+from onnxzip.inputs import BATCH_NAMES, session_shapes, take
+from onnxzip.runtime import make_session, run_samples
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +62,28 @@ class Predictions:
 @dataclass(frozen=True)
 class _InputSpec:
     name: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | str | None, ...]
     dtype: type
+    axis: int  # where an item's sample axis goes: the declared batch (not always axis 0)
+    named: bool = False  # the axis is a symbol named like a batch (else axis 0 by default)
 
 
 def _input_specs(session: Any) -> list[_InputSpec]:
+    shapes = session_shapes(session)
+    symbols = {shape[0] for shape in shapes.values() if shape and isinstance(shape[0], str)}
     specs = []
     for node in session.get_inputs():
-        shape = tuple(dim if isinstance(dim, int) else None for dim in node.shape)
-        specs.append(_InputSpec(node.name, shape, _NUMPY_TYPES.get(node.type, np.float32)))
+        shape = shapes[node.name] or ()
+        named = [axis for axis, dim in enumerate(shape) if isinstance(dim, str)
+                 and (dim in BATCH_NAMES or "batch" in dim.lower() or dim in symbols)]
+        specs.append(_InputSpec(node.name, shape, _NUMPY_TYPES.get(node.type, np.float32),
+                                named[0] if named else 0, bool(named)))
     return specs
 
 
-def _prepare(feeds: dict[str, np.ndarray], specs: list[_InputSpec]) -> dict[str, np.ndarray]:
-    """Item inputs matched to the model inputs and fitted to them.
+def _prepare(feeds: dict[str, np.ndarray], specs: list[_InputSpec]) -> dict[str, tuple[np.ndarray, int | None]]:
+    """Item inputs matched to the model inputs and fitted to them, each with the axis it is
+    stacked on (None: the same for every item, fed whole).
 
     A one-input dataset feeds a one-input model whatever the two names are.
     """
@@ -86,45 +96,62 @@ def _prepare(feeds: dict[str, np.ndarray], specs: list[_InputSpec]) -> dict[str,
             f"The data lacks the model input(s) {', '.join(missing)}; it holds "
             f"{', '.join(feeds) or 'nothing'}."
         )
-    return {spec.name: _fit_item(feeds[spec.name], spec) for spec in specs}
+    return {spec.name: _fit_item(np.asarray(feeds[spec.name]), spec) for spec in specs}
 
 
-def _fit_item(array: np.ndarray, spec: _InputSpec) -> np.ndarray:
-    """The item shaped for one batch slot of ``spec``: dtype cast, fixed dims padded or cut."""
-    item_shape = spec.shape[1:]
-    if array.ndim == len(spec.shape) and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != len(item_shape):
-        raise DataError(
-            f"Input {spec.name!r} expects items of rank {len(item_shape)} (model shape "
-            f"{list(spec.shape)} without its batch axis), got shape {array.shape}."
-        )
-    for axis, size in enumerate(item_shape):
-        if size is not None and array.shape[axis] != size:
-            log.debug(
-                "fitting axis %d of input %s from %d to %d",
-                axis,
-                spec.name,
-                array.shape[axis],
-                size,
+def _fit_item(array: np.ndarray, spec: _InputSpec) -> tuple[np.ndarray, int | None]:
+    """The item shaped for one batch slot of ``spec`` (dtype cast, fixed dims padded or cut)
+    and its stacking axis; an array that is the declared shape exactly is fed whole."""
+    rank = len(spec.shape)
+    if array.ndim == rank and all(isinstance(d, int) for d in spec.shape) and array.shape == spec.shape:
+        return array.astype(spec.dtype, copy=False), None
+    axis = spec.axis
+    if array.ndim == rank:
+        if not rank or array.shape[axis] != 1:
+            raise DataError(
+                f"Input {spec.name!r} expects items of rank {rank - 1} (model shape {list(spec.shape)} "
+                f"without its sample axis {axis}), got shape {array.shape}."
             )
-            array = fit_length(array, size, axis)
-    return array.astype(spec.dtype, copy=False)
+        array = np.squeeze(array, axis)
+    if array.ndim != rank - 1:
+        raise DataError(
+            f"Input {spec.name!r} expects items of rank {rank - 1} (model shape {list(spec.shape)} "
+            f"without its sample axis {axis}), got shape {array.shape}."
+        )
+    # The item's axes are the declared ones without the sample axis; where no axis is named like a
+    # batch and that reading does not fit the fixed sizes while another axis's removal does (a
+    # state [2, 1, 128] with items [2, 128]), the item is stacked there instead.
+    fits = [a for a in range(rank) if all(
+        not isinstance(d, int) or d == size for d, size in zip(spec.shape[:a] + spec.shape[a + 1:], array.shape))]
+    if not spec.named and fits and axis not in fits:
+        axis = fits[0]
+    item_shape = spec.shape[:axis] + spec.shape[axis + 1:]
+    for index, size in enumerate(item_shape):
+        if isinstance(size, int) and array.shape[index] != size:
+            log.debug("fitting axis %d of input %s from %d to %d", index, spec.name, array.shape[index], size)
+            array = fit_length(array, size, index)
+    return array.astype(spec.dtype, copy=False), axis
 
 
 def _run_group(
-    session: Any, specs: list[_InputSpec], items: list[dict[str, np.ndarray]]
+    session: Any, specs: list[_InputSpec], items: list[dict[str, tuple[np.ndarray, int | None]]]
 ) -> list[dict[str, np.ndarray]]:
     """Run same-shaped items as one batch (in chunks a fixed-batch model accepts); outputs
     split back per item."""
-    feeds = {spec.name: np.stack([row[spec.name] for row in items]) for spec in specs}
-    outputs = run_batched(session, feeds)
-    return [{name: value[index] for name, value in outputs.items()} for index in range(len(items))]
+    feeds, axes = {}, {}
+    for spec in specs:
+        first, axis = items[0][spec.name]
+        axes[spec.name] = axis
+        feeds[spec.name] = first if axis is None else np.stack([row[spec.name][0] for row in items], axis=axis)
+    outputs, out_axes = run_samples(session, feeds, sample_axes=axes)
+    return [{name: take(value, index, out_axes[name]) if out_axes[name] is not None else value
+             for name, value in outputs.items()} for index in range(len(items))]
 
 
-def _same_shapes(items: list[dict[str, np.ndarray]]) -> bool:
+def _same_shapes(items: list[dict[str, tuple[np.ndarray, int | None]]]) -> bool:
     first = items[0]
-    return all(row[name].shape == first[name].shape for row in items[1:] for name in first)
+    return all(row[name][0].shape == first[name][0].shape and row[name][1] == first[name][1]
+               for row in items[1:] for name in first)
 
 
 def predict(
@@ -143,11 +170,7 @@ def predict(
         raise DataError("The dataset is empty.")
     session = make_session(model, device)
     specs = _input_specs(session)
-    fixed = {spec.shape[0] for spec in specs if spec.shape and spec.shape[0] is not None}
-    if len(fixed) > 1:
-        raise DataError(f"The model's inputs disagree on a fixed batch size: {sorted(fixed)}.")
-    fixed_batch = fixed.pop() if fixed else None
-    group_size = fixed_batch or batch_size or DEFAULT_BATCH_SIZE
+    group_size = batch_size or DEFAULT_BATCH_SIZE
     results: list[np.ndarray] = []
     with tqdm(total=len(dataset), disable=not progress, desc="evaluating", unit="item") as bar:
         for start in range(0, len(dataset), group_size):

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import onnx
 
+from onnxzip.inputs import Samples
 from onnxzip.compat import check_opsets, make_compatible
 from onnxzip.cost import ModelCost, model_cost, observed_shapes
 from onnxzip.errors import ConfigError, OnnxzipError
@@ -111,6 +112,7 @@ class PassContext:
     data: Any = None  # the pipeline's data (.npz path or arrays), for training steps
     val: Any = None  # the pipeline's held-out data (a training step's validation set)
     accept: Callable[[onnx.ModelProto], bool] | None = None
+    sample_axes: dict[str, int | None] = field(default_factory=dict)  # --sample-axis: settles the data layout
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 
     def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:
@@ -145,6 +147,8 @@ class PassContext:
     def _batch_one_feeds(self) -> dict[str, np.ndarray] | None:
         if not self.feeds:
             return None
+        if isinstance(self.feeds, Samples):
+            return dict(self.feeds.take(slice(0, 1)))
         return {k: v[:1] if np.ndim(v) else v for k, v in self.feeds.items()}
 
 

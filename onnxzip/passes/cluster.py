@@ -78,7 +78,7 @@ from onnxzip.cluster import (
 )
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import generate_inputs
+from onnxzip.inputs import first_samples, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster_calibration import SensitivityProbe, input_energies
@@ -294,7 +294,7 @@ class ClusterPass(Pass):
                 "references (--data)."
             )
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
-        feeds = {k: v[: self.config.sweep_samples] if np.ndim(v) else v for k, v in feeds.items()}
+        feeds = first_samples(feeds, self.config.sweep_samples, model)
         energies = self._energies(model, uses, context)
         probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
         opset = default_opset(model)

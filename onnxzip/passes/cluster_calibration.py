@@ -22,7 +22,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxzip.runtime import make_session, run_session
+from onnxzip.inputs import Samples
+from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,15 @@ def run_outputs(
     device: str,
     names: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run ``model`` on ``feeds``; with ``names``, those tensors are made outputs first."""
+    """Run ``model`` on the samples in ``feeds`` (in chunks a fixed batch accepts); with
+    ``names``, those tensors are made outputs first."""
     if names:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         known = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
         model = probe
-    return run_session(make_session(model, device, optimization="disabled"), feeds)
+    return run_batched(make_session(model, device, optimization="disabled"), feeds)
 
 
 def _energy_use(node: gs.Node, slot: int, shape: tuple[int, ...]) -> tuple[gs.Tensor, Any] | None:
@@ -156,12 +158,18 @@ class SensitivityProbe:
         del graph.initializer[:]
         graph.initializer.extend(kept)
         self.session = make_session(probe, device)
-        self.feeds = {**feeds, **self.values}
-        reference = run_session(self.session, self.feeds)
+        self.feeds = feeds
+        reference = self._run(self.values)
         self.reference = {
             k: v.astype(np.float64) for k, v in reference.items()
             if np.issubdtype(np.asarray(v).dtype, np.floating)
         }
+
+    def _run(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The probe's outputs with the probed weights fed as inputs shared by every sample."""
+        if isinstance(self.feeds, Samples):
+            return run_batched(self.session, self.feeds.with_shared(weights))
+        return run_batched(self.session, {**self.feeds, **weights}, sample_axes=dict.fromkeys(weights))
 
     def covers(self, name: str) -> bool:
         return name in self.values
@@ -169,7 +177,7 @@ class SensitivityProbe:
     def distortion(self, name: str, value: np.ndarray) -> float:
         """mean over float outputs of ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
         value = value.astype(self.values[name].dtype)
-        outputs = run_session(self.session, {**self.feeds, name: value})
+        outputs = self._run({**self.values, name: value})
         errors = []
         for key, ref in self.reference.items():
             diff = outputs[key].astype(np.float64) - ref

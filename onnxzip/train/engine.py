@@ -34,9 +34,9 @@ from onnxzip.compat import compatible_ir_version
 from onnxzip.cost import observed_shapes
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.graph import export_model, import_graph, tidy
-from onnxzip.inputs import feeds_from_arrays, graph_inputs, load_npz
+from onnxzip.inputs import Samples, declared_shapes, samples_from, take
 from onnxzip.io import load_model
-from onnxzip.runtime import make_session, resolve_device, run_session
+from onnxzip.runtime import make_session, resolve_device, run_samples
 from onnxzip.sanity import probe_feeds, probe_in_child
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
@@ -116,43 +116,46 @@ class FinetuneResult:
 
 @dataclass
 class _Data:
-    inputs: dict[str, NDArray[Any]]
+    """Training or validation samples: the inputs (with their sample axes), and the targets."""
+
+    inputs: Samples
     labels: NDArray[Any] | None
     references: NDArray[Any] | None
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        return self.inputs.count
 
 
 def is_array_data(source: Any) -> bool:
     """Whether ``source`` is training data :func:`finetune` reads: arrays by name, or an .npz."""
-    return isinstance(source, dict) or (isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"))
+    return isinstance(source, (dict, Samples)) or (
+        isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"))
 
 
-def _load_data(model: onnx.ModelProto, source: DataSource, what: str) -> _Data:
-    if isinstance(source, (str, os.PathLike)):
-        if not is_array_data(source):
-            raise DataError(f"Training data ({what}) must be an .npz file of arrays by input name, got {source}.")
-        arrays = load_npz(source)
-    elif isinstance(source, dict):
-        arrays = dict(source)
-    else:
+def _load_data(model: onnx.ModelProto, source: DataSource, what: str,
+               sample_axes: dict[str, int | None] | None = None) -> _Data:
+    if isinstance(source, (str, os.PathLike)) and not is_array_data(source):
+        raise DataError(f"Training data ({what}) must be an .npz file of arrays by input name, got {source}.")
+    if not is_array_data(source):
         raise DataError(f"Training data ({what}) must be an .npz path or a dict of arrays.")
-    inputs = feeds_from_arrays(model, arrays)
-    sizes = {len(v) for v in inputs.values()} | {len(arrays[k]) for k in ("labels", "references") if k in arrays}
-    if len(sizes) != 1 or 0 in sizes:
-        raise DataError(f"The {what} arrays must be non-empty and share their first (batch) axis, got sizes {sorted(sizes)}.")
-    labels = np.asarray(arrays["labels"]).astype(np.int64) if "labels" in arrays else None
-    references = np.asarray(arrays["references"], np.float32) if "references" in arrays else None
-    return _Data(inputs, labels, references)
+    samples = samples_from(model, source, sample_axes)
+    labels = None if samples.labels is None else np.asarray(samples.labels)
+    if labels is not None and not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels))
+                and np.all(labels == np.round(labels))):
+            raise DataError(f"The {what} labels must be class indices (integers), got {labels.dtype}.")
+    references = None if samples.references is None else np.asarray(samples.references, np.float32)
+    return _Data(samples, None if labels is None else labels.astype(np.int64), references)
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's first input fixes, or None when its first axis is symbolic."""
-    for info in graph_inputs(model):
-        dims = info.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
+def fixed_batch(model: onnx.ModelProto, samples: Samples | None = None) -> int | None:
+    """The batch size the model fixes on its inputs' sample axes (axis 0 without ``samples``),
+    or None when that axis is symbolic."""
+    shapes = declared_shapes(model)
+    for name, shape in shapes.items():
+        axis = 0 if samples is None else samples.axes.get(name)
+        if shape and axis is not None and axis < len(shape) and isinstance(shape[axis], int):
+            return int(shape[axis])
     return None
 
 
@@ -166,18 +169,9 @@ def _batches(count: int, size: int, fixed: bool, rng: np.random.Generator | None
     return chunks
 
 
-def run_batched(model: onnx.ModelProto, inputs: dict[str, NDArray[Any]], batch: int, device: str) -> dict[str, NDArray[Any]]:
-    """All outputs of ``model`` over ``inputs`` in onnxruntime, ``batch`` items at a time."""
-    fixed = fixed_batch(model)
-    session = make_session(model, device)
-    count = len(next(iter(inputs.values())))
-    parts: dict[str, list[NDArray[Any]]] = {}
-    for chunk in _batches(count, fixed or batch, fixed is not None, None):
-        real = min(len(chunk), count - int(chunk[0]))
-        outputs = run_session(session, {k: v[chunk] for k, v in inputs.items()})
-        for name, value in outputs.items():
-            parts.setdefault(name, []).append(value[:real])
-    return {name: np.concatenate(values) for name, values in parts.items()}
+def _with_symbol(shape: tuple[int, ...], axis: int | None) -> list[int | str]:
+    """A target's declared shape: its sample axis symbolic (``N``)."""
+    return [("N" if index == axis else size) for index, size in enumerate(shape)]
 
 
 def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
@@ -279,39 +273,51 @@ def _loss_terms(
     return terms, True
 
 
-def _targets(terms: list[LossTerm], data: _Data, teacher_out: dict[str, NDArray[Any]] | None) -> dict[str, NDArray[Any]]:
-    targets = {}
+def _targets(terms: list[LossTerm], data: _Data, teacher: tuple[dict[str, NDArray[Any]], dict[str, int | None]] | None
+             ) -> tuple[dict[str, NDArray[Any]], dict[str, int | None]]:
+    """Each loss term's target array and its sample axis (labels and references: axis 0; the
+    teacher's outputs: the axis onnxruntime's run found, e.g. 1 for ``[T, N, C]``)."""
+    targets: dict[str, NDArray[Any]] = {}
+    axes: dict[str, int | None] = {}
     for term in terms:
+        axes[term.target] = 0
         if term.target == "onnxzip_labels":
             targets[term.target] = data.labels
         elif term.target == "onnxzip_references":
             targets[term.target] = data.references
         else:
-            value = teacher_out[term.output].astype(np.float32)
+            outputs, output_axes = teacher
+            axes[term.target] = output_axes.get(term.output, 0)
+            value = outputs[term.output].astype(np.float32)
             if term.kind == "kl":
                 shifted = np.exp(value - value.max(axis=-1, keepdims=True))
                 value = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
             targets[term.target] = value
-    return targets
+    return targets, axes
 
 
 def _teacher_outputs(teacher: onnx.ModelProto, student: onnx.ModelProto, data: _Data, batch: int,
-                     device: str, inner: list[str] = ()) -> dict[str, NDArray[Any]]:
+                     device: str, inner: list[str] = ()) -> tuple[dict[str, NDArray[Any]], dict[str, int | None]]:
     """Teacher outputs on ``data`` named like the student's outputs (by name, else by position),
-    plus the teacher's activations of the ``inner`` tensors (by their names)."""
+    plus the teacher's activations of the ``inner`` tensors (by their names), and the sample
+    axis of each."""
     names = [o.name for o in student.graph.output]
     extra = [name for name in inner if name not in {o.name for o in teacher.graph.output}]
     if extra:
         teacher = copy.deepcopy(teacher)
         teacher.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
-    raw = run_batched(teacher, data.inputs, batch, device)
+    raw, raw_axes = run_samples(make_session(teacher, device), data.inputs, batch)
     matched = {name: raw.pop(name) for name in extra}
     matched.update({name: raw[name] for name in inner if name in raw})
     if all(name in raw for name in names):
-        return {**{name: raw[name] for name in names}, **matched}
+        outputs = {**{name: raw[name] for name in names}, **matched}
+        return outputs, {name: raw_axes.get(name, 0) for name in outputs}
     if len(raw) != len(names):
         raise ConfigError("The teacher's outputs do not match the student's outputs (names or count).")
-    return {**dict(zip(names, raw.values())), **matched}
+    renamed = dict(zip(names, raw))
+    outputs = {**{name: raw[key] for name, key in renamed.items()}, **matched}
+    return outputs, {**{name: raw_axes.get(key, 0) for name, key in renamed.items()},
+                     **{name: raw_axes.get(name, 0) for name in matched}}
 
 
 def _check_matched(names: list[str], student_shapes: dict[str, tuple[int, ...]], teacher: onnx.ModelProto,
@@ -342,9 +348,11 @@ def finetune(
     device: str = "auto",
     progress: bool = True,
     probed: bool = False,
+    sample_axes: dict[str, int | None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` (an .npz path or arrays by input name, with optional
-    ``labels`` / ``references``); see the module docstring. Unless ``probed`` (a model onnxzip
+    ``labels`` / ``references``, laid out by :func:`onnxzip.inputs.infer_sample_axes`;
+    ``sample_axes`` settles an ambiguous input); see the module docstring. Unless ``probed`` (a model onnxzip
     made from an input that already ran), the model and the teacher first run on the data in a
     child process, so that data they cannot run on, or a crash, is one sentence."""
     if not isinstance(config, FinetuneConfig):
@@ -354,13 +362,13 @@ def finetune(
     teacher_model = load_model(teacher) if teacher is not None else None
     device = resolve_device(device)
     log.info("fine-tuning on %s", "CUDA" if device == "cuda" else "the CPU")
-    train = _load_data(model, data, "training")
+    train = _load_data(model, data, "training", sample_axes)
     if not probed:
         for checked in (model, teacher_model):
             if checked is not None:
                 probe_in_child(checked, probe_feeds(checked, train.inputs))
-    held_out = _load_data(model, val, "validation") if val is not None else None
-    fixed = fixed_batch(model)
+    held_out = _load_data(model, val, "validation", sample_axes) if val is not None else None
+    fixed = fixed_batch(model, train.inputs)
     batch = fixed or config.batch_size
     terms, needs_teacher = _loss_terms(model, config, train, teacher_model is not None)
     if config.match:
@@ -369,7 +377,7 @@ def finetune(
         terms += [LossTerm(name, "mse", f"onnxzip_match_{i}", config.match_weight) for i, name in enumerate(config.match)]
         needs_teacher = True
 
-    probe = {k: v[: fixed or 1] for k, v in train.inputs.items()}
+    probe = train.inputs.take(slice(0, fixed or 1))
     shapes = observed_shapes(model, probe)
     ranks = {name: len(shape) for name, shape in shapes.items()}
     training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
@@ -388,9 +396,9 @@ def finetune(
     teacher_train = _teacher_outputs(teacher_model, model, train, batch, device, config.match) if needs_teacher else None
     teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device, config.match)
                    if needs_teacher and held_out is not None else None)
-    train_targets = _targets(terms, train, teacher_train)
-    val_targets = _targets(terms, held_out, teacher_val) if held_out is not None else None
-    add_loss(training_copy, terms, {k: v.shape[1:] for k, v in train_targets.items()})
+    train_targets, target_axes = _targets(terms, train, teacher_train)
+    val_targets = _targets(terms, held_out, teacher_val)[0] if held_out is not None else None
+    add_loss(training_copy, terms, {k: _with_symbol(v.shape, target_axes[k]) for k, v in train_targets.items()})
     training_copy.ir_version = compatible_ir_version(training_copy)
 
     with tempfile.TemporaryDirectory(prefix="onnxzip-train-") as folder:
@@ -421,8 +429,8 @@ def finetune(
             result.notes.append(f"training skipped, every weight frozen: {failure}")
             log.warning("fine-tuning skipped: %s", failure)
             return result
-        best = _train(session, result, config, train, train_targets, held_out, val_targets, batch,
-                      fixed is not None, gammas, model, teacher_val, progress)
+        best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
+                      fixed is not None, gammas, model, teacher_val[0] if teacher_val else None, progress)
     result.model = with_weights(model, best)
     return result
 
@@ -489,14 +497,17 @@ def _open(work: Path, device: str) -> tuple[Any, Any, Any]:
 
 
 def _train(
-    session: tuple[Any, Any, Any], result: FinetuneResult, config: FinetuneConfig, train: _Data, train_targets: dict[str, NDArray[Any]],
+    session: tuple[Any, Any, Any], result: FinetuneResult, config: FinetuneConfig, train: _Data,
+    train_targets: tuple[dict[str, NDArray[Any]], dict[str, int | None]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
     gammas: list[str], model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
 ) -> dict[str, NDArray[Any]]:
     """The training loop; returns the best epoch's weights."""
     state, module, optimizer = session
     names = module.input_names()
-    arrays = {**train.inputs, **train_targets}
+    targets, target_axes = train_targets
+    axes = {**train.inputs.axes, **target_axes}
+    arrays = {**train.inputs, **targets}
     val_arrays = {**held_out.inputs, **val_targets} if held_out is not None else None
     sparse = [g for g in gammas if g in result.trained] if config.sparsity > 0 else []
     slimming = _SparseGammas(sparse, config)
@@ -516,7 +527,7 @@ def _train(
             for chunk in bar:
                 rate = lr_at(step, total, config)
                 optimizer.set_learning_rate(rate)
-                loss = module(*[arrays[name][chunk] for name in names])
+                loss = module(*[take(arrays[name], chunk, axes.get(name, 0)) for name in names])
                 before = slimming.before(state) if sparse else None
                 optimizer.step()
                 if before is not None:
@@ -530,7 +541,7 @@ def _train(
         score = -row["loss"]
         if val_arrays is not None:
             module.eval()
-            val_losses = [float(np.asarray(module(*[val_arrays[n][c] for n in names])))
+            val_losses = [float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
                           for c in _batches(len(held_out), batch, fixed, None)]
             row["val_loss"] = float(np.mean(val_losses))
             score = -row["val_loss"]

@@ -99,14 +99,15 @@ def add_loss(
     model: onnx.ModelProto, terms: list[LossTerm], target_shapes: dict[str, tuple[int, ...]]
 ) -> onnx.ModelProto:
     """``model`` (modified in place and returned) with the loss terms as its only output.
-    ``target_shapes`` gives each target's per-item shape (the batch axis is symbolic)."""
+    ``target_shapes`` gives each target's shape with its sample axis as the symbol ``N`` (the
+    batch is not always axis 0: a sequence output ``[T, N, C]``)."""
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
     parts: list[str] = []
     for index, term in enumerate(terms):
         tag = f"{LOSS_NAME}/{index}"
         elem = TensorProto.INT64 if term.target == "onnxzip_labels" else TensorProto.FLOAT
-        graph.input.append(helper.make_tensor_value_info(term.target, elem, ["N", *target_shapes[term.target]]))
+        graph.input.append(helper.make_tensor_value_info(term.target, elem, list(target_shapes[term.target])))
         if term.kind in ("mse", "l1"):
             nodes.append(helper.make_node("Sub", [term.output, term.target], [f"{tag}/diff"]))
             if term.kind == "mse":

@@ -67,7 +67,7 @@ class FinetunePass(Pass):
             # e.g. a folder of WAVs that the loop's gate scores: epochs are not evaluated on it
             val, skipped_val = None, f"validation data {val} is not arrays (.npz); every epoch trains, the last is kept"
         result = finetune(model, data, val=val, teacher=teacher, config=options,
-                          device=context.device, progress=context.progress,
+                          device=context.device, progress=context.progress, sample_axes=context.sample_axes,
                           probed=self.config.teacher is None)  # the pipeline's input already ran
         report = self.new_report()
         if skipped_val:
