@@ -242,7 +242,7 @@ def _sample_axis(name: str, shape: tuple[Dim, ...], value: np.ndarray, batch_sym
         named = [axis for axis in symbolic if test(shape[axis])]
         if len(named) == 1:
             return named[0]
-    if 0 in symbolic and shape[0] is None:
+    if 0 in symbolic:  # the conventional batch axis
         return 0
     return "ambiguous"
 
@@ -261,7 +261,7 @@ def infer_sample_axes(
     The rule: the sample axis of an input is the axis the model declares symbolic (the batch is
     not always axis 0: recurrent states are often ``[layers, batch, hidden]``); where several are
     symbolic, the one named like a batch (``batch``, ``N``, ...), else the symbol other inputs
-    use as their batch; a fixed axis whose size the data does not match holds the samples when
+    use as their batch (their axis 0), else axis 0 when it is symbolic; a fixed axis whose size the data does not match holds the samples when
     it is axis 0 or a size-1 axis (a fixed batch, run in chunks of that size). An array that is
     the declared shape exactly (a scalar sample rate, a fixed state) is the same for every
     sample. ``overrides`` (``--sample-axis NAME=K``, ``none`` for shared) settle the rest; an

@@ -4,6 +4,7 @@ and the candidate model in the same run."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ def is_dataset_source(data: Any) -> bool:
         return True
     if isinstance(data, (str, os.PathLike)):
         return os.path.isdir(data)
-    return data is not None and not isinstance(data, dict)
+    return data is not None and not isinstance(data, Mapping)
 
 
 def fidelity_feeds(

@@ -45,6 +45,11 @@ class ArrayDataset(Dataset):
         self._labels = labels
         self._references = references
         self.output = output
+        unsized = [name for name, values in self._inputs.items()
+                   if not hasattr(values, "__len__") or (isinstance(values, np.ndarray) and values.ndim == 0)]
+        if unsized:
+            raise DataError(f"The data holds a single value for {', '.join(unsized)}, not one item per sample "
+                            "(give the model too, so a value the same for every sample is recognised).")
         sizes = {name: len(values) for name, values in self._inputs.items()}
         for name, values in ((LABELS, labels), (REFERENCES, references)):
             if values is not None:
@@ -125,7 +130,9 @@ class _AxisItems:
         return self.count
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return take(self.value, index, self.axis)
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return take(self.value, index % self.count, self.axis)
 
 
 def model_dataset(model: Any, source: Any, sample_axes: Mapping[str, int | None] | None = None) -> Dataset:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators.base import Dataset, Metric, MetricResult, fit_length
-from onnxzip.evaluators.data import load_dataset
+from onnxzip.evaluators.data import load_dataset, model_dataset
+from onnxzip.io import load_model
 from onnxzip.evaluators.registry import resolve_metrics
 from onnxzip.inputs import BATCH_NAMES, session_shapes, take
 from onnxzip.runtime import make_session, run_samples
@@ -162,8 +163,9 @@ def predict(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> Predictions:
-    """Run ``model`` on every item and post-process the outputs with ``dataset.postprocess``."""
-    dataset = load_dataset(dataset)
+    """Run ``model`` on every item and post-process the outputs with ``dataset.postprocess``;
+    arrays are laid out by the model's declared shapes (:func:`model_dataset`)."""
+    dataset = _dataset_for(model, dataset)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     if len(dataset) == 0:
@@ -183,6 +185,13 @@ def predict(
             results.extend(dataset.postprocess(out, index) for out, index in zip(outputs, indices))
             bar.update(len(indices))
     return Predictions(tuple(results))
+
+
+def _dataset_for(model: ModelSource, dataset: Any) -> Dataset:
+    """``dataset`` as a :class:`Dataset`, array data laid out for ``model``."""
+    if isinstance(dataset, Dataset) or isinstance(model, bytes):
+        return load_dataset(dataset)
+    return model_dataset(load_model(model), dataset)
 
 
 def _targets(metric: Metric, dataset: Dataset, reference: Predictions | None) -> list[Any]:
@@ -250,7 +259,7 @@ def evaluate(
     running it again) is what fidelity metrics compare with, and what reference metrics use when
     the dataset has no references.
     """
-    dataset = load_dataset(dataset)
+    dataset = _dataset_for(model, dataset)
     resolved = resolve_metrics(metrics)
     run = dict(device=device, batch_size=batch_size, progress=progress)
     reference = (

@@ -23,7 +23,7 @@ from onnxzip.graph import export_model
 from onnxzip.pruning.groups import analyze_channels
 from onnxzip.pruning.importance import group_importance, select_channels
 from onnxzip.pruning.surgery import prune_channels
-from onnxzip.runtime import make_session, run_session
+from onnxzip.runtime import make_session, run_samples
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,10 @@ class Measurer:
         self.original_accuracy = self._score(self.reference)
 
     def _predict(self, session: Any) -> np.ndarray:
-        size = len(next(iter(self.task.inputs.values())))
-        outputs = []
-        for start in range(0, size, self.task.batch_size):
-            feeds = {k: v[start:start + self.task.batch_size] for k, v in self.task.inputs.items()}
-            outputs.append(next(iter(run_session(session, feeds).values())))
-        return np.concatenate(outputs).argmax(axis=-1)
+        outputs, axes = run_samples(session, self.task.inputs, self.task.batch_size)
+        name = next(iter(outputs))
+        scores = outputs[name] if axes[name] in (None, 0) else np.moveaxis(outputs[name], axes[name], 0)
+        return scores.argmax(axis=-1)
 
     def _score(self, predicted: np.ndarray) -> float:
         target = self.task.labels if self.task.labels is not None else self.reference

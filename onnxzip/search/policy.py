@@ -23,6 +23,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError
+from onnxzip.inputs import samples_from
+from onnxzip.quality import is_dataset_source
 from onnxzip.evaluators import load_dataset
 from onnxzip.passes.base import Pass, PassContext
 from onnxzip.pruning.groups import analyze_channels
@@ -108,6 +110,12 @@ def reward_data(model: onnx.ModelProto, data: Any, feeds: dict[str, np.ndarray] 
             raise ConfigError("policy=ddpg needs data for its reward (--data), or model inputs it can generate.")
         log.warning("policy=ddpg without --data: rewards measure agreement with the original on generated inputs")
         return feeds, None
+    if not is_dataset_source(data):  # arrays: each input cut on its own sample axis
+        picked = samples_from(model, data)
+        picked = picked.take(slice(0, min(samples, picked.count)))
+        labels = None if picked.labels is None else np.asarray(picked.labels)
+        return picked, (labels.astype(np.int64) if labels is not None and np.issubdtype(labels.dtype, np.integer)
+                        and labels.ndim == 1 else None)
     dataset = load_dataset(data)
     count = min(samples, len(dataset))
     items = [dataset.inputs(i) for i in range(count)]
