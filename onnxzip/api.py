@@ -15,6 +15,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError, QualityGateError
+from onnxzip.evaluators import QualityGate
 from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
 from onnxzip.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
@@ -174,8 +175,9 @@ def compress(
         recipe.passes = [PassStep(get_pass(p.pass_name).name, p.config) for p in replay.steps]
     passes = recipe.build_passes()
     original = load_model(model)
-    if recipe.metrics and data is None:
-        raise ConfigError("Metric conditions need data with labels or references (--data).")
+    if recipe.metrics and data is None and QualityGate(recipe.metrics).needs_data:
+        raise ConfigError("Metric conditions need data with labels or references (--data); "
+                          "only task metrics (task:FILE.py:function) score without it.")
     feeds, generated, unchecked = _feeds(original, data, recipe, passes)
     if feeds is not None:
         probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input

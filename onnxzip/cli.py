@@ -280,9 +280,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     data = report.to_dict()
     passed = report.passed
     if args.metric:
-        if not args.data:
-            raise ConfigError("--metric needs --data with labels or references.")
+        from onnxzip.evaluators import QualityGate
         from onnxzip.quality import quality_gate
+
+        if not args.data and QualityGate(args.metric).needs_data:
+            raise ConfigError("--metric needs --data with labels or references (task metrics excepted).")
 
         quality = quality_gate(args.original, args.candidate, args.data, args.metric,
                                device=args.device or "auto", progress=not args.quiet)

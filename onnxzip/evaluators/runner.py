@@ -23,6 +23,7 @@ from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators.base import Dataset, Metric, MetricResult, fit_length
 from onnxzip.evaluators.data import load_dataset
 from onnxzip.evaluators.registry import resolve_metrics
+from onnxzip.evaluators.user import ModelMetric
 from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,10 @@ def score(
     """Score ``predictions`` (e.g. the noisy input itself, for a baseline) with ``metrics``."""
     dataset = load_dataset(dataset)
     resolved = resolve_metrics(metrics)
+    whole_model = [metric.name for metric in resolved if isinstance(metric, ModelMetric)]
+    if whole_model:
+        raise ConfigError(f"{', '.join(whole_model)} score a whole model file, not predictions; "
+                          "use them in a quality gate (onnxzip.quality.quality_gate).")
     for given, name in ((predictions, "predictions"), (reference, "reference predictions")):
         if given is not None and len(given) != len(dataset):
             raise DataError(f"{len(given)} {name} for a dataset of {len(dataset)} items.")
