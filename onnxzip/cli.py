@@ -1,13 +1,15 @@
-"""Command line: ``onnxzip inspect | compress | validate | finetune | demo``.
+"""Command line: ``onnxzip inspect | compress | validate | finetune | report | demo``.
 
-Exit codes: 0 ok, 1 a quality gate failed (nothing written), 2 bad input or option (one
-sentence on stderr, no traceback), 3 an internal error.
+Exit codes: 0 ok (also when the reader of stdout goes away, ``onnxzip inspect m.onnx | head``),
+1 a quality gate failed (nothing written), 2 bad input, option or usage (one sentence on stderr,
+no traceback), 3 an internal error, 130 interrupted (Ctrl-C; nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,16 @@ from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError
 from onnxzip.io import write_json
 
 log = logging.getLogger("onnxzip")
+
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one sentence on stderr and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"onnxzip: error: {message} ('{self.prog} --help' lists the options).\n")
 
 
 class _OrderedPassFlag(argparse.Action):
@@ -85,13 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     from onnxzip.passes import PASSES
     from onnxzip.schema import describe_config
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxzip",
         description="Compress ONNX models (SVD factorization, pruning, codebook clustering) and check them in onnxruntime.",
     )
     parser.add_argument("--version", action="version", version=f"onnxzip {__version__}")
     _add_global(parser, False)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = _Parser(add_help=False)
     _add_global(shared, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -179,6 +191,9 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger("onnxzip")
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Importing onnxruntime(-training) gives the root logger a handler of its own (timestamped);
+    # without this every warning would be printed twice.
+    root.propagate = False
 
 
 
@@ -198,7 +213,7 @@ def _print_result(result: Any, quiet: bool) -> None:
         print()
     print(result.report.table())
     for note in result.report.notes:  # how inputs were sized, an unchecked or a growing result
-        if note.startswith(("inputs generated", "fidelity not checked", "warning:")):
+        if note.startswith("inputs generated"):  # warnings were logged to stderr already
             print(f"note: {note}")
     if not quiet:
         for report in result.report.passes:
@@ -383,27 +398,49 @@ COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_va
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("onnxzip: interrupted; the output was not written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_OK
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout went away (``| head``): send the rest to /dev/null, so that the
+    interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured in-process)
+        pass
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help()
-        return 2
+        parser.error(f"give a command: {', '.join(COMMANDS)}")
     _configure_logging(args)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
     except OnnxzipError as exc:
         if args.debug:
             raise
         print(f"onnxzip: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnxzip: interrupted; nothing was written.", file=sys.stderr)
-        return 130
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         if args.debug:
             raise
         print(f"onnxzip: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
-        return 3
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -49,3 +49,25 @@ def test_readme_yaml_recipes_parse_and_their_steps_build():
         recipe.build_passes()
         if recipe.loop is not None:
             recipe.loop.validate_steps()
+
+
+def test_readme_example_scorer_works_in_both_forms(tmp_path, monkeypatch):
+    """The scorer under 'Your own metric' is a working user: and task: function."""
+    from helpers import make_model, tensor
+    from onnx import helper
+
+    from onnxzip.quality import quality_gate
+
+    monkeypatch.chdir(tmp_path)
+    section = README.read_text().split("#### Your own metric", 1)[1]
+    (tmp_path / "scorer.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((8, 4)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["input", "w"], ["logits"])], [tensor("input", ["N", 8])],
+                       [tensor("logits", ["N", 4])], [helper.make_tensor("w", 1, [8, 4], weights.ravel())])
+    inputs = rng.standard_normal((40, 8)).astype(np.float32)
+    labels = (inputs @ weights).argmax(axis=1)
+    np.savez("eval.npz", input=inputs, labels=labels)
+    report = quality_gate(model, model, "eval.npz", ["user:scorer.py:f1:target=label,min=1",
+                                                     "task:scorer.py:score_model:min=1,max_drop=0"])
+    assert report.passed and [row.candidate for row in report.rows] == [1.0, 1.0, 1.0]
