@@ -198,7 +198,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxzip.inspect import inspect_model
+    from onnxzip.inspection import inspect_model
 
     info = inspect_model(args.model, dims=_dims(args.dim), input_shapes=_input_shapes(args.input_shape), top=args.top)
     print(info.text())
@@ -287,29 +287,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxzip.fidelity import FidelityGate
 
     report = validate(
-        args.original, args.candidate, args.data, dims=_dims(args.dim),
+        args.original, args.candidate, args.data, metrics=args.metric, dims=_dims(args.dim),
         input_shapes=_input_shapes(args.input_shape), batch=args.batch or 2,
-        device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)),
+        device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)), progress=not args.quiet,
     )
     print(report.table())
-    data = report.to_dict()
-    passed = report.passed
-    if args.metric:
-        from onnxzip.evaluators import QualityGate
-        from onnxzip.quality import quality_gate
-
-        if not args.data and QualityGate(args.metric).needs_data:
-            raise ConfigError("--metric needs --data with labels or references (task metrics excepted).")
-
-        quality = quality_gate(args.original, args.candidate, args.data, args.metric,
-                               device=args.device or "auto", progress=not args.quiet)
-        print()
-        print(quality.render())
-        data["quality"] = quality.to_dict()
-        passed = passed and quality.passed
     if args.report:
-        write_json(args.report, data)
-    return 0 if passed else 1
+        write_json(args.report, report.to_dict())
+    return 0 if report.passed else 1
 
 
 def _finetune_config() -> type:
