@@ -1,4 +1,5 @@
-"""Python API: ``compress`` and ``validate`` (``export`` lives in :mod:`onnxzip.torch_export`)."""
+"""Python API, the twin of the command line: :func:`compress`, :func:`validate`, :func:`finetune`
+(``export`` lives in :mod:`onnxzip.torch_export`, ``inspect`` in :mod:`onnxzip.inspection`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError, QualityGateError
+from onnxzip.evaluators import QualityGate
 from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
 from onnxzip.inputs import data_notes, parse_sample_axes
 from onnxzip.io import load_model, save_model
@@ -114,6 +116,16 @@ def _recipe_from(recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None
     raise ConfigError("recipe must be a Recipe, a mapping or a path to a YAML/JSON file.")
 
 
+def _conditions(metrics: Any) -> list[Any]:
+    return list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
+
+
+def _require_data(metrics: list[Any], data: Any) -> None:
+    if metrics and data is None and QualityGate(metrics).needs_data:
+        raise ConfigError("Metric conditions need data with labels or references (--data); "
+                          "only task metrics (task:FILE.py:function) score without it.")
+
+
 def compress(
     model: onnx.ModelProto | str | os.PathLike[str],
     recipe: Recipe | dict[str, Any] | str | os.PathLike[str] | None = None,
@@ -131,22 +143,39 @@ def compress(
     progress: bool = False,
     val: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    batch: int | None = None,
     **pass_options: dict[str, Any] | bool,
 ) -> CompressResult:
-    """Run a compression pipeline and validate the result against the original in onnxruntime.
+    """Run a compression pipeline and validate the result against the original in onnxruntime
+    (``onnxzip compress``); returns a :class:`CompressResult` (``.model``, ``.report``,
+    ``.plan``, ``.save(path)``). The input is never modified.
 
-    Passes come from ``recipe`` or from keyword arguments named after passes
-    (``compress(m, svd={"energy": 0.95})``; ``True`` means default options), or from a saved
-    ``plan`` that is replayed as is. ``data`` is an ``.npz`` path, a dict of arrays, a folder of
-    WAVs/images or an evaluator dataset. ``metrics`` are quality conditions such as
-    ``["accuracy:max_drop=0.01", {"metric": "snr", "min": 30}]``, measured on ``data`` for the
-    original and the result. Raises :class:`QualityGateError` when the fidelity gate or a metric
-    condition fails, unless ``allow_gate_failure``.
+    Parameters (the command line's flag in brackets):
 
-    A recipe with a ``loop`` (``recipe="method1"`` / ``"method2"``) compresses until the quality
-    limit: each stage is gated against the original on ``val`` (or ``data``), failed tries are
-    rolled back, and every finished try is checkpointed in ``work_dir`` so the same call resumes
-    (a temporary folder when not given: no resume).
+    - ``model``: an ONNX path or ``ModelProto``.
+    - ``recipe`` [``--recipe``]: a :class:`~onnxzip.recipe.Recipe`, a mapping, a YAML/JSON path
+      or a built-in loop recipe name (``"method1"``, ``"method2"``).
+    - ``**pass_options`` [``--svd energy=0.95`` ...]: passes by name, in order
+      (``compress(m, svd={"energy": 0.95}, cluster=True)``; ``True`` means default options;
+      ``prune_channels`` for ``prune-channels``); they follow a given recipe's passes and replace
+      the default recipe. ``cleanup`` always runs last.
+    - ``plan`` [``--plan``]: a saved :class:`PipelinePlan` (or its JSON path), replayed as is.
+    - ``data`` [``--data``]: an ``.npz`` path, a dict of arrays, a folder of WAVs/images or an
+      evaluator dataset (default: inputs generated from the signature).
+    - ``val`` [``--val``]: held-out data a loop's gate is measured on (default ``data``).
+    - ``metrics`` [``--metric``]: quality conditions such as ``["accuracy:max_drop=0.01",
+      {"metric": "snr", "min": 30}, "task:scorer.py:score_model:max_drop=0.5"]``, measured for
+      the original and the result.
+    - ``gate`` [``--min-cosine`` ...]: a :class:`FidelityGate` or its fields as a mapping.
+    - ``device`` [``--device``], ``dims`` [``--dim``], ``input_shapes`` [``--input-shape``],
+      ``batch`` [``--batch``]: how the models run and how generated inputs are sized.
+    - ``check``: run the gates at all; ``allow_gate_failure`` [``--force``]: return a result
+      that failed them instead of raising :class:`QualityGateError`.
+    - ``work_dir`` [``--work-dir``]: a loop checkpoints every finished try here and resumes
+      from it (a temporary folder when not given: no resume); ``progress``: progress bars.
+
+    A recipe with a ``loop`` compresses until the quality limit: each stage is gated against
+    the original on ``val`` (or ``data``) and failed tries are rolled back.
     """
     start = time.perf_counter()
     given_recipe = recipe is not None
@@ -172,15 +201,16 @@ def compress(
         data = recipe.data
     if val is None and recipe.val:
         val = recipe.val
+    if batch is not None:
+        recipe.batch = batch
     if metrics is not None:
-        recipe.metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
+        recipe.metrics = _conditions(metrics)
     replay = PipelinePlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     if replay is not None:
         recipe.passes = [PassStep(get_pass(p.pass_name).name, p.config) for p in replay.steps]
     passes = recipe.build_passes()
     original = load_model(model)
-    if recipe.metrics and data is None:
-        raise ConfigError("Metric conditions need data with labels or references (--data).")
+    _require_data(recipe.metrics, data)
     feeds, generated, unchecked = _feeds(original, data, recipe, passes)
     if feeds is not None:
         probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
@@ -338,8 +368,69 @@ def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: l
 def validate(
     original: onnx.ModelProto | str | os.PathLike[str],
     candidate: onnx.ModelProto | str | os.PathLike[str],
-    data: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
-    **options: Any,
+    data: str | os.PathLike[str] | dict[str, np.ndarray] | Any | None = None,
+    *,
+    metrics: Any = None,
+    gate: FidelityGate | dict[str, Any] | None = None,
+    device: str = "auto",
+    dims: dict[str, int] | None = None,
+    input_shapes: dict[str, Any] | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    progress: bool = False,
+    sample_axes: dict[str, int | None] | str | None = None,
 ) -> ValidationReport:
-    """Compare two models in onnxruntime (see :func:`onnxzip.fidelity.validate`)."""
-    return _validate(original, candidate, data, **options)
+    """Compare ``candidate`` with ``original`` in onnxruntime on the same inputs
+    (``onnxzip validate``): per-output fidelity judged by ``gate`` [``--min-cosine`` ...; a
+    :class:`FidelityGate` or its fields], and the quality conditions ``metrics`` [``--metric``]
+    measured on ``data`` [``--data``] for both models (``report.quality``). ``.passed`` is true
+    when both pass; ``.table()`` and ``.to_dict()`` show both. Without ``data`` the inputs are
+    generated at sizes onnxruntime accepts (``dims`` [``--dim``], ``input_shapes``
+    [``--input-shape``], ``batch`` [``--batch``], ``seed``). ``sample_axes`` [``--sample-axis``]
+    settles which axis of an input's data holds the samples (see the README's data layout rule)."""
+    conditions = _conditions(metrics) if metrics is not None else []
+    _require_data(conditions, data)
+    axes = parse_sample_axes(sample_axes)
+    report = _validate(original, candidate, data, dims=dims, input_shapes=input_shapes, batch=batch, seed=seed,
+                       device=device, gate=FidelityGate(**gate) if isinstance(gate, dict) else gate,
+                       sample_axes=axes)
+    if conditions:
+        report.quality = quality_gate(original, candidate, data, conditions, device=device, progress=progress,
+                                      sample_axes=axes)
+    return report
+
+
+def finetune(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    data: str | os.PathLike[str] | dict[str, np.ndarray],
+    *,
+    val: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    teacher: onnx.ModelProto | str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    sample_axes: dict[str, int | None] | str | None = None,
+    **options: Any,
+) -> Any:
+    """Fine-tune ``model``'s weights in onnxruntime-training on ``data`` (``onnxzip finetune``):
+    an ``.npz`` path or arrays by input name with optional ``labels`` / ``references``;
+    ``val`` [``--val``] is evaluated each epoch, ``teacher`` [``--teacher``] is distilled from
+    when the data has neither; ``sample_axes`` [``--sample-axis``] settles the data layout. ``**options`` are the step's options (``epochs=3, lr=1e-4``),
+    listed below. Returns a :class:`~onnxzip.train.FinetuneResult` (``.model``, ``.history``,
+    ``.frozen``, ``.to_dict()``); the input is never modified.
+
+    Options:
+    """
+    from onnxzip.train import finetune as _finetune
+
+    return _finetune(model, data, val=val, teacher=teacher, config=options, device=device, progress=progress,
+                     sample_axes=parse_sample_axes(sample_axes))
+
+
+def _document_finetune_options() -> None:
+    from onnxzip.schema import describe_config
+    from onnxzip.train import FinetuneConfig
+
+    finetune.__doc__ += "\n" + "\n".join(f"    {line}" for line in describe_config(FinetuneConfig).splitlines()) + "\n"
+
+
+_document_finetune_options()

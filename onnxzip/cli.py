@@ -1,13 +1,15 @@
-"""Command line: ``onnxzip inspect | compress | validate | finetune | demo``.
+"""Command line: ``onnxzip inspect | compress | validate | finetune | report | demo``.
 
-Exit codes: 0 ok, 1 a quality gate failed (nothing written), 2 bad input or option (one
-sentence on stderr, no traceback), 3 an internal error.
+Exit codes: 0 ok (also when the reader of stdout goes away, ``onnxzip inspect m.onnx | head``),
+1 a quality gate failed (nothing written), 2 bad input, option or usage (one sentence on stderr,
+no traceback), 3 an internal error, 130 interrupted (Ctrl-C; nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,17 @@ from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError
 from onnxzip.io import write_json
 
 log = logging.getLogger("onnxzip")
+
+
+FINETUNE_FLAGS = ("epochs", "lr", "sparsity", "batch_size", "loss", "match")  # also in --options
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one sentence on stderr and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"onnxzip: error: {message} ('{self.prog} --help' lists the options).\n")
 
 
 class _OrderedPassFlag(argparse.Action):
@@ -72,8 +85,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size of generated inputs (default 2)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="onnxruntime device (default auto)")
     parser.add_argument("--metric", action="append", metavar="COND",
-                        help="quality condition on --data, e.g. accuracy:max_drop=0.01, snr:min=30, "
-                             "stoi:max_drop=0.02, pesq:max_drop=0.2 (repeatable)")
+                        help="quality condition measured for the original and the candidate, e.g. "
+                             "accuracy:max_drop=0.01, snr:min=30, pesq:max_drop=0.2 on --data, "
+                             "user:scorer.py:fn:min=0.9 (your function of predictions and targets) or "
+                             "task:scorer.py:fn:max_drop=0.5 (your function of a model file; no --data needed) (repeatable)")
     gate = parser.add_argument_group("fidelity gate")
     gate.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output (default 0.99)")
     gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output")
@@ -97,21 +112,22 @@ def _add_global(parser: argparse.ArgumentParser, default: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import onnxzip.train.step  # noqa: F401 - registers the finetune step
     from onnxzip.passes import PASSES
-    from onnxzip.schema import describe_config
+    from onnxzip.recipe import RECIPE_KEYS
+    from onnxzip.schema import describe_config, option_rows
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxzip",
         description="Compress ONNX models (SVD factorization, pruning, codebook clustering) and check them in onnxruntime.",
     )
     parser.add_argument("--version", action="version", version=f"onnxzip {__version__}")
     _add_global(parser, False)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = _Parser(add_help=False)
     _add_global(shared, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", parents=[shared], help="show opsets, ops, parameters, FLOPs and weights of a model")
     inspect.add_argument("model", help="ONNX file")
-    inspect.add_argument("--top", type=int, default=10, help="how many of the largest weights to list")
+    inspect.add_argument("--top", type=int, default=10, help="how many of the largest weights to list (default 10)")
     inspect.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
     _add_shape_flags(inspect)
 
@@ -128,14 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("input", help="ONNX file to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
-    compress.add_argument("--recipe", metavar="FILE", help="YAML or JSON recipe (passes, gate, data, dims, loop), "
-                          "or a built-in loop recipe: method1, method2")
+    compress.add_argument("--recipe", metavar="FILE", help="YAML or JSON recipe (keys: " + ", ".join(RECIPE_KEYS)
+                          + "), or a built-in loop recipe: method1, method2")
     compress.add_argument("--plan", metavar="FILE.json", help="replay a saved plan instead of planning")
     compress.add_argument("--save-plan", metavar="FILE.json", help="write the plan that was applied")
     compress.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
-    compress.add_argument("--force", action="store_true", help="write the model even if the fidelity gate fails")
+    compress.add_argument("--force", action="store_true", help="write the model even if the fidelity gate or a --metric "
+                          "condition fails")
     compress.add_argument("--external-data", action="store_true", help="store tensors in a .data file beside the model")
-    compress.add_argument("--val", metavar="PATH", help="held-out data the loop's quality gate is measured on (default: --data)")
+    compress.add_argument("--val", metavar="PATH", help="held-out data: a loop's gate, the --metric search of "
+                          "cluster bits=search and each finetune step's validation are measured on it (default: --data)")
     compress.add_argument("--work-dir", metavar="DIR", help="loop recipes: checkpoint every finished try here; the same "
                           "command resumes from it (default OUTPUT.work)")
     compress.add_argument("--plot", metavar="DIR", help="write PNG plots of the report (trajectory, per-layer decisions, γ histograms)")
@@ -163,14 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training inputs by input name, optional 'labels' (class indices) or 'references'")
     _add_sample_axis_flag(finetune)
     finetune.add_argument("--val", metavar="VAL.npz", help="validation data evaluated each epoch (best epoch kept)")
-    finetune.add_argument("--teacher", metavar="ORIGINAL.onnx", help="model to distill from when the data has no labels")
-    finetune.add_argument("--match", metavar="TENSOR", action="append",
-                          help="also match the teacher's activation of this inner tensor (MSE; repeatable)")
-    finetune.add_argument("--epochs", type=int, help="training epochs (default 3)")
-    finetune.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    finetune.add_argument("--sparsity", type=float, help="λ of the L1 penalty on BatchNorm/LayerNorm γ (default 0)")
-    finetune.add_argument("--batch-size", type=int, help="items per step (default 32; a fixed model batch wins)")
-    finetune.add_argument("--loss", choices=["auto", "mse", "l1", "kl", "cross_entropy"], help="loss (default auto)")
+    finetune.add_argument("--teacher", metavar="ORIGINAL.onnx", help="model to distill from: needed when the data has "
+                          "neither labels nor references, and for --match")
+    rows = {name: (default, text) for name, _, default, text in option_rows(_finetune_config())}
+    for key in FINETUNE_FLAGS:  # the most used options of the step as flags, described by its schema
+        default, text = rows[key]
+        repeat = key == "match"
+        finetune.add_argument(f"--{key.replace('_', '-')}", action="append" if repeat else "store",
+                              metavar="TENSOR" if repeat else key.upper(),
+                              help=f"{text} ({'repeatable' if repeat else f'default {default}'})")
     finetune.add_argument("--options", metavar="KEY=VALUE,...", help="any other option listed below")
     finetune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="training device (default auto)")
     finetune.add_argument("--report", metavar="FILE.json", help="write the loss/metric curve and the frozen weights as JSON")
@@ -194,11 +213,14 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger("onnxzip")
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Importing onnxruntime(-training) gives the root logger a handler of its own (timestamped);
+    # without this every warning would be printed twice.
+    root.propagate = False
 
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxzip.inspect import inspect_model
+    from onnxzip.inspection import inspect_model
 
     info = inspect_model(args.model, dims=_dims(args.dim), input_shapes=_input_shapes(args.input_shape), top=args.top)
     print(info.text())
@@ -213,7 +235,7 @@ def _print_result(result: Any, quiet: bool) -> None:
         print()
     print(result.report.table())
     for note in result.report.notes:  # how inputs were sized, an unchecked or a growing result
-        if note.startswith(("inputs generated", "fidelity not checked", "warning:")):
+        if note.startswith("inputs generated"):  # warnings were logged to stderr already
             print(f"note: {note}")
     if not quiet:
         for report in result.report.passes:
@@ -287,29 +309,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxzip.fidelity import FidelityGate
 
     report = validate(
-        args.original, args.candidate, args.data, dims=_dims(args.dim),
+        args.original, args.candidate, args.data, metrics=args.metric, dims=_dims(args.dim),
         input_shapes=_input_shapes(args.input_shape), batch=args.batch or 2,
-        device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)),
+        device=args.device or "auto", gate=FidelityGate(**_gate_overrides(args)), progress=not args.quiet,
         sample_axes=_sample_axes(args.sample_axis),
     )
     print(report.table())
-    data = report.to_dict()
-    passed = report.passed
-    if args.metric:
-        if not args.data:
-            raise ConfigError("--metric needs --data with labels or references.")
-        from onnxzip.quality import quality_gate
-
-        quality = quality_gate(args.original, args.candidate, args.data, args.metric,
-                               device=args.device or "auto", progress=not args.quiet,
-                               sample_axes=_sample_axes(args.sample_axis))
-        print()
-        print(quality.render())
-        data["quality"] = quality.to_dict()
-        passed = passed and quality.passed
     if args.report:
-        write_json(args.report, data)
-    return 0 if passed else 1
+        write_json(args.report, report.to_dict())
+    return 0 if report.passed else 1
 
 
 def _finetune_config() -> type:
@@ -327,7 +335,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
         raise ConfigError("The output path is the input file; onnxzip never overwrites its input.")
     options: dict[str, Any] = parse_flag_value(args.options, shorthand=None, owner="--options")
-    for key in ("epochs", "lr", "sparsity", "batch_size", "loss", "match"):
+    for key in FINETUNE_FLAGS:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     result = finetune(args.input, args.data, val=args.val, teacher=args.teacher, config=options,
@@ -393,32 +401,90 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, Path(args.output_dir), quiet=args.quiet, recipe=args.recipe)
 
 
+def options_reference() -> str:
+    """The README's option reference in Markdown, made from the parser, the pass schemas and the
+    recipe keys (``python tools/readme_options.py --write`` puts it into README.md; a test checks
+    that it is up to date)."""
+    from onnxzip.passes import PASSES
+    from onnxzip.recipe import RECIPE_KEYS
+    from onnxzip.schema import option_rows
+
+    def cell(text: Any) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    def table(sub: argparse.ArgumentParser, skip: set[str]) -> str:
+        rows = []
+        for action in sub._actions:
+            if action.dest in skip or action.dest in PASSES:
+                continue
+            flag = sub._get_formatter()._format_action_invocation(action)
+            rows.append(f"| `{cell(flag)}` | {cell(action.help or '')} |")
+        return "| option | what it does |\n| --- | --- |\n" + "\n".join(rows)
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    everywhere = {"help", "quiet", "verbose", "debug"}
+    parts = ["**Global options** (`-q`, `-v`, `--debug` also after the command name)\n\n" + table(parser, {"help", "command"})]
+    for name, sub in commands.choices.items():
+        summary = next(a.help for a in commands._choices_actions if a.dest == name)
+        parts.append(f"**onnxzip {name}** — {cell(summary)}\n\n" + table(sub, everywhere | {"pass_flags"}))
+    for name, cls in sorted(PASSES.items()):
+        rows = [f"| `{key}` | {cell(tp)} | {cell(default)} | {cell(text)} |" for key, tp, default, text in option_rows(cls.config_class)]
+        parts.append(f"**--{name}** — {cell(cls.summary)}\n\n" + (
+            "| key | type | default | what it does |\n| --- | --- | --- | --- |\n" + "\n".join(rows) if rows else "(no options)"))
+    rows = [f"| `{key}` | {cell(text)} |" for key, text in RECIPE_KEYS.items()]
+    parts.append("**Recipe keys** (YAML/JSON)\n\n| key | what it holds |\n| --- | --- |\n" + "\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
 COMMANDS = {"inspect": cmd_inspect, "compress": cmd_compress, "validate": cmd_validate,
             "finetune": cmd_finetune, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("onnxzip: interrupted; the output was not written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_OK
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout went away (``| head``): send the rest to /dev/null, so that the
+    interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured in-process)
+        pass
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help()
-        return 2
+        parser.error(f"give a command: {', '.join(COMMANDS)}")
     _configure_logging(args)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
     except OnnxzipError as exc:
         if args.debug:
             raise
         print(f"onnxzip: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnxzip: interrupted; nothing was written.", file=sys.stderr)
-        return 130
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         if args.debug:
             raise
         print(f"onnxzip: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
-        return 3
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class DataError(OnnxzipError):
     """Input data (.npz, folders, iterables) is missing or does not match the model."""
 
 
+class UserFunctionError(OnnxzipError):
+    """User code onnxzip was told to call (a metric or scorer function) raised or returned no number."""
+
+
 class RuntimeUnavailableError(OnnxzipError):
     """An optional capability (training, CUDA, an audio metric) is not installed here."""
 

@@ -122,10 +122,11 @@ class ValidationReport:
     gate: FidelityGate = field(default_factory=FidelityGate)
     failures: list[str] = field(default_factory=list)
     generated: bool = False  # inputs were generated from the signature, not real data
+    quality: Any = None  # onnxzip.evaluators.GateReport when metric conditions were judged too
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and (self.quality is None or self.quality.passed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,6 +138,7 @@ class ValidationReport:
             "gate": asdict(self.gate),
             "failures": self.failures,
             "outputs": [asdict(o) for o in self.outputs],
+            **({"quality": self.quality.to_dict()} if self.quality is not None else {}),
         }
 
     def table(self) -> str:
@@ -154,10 +156,12 @@ class ValidationReport:
             for o in self.outputs
         ]
         text = render_table(["output", "shape", "max abs", "rel L2", "cosine", "argmax agree"], rows)
-        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        verdict = "PASS" if not self.failures else "FAIL: " + "; ".join(self.failures)
         text = f"{text}\ninputs: {self.inputs} ({self.rows} rows) on {self.device}; fidelity gate: {verdict}"
         if self.generated:
             text += f"\nnote: {GENERATED_HINT}"
+        if self.quality is not None:
+            text += f"\n\n{self.quality.render()}"
         return text
 
 

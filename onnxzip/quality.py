@@ -13,6 +13,7 @@ import onnx
 from onnxzip.evaluators import GateReport, QualityGate, load_dataset, predict, score
 from onnxzip.evaluators.base import Dataset
 from onnxzip.evaluators.data import model_dataset
+from onnxzip.evaluators.registry import split_model_metrics
 from onnxzip.inputs import model_feeds
 from onnxzip.io import load_model
 
@@ -57,12 +58,18 @@ def quality_gate(
 ) -> GateReport:
     """Evaluate the metrics that ``conditions`` name on both models (the original is run once
     and also serves as the reference of fidelity metrics) and judge the conditions. Array data
-    is laid out by the original's declared shapes (:func:`onnxzip.evaluators.data.model_dataset`)."""
+    is laid out by the original's declared shapes (:func:`onnxzip.evaluators.data.model_dataset`);
+    ``task`` metrics score the two model files instead (the original's score is remembered)."""
     gate = QualityGate(conditions)
+    whole_model, metrics = split_model_metrics(gate.metrics)
+    before = {metric.name: metric.measure(original, cache=True) for metric in whole_model}
+    after = {metric.name: metric.measure(candidate) for metric in whole_model}
+    if not metrics:
+        return gate.check(before, after)
     dataset = model_dataset(load_model(original) if not isinstance(original, onnx.ModelProto) else original,
                             data, sample_axes)
     reference = predict(original, dataset, device=device, progress=progress)
-    before = score(reference, dataset, gate.metrics, reference=reference)
-    after = score(predict(candidate, dataset, device=device, progress=progress), dataset, gate.metrics,
-                  reference=reference)
+    before |= score(reference, dataset, metrics, reference=reference)
+    after |= score(predict(candidate, dataset, device=device, progress=progress), dataset, metrics,
+                   reference=reference)
     return gate.check(before, after)

@@ -30,8 +30,22 @@ from onnxzip.schema import build_config
 from onnxzip.fidelity import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
-_TOP_KEYS = {"passes", "gate", "metrics", "data", "val", "dims", "input_shapes", "sample_axes", "device", "seed",
-             "batch", "loop"}
+#: Every key a recipe accepts, with what it means: the one list for the parser, --help and the README.
+RECIPE_KEYS: dict[str, str] = {
+    "passes": "steps in order: [{pass-name: {option: value}}] (the pass flags' names and options; finetune too)",
+    "gate": "fidelity limits per output: min_cosine, max_rel_l2, max_abs, min_argmax_agreement (null: off)",
+    "metrics": "quality conditions, as --metric writes them (accuracy:max_drop=0.01, task:scorer.py:fn:max_drop=1)",
+    "data": "calibration/evaluation data (as --data; a relative path is relative to the recipe file)",
+    "val": "held-out data for a loop's gate and finetune's validation (as --val)",
+    "dims": "sizes of symbolic dimensions by name (as --dim)",
+    "input_shapes": "whole input shapes by input name (as --input-shape)",
+    "sample_axes": "which axis of an input's data holds the samples, none: the same for every sample (as --sample-axis)",
+    "device": "auto, cpu or cuda (as --device)",
+    "seed": "seed of generated inputs and of every seeded step without its own seed",
+    "batch": "batch size of generated inputs (as --batch; default 2)",
+    "loop": "compress until the quality limit: time_budget_s and stages (name, steps, sweep, gate)",
+}
+_TOP_KEYS = set(RECIPE_KEYS)
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 

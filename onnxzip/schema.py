@@ -50,9 +50,15 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         items = value.split("|") if isinstance(value, str) else list(value)
         return [coerce(item, inner, where) for item in items if item != ""]
     if origin is dict:
+        if isinstance(value, str):  # the command line's form: KEY:VALUE|KEY:VALUE
+            pairs = [item.rpartition(":") for item in value.split("|") if item]
+            if not all(sep and key for key, sep, _ in pairs):
+                raise ConfigError(f"{where} must be KEY:VALUE pairs separated by |, not {value!r}.")
+            value = {key: item for key, _, item in pairs}
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, not {value!r}.")
-        return dict(value)
+        inner = typing.get_args(tp)[1] if len(typing.get_args(tp)) == 2 else Any
+        return {key: coerce(item, inner, f"{where}[{key!r}]") for key, item in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -129,16 +135,21 @@ def parse_flag_value(text: str | None, *, shorthand: str | None, owner: str) -> 
     return values
 
 
-def describe_config(cls: type) -> str:
-    """One line per option, for --help and documentation."""
-    lines = []
+def option_rows(cls: type) -> list[tuple[str, str, str, str]]:
+    """``(name, type, default, help)`` of every option of config dataclass ``cls``: what --help,
+    docstrings and the README's option tables show."""
+    rows = []
     for name, (fld, tp) in config_fields(cls).items():
         default = fld.default if fld.default is not dataclasses.MISSING else (
             fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None
         )
-        help_text = fld.metadata.get("help", "")
-        lines.append(f"{name} ({_describe_type(tp)}, default {default!r}): {help_text}".rstrip(": "))
-    return "\n".join(lines)
+        rows.append((name, _describe_type(tp), fld.metadata.get("shown") or repr(default), fld.metadata.get("help", "")))
+    return rows
+
+
+def describe_config(cls: type) -> str:
+    """One line per option, for --help and documentation."""
+    return "\n".join(f"{name} ({tp}, default {default}): {text}".rstrip(": ") for name, tp, default, text in option_rows(cls))
 
 
 def _describe_type(tp: Any) -> str:
@@ -147,14 +158,20 @@ def _describe_type(tp: Any) -> str:
         return " | ".join(_describe_type(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         return f"list of {_describe_type(typing.get_args(tp)[0])} separated by |"
+    if origin is dict:
+        key, value = typing.get_args(tp) or (str, Any)
+        return f"{_describe_type(key)}:{_describe_type(value)} pairs separated by |"
     if tp is type(None):
         return "none"
     return _describe(tp)
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """A config field with help text (``dataclasses.field`` plus metadata)."""
+def option(default: Any = dataclasses.MISSING, help: str = "", shown: str | None = None,  # noqa: A002
+           **kwargs: Any) -> Any:
+    """A config field with help text (``dataclasses.field`` plus metadata); ``shown`` is the
+    default as documentation states it, where ``None`` only means "decided from other options"."""
+    metadata = {"help": help, "shown": shown}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)

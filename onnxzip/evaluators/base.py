@@ -152,12 +152,27 @@ def fit_length(array: np.ndarray, length: int, axis: int = 0) -> np.ndarray:
     return np.pad(array, padding)
 
 
+#: Metric names that carry a user function: ``user:SOURCE:FUNCTION``, ``task:SOURCE:FUNCTION``.
+FUNCTION_KINDS = ("user", "task")
+
+
 def parse_spec(text: str) -> tuple[str, dict[str, str]]:
     """Split ``"name:key=value,key=value"`` into the name and its options (values as text).
 
-    Only the first ``:`` separates, so values may contain colons (``function=pkg.mod:fn``).
+    Only the first ``:`` separates, so values may contain colons (``function=pkg.mod:fn``),
+    except after ``user`` or ``task``: ``user:scorer.py:fn:max_drop=1`` names the metric
+    ``user:scorer.py:fn`` (a file or ``package.module``, then the function) with options after.
     """
     name, _, rest = text.strip().partition(":")
+    if name.strip() in FUNCTION_KINDS and rest and "=" not in rest.partition(":")[0]:
+        source, sep, tail = rest.partition(":")
+        function, _, rest = tail.partition(":")
+        if not sep or not function.strip() or "=" in function:
+            raise ConfigError(
+                f"{text!r}: write {name.strip()}:FILE.py:FUNCTION or {name.strip()}:package.module:FUNCTION, "
+                "then the bounds (e.g. ':max_drop=0.5')."
+            )
+        name = f"{name.strip()}:{source.strip()}:{function.strip()}"
     options: dict[str, str] = {}
     for part in filter(None, (piece.strip() for piece in rest.split(","))):
         key, equals, value = part.partition("=")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnxzip.errors import ConfigError
-from onnxzip.evaluators.base import MetricResult, coerce, format_number, json_number, parse_spec
+from onnxzip.evaluators.base import FUNCTION_KINDS, MetricResult, coerce, format_number, json_number, parse_spec
 
 KINDS = ("min", "max", "max_drop")
 
@@ -116,9 +116,11 @@ def parse_conditions(
         # Keys other than bounds are options of the metric (stoi:min=0.8,sample_rate=16000);
         # building the metric names any it does not accept.
         options = tuple(sorted((k, coerce(v)) for k, v in fields.items() if k not in KINDS))
-        if options:
-            from onnxzip.evaluators.registry import resolve_metric
+        from onnxzip.evaluators.registry import resolve_metric
 
+        if metric.partition(":")[0] in FUNCTION_KINDS:  # load user code now: its errors come first
+            resolve_metric({"name": metric, **dict(options)})
+        elif options:
             try:
                 resolve_metric({"name": metric, **dict(options)})
             except ConfigError as exc:
@@ -229,6 +231,11 @@ class QualityGate:
         for condition in self.conditions:
             specs.setdefault(condition.metric, {}).update(condition.options)
         return [{"name": name, **options} if options else name for name, options in specs.items()]
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether a condition scores predictions on data; ``task`` metrics score model files."""
+        return any(condition.metric.partition(":")[0] != "task" for condition in self.conditions)
 
     def check(
         self,

@@ -2,7 +2,9 @@
 
 A specification is a registry name (``"psnr"``), a name with options
 (``"psnr:data_range=255"``, ``"accuracy:k=3"``), a mapping (``{"name": "pesq", "mode": "nb"}``),
-a user evaluator as ``"package.module:function"`` or a Python callable, or a ready
+a user evaluator as ``"user:FILE.py:function"``, ``"user:package.module:function"``,
+``"package.module:function"`` or a Python callable, a model-level task score as
+``"task:FILE.py:function"`` (see :mod:`onnxzip.evaluators.user`), or a ready
 :class:`~onnxzip.evaluators.base.Metric`. Result names equal the registry names for default
 options, so a quality gate's metric names can be evaluated directly.
 """
@@ -10,7 +12,6 @@ options, so a quality gate's metric names can be evaluated directly.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -19,20 +20,10 @@ import numpy as np
 
 from onnxzip.errors import ConfigError
 from onnxzip.evaluators import audio, metrics
-from onnxzip.evaluators.base import Dataset, Metric, coerce, parse_spec
+from onnxzip.evaluators.base import FUNCTION_KINDS, Dataset, Metric, coerce, parse_spec
+from onnxzip.evaluators.user import ModelMetric, call_user, function_label, load_function, task_metric
 
 UserFunction = Callable[[Sequence[np.ndarray], Sequence[Any]], float]
-
-
-def _load_function(path: str) -> UserFunction:
-    module_name, _, attribute = path.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"Cannot load the evaluator {path!r} ({exc}).") from exc
-    if not callable(function):
-        raise ConfigError(f"The evaluator {path!r} is not callable.")
-    return function
 
 
 def user_metric(
@@ -44,15 +35,17 @@ def user_metric(
 ) -> Metric:
     """A user evaluator ``function(predictions, targets) -> float`` over the whole dataset.
 
-    ``function`` is a callable or ``"package.module:function"``; ``target`` chooses the targets
-    (``label``, ``reference`` or ``reference_model``, see :mod:`onnxzip.evaluators.base`).
+    ``function`` is a callable, ``"FILE.py:function"`` or ``"package.module:function"``;
+    ``target`` chooses the targets (``label``, ``reference`` or ``reference_model``, see
+    :mod:`onnxzip.evaluators.base`).
     """
-    callable_ = _load_function(function) if isinstance(function, str) else function
+    callable_ = load_function(function) if isinstance(function, str) else function
     if not callable(callable_):
         raise ConfigError(f"A user evaluator must be callable, got {type(function).__name__}.")
+    label = function_label(function)
 
     def score(predictions: Sequence[np.ndarray], targets: Sequence[Any], dataset: Dataset) -> float:
-        return float(callable_(predictions, targets))
+        return call_user(callable_, label, list(predictions), list(targets))
 
     metric_name = name or getattr(callable_, "__name__", "user")
     return Metric(metric_name, score, bool(higher_is_better), unit, target)
@@ -72,10 +65,17 @@ EVALUATORS: dict[str, Callable[..., Metric]] = {
     "pesq": audio.pesq,
     "pesq_nb": functools.partial(audio.pesq, mode="nb"),
     "user": user_metric,
+    "task": task_metric,
 }
 
 
-def _build(name: str, options: Mapping[str, Any]) -> Metric:
+def _build(name: str, options: Mapping[str, Any]) -> Metric | ModelMetric:
+    kind, _, function = name.partition(":")
+    if kind in FUNCTION_KINDS and function:  # user:scorer.py:fn, named by the whole reference
+        if "name" in options or "function" in options:
+            raise ConfigError(f"{name!r} is named by its function; drop the option(s) name/function.")
+        options = {"function": function, "name": name, **options}
+        name = kind
     factory = EVALUATORS.get(name)
     if factory is None:
         raise ConfigError(f"Unknown metric {name!r}; choose one of {', '.join(EVALUATORS)}.")
@@ -89,13 +89,14 @@ def _build(name: str, options: Mapping[str, Any]) -> Metric:
     return factory(**values)
 
 
-def resolve_metric(spec: str | Mapping[str, Any] | Metric | UserFunction) -> Metric:
-    """One metric from any specification form (see the module docstring)."""
-    if isinstance(spec, Metric):
+def resolve_metric(spec: str | Mapping[str, Any] | Metric | ModelMetric | UserFunction) -> Metric | ModelMetric:
+    """One metric from any specification form (see the module docstring); a ``task`` form gives
+    a :class:`~onnxzip.evaluators.user.ModelMetric`, which scores model files, not predictions."""
+    if isinstance(spec, (Metric, ModelMetric)):
         return spec
     if isinstance(spec, str):
         module, _, function = spec.partition(":")
-        if module.strip() not in EVALUATORS and function and "=" not in function:
+        if module.strip() not in EVALUATORS and function and "=" not in function and ":" not in function:
             return user_metric(spec.strip())
         return _build(*parse_spec(spec))
     if isinstance(spec, Mapping):
@@ -108,7 +109,7 @@ def resolve_metric(spec: str | Mapping[str, Any] | Metric | UserFunction) -> Met
     raise ConfigError(f"Cannot read a metric from a {type(spec).__name__}.")
 
 
-def resolve_metrics(specs: Iterable[Any] | str | Metric) -> list[Metric]:
+def resolve_metrics(specs: Iterable[Any] | str | Metric) -> list[Metric | ModelMetric]:
     """Several metrics; names must be unique so results can be keyed by them."""
     items = [specs] if isinstance(specs, (str, Metric, Mapping)) or callable(specs) else list(specs)
     resolved = [resolve_metric(spec) for spec in items]
@@ -117,3 +118,16 @@ def resolve_metrics(specs: Iterable[Any] | str | Metric) -> list[Metric]:
     if duplicates:
         raise ConfigError(f"Metric names must be unique; repeated: {', '.join(duplicates)}.")
     return resolved
+
+
+def split_model_metrics(specs: Iterable[Any]) -> tuple[list[ModelMetric], list[Any]]:
+    """``(task metrics, resolved; every other spec, as given)``: the first score model files,
+    the others predictions on data."""
+    whole_model, on_data = [], []
+    for spec in specs:
+        metric = resolve_metric(spec)
+        if isinstance(metric, ModelMetric):
+            whole_model.append(metric)
+        else:
+            on_data.append(spec)
+    return whole_model, on_data

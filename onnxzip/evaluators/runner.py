@@ -25,6 +25,7 @@ from onnxzip.evaluators.base import Dataset, Metric, MetricResult, fit_length
 from onnxzip.evaluators.data import load_dataset, model_dataset
 from onnxzip.io import load_model
 from onnxzip.evaluators.registry import resolve_metrics
+from onnxzip.evaluators.user import ModelMetric
 from onnxzip.inputs import BATCH_NAMES, session_shapes, take
 from onnxzip.runtime import make_session, run_samples
 
@@ -230,6 +231,10 @@ def score(
     """Score ``predictions`` (e.g. the noisy input itself, for a baseline) with ``metrics``."""
     dataset = load_dataset(dataset)
     resolved = resolve_metrics(metrics)
+    whole_model = [metric.name for metric in resolved if isinstance(metric, ModelMetric)]
+    if whole_model:
+        raise ConfigError(f"{', '.join(whole_model)} score a whole model file, not predictions; "
+                          "use them in a quality gate (onnxzip.quality.quality_gate).")
     for given, name in ((predictions, "predictions"), (reference, "reference predictions")):
         if given is not None and len(given) != len(dataset):
             raise DataError(f"{len(given)} {name} for a dataset of {len(dataset)} items.")

@@ -98,7 +98,8 @@ SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_v
 @dataclass
 class ClusterConfig:
     k: int | Literal["auto"] | None = option(
-        None, "centroids per codebook (at most 256), or 'auto' (improved BIRCH); default 16"
+        None, "centroids per codebook (at most 256), or 'auto' (improved BIRCH)",
+        shown="16 when neither bits nor avg_bits is given",
     )
     bits: int | Literal["search"] | None = option(
         None,
@@ -133,7 +134,8 @@ class ClusterConfig:
     birch_threshold_ratio: float = option(0.1, "k=auto: BIRCH threshold T = ratio × std(weights)")
     birch_branching: int = option(16, "k=auto: BIRCH branching factor L")
     min_k: int = option(2, "k=auto: lower bound on K")
-    max_bits: int = option(8, "k=auto: upper bound on K = 2**max_bits (1 to 8)")
+    max_bits: int = option(8, "widest index (1 to 8): k=auto keeps K <= 2**max_bits; avg_bits and bits=search "
+                              "give no weight more bits")
     round_k_to_storage: bool = option(
         True,
         "k=auto: raise K to what its index width holds anyway (13 → 16): same size, lower error",
@@ -227,7 +229,7 @@ class ClusterPass(Pass):
     config_class = ClusterConfig
     weight_only = True
     summary = (
-        "Codebook quantization: weights → K centroids + 1/2/4/8-bit indices decoded by Gather."
+        "Codebook quantization: weights → K centroids + indices of any width 1-8 bits decoded by Gather."
     )
     shorthand = "k"
 

@@ -97,7 +97,8 @@ DEFAULT_ENERGY = 0.95
 @dataclass
 class SvdConfig:
     energy: float | None = option(
-        None, "per layer: smallest rank keeping this fraction of sum(sigma^2) (default 0.95)"
+        None, "per layer: smallest rank keeping this fraction of sum(sigma^2)",
+        shown="0.95 when no other rank rule is given",
     )
     rank: int | None = option(None, "per layer: at most this rank")
     keep_ratio: float | None = option(
@@ -224,7 +225,7 @@ class _Layer:
 class SvdPass(Pass):
     name = "svd"
     config_class = SvdConfig
-    summary = "Low-rank factorization: MatMul/Gemm/Conv/LSTM-input weights → two rank-r factors."
+    summary = "Low-rank factorization: MatMul/Gemm/Conv weights and LSTM/GRU/RNN input weights → two rank-r factors."
     shorthand = "energy"
 
     def __init__(self, config: Any = None, **options: Any) -> None:

@@ -8,8 +8,11 @@ epoch, keeps the best epoch, stops early, and writes the trained values back int
 graph by initializer name: inputs, outputs, metadata, opsets, packed indices and the file size of
 the original stay exactly as they were.
 
-Sparsity training adds λ·Σ|γ| over BatchNormalization/LayerNormalization scales, applied as the
-proximal step γ ← sign(γ)·max(|γ| − lr·λ, 0) after each optimizer step.
+Sparsity training (network slimming) adds λ·Σ|γ| over BatchNormalization/LayerNormalization
+scales. The γ are not left to onnxruntime's optimizer: after its step each γ is set again from
+its value before the step by its own Adam (or SGD) step on ∂loss/∂γ + λ·sign(γ), at
+``gamma_lr_scale`` × the learning rate and without weight decay; a γ whose step crosses zero
+stops at zero (:class:`_SparseGammas`).
 """
 from __future__ import annotations
 

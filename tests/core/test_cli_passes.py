@@ -18,22 +18,24 @@ def _npz(tmp_path, reference):
     return path
 
 
+# Limits with room for another machine's training run of the reference models (measured here:
+# drops of 0.003, 0.003, 0.006, 0.003, 0.017; cosines 0.989, 0.993, 0.988, 0.995, 0.972).
 @pytest.mark.parametrize(
-    "model, flags, metric",
+    "model, flags, max_drop",
     [
-        ("transformer", ["--svd", "energy=0.8"], "accuracy:max_drop=0.02"),
-        ("transformer", ["--svd", "budget=0.5"], "accuracy:max_drop=0.03"),
-        ("cnn", ["--cluster", "k=16"], "accuracy:max_drop=0.01"),
-        ("cnn", ["--cluster", "auto"], "accuracy:max_drop=0.01"),
-        ("cnn", ["--prune-channels", "ratio=0.05", "--svd", "budget=0.5", "--cluster", "bits=4"], "accuracy:max_drop=0.02"),
+        ("transformer", ["--svd", "energy=0.8"], 0.02),
+        ("transformer", ["--svd", "budget=0.5"], 0.03),
+        ("cnn", ["--cluster", "k=16"], 0.02),
+        ("cnn", ["--cluster", "auto"], 0.02),
+        ("cnn", ["--prune-channels", "ratio=0.05", "--svd", "budget=0.5", "--cluster", "bits=4"], 0.04),
     ],
 )
-def test_pass_flags_on_reference_models(tmp_path, model, flags, metric):
+def test_pass_flags_on_reference_models(tmp_path, model, flags, max_drop):
     reference = get_reference_model(model)
     out = tmp_path / "out.onnx"
     report_path = tmp_path / "report.json"
     code = main(["compress", str(reference.onnx_path), "-o", str(out), *flags, "--data", str(_npz(tmp_path, reference)),
-                 "--metric", metric, "--min-cosine", "0.95", "--report", str(report_path), "-q"])
+                 "--metric", f"accuracy:max_drop={max_drop}", "--min-cosine", "0.9", "--report", str(report_path), "-q"])
     assert code == 0
     report = json.loads(report_path.read_text())
     names = [flag[2:] for flag in flags if flag.startswith("--")]
@@ -41,7 +43,7 @@ def test_pass_flags_on_reference_models(tmp_path, model, flags, metric):
     assert report["quality"]["passed"] and report["validation"]["passed"]
     assert report["after"]["bytes"] < report["before"]["bytes"]
     assert any(not c["decision"] == "skipped" for p in report["passes"][:-1] for c in p["changes"])
-    assert reference.accuracy(out) >= reference.accuracy(reference.onnx_path) - 0.03
+    assert reference.accuracy(out) >= reference.accuracy(reference.onnx_path) - max_drop
     assert onnx.load(out).ir_version <= 10
 
 

@@ -198,7 +198,7 @@ def test_per_channel_cluster_on_constant_node_weights_with_a_denormal_channel():
 
 
 def test_inspect_counts_constant_node_weights_and_says_what_it_could_not_measure():
-    from onnxzip.inspect import inspect_model
+    from onnxzip.inspection import inspect_model
 
     info = inspect_model(vision_model())
     assert info.params == 32 * 27 + 32 * 32 * 9 + 32 + 2048 * 10

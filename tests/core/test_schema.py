@@ -37,3 +37,17 @@ def test_errors_name_the_option(values, message):
 def test_flag_syntax_error():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_flag_value("a,b", shorthand=None, owner="--x")
+
+
+def test_mapping_options_are_written_key_value_pairs_on_the_command_line():
+    from onnxzip.errors import ConfigError
+    from onnxzip.passes import get_pass
+    from onnxzip.schema import parse_flag_value
+
+    cls = get_pass("prune-channels")
+    values = parse_flag_value("layer_ratios=/blocks/blocks.0/*:0.5|/stem/*:0.25", shorthand=cls.shorthand, owner="--prune-channels")
+    assert cls(values).config.layer_ratios == {"/blocks/blocks.0/*": 0.5, "/stem/*": 0.25}
+    with pytest.raises(ConfigError, match="KEY:VALUE pairs"):
+        cls({"layer_ratios": "0.5"})
+    with pytest.raises(ConfigError, match="must be a number"):
+        cls({"layer_ratios": "conv:half"})

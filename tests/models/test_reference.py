@@ -126,3 +126,21 @@ def test_sparse_cnn_survives_pruning_half_its_channels_by_bn_gamma() -> None:
     sparse = zoo.get_reference_model("cnn-sparse")
     assert sparse.accuracy(sparse.onnx_path, device="cpu") > 0.98
     assert results["cnn-sparse"] > 0.95 > 0.5 > results["cnn"]
+
+
+def test_train_all_covers_every_reference_model_the_readme_lists(capsys) -> None:
+    """``python -m onnxzip.models.train all`` reaches all five models; the denoiser (the quickest
+    to build) reports its held-out PSNR through it."""
+    from pathlib import Path
+
+    from onnxzip.models.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    for name in ("cnn", "cnn-sparse", "transformer", "speech", "denoise"):
+        assert name in usage
+        assert f"`{name}`" in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert main(["denoise", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("denoise: ") and "denoised_psnr" in line and line.endswith("model.onnx")

@@ -86,9 +86,12 @@ class Inspection:
 
 def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto, *, dims: dict[str, int] | None = None,
                   input_shapes: dict[str, Any] | None = None, top: int = 10) -> Inspection:
-    """Opsets, signature, op histogram, parameters (weights wherever they live: initializers,
-    Constant nodes, constant chains, subgraphs) and FLOPs per sample at sizes onnxruntime
-    accepts (:func:`onnxzip.shapes.resolve_input_shapes` at batch 1)."""
+    """What ``onnxzip inspect`` shows: opsets, signature, op histogram, parameters (weights
+    wherever they live: initializers, Constant nodes, constant chains, subgraphs), FLOPs per
+    sample at sizes onnxruntime accepts (:func:`onnxzip.shapes.resolve_input_shapes` at batch 1;
+    ``dims`` [``--dim``], ``input_shapes`` [``--input-shape``]) and the ``top`` [``--top``]
+    largest weights with the passes that apply to them. Returns an :class:`Inspection`
+    (``.text()``, ``.to_dict()`` [``--json``])."""
     model = load_model(source)
     notes: list[str] = []
     measured = True
