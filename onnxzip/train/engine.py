@@ -41,7 +41,7 @@ from onnxzip.sanity import probe_feeds, probe_in_child
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
-from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
+from onnxzip.train.trainable import TrainingCopy, prepare, select_weights, with_weights
 from onnxzip.training import require_training
 from onnxzip.weights import materialize_weights
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # the training graph is built again, at most this many times.
 _MAX_UNREACHABLE = 8
 _UNREACHABLE = re.compile(r"Cannot compute the partial derivative for '([^']+)' as it's unreachable")
+_NO_BUILDER = re.compile(r"gradient builder has not been registered: (\w+)")
 
 DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 
@@ -191,16 +192,6 @@ def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
     if config.schedule == "linear":
         return config.lr * (1.0 - progress)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def with_weights(model: onnx.ModelProto, values: dict[str, NDArray[Any]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``values`` hold the new values (same dtype)."""
-    result = copy.deepcopy(model)
-    for tensor in result.graph.initializer:
-        if tensor.name in values:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            tensor.CopyFrom(numpy_helper.from_array(np.asarray(values[tensor.name], dtype), tensor.name))
-    return result
 
 
 class _SparseGammas:
@@ -371,13 +362,11 @@ def finetune(
 
     probe = {k: v[: fixed or 1] for k, v in train.inputs.items()}
     shapes = observed_shapes(model, probe)
-    ranks = {name: len(shape) for name, shape in shapes.items()}
-    training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
-    trainable, frozen = select_weights(training_copy, device, config.include, config.exclude)
-    trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
-    result = FinetuneResult(model, trained=trainable, frozen=frozen, rewrites=rewrites, device=device,
-                            losses=[f"{t.kind}({t.output})" for t in terms])
-    for name, reason in frozen.items():
+    plan = prepare(model, shapes, config.include, config.exclude, data=train.inputs, probe=probe)
+    training_copy, trainable = plan.model, plan.trainable
+    result = FinetuneResult(model, trained=trainable, frozen=plan.frozen, rewrites=plan.rewrites, device=device,
+                            losses=[f"{t.kind}({t.output})" for t in terms], notes=list(plan.notes))
+    for name, reason in plan.frozen.items():
         log.info("frozen %s: %s", name, reason)
     if not trainable:
         result.notes.append("nothing can train in this model; it is returned unchanged")
@@ -406,6 +395,23 @@ def finetune(
                 except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
                     failure = _reason(exc)
             unreachable = _UNREACHABLE.search(failure or "")
+            missing = _NO_BUILDER.search(failure or "")
+            if missing:  # an op without a gradient we did not know of: freeze what is upstream of it
+                op_type = missing.group(1)
+                plan.kept.update({n.name: f"{op_type} '{n.name}' (onnxruntime-training has no gradient for it)"
+                                  for n in training_copy.graph.node if n.op_type == op_type})
+                _, frozen = select_weights(training_copy, config.include, config.exclude, plan.kept)
+                newly = [t for t in trainable if t in frozen]
+                if not newly:
+                    break
+                trainable = [t for t in trainable if t not in frozen]
+                result.frozen.update({name: frozen[name] for name in newly})
+                result.trained = trainable
+                log.info("no gradient for %s: %d weights frozen", op_type, len(newly))
+                if not trainable:
+                    failure = None
+                    break
+                continue
             if not unreachable or unreachable.group(1) not in trainable or len(trainable) == 1:
                 break
             # e.g. a codebook that decodes BatchNorm running statistics: no gradient reaches it.
@@ -414,6 +420,9 @@ def finetune(
             result.trained = trainable
             result.frozen[name] = "no gradient reaches it from the outputs (onnxruntime)"
             log.info("frozen %s: no gradient path; building the training graph again", name)
+        if not trainable:
+            result.notes.append("nothing can train in this model; it is returned unchanged")
+            return result
         if failure is not None:
             for name in trainable:
                 result.frozen[name] = f"onnxruntime could not build the training graph: {failure}"
@@ -422,8 +431,8 @@ def finetune(
             log.warning("fine-tuning skipped: %s", failure)
             return result
         best = _train(session, result, config, train, train_targets, held_out, val_targets, batch,
-                      fixed is not None, gammas, model, teacher_val, progress)
-    result.model = with_weights(model, best)
+                      fixed is not None, plan, model, teacher_val, progress)
+    result.model = with_weights(model, best, plan.locations)
     return result
 
 
@@ -491,13 +500,14 @@ def _open(work: Path, device: str) -> tuple[Any, Any, Any]:
 def _train(
     session: tuple[Any, Any, Any], result: FinetuneResult, config: FinetuneConfig, train: _Data, train_targets: dict[str, NDArray[Any]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
-    gammas: list[str], model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
+    plan: TrainingCopy, model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
 ) -> dict[str, NDArray[Any]]:
     """The training loop; returns the best epoch's weights."""
     state, module, optimizer = session
     names = module.input_names()
     arrays = {**train.inputs, **train_targets}
     val_arrays = {**held_out.inputs, **val_targets} if held_out is not None else None
+    gammas = plan.gammas
     sparse = [g for g in gammas if g in result.trained] if config.sparsity > 0 else []
     slimming = _SparseGammas(sparse, config)
     metric = _metric_name(config, held_out, model)
@@ -535,7 +545,7 @@ def _train(
             row["val_loss"] = float(np.mean(val_losses))
             score = -row["val_loss"]
             if metric is not None:
-                current = with_weights(model, _snapshot(state, result.trained))
+                current = with_weights(model, _snapshot(state, result.trained), plan.locations)
                 value, higher = _evaluate(current, metric, held_out, teacher_val, result.device)
                 row[metric] = value
                 score = value if higher else -value
@@ -552,7 +562,7 @@ def _train(
                 result.notes.append(f"stopped early after epoch {epoch} ({config.patience} epochs without improvement)")
                 break
     if gammas:
-        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(model, g)))) for g in gammas])
+        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(plan.model, g)))) for g in gammas])
         result.gammas = int(values.size)
         result.gammas_below_threshold = int(np.sum(np.abs(values) < config.gamma_threshold))
     return best_weights

@@ -20,7 +20,7 @@ from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pa
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
 from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data
-from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
+from onnxzip.train.trainable import prepare
 
 
 @dataclass
@@ -45,12 +45,9 @@ class FinetunePass(Pass):
     reduces_bytes = False  # changes values, never sizes: the never-bigger guard does not apply
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
-        ranks = {name: len(shape) for name, shape in context.shapes(model).items()}
-        training_copy, _, _, statistics = rewrite_for_training(model, ranks)
-        trainable, frozen = select_weights(training_copy, context.device, self.config.include, self.config.exclude)
-        trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
-        layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in trainable}
-        layers.update({name: {"train": False, "reason": reason} for name, reason in frozen.items()})
+        copy = prepare(model, context.shapes(model), self.config.include, self.config.exclude, data=context.feeds)
+        layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in copy.trainable}
+        layers.update({name: {"train": False, "reason": reason} for name, reason in copy.frozen.items()})
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:

@@ -86,7 +86,8 @@ def test_labels_train_bn_hardsigmoid_resize_and_come_back_unchanged_in_form(tmp_
     assert _io(trained) == _io(model) and trained.doc_string == "bn cnn"
     assert {p.key: p.value for p in trained.metadata_props} == {"owner": "tests"}
     assert trained.ir_version == model.ir_version and trained.opset_import == model.opset_import
-    assert result.rewrites == {"BatchNormalization -> affine": 1, "HardSigmoid -> Clip": 1, "Resize -> Expand": 1}
+    assert result.rewrites == {"BatchNormalization -> affine": 1, "HardSigmoid -> Relu/Min": 1,
+                               "Resize -> Expand/MatMul": 1}
     assert set(result.trained) == {"w", "b", "g", "be", "w3", "w2", "b2"}
     assert set(result.frozen) >= {"mu", "var", "scales"}
     values = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer}
@@ -176,7 +177,7 @@ def test_codebook_centroid_gradient_is_the_sum_over_its_weights():
     assert result.model.ByteSize() == model.ByteSize()
 
 
-def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
+def test_lstms_train_in_every_direction_and_what_cannot_train_is_frozen_with_a_reason():
     rng = np.random.default_rng(3)
     f32 = np.float32
     hidden, feat = 6, 4
@@ -195,6 +196,9 @@ def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
             helper.make_node("ReduceMean", ["hb"], ["hbm"], axes=[0], keepdims=0),
             helper.make_node("Concat", ["hs", "hbm"], ["feat"], axis=1),
             helper.make_node("MatMul", ["feat", "wo"], ["s"], name="head"),
+            # a condition that depends on the batch: not fixed by the data
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "zero"], ["flag"]),
             helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
         ],
         [tensor("x", ["N", 5, feat])],
@@ -207,7 +211,7 @@ def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
             init("Rb", (rng.standard_normal((2, 4 * hidden, hidden)) * 0.3).astype(f32)),
             init("axis0", np.array([0], np.int64)),
             init("wo", (rng.standard_normal((2 * hidden, 3)) * 0.3).astype(f32)),
-            init("flag", np.array(True)),
+            init("zero", np.array(0.0, f32)),
         ],
         opset=13,
     )
@@ -215,40 +219,40 @@ def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
     references = rng.standard_normal((64, 3)).astype(f32)
     result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
     assert "inner_w" in result.frozen and "If/Loop/Scan" in result.frozen["inner_w"]
-    assert "bidirectional" in result.frozen["Wb"] and "bidirectional" in result.frozen["Rb"]
-    assert "If" in result.frozen["wo"]  # its gradient would pass through the If
+    assert "If 'branch'" in result.frozen["wo"]  # its gradient would pass through the If
     assert result.trained == [] and result.notes  # nothing left: returned unchanged, no crash
-    # Without the If, onnxruntime's LSTM training kernel still refuses the bidirectional node
-    # (it rewrites every LSTM): every weight is frozen with that reason, no crash.
-    model.graph.node.pop()
+    # Without the If: forward and bidirectional LSTMs train.
+    for _ in range(3):
+        model.graph.node.pop()
     model.graph.output[0].name = "s"
     result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
-    assert result.trained == [] and "forward direction" in result.frozen["W"]
-    # A forward LSTM alone trains.
-    for name in ("bilstm", "head"):
-        index = next(i for i, n in enumerate(model.graph.node) if n.name == name)
-        model.graph.node.pop(index)
-    concat = next(n for n in model.graph.node if n.op_type == "ReduceMean")
-    model.graph.node.remove(concat)
-    cat = next(n for n in model.graph.node if n.op_type == "Concat")
-    cat.input[1] = "hs"
-    model.graph.node.append(helper.make_node("MatMul", ["feat", "wo"], ["s"], name="head"))
-    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
-    assert set(result.trained) == {"W", "R", "B", "wo"}
-    assert result.rewrites.get("LSTM inputs padded") == 1
+    assert set(result.trained) == {"W", "R", "B", "Wb", "Rb", "wo"}
+    assert result.rewrites == {"LSTM -> forward-direction LSTM": 2}
     err = lambda m: np.mean((_outputs(m, {"x": x})["s"] - references) ** 2)  # noqa: E731
     assert err(result.model) < err(model)
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
     assert len(result.model.graph.node[1].input) == 4  # the padding is not exported
+    # An LSTM with clip: onnxruntime's training kernel refuses it, even untrained; frozen, saying why.
+    model.graph.node[1].attribute.append(helper.make_attribute("clip", 1.0))
+    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
+    assert result.trained == [] and "LSTM 'lstm'" in result.frozen["W"] and "clip" in result.frozen["W"]
 
 
-def test_a_refused_training_graph_freezes_instead_of_crashing():
-    # Round has no gradient; onnxruntime refuses to build the training graph.
+def test_an_op_without_a_gradient_freezes_what_is_upstream_of_it_instead_of_crashing():
+    # Shrink has no gradient builder; onnxruntime refuses the training graph; the weight before
+    # it is frozen with a reason naming the op, the one after it still trains.
     model = make_model(
-        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Round", ["m"], ["y"])],
-        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], [init("w", np.full(4, 1.5, np.float32))])
+        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Shrink", ["m"], ["s"], name="shrink"),
+         helper.make_node("Mul", ["s", "w2"], ["y"], name="after")],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])],
+        [init("w", np.full(4, 1.5, np.float32)), init("w2", np.full(4, 0.5, np.float32))])
     x = np.ones((8, 4), np.float32)
     result = finetune(model, {"x": x, "references": x}, device="cpu", progress=False, config=FAST)
-    assert result.trained == [] and "could not build the training graph" in result.frozen["w"]
+    assert result.trained == ["w2"] and "Shrink 'shrink'" in result.frozen["w"]
+    model.graph.node.pop()
+    model.graph.node[-1].output[0] = "y"
+    result = finetune(model, {"x": x, "references": x}, device="cpu", progress=False, config=FAST)
+    assert result.trained == [] and "Shrink 'shrink'" in result.frozen["w"]
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
