@@ -11,6 +11,8 @@ weights whose gradient would pass through it are then frozen with that reason.
 * ``ReduceMax`` / ``ReduceMin`` / ``GlobalMaxPool``: ``Σ x · w`` over the axes with
   ``w = 1[x = m] / Σ 1[x = m]`` and ``m`` the extremum: the value is ``m``, and the gradient goes to
   the extremal entries (split evenly between ties).
+* ``AveragePool`` = depthwise Conv with a constant 1/k kernel (onnxruntime's CPU AveragePoolGrad
+  dies of a division by zero, taking the process with it, on e.g. a 7×7 pool without pads).
 * ``InstanceNormalization``: ``(x − μ) / √(σ² + ε) · γ + β`` with per-sample, per-channel moments.
 * ``Resize``: nearest with integer factors as Unsqueeze/Expand/Reshape; any other separable
   resize (nearest, linear, cubic) of a known input size as ``M_h · x · M_wᵀ`` with the
@@ -177,6 +179,25 @@ def _instance_norm(node: onnx.NodeProto, nodes: Nodes, ctx: Context) -> str | No
     normalized = nodes.op("Div", [centred, deviation])
     scaled = nodes.op("Mul", [normalized, nodes.op("Reshape", [scale, per_channel])])
     nodes.op("Add", [scaled, nodes.op("Reshape", [bias, per_channel])], node.output[0])
+    return None
+
+
+def _average_pool(node: onnx.NodeProto, nodes: Nodes, ctx: Context) -> str | None:
+    shape = ctx.shape(node.input[0])
+    if shape is None:
+        return "its input size is unknown"
+    kernel = list(attr(node, "kernel_shape", []))
+    spatial = len(kernel)
+    pads = list(attr(node, "pads", [0] * 2 * spatial))
+    if attr(node, "auto_pad", "NOTSET") != "NOTSET" or attr(node, "ceil_mode", 0):
+        return "auto_pad or ceil_mode"
+    if any(pads) and not attr(node, "count_include_pad", 0):
+        return "padding left out of the average"
+    channels = shape[1]
+    weight = np.full((channels, 1, *kernel), 1.0 / np.prod(kernel), np.float32)
+    nodes.op("Conv", [node.input[0], nodes.const(weight)], node.output[0], group=channels, kernel_shape=kernel,
+             pads=pads, strides=list(attr(node, "strides", [1] * spatial)),
+             dilations=list(attr(node, "dilations", [1] * spatial)))
     return None
 
 
@@ -464,6 +485,7 @@ REWRITES: dict[str, tuple[str, Rewrite]] = {
     "ReduceMax": ("one-hot ReduceSum", _reduce_extreme),
     "ReduceMin": ("one-hot ReduceSum", _reduce_extreme),
     "GlobalMaxPool": ("one-hot ReduceSum", _global_max_pool),
+    "AveragePool": ("depthwise Conv", _average_pool),
     "InstanceNormalization": ("moments", _instance_norm),
     "Resize": ("Expand/MatMul", _resize),
     "ConvTranspose": ("Conv on zero-stuffed input", _conv_transpose),

@@ -10,6 +10,7 @@ the training data to the pipeline's ``data`` (an ``.npz`` with the model's input
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,9 @@ class FinetunePass(Pass):
                           device=context.device, progress=context.progress,
                           probed=self.config.teacher is None)  # the pipeline's input already ran
         report = self.new_report()
+        if not result.trained:  # never only a log line: on stderr and first in the step's notes
+            print(f"onnxzip: finetune step: {result.why_nothing_trains()} The model goes on unchanged.",
+                  file=sys.stderr)
         if skipped_val:
             report.notes.append(skipped_val)
         report.modified = bool(result.trained)
@@ -74,7 +78,10 @@ class FinetunePass(Pass):
             report.changes.append(LayerChange(name, _op_of(model, name), "trained"))
         for name, reason in result.frozen.items():
             report.skip(name, _op_of(model, name), reason)
-        report.notes += [f"loss: {' + '.join(result.losses)} on {result.device}", *result.notes]
+        report.notes += [*result.notes, f"loss: {' + '.join(result.losses)} on {result.device}"]
+        if result.trained:
+            report.notes.append(f"trained {len(result.trained)} weights, {result.trained_fraction:.0%} of the "
+                                "float parameters")
         report.notes += ["epoch " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
                          for row in result.history]
         if result.gammas:

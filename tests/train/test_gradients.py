@@ -77,6 +77,7 @@ def _cases():
     yield "ReduceMax opset 18", _dense([n("ReduceMax", ["h", "axes"], ["y"], keepdims=1)], rng, opset=18,
                                        extra=[ints("axes", [1])], out=["N", 1])
     yield "GlobalMaxPool", _conv([n("GlobalMaxPool", ["h"], ["y"])], rng)
+    yield "AveragePool", _conv([n("AveragePool", ["h"], ["y"], kernel_shape=[4, 4], strides=[1, 1])], rng)
     yield "InstanceNormalization", _conv([n("InstanceNormalization", ["h", "g", "b"], ["y"])], rng,
                                          extra=[floats("g", [1.0, 0.5, -0.7]), floats("b", [0.1, 0.0, 0.2])])
     yield "Resize linear", _conv([n("Resize", ["h", "", "scales"], ["y"], mode="linear")], rng,
