@@ -478,7 +478,7 @@ def _untrained(result: FinetuneResult) -> FinetuneResult:
     result.trained = []
     why = result.why_nothing_trains()
     result.notes.insert(0, f"{why} The model is returned unchanged.")
-    log.warning("%s", why)
+    log.info("%s", why)  # the caller says it: finetune exits 2, a pipeline step writes it to stderr
     return result
 
 

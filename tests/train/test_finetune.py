@@ -96,7 +96,9 @@ def test_labels_train_bn_hardsigmoid_resize_and_come_back_unchanged_in_form(tmp_
     np.testing.assert_array_equal(values["var"], original["var"])
     assert not np.allclose(values["g"], original["g"])
     assert _ce(trained, x, labels) < _ce(model, x, labels) - 0.05
-    assert len(result.history) == 4 and result.history[-1]["loss"] < result.history[0]["loss"]
+    epochs = [row for row in result.history if "loss" in row]  # a held-back part scores the input first (epoch 0)
+    assert result.history[0]["epoch"] == 0 and "held back" in result.notes[0]
+    assert len({row["epoch"] for row in epochs}) == 4 and epochs[-1]["loss"] < epochs[0]["loss"]
 
 
 def test_label_free_distillation_recovers_a_perturbed_layernorm_model():
@@ -166,7 +168,7 @@ def test_codebook_centroid_gradient_is_the_sum_over_its_weights():
     lr = 0.1
     result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False,
                       config={"epochs": 1, "optimizer": "sgd", "schedule": "constant", "warmup": 0, "lr": lr,
-                              "batch_size": 16, "patience": 0})
+                              "batch_size": 16, "patience": 0, "keep": "last"})  # no held-back part
     assert result.trained == ["codebook"] and "idx_u8" in result.frozen
     weights = codebook[indices.astype(np.int64)].reshape(8, 3)
     grad_w = 2.0 / references.size * x.T @ (x @ weights - references)  # d mean((xW - r)^2) / dW
@@ -413,8 +415,9 @@ def test_keep_last_returns_the_last_epoch_without_selecting_on_the_validation_da
     last = finetune(student, {"x": x, "references": y}, val={"x": x[:16], "references": y[:16]}, device="cpu",
                     progress=False, config={**config, "keep": "last"})
     assert last.best_epoch == 4
+    # the input (epoch 0) is the first candidate; the best row's epoch is kept
     val_losses = [row["val_loss"] for row in best.history]
-    assert best.best_epoch == 1 + int(np.argmax([-v for v in val_losses]))
+    assert best.history[0]["epoch"] == 0 and best.best_epoch == best.history[int(np.argmax([-v for v in val_losses]))]["epoch"]
 
 
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
@@ -425,3 +428,31 @@ def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher()
     assert result.losses == ["kl(y)"]
     agree = lambda m: np.mean(_outputs(m, {"x": x})["y"].argmax(1) == _outputs(teacher, {"x": x})["y"].argmax(1))  # noqa: E731
     assert agree(result.model) > agree(student)
+
+
+def test_without_val_a_held_back_part_keeps_the_input_when_no_epoch_beats_it():
+    teacher = mlp(np.random.default_rng(0))
+    x = np.random.default_rng(2).standard_normal((40, 8)).astype(np.float32)
+    # the student is the teacher: any step makes the held-back loss worse, so the input comes back
+    result = finetune(teacher, {"x": x}, teacher=teacher, device="cpu", progress=False,
+                      config={"epochs": 2, "lr": 0.05, "patience": 0, "warmup": 0.0})
+    assert "held back 8 of 40" in result.notes[0]
+    assert any("undone and retried at half the learning rate" in note for note in result.notes)
+    assert any("the input weights are returned" in note for note in result.notes) and result.best_epoch == 0
+    assert result.model.SerializeToString() == teacher.SerializeToString()
+
+
+def test_nothing_trainable_is_one_sentence_and_exit_2(tmp_path, capsys):
+    from onnxzip.cli import main
+
+    model = make_model(
+        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Shrink", ["m"], ["y"], name="shrink")],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], [init("w", np.full(4, 1.5, np.float32))])
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32))
+    code = main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "data.npz"),
+                 "--teacher", str(source), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not target.exists()
+    assert "Nothing can train in this model" in err and "Shrink 'shrink'" in err
