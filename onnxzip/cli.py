@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxzip import __version__
-from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError
+from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError, UnsupportedModelError
 from onnxzip.io import write_json
 
 log = logging.getLogger("onnxzip")
@@ -340,12 +340,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     result = finetune(args.input, args.data, val=args.val, teacher=args.teacher, config=options,
                       device=args.device, progress=not args.quiet, sample_axes=_sample_axes(args.sample_axis))
+    if not result.trained:
+        if args.report:
+            write_json(args.report, result.to_dict())
+        raise UnsupportedModelError(f"{result.why_nothing_trains()} No output written.")
     save_model(result.model, args.output)
     if result.history:
         keys = list(result.history[0])
         print(render_table(keys, [[f"{row.get(k, float('nan')):.4g}" for k in keys] for row in result.history]))
-    print(f"\ntrained {len(result.trained)} weights on {result.device} (loss {' + '.join(result.losses)}; "
-          f"best epoch {result.best_epoch}); frozen {len(result.frozen)}")
+    print(f"\ntrained {len(result.trained)} weights ({result.trained_fraction:.0%} of the float parameters) on "
+          f"{result.device} (loss {' + '.join(result.losses)}; best epoch {result.best_epoch}); frozen {len(result.frozen)}")
     if not args.quiet:
         for name, reason in result.frozen.items():
             print(f"  frozen {name}: {reason}")

@@ -42,6 +42,7 @@ def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: st
              if line.strip() and not _NOISE.search(line)]
     errors = [line for line in lines if "Error" in line or "error" in line or "Assert" in line]
     detail = (errors or lines or [""])[-1]
+    detail = detail.rsplit(" was false. ", 1)[-1]  # the message after the C++ assertion's signature
     if done.returncode < 0:
         detail = f"the generator was killed by signal {-done.returncode}" + (f" ({detail})" if detail else "")
     elif not detail:
@@ -53,6 +54,9 @@ def _main(spec_path: str) -> None:
     import onnx
     from onnxruntime.training import artifacts, onnxblock
 
+    from onnxzip.train import gradients
+
+    gradients.register()
     spec = json.loads(Path(spec_path).read_text())
     model = onnx.load(spec["model"])
     if spec["optimizer"] == "adamw":

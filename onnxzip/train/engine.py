@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 import math
 import os
 import re
@@ -44,7 +45,8 @@ from onnxzip.sanity import probe_feeds, probe_in_child
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
-from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
+from onnxzip.train.rewrites import PREFIX
+from onnxzip.train.trainable import TrainingCopy, prepare, select_weights, with_weights
 from onnxzip.training import require_training
 from onnxzip.weights import materialize_weights
 
@@ -53,6 +55,12 @@ log = logging.getLogger(__name__)
 # the training graph is built again, at most this many times.
 _MAX_UNREACHABLE = 8
 _UNREACHABLE = re.compile(r"Cannot compute the partial derivative for '([^']+)' as it's unreachable")
+_MAX_HALVINGS = 3
+# Without validation data, this fraction of the training data (seeded) is held back to select the
+# epoch and to stop early, when there are at least _MIN_HOLDOUT_SAMPLES samples.
+_HOLDOUT = 0.2
+_MIN_HOLDOUT_SAMPLES = 10
+_NO_BUILDER = re.compile(r"gradient builder has not been registered: (\w+)")
 
 DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 
@@ -112,9 +120,22 @@ class FinetuneResult:
     device: str = "cpu"
     gammas: int = 0
     gammas_below_threshold: int = 0
+    float_weights: dict[str, int] = field(default_factory=dict)  # every float initializer: its size
+    trained_fraction: float = 0.0  # of the float parameters
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "model"}
+
+    def why_nothing_trains(self) -> str:
+        """One sentence: why no weight trains, from the most common reasons of the frozen float
+        weights (empty when some weight trains)."""
+        if self.trained:
+            return ""
+        reasons = Counter(reason for name, reason in self.frozen.items() if name in self.float_weights)
+        if not reasons:
+            return "Nothing can train in this model: it has no float weights."
+        common = "; ".join(f"{count} weight{'s' * (count > 1)}: {reason}" for reason, count in reasons.most_common(2))
+        return f"Nothing can train in this model ({common})."
 
 
 @dataclass
@@ -149,6 +170,18 @@ def _load_data(model: onnx.ModelProto, source: DataSource, what: str,
             raise DataError(f"The {what} labels must be class indices (integers), got {labels.dtype}.")
     references = None if samples.references is None else np.asarray(samples.references, np.float32)
     return _Data(samples, None if labels is None else labels.astype(np.int64), references)
+
+
+def _hold_back(data: _Data, seed: int) -> tuple[_Data, _Data]:
+    """(the rest, a seeded ``_HOLDOUT`` part) of ``data``, split on each input's sample axis."""
+    order = np.random.default_rng(seed).permutation(len(data))
+    count = max(1, int(round(_HOLDOUT * len(data))))
+
+    def part(index: NDArray[np.int64]) -> _Data:
+        pick = lambda v: None if v is None else v[index]  # noqa: E731
+        return _Data(data.inputs.take(index), pick(data.labels), pick(data.references))
+
+    return part(np.sort(order[count:])), part(np.sort(order[:count]))
 
 
 def fixed_batch(model: onnx.ModelProto, samples: Samples | None = None) -> int | None:
@@ -188,16 +221,6 @@ def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
     if config.schedule == "linear":
         return config.lr * (1.0 - progress)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def with_weights(model: onnx.ModelProto, values: dict[str, NDArray[Any]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``values`` hold the new values (same dtype)."""
-    result = copy.deepcopy(model)
-    for tensor in result.graph.initializer:
-        if tensor.name in values:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            tensor.CopyFrom(numpy_helper.from_array(np.asarray(values[tensor.name], dtype), tensor.name))
-    return result
 
 
 class _SparseGammas:
@@ -371,6 +394,12 @@ def finetune(
             if checked is not None:
                 probe_in_child(checked, probe_feeds(checked, train.inputs))
     held_out = _load_data(model, val, "validation", sample_axes) if val is not None else None
+    if held_out is None and config.keep == "best" and not config.sparsity and len(train) >= _MIN_HOLDOUT_SAMPLES:
+        train, held_out = _hold_back(train, config.seed)
+        notes = [f"held back {len(held_out)} of {len(train) + len(held_out)} training samples (seed {config.seed}) "
+                 "to select the epoch"]
+    else:
+        notes = []
     fixed = fixed_batch(model, train.inputs)
     batch = fixed or config.batch_size
     terms, needs_teacher = _loss_terms(model, config, train, teacher_model is not None)
@@ -382,17 +411,16 @@ def finetune(
 
     probe = train.inputs.take(slice(0, fixed or 1))
     shapes = observed_shapes(model, probe)
-    ranks = {name: len(shape) for name, shape in shapes.items()}
-    training_copy, rewrites, gammas, statistics = rewrite_for_training(model, ranks)
-    trainable, frozen = select_weights(training_copy, device, config.include, config.exclude)
-    trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
-    result = FinetuneResult(model, trained=trainable, frozen=frozen, rewrites=rewrites, device=device,
-                            losses=[f"{t.kind}({t.output})" for t in terms])
-    for name, reason in frozen.items():
+    plan = prepare(model, shapes, config.include, config.exclude, data=train.inputs, probe=probe)
+    training_copy, trainable = plan.model, plan.trainable
+    result = FinetuneResult(model, trained=trainable, frozen=plan.frozen, rewrites=plan.rewrites, device=device,
+                            losses=[f"{t.kind}({t.output})" for t in terms], notes=[*notes, *plan.notes])
+    result.float_weights = {t.name: int(np.prod(t.dims)) for t in plan.model.graph.initializer
+                            if t.data_type == onnx.TensorProto.FLOAT and not t.name.startswith(PREFIX)}
+    for name, reason in plan.frozen.items():
         log.info("frozen %s: %s", name, reason)
     if not trainable:
-        result.notes.append("nothing can train in this model; it is returned unchanged")
-        return result
+        return _untrained(result)
 
     if config.match:
         _check_matched(config.match, shapes, teacher_model, training_copy, probe)
@@ -417,6 +445,23 @@ def finetune(
                 except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
                     failure = _reason(exc)
             unreachable = _UNREACHABLE.search(failure or "")
+            missing = _NO_BUILDER.search(failure or "")
+            if missing:  # an op without a gradient we did not know of: freeze what is upstream of it
+                op_type = missing.group(1)
+                plan.kept.update({n.name: f"{op_type} '{n.name}' (onnxruntime-training has no gradient for it)"
+                                  for n in training_copy.graph.node if n.op_type == op_type})
+                _, frozen = select_weights(training_copy, config.include, config.exclude, plan.kept)
+                newly = [t for t in trainable if t in frozen]
+                if not newly:
+                    break
+                trainable = [t for t in trainable if t not in frozen]
+                result.frozen.update({name: frozen[name] for name in newly})
+                result.trained = trainable
+                log.info("no gradient for %s: %d weights frozen", op_type, len(newly))
+                if not trainable:
+                    failure = None
+                    break
+                continue
             if not unreachable or unreachable.group(1) not in trainable or len(trainable) == 1:
                 break
             # e.g. a codebook that decodes BatchNorm running statistics: no gradient reaches it.
@@ -429,12 +474,23 @@ def finetune(
             for name in trainable:
                 result.frozen[name] = f"onnxruntime could not build the training graph: {failure}"
             result.trained = []
-            result.notes.append(f"training skipped, every weight frozen: {failure}")
-            log.warning("fine-tuning skipped: %s", failure)
-            return result
+        if not result.trained:
+            return _untrained(result)
         best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
-                      fixed is not None, gammas, model, teacher_val[0] if teacher_val else None, progress)
-    result.model = with_weights(model, best)
+                      fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
+                      held_back=bool(notes))
+    result.model = with_weights(model, best, plan.locations)
+    total = sum(result.float_weights.values())
+    result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
+    return result
+
+
+def _untrained(result: FinetuneResult) -> FinetuneResult:
+    """``result`` for a model returned unchanged, saying why."""
+    result.trained = []
+    why = result.why_nothing_trains()
+    result.notes.insert(0, f"{why} The model is returned unchanged.")
+    log.info("%s", why)  # the caller says it: finetune exits 2, a pipeline step writes it to stderr
     return result
 
 
@@ -503,32 +559,57 @@ def _train(
     session: tuple[Any, Any, Any], result: FinetuneResult, config: FinetuneConfig, train: _Data,
     train_targets: tuple[dict[str, NDArray[Any]], dict[str, int | None]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
-    gammas: list[str], model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
+    plan: TrainingCopy, model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
+    held_back: bool = False,
 ) -> dict[str, NDArray[Any]]:
-    """The training loop; returns the best epoch's weights."""
+    """The training loop (on data ``held_back`` from the training data, the epoch is selected on
+    the loss unless a metric is named); returns the best epoch's weights, or the input's when no epoch beats
+    them on the held-out data. An epoch that scores worse than the best so far is undone and
+    retried at half the learning rate (at most :data:`_MAX_HALVINGS` times in a run)."""
     state, module, optimizer = session
     names = module.input_names()
     targets, target_axes = train_targets
     axes = {**train.inputs.axes, **target_axes}
     arrays = {**train.inputs, **targets}
     val_arrays = {**held_out.inputs, **val_targets} if held_out is not None else None
+    gammas = plan.gammas
     sparse = [g for g in gammas if g in result.trained] if config.sparsity > 0 else []
     slimming = _SparseGammas(sparse, config)
-    metric = _metric_name(config, held_out, model)
+    metric = config.metric if held_back else _metric_name(config, held_out, model)
+    selecting = not sparse and config.keep == "best"  # sparsity training keeps its last (sparsest) epoch
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = len(_batches(len(train), batch, fixed, None))
     total = steps_per_epoch * config.epochs
-    step = 0
-    best_score, best_weights, stale = -math.inf, _snapshot(state, result.trained), 0
-    for epoch in range(1, config.epochs + 1):
+
+    def held_out_score(row: dict[str, float]) -> float:
+        module.eval()
+        val_losses = [float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
+                      for c in _batches(len(held_out), batch, fixed, None)]
+        row["val_loss"] = float(np.mean(val_losses))
+        if metric is None:
+            return -row["val_loss"]
+        current = with_weights(model, _snapshot(state, result.trained), plan.locations)
+        value, higher = _evaluate(current, metric, held_out, teacher_val, result.device)
+        row[metric] = value
+        return value if higher else -value
+
+    best_score, best_weights, stale, halvings, scale = -math.inf, _snapshot(state, result.trained), 0, 0, 1.0
+    if val_arrays is not None and selecting:  # the input itself is the first candidate
+        start: dict[str, float] = {"epoch": 0}
+        best_score = held_out_score(start)
+        result.history.append(start)
+    epoch = 0
+    while epoch < config.epochs:
+        epoch += 1
         module.train()
         losses = []
         began = time.perf_counter()
         chunks = _batches(len(train), batch, fixed, rng)
+        step = (epoch - 1) * steps_per_epoch
         with tqdm(chunks, desc=f"finetune epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
                   leave=False) as bar:
             for chunk in bar:
-                rate = lr_at(step, total, config)
+                rate = scale * lr_at(step, total, config)
                 optimizer.set_learning_rate(rate)
                 loss = module(*[take(arrays[name], chunk, axes.get(name, 0)) for name in names])
                 before = slimming.before(state) if sparse else None
@@ -541,35 +622,39 @@ def _train(
                 step += 1
         row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate,
                                  "seconds": time.perf_counter() - began}
-        score = -row["loss"]
-        if val_arrays is not None:
-            module.eval()
-            val_losses = [float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
-                          for c in _batches(len(held_out), batch, fixed, None)]
-            row["val_loss"] = float(np.mean(val_losses))
-            score = -row["val_loss"]
-            if metric is not None:
-                current = with_weights(model, _snapshot(state, result.trained))
-                value, higher = _evaluate(current, metric, held_out, teacher_val, result.device)
-                row[metric] = value
-                score = value if higher else -value
+        score = held_out_score(row) if val_arrays is not None else -row["loss"]
         result.history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         if progress:
             tqdm.write("finetune " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()))
-        if score > best_score or sparse or config.keep == "last":  # sparsity training keeps its last (sparsest) epoch
+        if score > best_score or not selecting:
             best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
-        else:
-            stale += 1
-            if config.patience and stale >= config.patience:
-                result.notes.append(f"stopped early after epoch {epoch} ({config.patience} epochs without improvement)")
-                break
+            continue
+        if val_arrays is not None and halvings < _MAX_HALVINGS:  # undo the epoch, retry it slower
+            halvings += 1
+            scale /= 2
+            _restore(state, best_weights)
+            result.notes.append(f"epoch {epoch} made the held-out score worse: undone and retried at half the "
+                                f"learning rate ({scale:g}× the schedule)")
+            epoch -= 1
+            continue
+        stale += 1
+        if config.patience and stale >= config.patience:
+            result.notes.append(f"stopped early after epoch {epoch} ({config.patience} epochs without improvement)")
+            break
+    if selecting and val_arrays is not None and result.best_epoch == 0:
+        result.notes.append("no epoch beat the input on the held-out data: the input weights are returned")
     if gammas:
-        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(model, g)))) for g in gammas])
+        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(plan.model, g)))) for g in gammas])
         result.gammas = int(values.size)
         result.gammas_below_threshold = int(np.sum(np.abs(values) < config.gamma_threshold))
     return best_weights
+
+
+def _restore(state: Any, weights: dict[str, NDArray[Any]]) -> None:
+    for name, value in weights.items():
+        state.parameters[name].data = value
 
 
 def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:

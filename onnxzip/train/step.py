@@ -10,6 +10,7 @@ the training data to the pipeline's ``data`` (an ``.npz`` with the model's input
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pa
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
 from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data
-from onnxzip.train.trainable import complete_frozen, rewrite_for_training, select_weights
+from onnxzip.train.trainable import prepare
 
 
 @dataclass
@@ -45,12 +46,9 @@ class FinetunePass(Pass):
     reduces_bytes = False  # changes values, never sizes: the never-bigger guard does not apply
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
-        ranks = {name: len(shape) for name, shape in context.shapes(model).items()}
-        training_copy, _, _, statistics = rewrite_for_training(model, ranks)
-        trainable, frozen = select_weights(training_copy, context.device, self.config.include, self.config.exclude)
-        trainable, frozen = complete_frozen(model, trainable, frozen, statistics)
-        layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in trainable}
-        layers.update({name: {"train": False, "reason": reason} for name, reason in frozen.items()})
+        copy = prepare(model, context.shapes(model), self.config.include, self.config.exclude, data=context.feeds)
+        layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in copy.trainable}
+        layers.update({name: {"train": False, "reason": reason} for name, reason in copy.frozen.items()})
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
@@ -70,6 +68,9 @@ class FinetunePass(Pass):
                           device=context.device, progress=context.progress, sample_axes=context.sample_axes,
                           probed=self.config.teacher is None)  # the pipeline's input already ran
         report = self.new_report()
+        if not result.trained:  # never only a log line: on stderr and first in the step's notes
+            print(f"onnxzip: finetune step: {result.why_nothing_trains()} The model goes on unchanged.",
+                  file=sys.stderr)
         if skipped_val:
             report.notes.append(skipped_val)
         report.modified = bool(result.trained)
@@ -77,7 +78,10 @@ class FinetunePass(Pass):
             report.changes.append(LayerChange(name, _op_of(model, name), "trained"))
         for name, reason in result.frozen.items():
             report.skip(name, _op_of(model, name), reason)
-        report.notes += [f"loss: {' + '.join(result.losses)} on {result.device}", *result.notes]
+        report.notes += [*result.notes, f"loss: {' + '.join(result.losses)} on {result.device}"]
+        if result.trained:
+            report.notes.append(f"trained {len(result.trained)} weights, {result.trained_fraction:.0%} of the "
+                                "float parameters")
         report.notes += ["epoch " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
                          for row in result.history]
         if result.gammas:

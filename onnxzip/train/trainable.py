@@ -1,35 +1,40 @@
 """Make a graph trainable by onnxruntime-training, and decide which weights train.
 
 The rewrites below only change the *training copy* of a model; trained values are written back
-into the original graph by initializer name (:func:`onnxzip.train.engine.with_weights`), so every
-rewrite is undone on export by construction and names/shapes of trainable tensors never change:
+into the original graph by initializer name (:func:`with_weights`), so every rewrite is undone
+on export by construction and names/shapes of trainable tensors never change:
 
+* a model older than opset 13 is converted to opset 13 (onnxruntime's gradient builders emit
+  newer ops: a Gemm without C, LessOrEqual);
+* an ``If`` whose condition is the same on every training sample is replaced by the branch that
+  runs (:func:`inline_fixed_branches`); the branch's weights train and go back into that branch;
 * ``BatchNormalization`` → ``(x − μ)·(1/√(σ² + ε))·γ + β`` with μ and 1/√(σ² + ε) frozen
   constants and γ, β reshaped to ``[C, 1, …]``: onnxruntime would otherwise train with batch
   statistics and overwrite the running ones. Statistics computed in the graph (decoded from a
-  codebook) get the same form with ``(x − μ) / √(σ² + ε)`` as nodes.
-* ``LayerNormalization`` declares its optional Mean / InvStdDev outputs (its gradient needs them).
-* ``LSTM`` / ``GRU`` inputs padded with ``""`` to 8 / 6 slots (LSTMTraining / GRUTraining).
-* ``HardSigmoid(x)`` → ``Clip(α·x + β, 0, 1)`` (no gradient builder is registered for it).
-* ``Resize`` nearest with integer spatial scales → Unsqueeze/Expand/Reshape (ResizeGrad is
-  CUDA-only).
+  codebook) get the same form with ``(x − μ) / √(σ² + ε)`` as nodes;
+* ``LayerNormalization`` declares its optional Mean / InvStdDev outputs (its gradient needs them);
+* the op rewrites of :mod:`onnxzip.train.rewrites` (HardSigmoid, GlobalMaxPool, Resize,
+  ConvTranspose, bidirectional LSTM/GRU, ...).
 
-What cannot train stays frozen with a reason: weights read inside If/Loop/Scan bodies, and every
-weight whose gradient would have to pass through a node onnxruntime cannot differentiate here
-(control flow, a bidirectional or customised LSTM/GRU, ConvTranspose on the CPU, an unrewritten
-Resize on the CPU).
+What cannot train stays frozen with a reason naming the op: weights read inside Loop/Scan bodies
+or an If whose condition varies, and every weight whose gradient would have to pass through a
+node that neither onnxruntime nor a rewrite can differentiate.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, version_converter
 
 from onnxzip.compat import default_opset, iter_graphs
+from onnxzip.train.rewrites import PREFIX, REWRITES, Context, Nodes, attr
 
 # (op type) -> input slots that hold learnable weights.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
@@ -48,43 +53,37 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "PRelu": (1,),
     "Reshape": (0,),  # the BatchNormalization rewrite reshapes γ and β
     "Einsum": tuple(range(8)),
+    "InstanceNormalization": (1, 2),
+    # data movement on a weight (a weight sliced, transposed or shared between heads)
+    **{op: (0,) for op in ("Transpose", "Slice", "Squeeze", "Unsqueeze", "Identity", "Split", "Expand", "Tile")},
+    "Concat": tuple(range(64)),
 }
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
-CPU_ONLY_MISSING = frozenset({"ConvTranspose", "Resize"})  # gradient kernels exist on CUDA only
-PREFIX = "onnxzip_train"
-
-
-def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+NO_GRADIENT = frozenset({"Einsum"})  # no gradient builder in onnxruntime-training 1.19, no rewrite here
+TRAINING_OPSET = 13
+log = logging.getLogger(__name__)
 
 
 def _unique(node: onnx.NodeProto, index: int, what: str) -> str:
     return f"{PREFIX}/{node.name or node.op_type + str(index)}/{what}"
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
-
-
-def _rewrite_batchnorm(node, index, inits, ranks, new_inits) -> list[onnx.NodeProto] | None:
+def _rewrite_batchnorm(node, index, inits, shapes, new_inits) -> list[onnx.NodeProto] | None:
     if len(node.output) != 1 and any(node.output[1:]):
         return None  # a training-mode BN; leave it (its weights get frozen by onnxruntime's rules)
     x, scale, bias, mean, var = node.input[:5]
-    rank = ranks.get(x, 4)
-    eps = float(_attr(node, "epsilon", 1e-5))
+    rank = len(shapes.get(x, (0,) * 4))
+    eps = float(attr(node, "epsilon", 1e-5))
     shape = [-1] + [1] * max(rank - 2, 0)  # per channel, broadcast over the spatial axes
     names = {k: _unique(node, index, k) for k in ("mean", "inv_std", "shape", "eps", "var", "ve", "sd", "g", "b", "c", "n", "s")}
-    new_inits.append(_const(names["shape"], np.asarray(shape, np.int64)))
+    new_inits.append(numpy_helper.from_array(np.asarray(shape, np.int64), names["shape"]))
     if mean in inits and var in inits:  # μ and 1/√(σ² + ε) as constants
         mu = numpy_helper.to_array(inits[mean]).astype(np.float32).reshape(shape)
         inv = (1.0 / np.sqrt(numpy_helper.to_array(inits[var]).astype(np.float32) + eps)).reshape(shape)
-        new_inits += [_const(names["mean"], mu), _const(names["inv_std"], inv)]
+        new_inits += [numpy_helper.from_array(mu, names["mean"]), numpy_helper.from_array(inv, names["inv_std"])]
         statistics: list[onnx.NodeProto] = []
     else:  # statistics computed in the graph (e.g. decoded from a codebook): the same, as nodes
-        new_inits.append(_const(names["eps"], np.float32(eps)))
+        new_inits.append(numpy_helper.from_array(np.float32(eps), names["eps"]))
         statistics = [
             helper.make_node("Reshape", [mean, names["shape"]], [names["mean"]]),
             helper.make_node("Reshape", [var, names["shape"]], [names["var"]]),
@@ -102,98 +101,47 @@ def _rewrite_batchnorm(node, index, inits, ranks, new_inits) -> list[onnx.NodePr
     ]
 
 
-def _rewrite_hardsigmoid(node, index, opset, new_inits) -> list[onnx.NodeProto] | None:
-    if opset < 11:
-        return None
-    alpha, beta = float(_attr(node, "alpha", 0.2)), float(_attr(node, "beta", 0.5))
-    names = {k: _unique(node, index, k) for k in ("alpha", "beta", "lo", "hi", "m", "a")}
-    new_inits += [_const(names["alpha"], np.float32(alpha)), _const(names["beta"], np.float32(beta)),
-                  _const(names["lo"], np.float32(0.0)), _const(names["hi"], np.float32(1.0))]
-    return [
-        helper.make_node("Mul", [node.input[0], names["alpha"]], [names["m"]]),
-        helper.make_node("Add", [names["m"], names["beta"]], [names["a"]]),
-        helper.make_node("Clip", [names["a"], names["lo"], names["hi"]], [node.output[0]], name=node.name),
-    ]
-
-
-def _integer_scales(node, inits, ranks) -> list[int] | None:
-    """Integer upsampling factors of a nearest Resize on an [N, C, spatial...] tensor, or None."""
-    if _attr(node, "mode", b"nearest") not in (b"nearest", "nearest"):
-        return None
-    mode = _attr(node, "coordinate_transformation_mode", b"half_pixel")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    rounding = _attr(node, "nearest_mode", b"round_prefer_floor")
-    rounding = rounding.decode() if isinstance(rounding, bytes) else rounding
-    # out[i] = in[i // s] for integer s: asymmetric needs floor; half_pixel works for both rounds.
-    if not ((mode == "asymmetric" and rounding == "floor") or (mode in ("half_pixel", "pytorch_half_pixel")
-                                                                and rounding.startswith("round"))):
-        return None
-    scales = node.input[2] if len(node.input) > 2 else ""
-    if not scales or scales not in inits:
-        return None
-    values = numpy_helper.to_array(inits[scales]).astype(np.float64)
-    rank = ranks.get(node.input[0])
-    if rank is None or values.size != rank or rank < 3 or np.any(values[:2] != 1):
-        return None
-    if np.any(values < 1) or np.any(values != np.round(values)):
-        return None
-    return [int(v) for v in values[2:]]
-
-
-def _rewrite_resize(node, index, inits, ranks, new_inits) -> list[onnx.NodeProto] | None:
-    factors = _integer_scales(node, inits, ranks)
-    if factors is None:
-        return None
-    spatial = len(factors)
-    names = {k: _unique(node, index, k) for k in ("axes", "u", "reps", "e", "shp", "lead", "sp", "mul", "out")}
-    # x[N,C,d1..dk] -> [N,C,d1,1,d2,1,...] -> expand to [..,d1,s1,..] -> reshape [N,C,d1*s1,...]
-    axes = [3 + 2 * i for i in range(spatial)]
-    reps = [1, 1] + [v for s in factors for v in (1, s)]
-    new_inits += [
-        _const(names["axes"], np.asarray(axes, np.int64)),
-        _const(names["reps"], np.asarray(reps, np.int64)),
-        _const(names["mul"], np.asarray([1, 1, *factors], np.int64)),
-    ]
-    return [
-        helper.make_node("Unsqueeze", [node.input[0], names["axes"]], [names["u"]]),
-        helper.make_node("Expand", [names["u"], names["reps"]], [names["e"]]),
-        helper.make_node("Shape", [node.input[0]], [names["shp"]]),
-        helper.make_node("Mul", [names["shp"], names["mul"]], [names["out"]]),
-        helper.make_node("Reshape", [names["e"], names["out"]], [node.output[0]], name=node.name),
-    ]
+def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` at opset ≥ 13: onnxruntime's gradient builders emit nodes of newer opsets (Gemm
+    without C, LessOrEqual), which make the training graph of an older model invalid."""
+    if default_opset(model) >= TRAINING_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, TRAINING_OPSET)
+    except Exception:  # noqa: BLE001 - the converter refuses some graphs; train at the model's opset
+        log.debug("opset conversion failed", exc_info=True)
+        return model
 
 
 def rewrite_for_training(
-    model: onnx.ModelProto, ranks: dict[str, int]
-) -> tuple[onnx.ModelProto, dict[str, int], list[str], dict[str, str]]:
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
+) -> tuple[onnx.ModelProto, dict[str, int], list[str], dict[str, str], dict[str, str]]:
     """Training copy of ``model`` with the rewrites of the module docstring; returns
-    ``(model, {rewrite: count}, gamma names, {frozen statistic: reason})``. ``ranks`` maps
-    tensor names to their rank."""
-    model = copy.deepcopy(model)
+    ``(model, {rewrite: count}, gamma names, {frozen statistic: reason}, {node name: why it
+    stays as it is})``. ``shapes`` maps tensor names to their observed shapes."""
+    model = _upgraded(copy.deepcopy(model))
     graph = model.graph
     opset = default_opset(model)
     inits = {t.name: t for t in graph.initializer}
+    context = Context(shapes, inits, opset)
     counts: dict[str, int] = defaultdict(int)
     gammas: list[str] = []
     statistics: dict[str, str] = {}
+    kept: dict[str, str] = {}
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     for index, node in enumerate(graph.node):
         replacement = None
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            replacement = _rewrite_batchnorm(node, index, inits, ranks, new_inits)
+            replacement = _rewrite_batchnorm(node, index, inits, shapes, new_inits)
             for name in node.input[3:5]:  # rewritten or not, running statistics never train
                 statistics[name] = f"running statistic of BatchNormalization '{node.name}' (kept frozen)"
             if replacement is not None:
                 counts["BatchNormalization -> affine"] += 1
                 if node.input[1] in inits:  # a γ decoded from a codebook has no value of its own
                     gammas.append(node.input[1])
-        elif node.op_type == "HardSigmoid":
-            replacement = _rewrite_hardsigmoid(node, index, opset, new_inits)
-            counts["HardSigmoid -> Clip"] += replacement is not None
-        elif node.op_type == "Resize" and opset >= 13:
-            replacement = _rewrite_resize(node, index, inits, ranks, new_inits)
-            counts["Resize -> Expand"] += replacement is not None
         elif node.op_type == "LayerNormalization":
             outputs = list(node.output) + [""] * (3 - len(node.output))
             for slot, what in ((1, "mean"), (2, "inv_std")):
@@ -204,16 +152,24 @@ def rewrite_for_training(
             counts["LayerNormalization outputs declared"] += 1
             if len(node.input) > 1 and node.input[1] in inits:
                 gammas.append(node.input[1])
-        elif node.op_type in ("LSTM", "GRU"):
-            slots = 8 if node.op_type == "LSTM" else 6
-            if len(node.input) < slots:
-                node.input.extend([""] * (slots - len(node.input)))
-                counts[f"{node.op_type} inputs padded"] += 1
+        elif node.op_type in REWRITES and node.domain in ("", "ai.onnx"):
+            label, rewrite = REWRITES[node.op_type]
+            nodes = Nodes(node, index, opset, [])
+            why = (f"the model's opset {opset} could not be converted to {TRAINING_OPSET}"
+                   if opset < TRAINING_OPSET else rewrite(node, nodes, context))
+            if why is not None:
+                kept[node.name] = f"{node.op_type} '{node.name}' (no CPU gradient, and it cannot be rewritten: {why})"
+            elif nodes.nodes:
+                replacement = nodes.nodes
+                new_inits += nodes.initializers
+                counts[f"{node.op_type} -> {label}"] += 1
+                if node.op_type == "InstanceNormalization" and node.input[1] in inits:
+                    gammas.append(node.input[1])
         new_nodes.extend(replacement if replacement is not None else [node])
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    return model, {k: v for k, v in counts.items() if v}, gammas, statistics
+    return model, {k: v for k, v in counts.items() if v}, gammas, statistics, kept
 
 
 def _node_subgraph_reads(node: onnx.NodeProto) -> set[str]:
@@ -233,37 +189,28 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     return set().union(*(_node_subgraph_reads(node) for node in graph.node))
 
 
-def _rnn_limit(node: onnx.NodeProto) -> str | None:
-    """Why onnxruntime's LSTMTraining / GRUTraining kernel cannot run this node, or None."""
-    direction = _attr(node, "direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
-    if direction != "forward":
-        return f"a {direction} {node.op_type} (the training kernel is forward-only)"
-    if len(node.input) > 4 and node.input[4]:
-        return f"an {node.op_type} with sequence_lens (unsupported by the training kernel)"
-    if _attr(node, "activations", None) or _attr(node, "clip", None) is not None:
-        return f"an {node.op_type} with custom activations or clip (unsupported by the training kernel)"
-    return None
-
-
-def _blocking_reason(node: onnx.NodeProto, device: str) -> str | None:
+def _blocking_reason(node: onnx.NodeProto, kept: dict[str, str]) -> str | None:
+    """Why no gradient can pass through ``node`` (a sentence naming the op), or None."""
+    if node.op_type == "If":
+        return f"If '{node.name}', whose condition the training data does not fix (onnxruntime cannot differentiate control flow)"
     if node.op_type in CONTROL_FLOW:
-        return f"control flow ({node.op_type})"
-    if node.op_type in ("LSTM", "GRU"):
-        return _rnn_limit(node)
-    if device == "cpu" and node.op_type in CPU_ONLY_MISSING:
-        return f"{node.op_type} (its gradient kernel exists only on CUDA)"
+        return f"{node.op_type} '{node.name}' (onnxruntime cannot differentiate control flow)"
+    if node.name in kept:
+        return kept[node.name]
+    if node.op_type in NO_GRADIENT:
+        return f"{node.op_type} '{node.name}' (onnxruntime-training has no gradient for it)"
     return None
 
 
 def select_weights(
     model: onnx.ModelProto,
-    device: str,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    kept: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Split the float initializers of the training copy into trainable names and
-    ``{frozen name: reason}``. Integer initializers (indices, shapes) never train."""
+    ``{frozen name: reason}``. Integer initializers (indices, shapes) never train; ``kept``
+    names the nodes no rewrite could make differentiable, with the reason."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
@@ -310,7 +257,7 @@ def select_weights(
         candidates.append(name)
     # Weights whose gradient would have to flow through a node onnxruntime cannot differentiate.
     for node in graph.node:
-        reason = _blocking_reason(node, device)
+        reason = _blocking_reason(node, kept or {})
         if reason is None:
             continue
         stack, seen = [*node.input, *_node_subgraph_reads(node)], set()
@@ -321,7 +268,7 @@ def select_weights(
             seen.add(tensor_name)
             if tensor_name in inits:
                 if tensor_name in candidates:
-                    frozen.setdefault(tensor_name, f"its gradient would pass through {reason} '{node.name}'")
+                    frozen.setdefault(tensor_name, f"its gradient would pass through {reason}")
                 continue
             if tensor_name in producer:
                 stack.extend(producer[tensor_name].input)
@@ -361,3 +308,160 @@ def complete_frozen(
         if tensor.name not in trainable and tensor.name not in result:
             result[tensor.name] = "a constant of a node rewritten for training (not a weight)"
     return trainable, result
+
+
+# A lifted branch weight: the path to its graph in the original model, as (node index, attribute
+# name) steps from the main graph, and its name there.
+Location = tuple[tuple[tuple[int, str], ...], str]
+
+
+def _ancestors(graph: onnx.GraphProto, names: list[str]) -> list[onnx.NodeProto]:
+    """The nodes ``names`` are computed from, in graph order."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    needed, todo = set(), list(names)
+    while todo:
+        index = producer.get(todo.pop())
+        if index is None or index in needed:
+            continue
+        needed.add(index)
+        todo.extend([*graph.node[index].input, *_node_subgraph_reads(graph.node[index])])
+    return [graph.node[i] for i in sorted(needed)]
+
+
+def _fixed_conditions(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> dict[int, bool]:
+    """{index of a main-graph If: its condition} for the Ifs whose condition is the same on
+    every sample of ``data`` (each sample run alone)."""
+    from onnxzip.runtime import make_session, run_batched, run_session
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    conditions = {i: node.input[0] for i, node in enumerate(graph.node) if node.op_type == "If"}
+    fixed = {i: bool(np.all(numpy_helper.to_array(inits[name]))) for i, name in conditions.items() if name in inits}
+    computed = sorted({name for i, name in conditions.items() if i not in fixed})
+    if not computed:
+        return fixed
+    nodes = _ancestors(graph, computed)
+    used = {name for node in nodes for name in [*node.input, *_node_subgraph_reads(node)]} | set(computed)
+    probe = helper.make_graph(nodes, "conditions", [i for i in graph.input if i.name in used and i.name not in inits],
+                              [helper.make_tensor_value_info(n, onnx.TensorProto.BOOL, None) for n in computed],
+                              [t for t in graph.initializer if t.name in used])
+    probe_model = helper.make_model(probe, opset_imports=model.opset_import)
+    probe_model.ir_version = model.ir_version
+    feeds = {k: v for k, v in data.items() if k in used}
+    try:
+        session = make_session(probe_model, "cpu")
+        values = run_batched(session, feeds, 1) if feeds else run_session(session, {})
+    except Exception:  # noqa: BLE001 - a condition we cannot evaluate is one that varies
+        log.debug("evaluating If conditions failed", exc_info=True)
+        return fixed
+    for index, name in conditions.items():
+        if name in values:
+            seen = np.unique(np.asarray(values[name]).astype(bool))
+            if seen.size == 1:
+                fixed[index] = bool(seen[0])
+    return fixed
+
+
+def inline_fixed_branches(
+    model: onnx.ModelProto, data: dict[str, np.ndarray] | None
+) -> tuple[onnx.ModelProto, dict[str, Location], list[str]]:
+    """A copy of ``model`` in which every If whose condition ``data`` fixes is replaced by the
+    branch that runs (repeated for Ifs nested in it), the branch's initializers lifted into the
+    main graph; returns ``(copy, {lifted weight: where it lives in model}, notes)``."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    # where each main-graph node of the copy lives in the original: (path to its graph, index)
+    origin: list[tuple[tuple[tuple[int, str], ...], int]] = [((), i) for i in range(len(graph.node))]
+    locations: dict[str, Location] = {}
+    notes: list[str] = []
+    if data is None:
+        return model, locations, notes
+    for _depth in range(8):
+        fixed = _fixed_conditions(model, data)
+        if not fixed:
+            break
+        names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+        nodes, places = [], []
+        for index, node in enumerate(graph.node):
+            if index not in fixed:
+                nodes.append(node)
+                places.append(origin[index])
+                continue
+            which = "then_branch" if fixed[index] else "else_branch"
+            branch = next(a.g for a in node.attribute if a.name == which)
+            path = (*origin[index][0], (origin[index][1], which))
+            if any(t.name in names for t in branch.initializer):
+                nodes.append(node)
+                places.append(origin[index])
+                continue
+            for tensor in branch.initializer:
+                graph.initializer.append(tensor)
+                locations[tensor.name] = (path, tensor.name)
+            lifted = [*branch.node, *(helper.make_node("Identity", [out.name], [target])
+                                      for out, target in zip(branch.output, node.output) if target)]
+            nodes.extend(lifted)
+            places.extend([(path, i) for i in range(len(branch.node))] + [((), -1)] * (len(lifted) - len(branch.node)))
+            notes.append(f"If '{node.name or index}' always takes its {which.split('_')[0]} branch on the training "
+                         "data: that branch trains")
+        if len(nodes) == len(graph.node) and all(a is b for a, b in zip(nodes, graph.node)):
+            break
+        del graph.node[:]
+        graph.node.extend(nodes)
+        origin = places
+    return model, locations, notes
+
+
+def with_weights(model: onnx.ModelProto, values: dict[str, Any],
+                 locations: dict[str, Location] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold the new values (same
+    dtype); a name in ``locations`` is written into the If branch it was lifted from."""
+    result = copy.deepcopy(model)
+    by_graph: dict[tuple[tuple[int, str], ...], dict[str, Any]] = defaultdict(dict)
+    for name, value in values.items():
+        path, original = (locations or {}).get(name, ((), name))
+        by_graph[path][original] = value
+    for path, named in by_graph.items():
+        graph = result.graph
+        for index, attribute in path:
+            graph = next(a.g for a in graph.node[index].attribute if a.name == attribute)
+        for tensor in graph.initializer:
+            if tensor.name in named:
+                dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                tensor.CopyFrom(numpy_helper.from_array(np.asarray(named[tensor.name], dtype), tensor.name))
+    return result
+
+
+@dataclass
+class TrainingCopy:
+    """The training copy of a model and which of its weights train (the rest frozen, with why)."""
+
+    model: onnx.ModelProto
+    trainable: list[str]
+    frozen: dict[str, str]
+    rewrites: dict[str, int] = field(default_factory=dict)
+    gammas: list[str] = field(default_factory=list)
+    locations: dict[str, Location] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # nodes no gradient passes through, with why
+
+
+def prepare(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int, ...]],
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    data: dict[str, np.ndarray] | None = None,
+    probe: dict[str, np.ndarray] | None = None,
+) -> TrainingCopy:
+    """The training copy of ``model`` (Ifs fixed by ``data`` inlined, then rewritten) and the
+    split of its weights into trainable and frozen; ``shapes`` are ``model``'s observed on
+    ``probe``, which also gives the shapes inside inlined branches."""
+    inlined, locations, notes = inline_fixed_branches(model, data)
+    if notes and probe is not None:
+        from onnxzip.cost import observed_shapes
+
+        shapes = {**shapes, **observed_shapes(inlined, probe)}
+    training_copy, rewrites, gammas, statistics, kept = rewrite_for_training(inlined, shapes)
+    trainable, frozen = select_weights(training_copy, include, exclude, kept)
+    trainable, frozen = complete_frozen(inlined, trainable, frozen, statistics)
+    return TrainingCopy(training_copy, trainable, frozen, rewrites, gammas, locations, notes, kept)

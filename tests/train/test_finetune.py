@@ -86,7 +86,8 @@ def test_labels_train_bn_hardsigmoid_resize_and_come_back_unchanged_in_form(tmp_
     assert _io(trained) == _io(model) and trained.doc_string == "bn cnn"
     assert {p.key: p.value for p in trained.metadata_props} == {"owner": "tests"}
     assert trained.ir_version == model.ir_version and trained.opset_import == model.opset_import
-    assert result.rewrites == {"BatchNormalization -> affine": 1, "HardSigmoid -> Clip": 1, "Resize -> Expand": 1}
+    assert result.rewrites == {"BatchNormalization -> affine": 1, "HardSigmoid -> Relu/Min": 1,
+                               "Resize -> Expand/MatMul": 1}
     assert set(result.trained) == {"w", "b", "g", "be", "w3", "w2", "b2"}
     assert set(result.frozen) >= {"mu", "var", "scales"}
     values = {t.name: numpy_helper.to_array(t) for t in trained.graph.initializer}
@@ -95,7 +96,9 @@ def test_labels_train_bn_hardsigmoid_resize_and_come_back_unchanged_in_form(tmp_
     np.testing.assert_array_equal(values["var"], original["var"])
     assert not np.allclose(values["g"], original["g"])
     assert _ce(trained, x, labels) < _ce(model, x, labels) - 0.05
-    assert len(result.history) == 4 and result.history[-1]["loss"] < result.history[0]["loss"]
+    epochs = [row for row in result.history if "loss" in row]  # a held-back part scores the input first (epoch 0)
+    assert result.history[0]["epoch"] == 0 and "held back" in result.notes[0]
+    assert len({row["epoch"] for row in epochs}) == 4 and epochs[-1]["loss"] < epochs[0]["loss"]
 
 
 def test_label_free_distillation_recovers_a_perturbed_layernorm_model():
@@ -165,7 +168,7 @@ def test_codebook_centroid_gradient_is_the_sum_over_its_weights():
     lr = 0.1
     result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False,
                       config={"epochs": 1, "optimizer": "sgd", "schedule": "constant", "warmup": 0, "lr": lr,
-                              "batch_size": 16, "patience": 0})
+                              "batch_size": 16, "patience": 0, "keep": "last"})  # no held-back part
     assert result.trained == ["codebook"] and "idx_u8" in result.frozen
     weights = codebook[indices.astype(np.int64)].reshape(8, 3)
     grad_w = 2.0 / references.size * x.T @ (x @ weights - references)  # d mean((xW - r)^2) / dW
@@ -176,7 +179,7 @@ def test_codebook_centroid_gradient_is_the_sum_over_its_weights():
     assert result.model.ByteSize() == model.ByteSize()
 
 
-def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
+def test_lstms_train_in_every_direction_and_what_cannot_train_is_frozen_with_a_reason():
     rng = np.random.default_rng(3)
     f32 = np.float32
     hidden, feat = 6, 4
@@ -195,6 +198,9 @@ def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
             helper.make_node("ReduceMean", ["hb"], ["hbm"], axes=[0], keepdims=0),
             helper.make_node("Concat", ["hs", "hbm"], ["feat"], axis=1),
             helper.make_node("MatMul", ["feat", "wo"], ["s"], name="head"),
+            # a condition that depends on the batch: not fixed by the data
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "zero"], ["flag"]),
             helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
         ],
         [tensor("x", ["N", 5, feat])],
@@ -207,7 +213,7 @@ def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
             init("Rb", (rng.standard_normal((2, 4 * hidden, hidden)) * 0.3).astype(f32)),
             init("axis0", np.array([0], np.int64)),
             init("wo", (rng.standard_normal((2 * hidden, 3)) * 0.3).astype(f32)),
-            init("flag", np.array(True)),
+            init("zero", np.array(0.0, f32)),
         ],
         opset=13,
     )
@@ -215,40 +221,40 @@ def test_forward_lstm_trains_and_what_cannot_train_is_frozen_with_a_reason():
     references = rng.standard_normal((64, 3)).astype(f32)
     result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
     assert "inner_w" in result.frozen and "If/Loop/Scan" in result.frozen["inner_w"]
-    assert "bidirectional" in result.frozen["Wb"] and "bidirectional" in result.frozen["Rb"]
-    assert "If" in result.frozen["wo"]  # its gradient would pass through the If
+    assert "If 'branch'" in result.frozen["wo"]  # its gradient would pass through the If
     assert result.trained == [] and result.notes  # nothing left: returned unchanged, no crash
-    # Without the If, onnxruntime's LSTM training kernel still refuses the bidirectional node
-    # (it rewrites every LSTM): every weight is frozen with that reason, no crash.
-    model.graph.node.pop()
+    # Without the If: forward and bidirectional LSTMs train.
+    for _ in range(3):
+        model.graph.node.pop()
     model.graph.output[0].name = "s"
     result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
-    assert result.trained == [] and "forward direction" in result.frozen["W"]
-    # A forward LSTM alone trains.
-    for name in ("bilstm", "head"):
-        index = next(i for i, n in enumerate(model.graph.node) if n.name == name)
-        model.graph.node.pop(index)
-    concat = next(n for n in model.graph.node if n.op_type == "ReduceMean")
-    model.graph.node.remove(concat)
-    cat = next(n for n in model.graph.node if n.op_type == "Concat")
-    cat.input[1] = "hs"
-    model.graph.node.append(helper.make_node("MatMul", ["feat", "wo"], ["s"], name="head"))
-    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
-    assert set(result.trained) == {"W", "R", "B", "wo"}
-    assert result.rewrites.get("LSTM inputs padded") == 1
+    assert set(result.trained) == {"W", "R", "B", "Wb", "Rb", "wo"}
+    assert result.rewrites == {"LSTM -> forward-direction LSTM": 2}
     err = lambda m: np.mean((_outputs(m, {"x": x})["s"] - references) ** 2)  # noqa: E731
     assert err(result.model) < err(model)
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
     assert len(result.model.graph.node[1].input) == 4  # the padding is not exported
+    # An LSTM with clip: onnxruntime's training kernel refuses it, even untrained; frozen, saying why.
+    model.graph.node[1].attribute.append(helper.make_attribute("clip", 1.0))
+    result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False, config=FAST)
+    assert result.trained == [] and "LSTM 'lstm'" in result.frozen["W"] and "clip" in result.frozen["W"]
 
 
-def test_a_refused_training_graph_freezes_instead_of_crashing():
-    # Round has no gradient; onnxruntime refuses to build the training graph.
+def test_an_op_without_a_gradient_freezes_what_is_upstream_of_it_instead_of_crashing():
+    # Shrink has no gradient builder; onnxruntime refuses the training graph; the weight before
+    # it is frozen with a reason naming the op, the one after it still trains.
     model = make_model(
-        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Round", ["m"], ["y"])],
-        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], [init("w", np.full(4, 1.5, np.float32))])
+        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Shrink", ["m"], ["s"], name="shrink"),
+         helper.make_node("Mul", ["s", "w2"], ["y"], name="after")],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])],
+        [init("w", np.full(4, 1.5, np.float32)), init("w2", np.full(4, 0.5, np.float32))])
     x = np.ones((8, 4), np.float32)
     result = finetune(model, {"x": x, "references": x}, device="cpu", progress=False, config=FAST)
-    assert result.trained == [] and "could not build the training graph" in result.frozen["w"]
+    assert result.trained == ["w2"] and "Shrink 'shrink'" in result.frozen["w"]
+    model.graph.node.pop()
+    model.graph.node[-1].output[0] = "y"
+    result = finetune(model, {"x": x, "references": x}, device="cpu", progress=False, config=FAST)
+    assert result.trained == [] and "Shrink 'shrink'" in result.frozen["w"]
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
@@ -409,8 +415,9 @@ def test_keep_last_returns_the_last_epoch_without_selecting_on_the_validation_da
     last = finetune(student, {"x": x, "references": y}, val={"x": x[:16], "references": y[:16]}, device="cpu",
                     progress=False, config={**config, "keep": "last"})
     assert last.best_epoch == 4
+    # the input (epoch 0) is the first candidate; the best row's epoch is kept
     val_losses = [row["val_loss"] for row in best.history]
-    assert best.best_epoch == 1 + int(np.argmax([-v for v in val_losses]))
+    assert best.history[0]["epoch"] == 0 and best.best_epoch == best.history[int(np.argmax([-v for v in val_losses]))]["epoch"]
 
 
 def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher():
@@ -421,3 +428,31 @@ def test_kl_distillation_of_class_scores_moves_the_student_towards_the_teacher()
     assert result.losses == ["kl(y)"]
     agree = lambda m: np.mean(_outputs(m, {"x": x})["y"].argmax(1) == _outputs(teacher, {"x": x})["y"].argmax(1))  # noqa: E731
     assert agree(result.model) > agree(student)
+
+
+def test_without_val_a_held_back_part_keeps_the_input_when_no_epoch_beats_it():
+    teacher = mlp(np.random.default_rng(0))
+    x = np.random.default_rng(2).standard_normal((40, 8)).astype(np.float32)
+    # the student is the teacher: any step makes the held-back loss worse, so the input comes back
+    result = finetune(teacher, {"x": x}, teacher=teacher, device="cpu", progress=False,
+                      config={"epochs": 2, "lr": 0.05, "patience": 0, "warmup": 0.0})
+    assert "held back 8 of 40" in result.notes[0]
+    assert any("undone and retried at half the learning rate" in note for note in result.notes)
+    assert any("the input weights are returned" in note for note in result.notes) and result.best_epoch == 0
+    assert result.model.SerializeToString() == teacher.SerializeToString()
+
+
+def test_nothing_trainable_is_one_sentence_and_exit_2(tmp_path, capsys):
+    from onnxzip.cli import main
+
+    model = make_model(
+        [helper.make_node("Mul", ["x", "w"], ["m"], name="scale"), helper.make_node("Shrink", ["m"], ["y"], name="shrink")],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], [init("w", np.full(4, 1.5, np.float32))])
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32))
+    code = main(["finetune", str(source), "-o", str(target), "--data", str(tmp_path / "data.npz"),
+                 "--teacher", str(source), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not target.exists()
+    assert "Nothing can train in this model" in err and "Shrink 'shrink'" in err
