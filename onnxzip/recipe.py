@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxzip.errors import ConfigError
+import onnxzip.train.reconstruct  # noqa: F401 - registers the reconstruct step beside the passes
 import onnxzip.train.step  # noqa: F401 - registers the finetune step beside the passes
 from onnxzip.passes import Pass, get_pass
 from onnxzip.schema import build_config

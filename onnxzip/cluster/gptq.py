@@ -81,12 +81,15 @@ def refit_centroids(
     eye = np.eye(k)
     for g in range(blocks):
         for start in range(0, m, step):
-            onehot = eye[indices[g, start:start + step]]  # [r, n, K]
-            product = np.matmul(gram_d[g], onehot)  # H_λ P_r
+            onehot = eye[indices[g, start:start + step]]  # P_r: [r, n, K]
+            count = onehot.shape[0]
+            # H_λ P_r for all rows of the chunk as one product: [n, n] @ [n, r·K]
+            product = (gram_d[g] @ onehot.transpose(1, 0, 2).reshape(n, count * k)).reshape(n, count, k)
             if rows == 1:
-                a[0] += np.tensordot(onehot, product, axes=([0, 1], [0, 1]))
+                a[0] += onehot.transpose(2, 0, 1).reshape(k, count * n) @ product.transpose(1, 0, 2).reshape(count * n, k)
             else:
-                np.add.at(a, channels[g, start:start + step], np.swapaxes(onehot, 1, 2) @ product)
+                np.add.at(a, channels[g, start:start + step],
+                          np.swapaxes(onehot, 1, 2) @ product.transpose(1, 0, 2))
     fitted = codebook.astype(np.float64).copy()
     free = np.diagonal(a, axis1=1, axis2=2) > 0
     if pinned is not None:
@@ -118,18 +121,26 @@ def _inverse_cholesky(gram_d: np.ndarray) -> np.ndarray:
     raise np.linalg.LinAlgError("the Gram matrix stays singular after damping")
 
 
-def gptq_assign(
-    target: np.ndarray, gram_d: np.ndarray, codebook: np.ndarray, channels: np.ndarray,
-    *, act_order: bool = True, column_block: int = COLUMN_BLOCK,
-) -> np.ndarray:
-    """Indices into ``codebook`` rows for the weights ``target`` [G, m, n], assigned column by
-    column with error feedback through H_λ⁻¹ (see the module docstring)."""
-    blocks, m, n = target.shape
+def column_order(gram_d: np.ndarray, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(column order [G, n], upper Cholesky factor of the permuted H_λ⁻¹) for :func:`gptq_assign`:
+    largest diag H first with ``act_order`` (GPTQ's act-order), else the stored order."""
+    blocks, n = gram_d.shape[:2]
     order = (np.argsort(-np.diagonal(gram_d, axis1=1, axis2=2), axis=1, kind="stable") if act_order
              else np.broadcast_to(np.arange(n), (blocks, n)))
-    weight = np.take_along_axis(target, order[:, None, :], axis=2).copy()
     picked = np.arange(blocks)[:, None, None]
-    upper = _inverse_cholesky(gram_d[picked, order[:, :, None], order[:, None, :]])
+    return order, _inverse_cholesky(gram_d[picked, order[:, :, None], order[:, None, :]])
+
+
+def gptq_assign(
+    target: np.ndarray, ordered: tuple[np.ndarray, np.ndarray], codebook: np.ndarray, channels: np.ndarray,
+    *, column_block: int = COLUMN_BLOCK,
+) -> np.ndarray:
+    """Indices into ``codebook`` rows for the weights ``target`` [G, m, n], assigned column by
+    column in the order of ``ordered`` (:func:`column_order`) with error feedback through H_λ⁻¹
+    (see the module docstring)."""
+    blocks, m, n = target.shape
+    order, upper = ordered
+    weight = np.take_along_axis(target, order[:, None, :], axis=2).copy()
     centroids = codebook[channels]  # [G, m, K]
     chosen = np.empty((blocks, m, n), dtype=np.int64)
     for start in range(0, n, column_block):
@@ -181,8 +192,9 @@ def fit_codebook(
     best.before = best.after = objective(decode(current, indices, channels), target, gram_d) / scale
     fitted = refit_centroids(indices, current, channels, target, gram_d, pinned)
     candidates = [(fitted, indices, "centroid refit")]
+    ordered = column_order(gram_d, act_order) if assign and iterations else None
     for round_ in range(iterations if assign else 0):
-        assigned = gptq_assign(target, gram_d, candidates[-1][0], channels, act_order=act_order)
+        assigned = gptq_assign(target, ordered, candidates[-1][0], channels)
         candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned),
                            assigned, f"gptq assignment + refit ×{round_ + 1}"))
     for values, chosen, step in candidates:

@@ -622,7 +622,7 @@ class SecondOrder:
             self.branches = probe.branches
             pairs = {n: [(s, s) for s in self.sites[n]] for n in group
                      if all(s.key in probe.available for s in self.sites[n])}
-            self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit, holdout=False)
+            self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit)
         if name not in self.stats:
             return None
         return refit_codebook(stored, values, self.sites[name][0], self.stats[name],

@@ -437,13 +437,14 @@ class ActivationProbe:
                     main.add(site.sources[0])
         self.available = {s.key for s in sites if all(src in main for src in s.sources)}
         inputs = {i.name for i in probe.graph.input}
-        known = {o.name for o in probe.graph.output}
-        wanted = sorted({src for s in sites if s.key in self.available for src in s.sources} - inputs - known)
+        wanted = sorted({src for s in sites if s.key in self.available for src in s.sources} - inputs)
+        # only the wanted tensors are outputs, so onnxruntime runs just the nodes they need
+        del probe.graph.output[:]
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
-        self.session = make_session(probe, device)
+        self.session = make_session(probe, device) if wanted else None
 
     def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**chunk, **run_batched(self.session, chunk)}
+        return chunk if self.session is None else {**chunk, **run_batched(self.session, chunk)}
 
 
 def _holds(node: onnx.NodeProto, keys: set[str]) -> bool:
@@ -463,8 +464,9 @@ def _conditions(
     names = [n.input[0] for n in nodes]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in set(names) - {o.name for o in probe.graph.output})
-    session = make_session(probe, device, optimization="disabled")
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(set(names)))
+    session = make_session(probe, device)
     seen: dict[str, set[bool]] = {n: set() for n in names}
     for chunk in chunks:
         values = {**chunk, **run_batched(session, chunk)}
@@ -494,11 +496,12 @@ def collect_stats(
     chunks: list[dict[str, np.ndarray]],
     *,
     limit: int,
-    holdout: bool,
+    holdout: float = 0.0,
 ) -> dict[str, LayerStats]:
-    """:class:`LayerStats` per weight over its (compressed site, original site) pairs. With
-    ``holdout``, even chunks are fitted on and odd chunks held back. Without ``original`` the
-    compressed model is its own reference (x = x̃, C = H)."""
+    """:class:`LayerStats` per weight over its (compressed site, original site) pairs. A share
+    ``holdout`` of the chunks (every ⌊1/holdout⌋-th, from the second) is held back instead of
+    fitted on. Without ``original`` the compressed model is its own reference (x = x̃, C = H)."""
+    every = int(1 / holdout) if holdout > 0 else 0
     stats: dict[str, LayerStats] = {}
     for index, chunk in enumerate(chunks):
         values = current.run(chunk)
@@ -511,7 +514,7 @@ def collect_stats(
                 entry = stats.get(name)
                 if entry is None:
                     entry = stats[name] = LayerStats.empty(rows.shape[1], rows.shape[2], original is not None)
-                if holdout and index % 2:
+                if every and index % every == min(1, every - 1):
                     entry.hold(rows, target)
                 else:
                     entry.add(rows, target)
