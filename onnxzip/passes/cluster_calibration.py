@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxzip.runtime import make_session, run_batched, run_session
+from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_outputs(
         known = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
         model = probe
-    return run_session(make_session(model, device, optimization="disabled"), feeds)
+    return run_batched(make_session(model, device, optimization="disabled"), feeds)
 
 
 def _energy_use(node: gs.Node, slot: int, shape: tuple[int, ...]) -> tuple[gs.Tensor, Any] | None:
@@ -158,7 +158,7 @@ class SensitivityProbe:
         graph.initializer.extend(kept)
         self.session = make_session(probe, device)
         self.feeds = {**feeds, **self.values}
-        reference = run_session(self.session, self.feeds)
+        reference = run_batched(self.session, self.feeds)
         self.reference = {
             k: v.astype(np.float64) for k, v in reference.items()
             if np.issubdtype(np.asarray(v).dtype, np.floating)
@@ -170,7 +170,7 @@ class SensitivityProbe:
     def distortion(self, name: str, value: np.ndarray) -> float:
         """mean over float outputs of ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
         value = value.astype(self.values[name].dtype)
-        outputs = run_session(self.session, {**self.feeds, name: value})
+        outputs = run_batched(self.session, {**self.feeds, name: value})
         errors = []
         for key, ref in self.reference.items():
             diff = outputs[key].astype(np.float64) - ref
