@@ -14,15 +14,17 @@ LSTM/GRU/RNN inputs for W and the states h_{t−1} for R). The layer problem
 is solved by :func:`onnxzip.cluster.gptq.fit_codebook` (maths there): closed-form centroids for
 fixed indices (normal equations of size K), alternating with GPTQ assignment under the full H
 with error feedback through H⁻¹. Because x̃ comes from the compressed model, the error the earlier
-layers left is compensated: layers are fitted in ``stages`` groups in graph order, the compressed
-model re-run before each group with the groups before it already reconstructed. The mean output
+layers left is compensated: weights are fitted in graph order, both models re-run before each
+(``stages`` groups them: fewer runs, but a group's later layers then compensate errors its earlier
+layers no longer have, which measured far worse on nsnet2: 3.4 dB drop at 2 stages vs 0.02 at one
+per weight). Each run's probe outputs only the tensors that stage needs. The mean output
 shift Q μ̃ − W μ is then subtracted from the layer's bias where it has one of its own (a raw
 bias, or a bias codebook refit to the shifted values).
 
-K, the index width and the shapes do not change: the file size stays the same. With ``holdout``
-the statistics come from even runs of samples only, and each layer's relative output error
-‖Q x̃ − W x‖² / ‖W x‖² is scored before and after on up to 4096 rows of the odd runs; a layer
-whose held-back error would grow is left as it was.
+K, the index width and the shapes do not change: the file size stays the same. A share
+``holdout`` of the runs of samples is held back from the statistics, and each layer's relative
+output error ‖Q x̃ − W x‖² / ‖W x‖² is scored before and after on up to 4096 of their rows; a
+layer whose held-back error would grow is left as it was.
 """
 from __future__ import annotations
 
