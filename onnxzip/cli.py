@@ -110,6 +110,7 @@ def _add_global(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import onnxzip.train.reconstruct  # noqa: F401 - registers the reconstruct step
     import onnxzip.train.step  # noqa: F401 - registers the finetune step
     from onnxzip.passes import PASSES
     from onnxzip.recipe import RECIPE_KEYS

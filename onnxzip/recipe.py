@@ -24,6 +24,7 @@ from typing import Any
 
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import parse_sample_axes
+import onnxzip.train.reconstruct  # noqa: F401 - registers the reconstruct step beside the passes
 import onnxzip.train.step  # noqa: F401 - registers the finetune step beside the passes
 from onnxzip.passes import Pass, get_pass
 from onnxzip.schema import build_config

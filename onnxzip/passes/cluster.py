@@ -73,15 +73,30 @@ from onnxzip.cluster import (
     mean_bits,
     pack_planes,
     packed_bytes,
+    plane_widths,
     storage_bits,
     unpack_indices,
+    unpack_planes,
 )
+from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
-from onnxzip.passes.cluster_calibration import SensitivityProbe, input_energies
+from onnxzip.passes.cluster_calibration import (
+    ActivationProbe,
+    LayerSite,
+    LayerStats,
+    SensitivityProbe,
+    collect_stats,
+    fixed_batch,
+    input_energies,
+    layer_site,
+    sample_chunks,
+    stat_bytes,
+    stat_groups,
+)
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
 from onnxzip.weights import WEIGHT_ROLES, Weight, constant_uses, discover_weights
@@ -92,6 +107,9 @@ DEFAULT_K = 16
 MAX_K = 256
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops widening
+GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
+GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
+STATS_BYTES = 1 << 30  # Gram matrices held at once
 SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_var"})
 
 
@@ -141,6 +159,11 @@ class ClusterConfig:
         "k=auto: raise K to what its index width holds anyway (13 → 16): same size, lower error",
     )
     seed: int | None = option(None, "seed of the k-means initialisation (default: the run's seed)")
+    method: Literal["kmeans", "gptq"] = option(
+        "kmeans",
+        "gptq: with data, the k-means codebook's indices are assigned column by column with error "
+        "feedback through the layer's input Gram matrix (GPTQ), centroids refit in closed form",
+    )
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.k, self.bits, self.avg_bits)) > 1:
@@ -382,6 +405,7 @@ class ClusterPass(Pass):
         opset = default_opset(model)
         seed = context.seed if self.config.seed is None else self.config.seed
         energies = self._energies(model, uses, context)
+        second_order = self._second_order(model, uses, plan, context) if self.config.method == "gptq" else None
         report = self.new_report()
         for weight in context.track(table.weights, "cluster"):
             ops = "/".join(sorted({use.op_type for use in weight.uses}))
@@ -405,6 +429,11 @@ class ClusterPass(Pass):
             stored, quality = self._stored(
                 weight.name, values, k, axis, seed, energies.get(weight.name)
             )
+            gptq = second_order.refit(weight.name, stored, values) if second_order else None
+            if gptq is not None:
+                stored = gptq[0]
+                quality = {**quality, **_weight_quality(values, stored), "gptq_error_before": round(gptq[1].before, 6),
+                           "gptq_error_after": round(gptq[1].after, 6)}
             encoded = _decode_bytes(stored, values.shape, opset, weight.name)
             raw = _raw_bytes(weight.name, values)
             if encoded >= raw:
@@ -537,21 +566,69 @@ class ClusterPass(Pass):
         stored = Codebook(
             result.codebook.astype(values.dtype), result.indices, axis, storage_bits(result.k)
         )
-        mse, sqnr_db = result.mse, result.sqnr_db
+        quality = {"mse": float(result.mse), "sqnr_db": float(result.sqnr_db)}
         if values.dtype != np.float32:  # the codebook was rounded: measure what the graph decodes
-            error = values.astype(np.float64) - stored.decode().astype(np.float64)
-            squared = float(np.sum(error * error))
-            mse = squared / values.size
-            sqnr_db = (
-                float(10 * np.log10(np.sum(values.astype(np.float64) ** 2) / squared))
-                if squared
-                else np.inf
-            )
-        return stored, {
-            "mse": float(mse),
-            "sqnr_db": float(sqnr_db),
-            "entropy_bits": round(entropy, 4),
-        }
+            quality = _weight_quality(values, stored)
+        return stored, {**quality, "entropy_bits": round(entropy, 4)}
+
+    def _second_order(
+        self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext
+    ) -> SecondOrder:
+        """method=gptq: the layer input statistics of the planned weights, on the data."""
+        if not context.feeds:
+            raise ConfigError("cluster method=gptq needs calibration inputs (--data).")
+        sites: dict[str, list[LayerSite]] = {}
+        for name in plan.layers:
+            if name not in uses:
+                continue
+            constant, consumers = uses[name]
+            shape = tuple(int(d) for d in constant.shape)
+            found = [layer_site(node, slot, shape) for node, _g in consumers
+                     for slot, tensor in enumerate(node.inputs) if tensor is constant]
+            if found and all(isinstance(f, LayerSite) for f in found):
+                if len({f.view(np.empty(shape, np.uint8)).shape for f in found}) == 1:
+                    sites[name] = found
+        return SecondOrder(model, sites, context, self.config.keep_zero)
+
+
+def _weight_quality(values: np.ndarray, stored: Codebook) -> dict[str, float]:
+    """mse and SQNR (dB) of what the graph decodes against the raw weight."""
+    error = values.astype(np.float64) - stored.decode().astype(np.float64)
+    squared = float(np.sum(error * error))
+    power = float(np.sum(values.astype(np.float64) ** 2))
+    return {"mse": squared / values.size, "sqnr_db": float(10 * np.log10(power / squared)) if squared else np.inf}
+
+
+class SecondOrder:
+    """Layer input statistics for method=gptq, computed for consecutive groups of weights (one
+    onnxruntime pass over the data per group, so only one group's Gram matrices are held)."""
+
+    def __init__(self, model: onnx.ModelProto, sites: dict[str, list[LayerSite]], context: PassContext,
+                 keep_zero: bool) -> None:
+        self.model, self.sites, self.device, self.keep_zero = model, sites, context.device, keep_zero
+        batch = fixed_batch(model)
+        self.chunks = sample_chunks(context.feeds, batch or 8)
+        self.limit = GPTQ_ROWS_PER_SAMPLE * (batch or 8)
+        sizes = [(name, stat_bytes(found[0])) for name, found in sites.items()]
+        self.groups = stat_groups(sizes, 1, STATS_BYTES)
+        self.stats: dict[str, LayerStats] = {}
+        self.branches: dict[str, bool] | None = None
+
+    def refit(self, name: str, stored: Codebook, values: np.ndarray) -> tuple[Codebook, CodebookFit] | None:
+        if name not in self.sites:
+            return None
+        if name not in self.stats:
+            group = next(g for g in self.groups if name in g)
+            found = [s for n in group for s in self.sites[n]]
+            probe = ActivationProbe(self.model, found, self.device, self.chunks, self.branches)
+            self.branches = probe.branches
+            pairs = {n: [(s, s) for s in self.sites[n]] for n in group
+                     if all(s.key in probe.available for s in self.sites[n])}
+            self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit)
+        if name not in self.stats:
+            return None
+        return refit_codebook(stored, values, self.sites[name][0], self.stats[name],
+                              iterations=GPTQ_ITERATIONS, keep_zero=self.keep_zero)
 
 
 def _planned_k(name: str, entry: dict[str, Any]) -> int:
@@ -799,3 +876,164 @@ def _insert_decode(
             if tensor is weight:
                 node.inputs[slot] = decoded
     return build.constants
+
+
+@dataclass
+class DecodedWeight:
+    """A weight the cluster pass replaced by its decode subgraph, read back from a graph:
+    ``gather`` is the final ``Gather(codebook, index)``, ``planes`` the stored index planes
+    (constant, width, shift). :meth:`stored` reads the :class:`Codebook`; :meth:`store` writes new
+    centroids and indices of the same K and width into the same constants (same file size)."""
+
+    name: str
+    gather: gs.Node
+    graph: gs.Graph
+    codebook: gs.Constant
+    planes: list[tuple[gs.Constant, int, int]]
+    axis: int | None
+    shape: tuple[int, ...]
+
+    @property
+    def bits(self) -> int:
+        return sum(width for _c, width, _s in self.planes)
+
+    @property
+    def output(self) -> gs.Variable:
+        return self.gather.outputs[0]
+
+    def stored(self) -> Codebook:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        indices = unpack_planes([(w, s, np.asarray(c.values)) for c, w, s in self.planes], count)
+        values = np.asarray(self.codebook.values)
+        rows = 1 if self.axis is None else self.shape[self.axis]
+        codebook = values if self.axis is None else values.reshape(rows, -1)
+        return Codebook(codebook, indices.reshape(self.shape), self.axis, self.bits)
+
+    def store(self, stored: Codebook) -> None:
+        old = np.asarray(self.codebook.values)
+        if stored.codebook.size != old.size or stored.indices.shape != self.shape or stored.bits != self.bits:
+            raise ValueError(f"{self.name}: a stored codebook keeps its K, width and shape")
+        self.codebook.values = np.ascontiguousarray(stored.codebook.reshape(-1).astype(old.dtype))
+        planes = {(w, s): data for w, s, data in stored.stored_planes()}
+        for constant, width, shift in self.planes:
+            constant.values = planes[(width, shift)]
+
+
+def find_decodes(graph: gs.Graph) -> list[DecodedWeight]:
+    """Every decode subgraph the cluster pass wrote (see the module docstring), in any graph.
+    ``name`` is the clustered weight's name (its codebook constant's, less ``_codebook``)."""
+    found = []
+    for node, owner, _path in walk_nodes(graph):
+        if node.op != "Gather" or len(node.inputs) != 2 or int(node.attrs.get("axis", 0)) != 0:
+            continue
+        codebook, index = node.inputs
+        if not isinstance(codebook, gs.Constant) or np.asarray(codebook.values).ndim != 1:
+            continue
+        if str(np.asarray(codebook.values).dtype) not in FLOAT_DTYPES:
+            continue
+        parsed = _parse_index(index)
+        if parsed is None:
+            continue
+        planes, offsets, shape = parsed
+        bits = sum(w for _c, w, _s in planes)
+        if not 1 <= bits <= 8 or sorted((w, s) for _c, w, s in planes) != sorted(plane_widths(bits)):
+            continue
+        shape = shape or (np.asarray(planes[0][0].values).size,)
+        count = int(np.prod(shape, dtype=np.int64))
+        if any(np.asarray(c.values).size != -(-count * w // 8) for c, w, _s in planes):
+            continue
+        axis = None
+        if offsets is not None:
+            dims = [i for i, d in enumerate(offsets.shape) if len(offsets.shape) == len(shape)
+                    and d == offsets.size == shape[i]]
+            if not dims:
+                continue
+            axis = dims[0]
+        name = codebook.name[: -len("_codebook")] if codebook.name.endswith("_codebook") else codebook.name
+        found.append(DecodedWeight(name, node, owner, codebook, planes, axis, tuple(shape)))
+    return found
+
+
+def _parse_index(index: gs.Tensor) -> tuple[list[tuple[gs.Constant, int, int]], np.ndarray | None,
+                                            tuple[int, ...] | None] | None:
+    """(planes, per-channel row offsets, weight shape) of a decode's index tensor, or None when
+    it is not one."""
+    offsets, shape = None, None
+    producer = _producer(index)
+    if producer is not None and producer.op == "Add" and isinstance(producer.inputs[1], gs.Constant):
+        offsets = np.asarray(producer.inputs[1].values)
+        index, producer = producer.inputs[0], _producer(producer.inputs[0])
+    if producer is not None and producer.op == "Reshape" and isinstance(producer.inputs[1], gs.Constant):
+        candidate = tuple(int(d) for d in np.asarray(producer.inputs[1].values).reshape(-1))
+        if all(d > 0 for d in candidate):
+            shape, index = candidate, producer.inputs[0]
+    planes = _index_terms(index, 0)
+    return None if not planes else (planes, offsets, shape)
+
+
+def _producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
+
+
+def _index_terms(tensor: gs.Tensor, shift: int) -> list[tuple[gs.Constant, int, int]] | None:
+    """The planes summed into ``tensor``: Add of terms, Mul by 2**shift, Reshape/Slice of an
+    unpacked plane, Cast(Gather(table, Cast(plane))) or Cast(plane) for width 8."""
+    node = _producer(tensor)
+    if node is None:
+        return None
+    if node.op == "Add" and not any(isinstance(t, gs.Constant) for t in node.inputs):
+        left, right = _index_terms(node.inputs[0], shift), _index_terms(node.inputs[1], shift)
+        return None if left is None or right is None else left + right
+    if node.op == "Mul" and isinstance(node.inputs[1], gs.Constant):
+        scale = int(np.asarray(node.inputs[1].values))
+        return _index_terms(node.inputs[0], shift + scale.bit_length() - 1) if scale > 0 and not scale & (scale - 1) else None
+    if node.op in ("Reshape", "Slice"):
+        return _index_terms(node.inputs[0], shift)
+    if node.op != "Cast":
+        return None
+    source = node.inputs[0]
+    if isinstance(source, gs.Constant) and np.asarray(source.values).dtype == np.uint8:
+        return [(source, 8, shift)]
+    table = _producer(source)
+    if table is None or table.op != "Gather" or not isinstance(table.inputs[0], gs.Constant):
+        return None
+    lookup = np.asarray(table.inputs[0].values)
+    cast = _producer(table.inputs[1])
+    if lookup.shape[:1] != (256,) or lookup.ndim != 2 or cast is None or cast.op != "Cast":
+        return None
+    plane = cast.inputs[0]
+    if not isinstance(plane, gs.Constant) or np.asarray(plane.values).dtype != np.uint8:
+        return None
+    return [(plane, 8 // lookup.shape[1], shift)]
+
+
+def codebook_channels(stored: Codebook, site: LayerSite) -> np.ndarray | None:
+    """Codebook row of every row of ``site``'s view [G, m] (zeros per tensor), or None when a
+    per-channel codebook's rows are not output rows of the view."""
+    count = stored.indices.shape
+    if stored.axis is None:
+        return np.zeros(site.view(np.empty(count, np.uint8)).shape[:2], dtype=np.int64)
+    ids = site.view(np.indices(count)[stored.axis])
+    if np.any(ids.min(axis=2) != ids.max(axis=2)):
+        return None
+    return ids[:, :, 0].astype(np.int64)
+
+
+def refit_codebook(
+    stored: Codebook, weight: np.ndarray, site: LayerSite, stats: LayerStats, *,
+    iterations: int, damp: float = DAMP, keep_zero: bool = True, act_order: bool = True,
+) -> tuple[Codebook, CodebookFit] | None:
+    """``stored`` refit to reproduce ``weight`` on the layer inputs of ``stats``
+    (:func:`onnxzip.cluster.gptq.fit_codebook`: GPTQ assignment and closed-form centroids; same
+    K, width and shape). None when the codebook's channels do not follow the layer's rows."""
+    channels = codebook_channels(stored, site)
+    if channels is None:
+        return None
+    codebook = stored.codebook.reshape(1, -1) if stored.axis is None else stored.codebook
+    pinned = (codebook == 0) if keep_zero and not np.all(weight) else None
+    fit = fit_codebook(site.view(weight), codebook, site.view(stored.indices).astype(np.int64), channels,
+                       stats.gram, stats.cross_term, iterations=iterations, damp=damp,
+                       act_order=act_order, pinned=pinned)
+    values = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
+    indices = site.unview(fit.indices).astype(np.uint8)
+    return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits), fit

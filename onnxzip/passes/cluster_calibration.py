@@ -15,6 +15,7 @@ Both run the model through :func:`onnxzip.runtime.make_session` on the same feed
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -183,3 +184,381 @@ class SensitivityProbe:
             diff = outputs[key].astype(np.float64) - ref
             errors.append(float(np.sum(diff * diff) / max(float(np.sum(ref * ref)), 1e-30)))
         return float(np.mean(errors)) if errors else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Layer input statistics for second-order codebook fitting (method=gptq, the reconstruct step)
+
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+HELD_ROWS = 4096  # held-back rows kept per weight to score the fit
+STATE_INPUT = 5  # initial_h of LSTM/GRU/RNN
+
+
+def layer_key(node: gs.Node | onnx.NodeProto) -> str:
+    """A layer's identity across models: its first named output (passes keep activations)."""
+    outputs = node.outputs if isinstance(node, gs.Node) else node.output
+    names = [o.name if isinstance(o, gs.Tensor) else o for o in outputs]
+    return next((n for n in names if n), "")
+
+
+@dataclass
+class LayerSite:
+    """One use of a weight by a linear layer: the view [G, m, n] of the weight with y = W_g x per
+    block g, and how a run's tensors ``sources`` become input rows x ∈ Rⁿ (``rows``)."""
+
+    key: str
+    op: str
+    slot: int
+    attrs: dict[str, Any]
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    state: np.ndarray | None = None  # a constant initial_h (recurrent weight R)
+
+    @property
+    def blocks(self) -> int:
+        if self.op == "Conv":
+            return int(self.attrs.get("group", 1))
+        return self.shape[0] if self.op in RECURRENT_OPS else 1
+
+    def view(self, array: np.ndarray) -> np.ndarray:
+        """The weight (or anything of its shape) as [G, m, n]."""
+        if self.op == "MatMul" or (self.op == "Gemm" and not self.attrs.get("transB", 0)):
+            return array.T[None]
+        if self.op == "Gemm":
+            return array[None]
+        return array.reshape(self.blocks, self.shape[0] // self.blocks if self.op == "Conv" else self.shape[1], -1)
+
+    def unview(self, view: np.ndarray) -> np.ndarray:
+        if self.op == "MatMul" or (self.op == "Gemm" and not self.attrs.get("transB", 0)):
+            return view[0].T
+        return view.reshape(self.shape)
+
+    def rows(self, values: dict[str, np.ndarray], seed: int, limit: int) -> np.ndarray:
+        """Input rows [R, G or 1, n] of one run (at most ``limit``, drawn with ``seed`` so the
+        original and the compressed model give the same positions)."""
+        rng = np.random.default_rng(seed)
+        x = np.asarray(values[self.sources[0]], dtype=np.float32)
+        if self.op == "Conv":
+            return conv_patches(x, self.shape, self.attrs, rng, limit)
+        if self.op in RECURRENT_OPS and self.slot == 2:
+            rows = previous_states(x, self._initial(values, x), self.attrs)
+        elif self.op in RECURRENT_OPS:
+            rows = x.reshape(-1, 1, x.shape[-1])
+        elif self.op == "Gemm":
+            a = x.T if self.attrs.get("transA", 0) else x
+            rows = (a * np.float32(self.attrs.get("alpha", 1.0)))[:, None, :]
+        else:
+            rows = x.reshape(-1, 1, x.shape[-1])
+        if rows.shape[0] > limit:
+            rows = rows[np.sort(rng.choice(rows.shape[0], limit, replace=False))]
+        return rows
+
+    def _initial(self, values: dict[str, np.ndarray], y: np.ndarray) -> np.ndarray:
+        if self.state is not None:
+            return self.state
+        if len(self.sources) > 1:
+            return np.asarray(values[self.sources[1]], dtype=np.float32)
+        layout = int(self.attrs.get("layout", 0))
+        batch = y.shape[0] if layout else y.shape[2]
+        directions, hidden = y.shape[-2 if layout else 1], y.shape[-1]
+        return np.zeros((batch, directions, hidden) if layout else (directions, batch, hidden), np.float32)
+
+
+def layer_site(node: gs.Node, slot: int, shape: tuple[int, ...]) -> LayerSite | str:
+    """The site of a weight of ``shape`` at input ``slot`` of ``node``, or why there is none."""
+    op, ndim = node.op, len(shape)
+    attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, gs.Graph)}
+    key = layer_key(node)
+    source = node.inputs[0] if node.inputs else None
+    if source is None or isinstance(source, gs.Constant) or not key:
+        return f"{op} input is not an activation"
+    if op == "MatMul" and slot == 1 and ndim == 2:
+        return LayerSite(key, op, slot, attrs, shape, (source.name,))
+    if op == "Gemm" and slot == 1 and ndim == 2:
+        return LayerSite(key, op, slot, attrs, shape, (source.name,))
+    if op == "Conv" and slot == 1 and ndim >= 3:
+        return LayerSite(key, op, slot, attrs, shape, (source.name,))
+    if op in RECURRENT_OPS and slot == 1 and ndim == 3:
+        return LayerSite(key, op, slot, attrs, shape, (source.name,))
+    if op in RECURRENT_OPS and slot == 2 and ndim == 3:
+        outputs = [o.name for o in node.outputs]
+        y = outputs[0] if outputs and outputs[0] else f"{key}__all_states"
+        initial = node.inputs[STATE_INPUT] if len(node.inputs) > STATE_INPUT else None
+        if initial is None or not initial.name:
+            return LayerSite(key, op, slot, attrs, shape, (y,))
+        if isinstance(initial, gs.Constant):
+            return LayerSite(key, op, slot, attrs, shape, (y,), np.asarray(initial.values, np.float32))
+        return LayerSite(key, op, slot, attrs, shape, (y, initial.name))
+    return f"{op} input {slot} (only MatMul/Gemm B, Conv W and LSTM/GRU/RNN W, R have known input rows)"
+
+
+def conv_patches(
+    x: np.ndarray, shape: tuple[int, ...], attrs: dict[str, Any], rng: np.random.Generator, limit: int
+) -> np.ndarray:
+    """im2col rows [R, G, C/G·Πk] of a Conv input x [N, C, *S] at ≤ ``limit`` random output
+    positions, in the order of the weight's flattened [C/G, *k] (strides, dilations, pads and
+    auto_pad as in ONNX)."""
+    kernel = shape[2:]
+    spatial = x.shape[2:]
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    dilations = list(attrs.get("dilations", [1] * len(kernel)))
+    pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for axis, size in enumerate(spatial):
+            span = (kernel[axis] - 1) * dilations[axis] + 1
+            total = max((-(-size // strides[axis]) - 1) * strides[axis] + span - size, 0)
+            small, large = total // 2, total - total // 2
+            pads[axis], pads[axis + len(kernel)] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * len(kernel)
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(pads[:len(kernel)], pads[len(kernel):])])
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    axes = tuple(range(2, x.ndim))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=axes)
+    index = (slice(None), slice(None), *(slice(None, None, s) for s in strides),
+             *(slice(None, None, d) for d in dilations))
+    windows = windows[index]  # [N, C, *S_out, *k]
+    outer = (windows.shape[0], *windows.shape[2:2 + len(kernel)])
+    count = int(np.prod(outer))
+    chosen = np.arange(count) if count <= limit else np.sort(rng.choice(count, limit, replace=False))
+    position = np.unravel_index(chosen, outer)
+    patches = windows[(position[0], slice(None), *position[1:])]  # [R, C, *k]
+    group = int(attrs.get("group", 1))
+    return patches.reshape(patches.shape[0], group, -1)
+
+
+def previous_states(y: np.ndarray, initial: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    """Rows [T·B, D, H] of the state h_{t−1} each step's recurrent weight multiplies, from the
+    outputs Y ([T, D, B, H]; layout 1: [B, T, D, H]) and initial_h ([D, B, H]; [B, D, H]):
+    forward h_{t−1}, reverse h_{t+1}."""
+    if int(attrs.get("layout", 0)):
+        y, initial = y.transpose(1, 2, 0, 3), initial.transpose(1, 0, 2)
+    directions = y.shape[1]
+    rows = []
+    for d in range(directions):
+        reverse = attrs.get("direction", "forward") in ("reverse", b"reverse") or d == 1
+        states = y[:, d]
+        shifted = (np.concatenate([states[1:], initial[d][None]]) if reverse
+                   else np.concatenate([initial[d][None], states[:-1]]))
+        rows.append(shifted.reshape(-1, y.shape[-1]))
+    return np.stack(rows, axis=1)
+
+
+@dataclass
+class LayerStats:
+    """Streaming statistics of one weight's input rows, summed over its sites: H = Σ x̃x̃ᵀ and
+    C = Σ x̃xᵀ [G or 1, n, n], row sums of x̃ and x, and up to :data:`HELD_ROWS` held-back rows
+    (x̃, x) to score a fit on data it did not see."""
+
+    gram: np.ndarray
+    cross: np.ndarray | None  # None: x = x̃ (C = H)
+    sum_current: np.ndarray
+    sum_original: np.ndarray
+    count: int = 0
+    held_current: list[np.ndarray] = field(default_factory=list)
+    held_original: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, blocks: int, n: int, cross: bool) -> LayerStats:
+        return cls(np.zeros((blocks, n, n)), np.zeros((blocks, n, n)) if cross else None,
+                   np.zeros((blocks, n)), np.zeros((blocks, n)))
+
+    @property
+    def cross_term(self) -> np.ndarray:
+        return self.gram if self.cross is None else self.cross
+
+    def add(self, current: np.ndarray, original: np.ndarray) -> None:
+        current_t = np.swapaxes(current, 0, 1)  # [G, R, n]; float32 products, float64 sums
+        self.gram += np.swapaxes(current_t, 1, 2) @ current_t
+        if self.cross is not None:
+            self.cross += np.swapaxes(current_t, 1, 2) @ np.swapaxes(original, 0, 1)
+        self.sum_current += current.sum(axis=0, dtype=np.float64)
+        self.sum_original += original.sum(axis=0, dtype=np.float64)
+        self.count += current.shape[0]
+
+    def hold(self, current: np.ndarray, original: np.ndarray) -> None:
+        room = HELD_ROWS - sum(h.shape[0] for h in self.held_current)
+        if room > 0:
+            self.held_current.append(current[:room])
+            self.held_original.append(original[:room])
+
+    def held(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.held_current:
+            return None
+        return np.concatenate(self.held_current), np.concatenate(self.held_original)
+
+
+def relative_error(
+    rows: tuple[np.ndarray, np.ndarray], quantized: np.ndarray, weight: np.ndarray,
+    shift: np.ndarray | None = None,
+) -> float:
+    """Σ‖Q x̃ − W x − shift‖² / Σ‖W x‖² over rows (x̃, x) [R, G or 1, n], Q and W as views."""
+    current, original = (np.swapaxes(r.astype(np.float64), 0, 1) for r in rows)
+    target = original @ np.swapaxes(weight, 1, 2)
+    diff = current @ np.swapaxes(quantized, 1, 2) - target
+    if shift is not None:
+        diff -= shift[:, None, :]
+    return float(np.sum(diff * diff) / max(float(np.sum(target * target)), 1e-30))
+
+
+def sample_chunks(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """``feeds`` split into runs of ``size`` samples: :class:`~onnxzip.inputs.Samples` on each
+    input's sample axis; plain arrays on axis 0 (inputs with another axis-0 size ride along whole)."""
+    if isinstance(feeds, Samples):
+        return [feeds.take(slice(start, start + size)) for start in range(0, feeds.count, size)]
+    counts = [np.shape(v)[0] for v in feeds.values() if np.ndim(v)]
+    total = max(counts, default=1)
+    return [{k: v[start:start + size] if np.ndim(v) and np.shape(v)[0] == total else v
+             for k, v in feeds.items()} for start in range(0, total, size)]
+
+
+class ActivationProbe:
+    """A session of ``model`` whose outputs include the sources of ``sites``. ``If`` nodes of
+    the main graph whose branches hold a site are inlined when their condition is the same on
+    every chunk (found by one run; pass ``branches`` to reuse a previous probe's choice), so
+    weights inside a determined branch are measured like main-graph weights."""
+
+    def __init__(
+        self, model: onnx.ModelProto, sites: list[LayerSite], device: str,
+        chunks: list[dict[str, np.ndarray]], branches: dict[str, bool] | None = None,
+    ) -> None:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        keys = {s.key for s in sites}
+        self.branches = dict(branches or {})
+        for _depth in range(4):
+            pending = [n for n in probe.graph.node if n.op_type == "If" and _holds(n, keys)]
+            unknown = [n for n in pending if layer_key(n) not in self.branches]
+            if unknown:
+                self.branches.update(_conditions(probe, unknown, device, chunks))
+            inlined = [n for n in pending if self.branches.get(layer_key(n)) is not None]
+            if not inlined:
+                break
+            for node in inlined:
+                _inline_if(probe.graph, node, bool(self.branches[layer_key(node)]))
+        main = {o for n in probe.graph.node for o in n.output} | {i.name for i in probe.graph.input}
+        for site in sites:
+            if site.op in RECURRENT_OPS and site.slot == 2:
+                node = next((n for n in probe.graph.node if layer_key(n) == site.key), None)
+                if node is not None and not node.output[0]:
+                    node.output[0] = site.sources[0]
+                    main.add(site.sources[0])
+        self.available = {s.key for s in sites if all(src in main for src in s.sources)}
+        inputs = {i.name for i in probe.graph.input}
+        wanted = sorted({src for s in sites if s.key in self.available for src in s.sources} - inputs)
+        # only the wanted tensors are outputs, so onnxruntime runs just the nodes they need
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
+        self.session = make_session(probe, device) if wanted else None
+
+    def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return chunk if self.session is None else {**chunk, **run_batched(self.session, chunk)}
+
+
+def _holds(node: onnx.NodeProto, keys: set[str]) -> bool:
+    """Whether a subgraph of ``node`` (at any depth) holds a layer in ``keys``."""
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            if any(layer_key(n) in keys or _holds(n, keys) for n in graph.node):
+                return True
+    return False
+
+
+def _conditions(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], device: str, chunks: list[dict[str, np.ndarray]]
+) -> dict[str, bool | None]:
+    """Each If's condition when it is the same on every chunk, else None."""
+    names = [n.input[0] for n in nodes]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(set(names)))
+    session = make_session(probe, device)
+    seen: dict[str, set[bool]] = {n: set() for n in names}
+    for chunk in chunks:
+        values = {**chunk, **run_batched(session, chunk)}
+        for name in names:
+            seen[name].update(bool(v) for v in np.asarray(values[name]).reshape(-1))
+    return {layer_key(n): next(iter(seen[c])) if len(seen[c]) == 1 else None for n, c in zip(nodes, names)}
+
+
+def _inline_if(graph: onnx.GraphProto, node: onnx.NodeProto, condition: bool) -> None:
+    """Replace ``node`` by the nodes of its taken branch (outputs renamed through Identity)."""
+    branch = next(a.g for a in node.attribute if a.name == ("then_branch" if condition else "else_branch"))
+    position = list(graph.node).index(node)
+    nodes = list(branch.node) + [
+        onnx.helper.make_node("Identity", [inner.name], [outer]) for inner, outer in zip(branch.output, node.output)
+        if outer
+    ]
+    graph.initializer.extend(branch.initializer)
+    del graph.node[position]
+    for offset, inner in enumerate(nodes):
+        graph.node.insert(position + offset, inner)
+
+
+def collect_stats(
+    pairs: dict[str, list[tuple[LayerSite, LayerSite]]],
+    current: ActivationProbe,
+    original: ActivationProbe | None,
+    chunks: list[dict[str, np.ndarray]],
+    *,
+    limit: int,
+    holdout: float = 0.0,
+) -> dict[str, LayerStats]:
+    """:class:`LayerStats` per weight over its (compressed site, original site) pairs. A share
+    ``holdout`` of the chunks (every ⌊1/holdout⌋-th, from the second) is held back instead of
+    fitted on. Without ``original`` the compressed model is its own reference (x = x̃, C = H)."""
+    every = int(1 / holdout) if holdout > 0 else 0
+    stats: dict[str, LayerStats] = {}
+    for index, chunk in enumerate(chunks):
+        values = current.run(chunk)
+        reference = values if original is None else original.run(chunk)
+        for name, sites in pairs.items():
+            for number, (site, source) in enumerate(sites):
+                seed = index * 7919 + number
+                rows = site.rows(values, seed, limit)
+                target = rows if original is None else source.rows(reference, seed, limit)
+                entry = stats.get(name)
+                if entry is None:
+                    entry = stats[name] = LayerStats.empty(rows.shape[1], rows.shape[2], original is not None)
+                if every and index % every == min(1, every - 1):
+                    entry.hold(rows, target)
+                else:
+                    entry.add(rows, target)
+    return stats
+
+
+def stat_groups(sizes: list[tuple[str, int]], groups: int, max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of weights (in the given order), at most ``groups`` of them unless a
+    group's statistics (``sizes``: bytes per weight) would exceed ``max_bytes``."""
+    per_group = -(-len(sizes) // max(groups, 1)) if sizes else 1
+    out: list[list[str]] = []
+    used = 0
+    for name, size in sizes:
+        if not out or len(out[-1]) >= per_group or (out[-1] and used + size > max_bytes):
+            out.append([])
+            used = 0
+        out[-1].append(name)
+        used += size
+    return out
+
+
+def stat_bytes(site: LayerSite) -> int:
+    """Bytes of one weight's :class:`LayerStats` (H and C in float64)."""
+    blocks, m, n = site.view(np.empty(site.shape, np.uint8)).shape
+    return 2 * blocks * n * n * 8
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed size of axis 0 shared by the model's inputs (deployment files often fix 1)."""
+    initializers = {t.name for t in model.graph.initializer}
+    sizes = set()
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        sizes.add(dims[0].dim_value if dims and dims[0].HasField("dim_value") else None)
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None

@@ -1,0 +1,204 @@
+"""Second-order codebook fitting of one linear layer from its input statistics (pure numpy).
+
+A layer computes y = W x per block (a Conv group, an LSTM/GRU direction; one block for
+MatMul/Gemm): W ∈ R^{m×n} in the *view* ``[G, m, n]``. The quantized weight Q = c[ch, idx]
+takes every element from a codebook row c_ch ∈ R^K (one row per tensor, or per output channel:
+``ch[g, i]`` names the row of block row i). Given calibration inputs x̃ (what the layer sees in
+the compressed model) and x (the original model's input), the layer problem is
+
+    min_Q  E(Q) = Σ_samples ‖Q x̃ − W x‖² + λ‖Q − W‖²_F,
+
+with the statistics H = Σ x̃x̃ᵀ (the Gram matrix) and C = Σ x̃xᵀ (the cross term; C = H when
+x̃ = x). λ = ``damp`` · mean(diag H) keeps H_λ = H + λI invertible and pulls Q toward W where
+the data says nothing. Setting ∂E/∂Q = 0 gives the unconstrained optimum W* with
+W* H_λ = W (C + λI)ᵀ, and E(Q) = tr((Q − W*) H_λ (Q − W*)ᵀ) + const: every step below
+minimises this quadratic form, so earlier layers' errors (x̃ ≠ x) are compensated through W*.
+
+* :func:`refit_centroids` — for fixed indices, E is quadratic in the centroids. With P_r the
+  one-hot [n, K] assignment of block row r (q_r = P_r c_ch), the normal equations per codebook
+  row are A c = b with A = Σ_r P_rᵀ H_λ P_r (K × K) and b = Σ_r P_rᵀ H_λ w*_r, i.e.
+  b_k = Σ_{j: idx_rj = k} (W* H_λ)_rj, summed over the rows r that use that codebook row.
+* :func:`gptq_assign` — GPTQ (Frantar et al. 2022) with a codebook as the grid: columns are
+  quantized one at a time (largest diag H first), each column's error e_j = (w_j − q_j)/U_jj fed
+  back into the columns not yet quantized through the Cholesky factor U of H_λ⁻¹
+  (H_λ⁻¹ = UᵀU), so later columns absorb it; updates are applied lazily in column blocks.
+* :func:`fit_codebook` — alternate assignment and refit, keep the iterate of lowest E (the
+  starting codebook included: the result is never worse on the fit data).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DAMP = 0.01
+COLUMN_BLOCK = 128
+ONEHOT_BYTES = 64 << 20  # bound on the one-hot assignment chunk of a refit
+
+
+def damped(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(H_λ = H + λI, λ per block) with λ = damp · mean(diag H) (1e-8 for an all-zero H)."""
+    diagonal = np.diagonal(gram, axis1=-2, axis2=-1)
+    lam = np.maximum(damp * diagonal.mean(axis=-1), 1e-8)
+    identity = np.eye(gram.shape[-1])
+    return gram + lam[:, None, None] * identity, lam
+
+
+def target_weight(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray, damp: float) -> np.ndarray:
+    """W* solving W* H_λ = W (C + λI)ᵀ per block (W* = W when x̃ = x)."""
+    gram_d, lam = damped(gram, damp)
+    cross_d = cross + lam[:, None, None] * np.eye(gram.shape[-1])
+    rhs = cross_d @ np.swapaxes(weight, -1, -2)  # (C + λI) Wᵀ: [G, n, m]
+    return np.swapaxes(np.linalg.solve(gram_d, rhs), -1, -2)
+
+
+def decode(codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """Q[g, i, j] = codebook[channels[g, i], indices[g, i, j]]."""
+    return codebook[channels[..., None], indices]
+
+
+def objective(q: np.ndarray, target: np.ndarray, gram_d: np.ndarray) -> float:
+    """tr((Q − W*) H_λ (Q − W*)ᵀ) summed over blocks: E(Q) up to its constant."""
+    diff = q - target
+    return float(np.sum((diff @ gram_d) * diff))
+
+
+def refit_centroids(
+    indices: np.ndarray, codebook: np.ndarray, channels: np.ndarray, target: np.ndarray,
+    gram_d: np.ndarray, pinned: np.ndarray | None = None,
+) -> np.ndarray:
+    """Centroids minimising E for fixed ``indices`` (normal equations of size K per codebook
+    row, see the module docstring). Entries no row uses, and ``pinned`` ones (e.g. an exact 0
+    kept for pruned weights), keep their values."""
+    rows, k = codebook.shape
+    blocks, m, n = indices.shape
+    flat_rows = np.broadcast_to(channels[..., None], indices.shape)
+    weighted = target @ gram_d  # W* H_λ
+    b = np.bincount((flat_rows * k + indices).reshape(-1), weights=weighted.reshape(-1),
+                    minlength=rows * k).reshape(rows, k)
+    a = np.zeros((rows, k, k))
+    step = max(1, ONEHOT_BYTES // (n * k * 8))
+    eye = np.eye(k)
+    for g in range(blocks):
+        for start in range(0, m, step):
+            onehot = eye[indices[g, start:start + step]]  # P_r: [r, n, K]
+            count = onehot.shape[0]
+            # H_λ P_r for all rows of the chunk as one product: [n, n] @ [n, r·K]
+            product = (gram_d[g] @ onehot.transpose(1, 0, 2).reshape(n, count * k)).reshape(n, count, k)
+            if rows == 1:
+                a[0] += onehot.transpose(2, 0, 1).reshape(k, count * n) @ product.transpose(1, 0, 2).reshape(count * n, k)
+            else:
+                np.add.at(a, channels[g, start:start + step],
+                          np.swapaxes(onehot, 1, 2) @ product.transpose(1, 0, 2))
+    fitted = codebook.astype(np.float64).copy()
+    free = np.diagonal(a, axis1=1, axis2=2) > 0
+    if pinned is not None:
+        free &= ~pinned
+    for row in range(rows):
+        keep = free[row]
+        if not keep.any():
+            continue
+        fixed = ~keep
+        rhs = b[row, keep] - a[row][np.ix_(keep, fixed)] @ fitted[row, fixed]
+        system = a[row][np.ix_(keep, keep)]
+        try:
+            fitted[row, keep] = np.linalg.solve(system, rhs)
+        except np.linalg.LinAlgError:
+            fitted[row, keep] = np.linalg.lstsq(system, rhs, rcond=None)[0]
+    return fitted
+
+
+def _inverse_cholesky(gram_d: np.ndarray) -> np.ndarray:
+    """Upper U with H_λ⁻¹ = UᵀU per block; more damping while H_λ⁻¹ is not positive definite."""
+    scale = np.diagonal(gram_d, axis1=-2, axis2=-1).mean(axis=-1)[:, None, None]
+    identity = np.eye(gram_d.shape[-1])
+    for extra in (0.0, 1e-6, 1e-4, 1e-2, 1e-1):
+        try:
+            inverse = np.linalg.inv(gram_d + extra * scale * identity)
+            return np.swapaxes(np.linalg.cholesky((inverse + np.swapaxes(inverse, 1, 2)) / 2), 1, 2)
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the Gram matrix stays singular after damping")
+
+
+def column_order(gram_d: np.ndarray, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(column order [G, n], upper Cholesky factor of the permuted H_λ⁻¹) for :func:`gptq_assign`:
+    largest diag H first with ``act_order`` (GPTQ's act-order), else the stored order."""
+    blocks, n = gram_d.shape[:2]
+    order = (np.argsort(-np.diagonal(gram_d, axis1=1, axis2=2), axis=1, kind="stable") if act_order
+             else np.broadcast_to(np.arange(n), (blocks, n)))
+    picked = np.arange(blocks)[:, None, None]
+    return order, _inverse_cholesky(gram_d[picked, order[:, :, None], order[:, None, :]])
+
+
+def gptq_assign(
+    target: np.ndarray, ordered: tuple[np.ndarray, np.ndarray], codebook: np.ndarray, channels: np.ndarray,
+    *, column_block: int = COLUMN_BLOCK,
+) -> np.ndarray:
+    """Indices into ``codebook`` rows for the weights ``target`` [G, m, n], assigned column by
+    column in the order of ``ordered`` (:func:`column_order`) with error feedback through H_λ⁻¹
+    (see the module docstring)."""
+    blocks, m, n = target.shape
+    order, upper = ordered
+    weight = np.take_along_axis(target, order[:, None, :], axis=2).copy()
+    centroids = codebook[channels]  # [G, m, K]
+    chosen = np.empty((blocks, m, n), dtype=np.int64)
+    for start in range(0, n, column_block):
+        stop = min(start + column_block, n)
+        errors = np.empty((blocks, m, stop - start))
+        for j in range(start, stop):
+            column = weight[:, :, j]
+            index = np.argmin(np.abs(column[..., None] - centroids), axis=-1)
+            chosen[:, :, j] = index
+            quantized = np.take_along_axis(centroids, index[..., None], axis=-1)[..., 0]
+            error = (column - quantized) / upper[:, j, j][:, None]
+            weight[:, :, j:stop] -= error[..., None] * upper[:, None, j, j:stop]
+            errors[:, :, j - start] = error
+        weight[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
+    indices = np.empty_like(chosen)
+    np.put_along_axis(indices, np.broadcast_to(order[:, None, :], chosen.shape), chosen, axis=2)
+    return indices
+
+
+@dataclass
+class CodebookFit:
+    """The best iterate of :func:`fit_codebook`: its codebook [rows, K] (float64), indices
+    [G, m, n], and E before (the given codebook) and after, relative to E(0) = tr(W* H_λ W*ᵀ)."""
+
+    codebook: np.ndarray
+    indices: np.ndarray
+    before: float
+    after: float
+    step: str
+
+
+def fit_codebook(
+    weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
+    gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
+    act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
+) -> CodebookFit:
+    """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
+    closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
+    refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s."""
+    weight = weight.astype(np.float64)
+    blocks = weight.shape[0]
+    gram = np.broadcast_to(gram, (blocks, *gram.shape[1:]))
+    cross = np.broadcast_to(cross, (blocks, *cross.shape[1:]))
+    gram_d = damped(gram, damp)[0]
+    target = target_weight(weight, gram, cross, damp)
+    scale = max(objective(np.zeros_like(target), target, gram_d), 1e-30)
+    current = codebook.astype(np.float64)
+    best = CodebookFit(current, indices, 0.0, 0.0, "unchanged")
+    best.before = best.after = objective(decode(current, indices, channels), target, gram_d) / scale
+    fitted = refit_centroids(indices, current, channels, target, gram_d, pinned)
+    candidates = [(fitted, indices, "centroid refit")]
+    ordered = column_order(gram_d, act_order) if assign and iterations else None
+    for round_ in range(iterations if assign else 0):
+        assigned = gptq_assign(target, ordered, candidates[-1][0], channels)
+        candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned),
+                           assigned, f"gptq assignment + refit ×{round_ + 1}"))
+    for values, chosen, step in candidates:
+        error = objective(decode(values, chosen, channels), target, gram_d) / scale
+        if error < best.after:
+            best = CodebookFit(values, chosen, best.before, error, step)
+    return best
