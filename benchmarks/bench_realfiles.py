@@ -167,7 +167,7 @@ def run_command(command: list[str], timeout: float, env: dict[str, str] | None =
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        return Outcome(None, time.perf_counter() - start, f"timed out after {timeout:.0f} s")
+        return Outcome(None, time.perf_counter() - start, f"timed out after {timeout:g} s")
     seconds = time.perf_counter() - start
     reason = None if process.returncode == 0 else (last_line(stderr) or f"exit {process.returncode}")
     return Outcome(process.returncode, seconds, reason, stdout)
