@@ -139,7 +139,7 @@ def best_within_tolerance(runs: Iterable[Run]) -> Run | None:
 def last_line(text: str) -> str | None:
     """The last non-empty line (progress bars rewrite lines with carriage returns)."""
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else None
+    return lines[-1][:600] if lines else None
 
 
 def speedups(run: Run, original: Run) -> dict[str, float | None]:

@@ -63,8 +63,8 @@ def report(variant: str, notes: list[str]) -> None:
 def try_variants(variants: list[tuple[str, object]], output: Path, feeds: dict[str, np.ndarray]) -> int:
     """Run ``(name, build)`` variants in order until one writes a file onnxruntime loads and runs.
 
-    ``build(output)`` writes the file. Each variant that fails adds a note; the last failure is the
-    script's reason (last stderr line, exit 1)."""
+    ``build(output)`` writes the file. Each variant that fails adds a note; when none works, the
+    notes of all are the script's reason (one stderr line, exit 1)."""
     notes: list[str] = []
     for name, build in variants:
         try:
@@ -76,5 +76,5 @@ def try_variants(variants: list[tuple[str, object]], output: Path, feeds: dict[s
             continue
         report(name, notes + list(extra or []))
         return 0
-    print(notes[-1] if notes else "no variant", file=sys.stderr)
+    print(" | ".join(notes) or "no variant", file=sys.stderr)
     return 1
