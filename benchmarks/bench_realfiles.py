@@ -274,8 +274,11 @@ class Options:
     nncf_reason: str | None = None
 
 
-def judge(run: Run, corpus: Corpus, bench: Bench, output: Path, original_bytes: int) -> None:
-    """Size, task score and deployment measures of a written ``output``."""
+def written(run: Run, corpus: Corpus, bench: Bench, output: Path, original_bytes: int) -> None:
+    """Size, task score and deployment measures of the ``output`` a run that exited 0 wrote."""
+    if not output.exists():
+        run.reason = "exit 0 but no file written"
+        return
     run.output = str(output)
     run.bytes = output.stat().st_size
     run.ratio = size_ratio(original_bytes, run.bytes)
@@ -314,8 +317,8 @@ def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Opt
     output.unlink(missing_ok=True)
     outcome = run_command([sys.executable, "-m", "onnxzip.cli", *args], options.timeout, env)
     run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
-    if outcome.exit_code == 0 and output.exists():
-        judge(run, corpus, bench, output, original.bytes)
+    if outcome.exit_code == 0:
+        written(run, corpus, bench, output, original.bytes)
     return run
 
 
@@ -335,10 +338,10 @@ def peer_run(name: str, peer: tuple[str, str, str, str], corpus: Corpus, bench: 
     output.unlink(missing_ok=True)
     outcome = run_command([python, *args], options.timeout, cwd=PEER_DIR)
     run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
-    if outcome.exit_code == 0 and output.exists():
+    if outcome.exit_code == 0:
         result = json.loads(outcome.stdout.strip().splitlines()[-1])
         run.notes = [f"variant: {result['variant']}", *result["notes"]]
-        judge(run, corpus, bench, output, original.bytes)
+        written(run, corpus, bench, output, original.bytes)
     return run
 
 
@@ -461,23 +464,31 @@ def summary_table(results: list[FileResult]) -> list[str]:
                            family in ("onnxzip", "nncf")) for family in columns]
         lines.append(f"{result.name:<18} {_score(result.original):>10}  "
                      + "  ".join(f"{cell:<{widths[c]}}" for cell, c in zip(cells, columns)))
-    failures = [(result.name, run) for result in results for run in [result.original, *result.runs]
-                if run.failed]
-    if failures:
-        lines += ["", "== failures"]
-        lines += [f"{name} {run.family} {run.method}: " + (f"exit {run.exit_code}, " if run.exit_code is not None else "")
-                  + (f"{run.seconds:.0f} s: " if run.seconds is not None else "") + f"{run.reason}"
-                  for name, run in failures]
-    return lines
+    failures = [failure_line(run) for result in results for run in [result.original, *result.runs]
+                if run.failed or (run.deploy and run.deploy.error)]
+    return lines + (["", "== failures", *failures] if failures else [])
+
+
+def failure_line(run: Run) -> str:
+    """Why a run has no judged file (or no measures): exit code, time and the tool's last line."""
+    ended = (f"exit {run.exit_code}, " if run.exit_code is not None else "") + (
+        f"{run.seconds:.0f} s: " if run.seconds is not None else "")
+    reason = run.reason if run.failed else f"not measured in onnxruntime: {run.deploy.error}"
+    return f"{run.file} {run.family} {run.method}: {ended}{reason}"
+
+
+def best_json(result: FileResult, family: str) -> dict | None:
+    best = best_within_tolerance(run for run in result.runs if run.family == family)
+    return None if best is None else {"method": best.method, "ratio": best.ratio,
+                                      **speedups(best, result.original)}
 
 
 def to_json(results: list[FileResult]) -> dict:
     def run_json(run: Run, original: Run) -> dict:
         return {**dataclasses.asdict(run), "ratios": speedups(run, original)}
     return {"files": [{"name": result.name, "original": dataclasses.asdict(result.original),
-                       "best_within_tolerance": {family: (best.method if (best := best_within_tolerance(
-                           [run for run in result.runs if run.family == family])) else None)
-                           for family in families(result.runs)},
+                       "best_within_tolerance": {family: best_json(result, family)
+                                                 for family in families(result.runs)},
                        "runs": [run_json(run, result.original) for run in result.runs]}
                       for result in results]}
 

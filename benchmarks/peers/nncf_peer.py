@@ -6,8 +6,8 @@
 CALIB.npz, one sample per row; retried with Conv in the ignored scope when the file it writes
 does not load (NNCF writes Conv weight scales as ``[C,1,1]``, which onnxruntime rejects).
 ``int8`` / ``int4``: ``nncf.compress_weights`` weight-only INT8_ASYM / INT4_SYM (data-free
-defaults); INT4 is retried with ``group_size_fallback_mode=ADJUST`` where channels do not divide
-the group size. Files below opset 13 are converted first (NNCF refuses per-channel schemes there).
+defaults); when that fails, retried with Conv ignored (the same ``[C,1,1]`` scales) and
+``group_size_fallback_mode=ADJUST`` (where channels do not divide the group size). Files below opset 13 are converted first (NNCF refuses per-channel schemes there).
 
 Prints one JSON line (the variant that worked, notes); on failure the last stderr line says why
 and the exit code is 1.
@@ -25,32 +25,31 @@ from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
 
 def main(argv: list[str]) -> int:
     method, source, output, calib = argv
-    model, note = at_least_opset(onnx.load(source))
+    note = at_least_opset(onnx.load(source))[1]
     notes = [note] if note else []
     rows = list(calib_rows(calib))
+
+    def model() -> onnx.ModelProto:
+        """A fresh copy for each variant: a failed try may have changed the one it was given."""
+        return at_least_opset(onnx.load(source))[0]
 
     def save(built: onnx.ModelProto, out: Path) -> list[str]:
         onnx.save(built, str(out))
         return notes
 
+    no_conv = nncf.IgnoredScope(types=["Conv"], validate=False)
     if method == "quantize":
         dataset = nncf.Dataset(rows)
         variants = [
-            ("nncf.quantize", lambda out: save(nncf.quantize(model, dataset), out)),
-            ("nncf.quantize, Conv ignored", lambda out: save(nncf.quantize(
-                model, dataset, ignored_scope=nncf.IgnoredScope(types=["Conv"], validate=False)), out)),
+            ("nncf.quantize", lambda out: save(nncf.quantize(model(), dataset), out)),
+            ("nncf.quantize, Conv ignored", lambda out: save(nncf.quantize(model(), dataset, ignored_scope=no_conv), out)),
         ]
-    elif method == "int8":
-        variants = [("compress_weights INT8_ASYM", lambda out: save(nncf.compress_weights(
-            model, mode=nncf.CompressWeightsMode.INT8_ASYM), out))]
     else:
+        mode = nncf.CompressWeightsMode.INT8_ASYM if method == "int8" else nncf.CompressWeightsMode.INT4_SYM
         adjust = AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
-        variants = [
-            ("compress_weights INT4_SYM", lambda out: save(nncf.compress_weights(
-                model, mode=nncf.CompressWeightsMode.INT4_SYM), out)),
-            ("compress_weights INT4_SYM, group size ADJUST", lambda out: save(nncf.compress_weights(
-                model, mode=nncf.CompressWeightsMode.INT4_SYM, advanced_parameters=adjust), out)),
-        ]
+        variants = [(f"compress_weights {mode.name}", lambda out: save(nncf.compress_weights(model(), mode=mode), out)),
+                    (f"compress_weights {mode.name}, Conv ignored, group size ADJUST", lambda out: save(
+                        nncf.compress_weights(model(), mode=mode, ignored_scope=no_conv, advanced_parameters=adjust), out))]
     return try_variants(variants, Path(output), rows[0])
 
 

@@ -18,7 +18,7 @@ from _deploy import Deployment  # noqa: E402
 
 
 def run(method: str, ratio: float | None, kept: bool | None, family: str = "onnxzip", **deploy) -> bench.Run:
-    return bench.Run("model", family, method, ratio=ratio, quality_kept=kept,
+    return bench.Run("captcha_crnn", family, method, ratio=ratio, quality_kept=kept,
                      deploy=Deployment(**deploy) if deploy else None)
 
 
