@@ -24,12 +24,14 @@ The table gives per file the original's score and, for onnxzip and each peer, th
 among its runs that keep the file's tolerance; then a line per failure. ``--json`` writes every run.
 
     python benchmarks/bench_realfiles.py [--models a,b] [--modes bits=4,avg_bits=3+ft] [--loops]
-        [--skip-peers] [--skip-onnxzip] [--timeout 600] [--repeats 50] [--work DIR] [--json out.json]
+        [--skip-peers] [--skip-onnxzip] [--force] [--timeout 600] [--repeats 50] [--work DIR] [--json out.json]
 
 Modes are named ``bits=4``, ``bits=3``, ``avg_bits=4``, ``avg_bits=3``, ``avg_bits=2.5``, each
 also with ``+ft`` (``--finetune epochs=3`` appended). ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
-cannot take one). The corpus is looked up in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``),
+cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
+tolerance would keep: such a run exits 1 and counts as a failure, as it does for a user;
+``--force`` passes ``--force`` so that the task scorer alone judges them. The corpus is looked up in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``),
 its data in ``--data-root`` (default ``~/.cache/rfdata``; written by the scorer when absent), the
 shared folder in ``$ONNXZIP_SHARED`` (default ``<repo>/../shared``).
 """
@@ -79,6 +81,7 @@ class Outcome:
     seconds: float
     reason: str | None = None
     stdout: str = ""
+    stderr: str = ""
 
 
 @dataclass
@@ -170,7 +173,7 @@ def run_command(command: list[str], timeout: float, env: dict[str, str] | None =
         return Outcome(None, time.perf_counter() - start, f"timed out after {timeout:g} s")
     seconds = time.perf_counter() - start
     reason = None if process.returncode == 0 else (last_line(stderr) or f"exit {process.returncode}")
-    return Outcome(process.returncode, seconds, reason, stdout)
+    return Outcome(process.returncode, seconds, reason, stdout, stderr)
 
 
 def progress(message: str) -> None:
@@ -269,6 +272,7 @@ class Options:
     timeout: float
     repeats: int
     work: Path
+    force: bool = False
     ort_python: str | None = None
     nncf_python: str | None = None
     nncf_reason: str | None = None
@@ -308,7 +312,7 @@ def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Opt
     output = options.work / name / "onnxzip" / f"{mode}.onnx"
     output.parent.mkdir(parents=True, exist_ok=True)
     args = ["compress", str(corpus.model(name)), "-o", str(output), "--data",
-            str(corpus.data(name) / "calib.npz"), "-q", *flags]
+            str(corpus.data(name) / "calib.npz"), "-q", *flags, *(["--force"] if options.force else [])]
     run = Run(name, "onnxzip", mode, ["onnxzip", *args])
     if mode in LOOPS:
         run.reason = LOOP_NOT_RUN
@@ -318,6 +322,7 @@ def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Opt
     outcome = run_command([sys.executable, "-m", "onnxzip.cli", *args], options.timeout, env)
     run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
     if outcome.exit_code == 0:
+        run.notes = [line for line in outcome.stderr.splitlines() if "quality gate failed" in line]
         written(run, corpus, bench, output, original.bytes)
     return run
 
@@ -503,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loops", action="store_true", help="also the method1/method2 loop recipes")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-onnxzip", action="store_true")
+    parser.add_argument("--force", action="store_true",
+                        help="pass --force to onnxzip: keep files its default fidelity gate refuses, "
+                             "judged by the task scorer alone (the gate's verdict goes to the run's notes)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per compress, peer or score run")
     parser.add_argument("--repeats", type=int, default=50, help="batch-1 latency runs per file (median)")
     parser.add_argument("--work", help="keep every output here (default: a temporary folder)")
@@ -531,7 +539,7 @@ def run_all(args: argparse.Namespace, work: Path) -> list[FileResult]:
         print(f"bench_realfiles: nothing measured. {missing}")
         return []
     options = Options(args.modes.split(","), args.loops, not args.skip_peers, not args.skip_onnxzip,
-                      args.timeout, args.repeats, work)
+                      args.timeout, args.repeats, work, args.force)
     if options.peers:
         options.ort_python = ort_quantization_python(args.timeout)
         options.nncf_python, options.nncf_reason = ensure_peer_venv(Path(args.peer_venv).expanduser(), args.timeout)
