@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,14 +249,13 @@ def ensure_peer_venv(venv: Path, timeout: float) -> tuple[str | None, str | None
         return str(python), None
     building = venv.with_name(venv.name + ".building")
     progress(f"creating the peer venv {venv} ({' '.join(PEER_PACKAGES)}) ...")
-    steps = [[sys.executable, "-m", "venv", "--clear", str(building)],
-             [str(building / "bin" / "python"), "-m", "pip", "install", "-q", *PEER_PACKAGES]]
-    for step in steps:
-        outcome = run_command(step, max(timeout, 900))
+    steps = {"python -m venv": [sys.executable, "-m", "venv", "--clear", str(building)],
+             "pip install": [str(building / "bin" / "python"), "-m", "pip", "install", "-q", *PEER_PACKAGES]}
+    for step, command in steps.items():
+        outcome = run_command(command, max(timeout, 900))
         if outcome.exit_code != 0:
-            return None, f"peer venv not created ({' '.join(step[-3:])}): {outcome.reason}"
-    if venv.exists():
-        subprocess.run(["rm", "-rf", str(venv)], check=True)
+            return None, f"the peer venv was not created ({step}: {outcome.reason})"
+    shutil.rmtree(venv, ignore_errors=True)
     building.rename(venv)
     return str(python), None
 
