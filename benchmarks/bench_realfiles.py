@@ -103,6 +103,7 @@ class Run:
     quality_kept: bool | None = None
     deploy: Deployment | None = None
     notes: list[str] = field(default_factory=list)
+    stderr_tail: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -140,10 +141,13 @@ def best_within_tolerance(runs: Iterable[Run]) -> Run | None:
     return max(kept, key=lambda run: run.ratio, default=None)
 
 
-def last_line(text: str) -> str | None:
-    """The last non-empty line (progress bars rewrite lines with carriage returns)."""
+def last_line(text: str, prefix: str = "onnxzip:") -> str | None:
+    """The tool's last message as one line: from the last line starting with ``prefix`` (the CLI's
+    error, whose text may span lines) to the end, else the last non-empty line (progress bars
+    rewrite lines with carriage returns)."""
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1][:600] if lines else None
+    starts = [index for index, line in enumerate(lines) if line.startswith(prefix)]
+    return " ".join(lines[starts[-1] if starts else -1:])[:600] if lines else None
 
 
 def speedups(run: Run, original: Run) -> dict[str, float | None]:
@@ -278,6 +282,12 @@ class Options:
     nncf_reason: str | None = None
 
 
+def record(run: Run, outcome: Outcome) -> None:
+    """How the tool's process ended; a failure keeps the tail of its stderr for the JSON."""
+    run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
+    run.stderr_tail = outcome.stderr[-2000:] if outcome.exit_code != 0 else None
+
+
 def written(run: Run, corpus: Corpus, bench: Bench, output: Path, original_bytes: int) -> None:
     """Size, task score and deployment measures of the ``output`` a run that exited 0 wrote."""
     if not output.exists():
@@ -320,7 +330,7 @@ def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Opt
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     output.unlink(missing_ok=True)
     outcome = run_command([sys.executable, "-m", "onnxzip.cli", *args], options.timeout, env)
-    run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
+    record(run, outcome)
     if outcome.exit_code == 0:
         run.notes = [line for line in outcome.stderr.splitlines() if "quality gate failed" in line]
         written(run, corpus, bench, output, original.bytes)
@@ -342,7 +352,7 @@ def peer_run(name: str, peer: tuple[str, str, str, str], corpus: Corpus, bench: 
         return run
     output.unlink(missing_ok=True)
     outcome = run_command([python, *args], options.timeout, cwd=PEER_DIR)
-    run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
+    record(run, outcome)
     if outcome.exit_code == 0:
         result = json.loads(outcome.stdout.strip().splitlines()[-1])
         run.notes = [f"variant: {result['variant']}", *result["notes"]]

@@ -54,6 +54,11 @@ def test_last_line_reads_through_progress_bars():
     stderr = "cluster  10%|#\rcluster 100%|####\nonnxzip: error: invalid dimensions for input_3\n\n"
     assert bench.last_line(stderr) == "onnxzip: error: invalid dimensions for input_3"
     assert bench.last_line("  \n") is None
+    error = ("onnxzip: internal error: InvalidArgument: Got invalid dimensions for input: input_3\n"
+             " index: 0 Got: 32 Expected: 1\n Please fix either the inputs/outputs or the model.\n")
+    assert bench.last_line("progress 5%\r" + error) == (
+        "onnxzip: internal error: InvalidArgument: Got invalid dimensions for input: input_3 "
+        "index: 0 Got: 32 Expected: 1 Please fix either the inputs/outputs or the model.")
 
 
 def test_summary_lists_best_per_family_and_one_line_per_failure():
