@@ -3,7 +3,8 @@
 * batch-1 latency at one intra-op thread: the original and the candidate alternate in one process
   (load on the shared cores hits both alike), the least median of three rounds of fresh sessions;
 * batch-N latency the same way, where every input's first axis is symbolic;
-* session load time: median of three ``InferenceSession`` constructions;
+* session load time: median of ``InferenceSession`` constructions, the original's and the
+  candidate's alternating;
 * peak resident memory of a session: the peak resident size of a child process that imports
   onnxruntime, loads the session and runs it once, minus that of a baseline child that stops
   before the session. The peak is ``VmHWM`` of ``/proc/self/status`` where there is one:
@@ -54,6 +55,7 @@ class Deployment:
     original_latency_bn_ms: float | None = None
     batch_n: int | None = None
     load_s: float | None = None
+    original_load_s: float | None = None
     peak_memory_mb: float | None = None
     error: str | None = None
 
@@ -103,14 +105,16 @@ def paired_latency(original: str | Path, candidate: str | Path, feeds: Feeds, re
     return best[0], best[1]
 
 
-def load_seconds(path: str | Path, tries: int = 3) -> float:
-    """Median seconds to construct a session (reading, optimizing, allocating initializers)."""
-    samples = []
+def load_seconds(*paths: str | Path, tries: int = 5) -> list[float]:
+    """Median seconds to construct a session (reading, optimizing, allocating initializers) of
+    each path, the paths alternating try by try."""
+    samples: list[list[float]] = [[] for _ in paths]
     for _ in range(tries):
-        start = time.perf_counter()
-        session(path)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for index, path in enumerate(paths):
+            start = time.perf_counter()
+            session(path)
+            samples[index].append(time.perf_counter() - start)
+    return [statistics.median(values) for values in samples]
 
 
 def _child_maxrss_kb(model: str, rows: Path, timeout: float) -> int:
@@ -167,7 +171,9 @@ class Bench:
         try:
             if paired:
                 self._latencies(candidate, result)
-            result.load_s = load_seconds(candidate)
+                result.original_load_s, result.load_s = load_seconds(self.original, candidate)
+            else:
+                (result.load_s,) = load_seconds(candidate)
             result.peak_memory_mb = peak_memory_mb(candidate, self.rows_file, self.baseline_kb)
         except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot run is a measured result
             lines = str(exc).strip().splitlines()
@@ -181,5 +187,5 @@ class Bench:
             result.batch_n = len(next(iter(self.batch.values())))
             result.original_latency_bn_ms, result.latency_bn_ms = (
                 1e3 * value for value in paired_latency(self.original, candidate, self.batch,
-                                                        max(6, self.repeats // 4)))
+                                                        max(9, self.repeats // 2)))
 

@@ -15,8 +15,9 @@ real calibration data and its own task scorer) this measures:
   run in a separate venv with plain onnxruntime that this script creates once under
   ``--peer-venv``); the same measures;
 * deployment measures (``benchmarks/_deploy.py``), all in the project's onnxruntime on one CPU
-  thread: batch-1 latency (original and candidate alternating, median of ``--repeats`` runs), batch-8
-  latency where the batch is dynamic, session load time, peak resident memory of a child process
+  thread: batch-1 latency (original and candidate alternating, least median of three rounds of
+  fresh sessions, ``--repeats`` runs in all), batch-8 latency where the batch is dynamic, session
+  load time (alternating too), peak resident memory of a child process
   that loads the file and runs it once (minus a child that only imports onnxruntime). Printed as
   ratios against the original: ``lat×`` > 1 is faster, ``mem×`` > 1 is lighter.
 
@@ -157,7 +158,7 @@ def speedups(run: Run, original: Run) -> dict[str, float | None]:
         return {"latency_b1_x": None, "latency_bn_x": None, "load_x": None, "memory_x": None}
     return {"latency_b1_x": times_better(deploy.original_latency_b1_ms, deploy.latency_b1_ms),
             "latency_bn_x": times_better(deploy.original_latency_bn_ms, deploy.latency_bn_ms),
-            "load_x": times_better(base.load_s, deploy.load_s),
+            "load_x": times_better(deploy.original_load_s or base.load_s, deploy.load_s),
             "memory_x": times_better(base.peak_memory_mb, deploy.peak_memory_mb)}
 
 

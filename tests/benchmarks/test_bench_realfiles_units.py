@@ -43,9 +43,9 @@ def test_ratios_are_original_over_candidate():
 def test_speedups_pair_latency_with_its_own_original_and_memory_with_the_originals_run():
     original = run("original", 1.0, True, family="original", load_s=0.02, peak_memory_mb=40.0)
     candidate = run("bits=4", 7.6, True, latency_b1_ms=1.0, original_latency_b1_ms=3.0, load_s=0.08,
-                    peak_memory_mb=20.0)
+                    original_load_s=0.04, peak_memory_mb=20.0)
     ratios = bench.speedups(candidate, original)
-    assert ratios == {"latency_b1_x": 3.0, "latency_bn_x": None, "load_x": 0.25, "memory_x": 2.0}
+    assert ratios == {"latency_b1_x": 3.0, "latency_bn_x": None, "load_x": 0.5, "memory_x": 2.0}
     broken = run("bits=4", 7.6, None, error="RuntimeError: cannot load")
     assert set(bench.speedups(broken, original).values()) == {None}
 
