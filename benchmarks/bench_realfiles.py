@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -540,7 +540,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_all(args: argparse.Namespace, work: Path) -> list[FileResult]:
+def run_all(args: argparse.Namespace, work: Path) -> Iterator[FileResult]:
+    """Each corpus file's results as soon as they are measured (nothing when the corpus is absent)."""
     shared = Path(os.environ.get("ONNXZIP_SHARED", REPO.parent / "shared"))
     corpus = Corpus(shared, Path(os.environ.get("REALFILES_DIR", Path.home() / ".cache" / "realfiles")),
                     Path(args.data_root), args.timeout)
@@ -548,7 +549,7 @@ def run_all(args: argparse.Namespace, work: Path) -> list[FileResult]:
     missing = corpus.missing(names)
     if missing:
         print(f"bench_realfiles: nothing measured. {missing}")
-        return []
+        return
     options = Options(args.modes.split(","), args.loops, not args.skip_peers, not args.skip_onnxzip,
                       args.timeout, args.repeats, work, args.force)
     if options.peers:
@@ -556,21 +557,22 @@ def run_all(args: argparse.Namespace, work: Path) -> list[FileResult]:
         options.nncf_python, options.nncf_reason = ensure_peer_venv(Path(args.peer_venv).expanduser(), args.timeout)
         if options.ort_python is None:  # the project's onnxruntime lacks the tools: the peer venv has them
             options.ort_python = options.nncf_python
-    return [bench_file(name, corpus, options) for name in names]
+    for name in names:
+        yield bench_file(name, corpus, options)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-realfiles-") as scratch:
         work = Path(args.work) if args.work else Path(scratch)
-        results = run_all(args, work)
-    if not results:
-        return 0
-    for result in results:
-        print("\n".join(detail_table(result)))
-    print("\n".join(summary_table(results)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(to_json(results), indent=1, default=str))
+        results: list[FileResult] = []
+        for result in run_all(args, work):  # a long run shows and keeps each file as it is done
+            results.append(result)
+            print("\n".join(detail_table(result)), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(to_json(results), indent=1, default=str))
+    if results:
+        print("\n".join(summary_table(results)))
     return 0
 
 
