@@ -6,8 +6,8 @@ real calibration data and its own task scorer) this measures:
 * the original: its task score (the shared scorer), batch-1/batch-N latency, load time, memory;
 * onnxzip's automatic modes, each run as the CLI a user would run
   (``onnxzip compress IN -o OUT --data calib.npz --cluster bits=4`` ..., with and without
-  ``--finetune epochs=3``) in a subprocess with a timeout: exit code, wall time, the last stderr
-  line when it failed; for a written file its size ratio (original bytes / output bytes), task
+  ``--finetune epochs=3``) in a subprocess with a timeout: exit code, wall time, the CLI's error
+  message when it failed; for a written file its size ratio (original bytes / output bytes), task
   score, drop and whether the file's tolerance is kept, and the deployment measures;
 * the peers, on the same calibration data: onnxruntime ``quantize_dynamic`` int8, onnxruntime
   ``quantize_static`` QDQ per-channel int8 (``benchmarks/peers/ort_peer.py``), NNCF 3.4
@@ -17,9 +17,9 @@ real calibration data and its own task scorer) this measures:
 * deployment measures (``benchmarks/_deploy.py``), all in the project's onnxruntime on one CPU
   thread: batch-1 latency (original and candidate alternating, least median of three rounds of
   fresh sessions, ``--repeats`` runs in all), batch-8 latency where the batch is dynamic, session
-  load time (alternating too), peak resident memory of a child process
-  that loads the file and runs it once (minus a child that only imports onnxruntime). Printed as
-  ratios against the original: ``lat×`` > 1 is faster, ``mem×`` > 1 is lighter.
+  load time (alternating too), peak resident memory of a child process that loads the file and
+  runs it once (minus a child that only imports onnxruntime). Printed as ratios against the
+  original (``lat1x``, ``latNx``, ``loadx``, ``memx``): above 1 is faster or lighter.
 
 The table gives per file the original's score and, for onnxzip and each peer, the best file ratio
 among its runs that keep the file's tolerance; then a line per failure. ``--json`` writes every run.
@@ -32,9 +32,11 @@ also with ``+ft`` (``--finetune epochs=3`` appended). ``--loops`` adds the metho
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
 tolerance would keep: such a run exits 1 and counts as a failure, as it does for a user;
-``--force`` passes ``--force`` so that the task scorer alone judges them. The corpus is looked up in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``),
-its data in ``--data-root`` (default ``~/.cache/rfdata``; written by the scorer when absent), the
-shared folder in ``$ONNXZIP_SHARED`` (default ``<repo>/../shared``).
+``--force`` passes ``--force`` so that the task scorer alone judges them. The corpus is looked up
+in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``), its data in ``--data-root`` (default
+``~/.cache/rfdata``; written by the scorer when absent), the shared folder in ``$ONNXZIP_SHARED``
+(default ``<repo>/../shared``). A long run prints each file's table (and rewrites ``--json``) as
+soon as the file is done.
 """
 from __future__ import annotations
 
