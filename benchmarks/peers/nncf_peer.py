@@ -7,7 +7,8 @@ CALIB.npz, one sample per row; retried with Conv in the ignored scope when the f
 does not load (NNCF writes Conv weight scales as ``[C,1,1]``, which onnxruntime rejects).
 ``int8`` / ``int4``: ``nncf.compress_weights`` weight-only INT8_ASYM / INT4_SYM (data-free
 defaults); when that fails, retried with Conv ignored (the same ``[C,1,1]`` scales) and
-``group_size_fallback_mode=ADJUST`` (where channels do not divide the group size). Files below opset 13 are converted first (NNCF refuses per-channel schemes there).
+``group_size_fallback_mode=ADJUST`` (where channels do not divide the group size). Files below
+opset 13 are converted first (NNCF refuses per-channel schemes there).
 
 Prints one JSON line (the variant that worked, notes); on failure the last stderr line says why
 and the exit code is 1.
