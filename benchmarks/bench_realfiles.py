@@ -37,6 +37,21 @@ in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``), its data in ``--data-roo
 ``~/.cache/rfdata``; written by the scorer when absent), the shared folder in ``$ONNXZIP_SHARED``
 (default ``<repo>/../shared``). A long run prints each file's table (and rewrites ``--json``) as
 soon as the file is done.
+
+Measured on 2 shared cores (load 5-7, 2026-12-06; subsets, not yet one run over all modes), best
+file ratio within tolerance, then batch-1 speed-up and peak-memory ratio against the original:
+
+* onnxzip (bits=4, avg_bits=4, bits=4+ft; avg_bits=3 on the small files): nsnet2_16k 7.93x
+  (lat 1.00x, mem 0.58x), captcha_crnn 7.46x avg_bits=4 (1.00x, 0.89x), dtln_stage1 7.63x (1.01x,
+  0.77x), romanizer_encoder 7.79x (1.04x, 0.67x), romanizer_decoder 10.03x avg_bits=3 (0.99x,
+  0.41x); open_nsfw none kept (bits=4: max |dP| 0.29), dtln_stage2 no file (gate). Codebook files
+  load 1.5-7x slower and peak 1.1-2.6x higher in memory than the original.
+* onnxruntime static QDQ: captcha_crnn 3.51x (lat 1.68x, mem 2.99x), nsnet2_16k 1.27x,
+  romanizer_encoder 1.13x; broke open_nsfw, both dtln stages and romanizer_decoder (58.8 points).
+* onnxruntime dynamic: dtln_stage1 3.86x (1.26x), romanizer_decoder 3.89x (1.43x), nsnet2 1.27x;
+  fails on captcha_crnn, open_nsfw and dtln_stage2.
+* NNCF: romanizer_decoder 6.72x INT4 (0.88x), dtln_stage2 1.73x INT8 (0.17x), ~1x elsewhere;
+  fails on captcha_crnn (weights in Constant nodes).
 """
 from __future__ import annotations
 
