@@ -1,0 +1,597 @@
+"""onnxzip against the peers a user would pick instead, on the real-file corpus, in one run.
+
+For each corpus file (``../shared/realfiles``: seven ONNX files other people trained, each with
+real calibration data and its own task scorer) this measures:
+
+* the original: its task score (the shared scorer), batch-1/batch-N latency, load time, memory;
+* onnxzip's automatic modes, each run as the CLI a user would run
+  (``onnxzip compress IN -o OUT --data calib.npz --cluster bits=4`` ..., with and without
+  ``--finetune epochs=3``) in a subprocess with a timeout: exit code, wall time, the CLI's error
+  message when it failed; for a written file its size ratio (original bytes / output bytes), task
+  score, drop and whether the file's tolerance is kept, and the deployment measures;
+* the peers, on the same calibration data: onnxruntime ``quantize_dynamic`` int8, onnxruntime
+  ``quantize_static`` QDQ per-channel int8 (``benchmarks/peers/ort_peer.py``), NNCF 3.4
+  ``nncf.quantize`` and ``nncf.compress_weights`` INT8/INT4 (``benchmarks/peers/nncf_peer.py``,
+  run in a separate venv with plain onnxruntime that this script creates once under
+  ``--peer-venv``); the same measures;
+* deployment measures (``benchmarks/_deploy.py``), all in the project's onnxruntime on one CPU
+  thread: batch-1 latency (original and candidate alternating, least median of three rounds of
+  fresh sessions, ``--repeats`` runs in all), batch-8 latency where the batch is dynamic, session
+  load time (alternating too), peak resident memory of a child process that loads the file and
+  runs it once (minus a child that only imports onnxruntime). Printed as ratios against the
+  original (``lat1x``, ``latNx``, ``loadx``, ``memx``): above 1 is faster or lighter.
+
+The table gives per file the original's score and, for onnxzip and each peer, the best file ratio
+among its runs that keep the file's tolerance; then a line per failure. ``--json`` writes every run.
+
+    python benchmarks/bench_realfiles.py [--models a,b] [--modes bits=4,avg_bits=3+ft] [--loops]
+        [--skip-peers] [--skip-onnxzip] [--force] [--timeout 600] [--repeats 50] [--work DIR] [--json out.json]
+
+Modes are named ``bits=4``, ``bits=3``, ``avg_bits=4``, ``avg_bits=3``, ``avg_bits=2.5``, each
+also with ``+ft`` (``--finetune epochs=3`` appended). ``--loops`` adds the method-1/method-2 loop
+recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
+cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
+tolerance would keep: such a run exits 1 and counts as a failure, as it does for a user;
+``--force`` passes ``--force`` so that the task scorer alone judges them. The corpus is looked up
+in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``), its data in ``--data-root`` (default
+``~/.cache/rfdata``; written by the scorer when absent), the shared folder in ``$ONNXZIP_SHARED``
+(default ``<repo>/../shared``). A long run prints each file's table (and rewrites ``--json``) as
+soon as the file is done.
+
+Measured on 2 shared cores (load 5-7, 2026-12-06; subsets, not yet one run over all modes), best
+file ratio within tolerance, then batch-1 speed-up and peak-memory ratio against the original:
+
+* onnxzip (bits=4, avg_bits=4, bits=4+ft; avg_bits=3 on the small files): nsnet2_16k 7.93x
+  (lat 1.00x, mem 0.58x), captcha_crnn 7.46x avg_bits=4 (1.00x, 0.89x), dtln_stage1 7.63x (1.01x,
+  0.77x), romanizer_encoder 7.79x (1.04x, 0.67x), romanizer_decoder 10.03x avg_bits=3 (0.99x,
+  0.41x); open_nsfw none kept (bits=4: max |dP| 0.29), dtln_stage2 no file (gate). Codebook files
+  load 1.5-7x slower and peak 1.1-2.6x higher in memory than the original.
+* onnxruntime static QDQ: captcha_crnn 3.51x (lat 1.68x, mem 2.99x), nsnet2_16k 1.27x,
+  romanizer_encoder 1.13x; broke open_nsfw, both dtln stages and romanizer_decoder (58.8 points).
+* onnxruntime dynamic: dtln_stage1 3.86x (1.26x), romanizer_decoder 3.89x (1.43x), nsnet2 1.27x;
+  fails on captcha_crnn, open_nsfw and dtln_stage2.
+* NNCF: romanizer_decoder 6.72x INT4 (0.88x), dtln_stage2 1.73x INT8 (0.17x), ~1x elsewhere;
+  fails on captcha_crnn (weights in Constant nodes).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _deploy import Bench, Deployment  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_DIR = Path(__file__).resolve().parent / "peers"
+CORPUS = ["captcha_crnn", "open_nsfw", "nsnet2_16k", "dtln_stage1", "dtln_stage2",
+          "romanizer_encoder", "romanizer_decoder"]
+FINETUNE = ["--finetune", "epochs=3"]
+BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3"],
+              "avg_bits=4": ["--cluster", "avg_bits=4"], "avg_bits=3": ["--cluster", "avg_bits=3"],
+              "avg_bits=2.5": ["--cluster", "avg_bits=2.5"]}
+MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}}
+LOOPS = {"method1": ["--recipe", "method1"], "method2": ["--recipe", "method2"]}
+LOOP_NOT_RUN = "not run: needs a model-level task metric (issue 23)"
+# (family shown in the table, method, script, argument)
+PEERS = [("ort dynamic", "quantize_dynamic", "ort_peer.py", "dynamic"),
+         ("ort static QDQ", "quantize_static", "ort_peer.py", "static"),
+         ("nncf", "nncf.quantize", "nncf_peer.py", "quantize"),
+         ("nncf", "compress_weights int8", "nncf_peer.py", "int8"),
+         ("nncf", "compress_weights int4", "nncf_peer.py", "int4")]
+PEER_PACKAGES = ["nncf==3.4.0", "onnxruntime", "onnx", "numpy"]
+
+
+@dataclass
+class Outcome:
+    """How a subprocess ended: exit code (None: not run or timed out), seconds, the reason if failed."""
+
+    exit_code: int | None
+    seconds: float
+    reason: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+
+@dataclass
+class Run:
+    """One candidate file of one corpus file (or the original itself), every measure of it."""
+
+    file: str
+    family: str
+    method: str
+    command: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    seconds: float | None = None
+    reason: str | None = None
+    output: str | None = None
+    bytes: int | None = None
+    ratio: float | None = None
+    score: dict | None = None
+    quality_kept: bool | None = None
+    deploy: Deployment | None = None
+    notes: list[str] = field(default_factory=list)
+    stderr_tail: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """No file to judge: the tool failed, was not run, or its file could not be scored."""
+        return self.reason is not None and self.quality_kept is None
+
+
+@dataclass
+class FileResult:
+    """All runs of one corpus file; ``original`` holds its own score and measures."""
+
+    name: str
+    original: Run
+    runs: list[Run] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def size_ratio(original_bytes: int, output_bytes: int) -> float:
+    """How many times smaller the output file is (original bytes / output bytes)."""
+    return original_bytes / output_bytes if output_bytes > 0 else float("inf")
+
+
+def times_better(original: float | None, candidate: float | None) -> float | None:
+    """Original / candidate for a cost (time, memory): > 1 means the candidate costs less."""
+    if original is None or candidate is None or candidate <= 0:
+        return None
+    return original / candidate
+
+
+def best_within_tolerance(runs: Iterable[Run]) -> Run | None:
+    """The run with the largest file ratio among those whose task score keeps the tolerance."""
+    kept = [run for run in runs if run.quality_kept and run.ratio is not None]
+    return max(kept, key=lambda run: run.ratio, default=None)
+
+
+def last_line(text: str, prefix: str = "onnxzip:") -> str | None:
+    """The tool's last message as one line: from the last line starting with ``prefix`` (the CLI's
+    error, whose text may span lines) to the end, else the last non-empty line (progress bars
+    rewrite lines with carriage returns)."""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    starts = [index for index, line in enumerate(lines) if line.startswith(prefix)]
+    return " ".join(lines[starts[-1] if starts else -1:])[:600] if lines else None
+
+
+def speedups(run: Run, original: Run) -> dict[str, float | None]:
+    """The candidate's deployment measures as ratios against the original (higher is better)."""
+    deploy, base = run.deploy, original.deploy
+    if deploy is None or base is None or deploy.error:
+        return {"latency_b1_x": None, "latency_bn_x": None, "load_x": None, "memory_x": None}
+    return {"latency_b1_x": times_better(deploy.original_latency_b1_ms, deploy.latency_b1_ms),
+            "latency_bn_x": times_better(deploy.original_latency_bn_ms, deploy.latency_bn_ms),
+            "load_x": times_better(deploy.original_load_s or base.load_s, deploy.load_s),
+            "memory_x": times_better(base.peak_memory_mb, deploy.peak_memory_mb)}
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def run_command(command: list[str], timeout: float, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Outcome:
+    """Run ``command`` in its own process group; on timeout the whole group is killed."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return Outcome(None, time.perf_counter() - start, f"timed out after {timeout:g} s")
+    seconds = time.perf_counter() - start
+    reason = None if process.returncode == 0 else (last_line(stderr) or f"exit {process.returncode}")
+    return Outcome(process.returncode, seconds, reason, stdout, stderr)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Corpus:
+    """Where the corpus, its data and its scorer are, and how to call the scorer."""
+
+    shared: Path
+    realfiles_dir: Path
+    data_root: Path
+    timeout: float
+
+    @property
+    def scorer(self) -> Path:
+        return self.shared / "realfiles" / "realfiles.py"
+
+    def model(self, name: str) -> Path:
+        return self.realfiles_dir / "models" / f"{name}.onnx"
+
+    def data(self, name: str) -> Path:
+        return self.data_root / name
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "REALFILES_DIR": str(self.realfiles_dir)}
+
+    def missing(self, names: list[str]) -> str | None:
+        """One sentence saying what is absent and what to do, or None when all is there."""
+        if not self.scorer.exists():
+            return (f"The real-file corpus scorer {self.scorer} is absent: set ONNXZIP_SHARED to the "
+                    "shared folder that holds realfiles/.")
+        absent = [name for name in names if not self.model(name).exists()]
+        if absent:
+            return (f"The corpus files {', '.join(absent)} are absent from {self.realfiles_dir}/models: "
+                    f"run `bash {self.shared}/realfiles/fetch.sh {self.realfiles_dir}` (or set REALFILES_DIR).")
+        return None
+
+    def ensure_data(self, name: str) -> Outcome | None:
+        """Write the file's calibration and eval data with the scorer when they are not there."""
+        folder = self.data(name)
+        if (folder / "calib.npz").exists() and (folder / "eval.npz").exists():
+            return None
+        return run_command([sys.executable, str(self.scorer), "data", name, str(folder)], self.timeout,
+                           self._env())
+
+    def score(self, name: str, candidate: Path) -> tuple[dict | None, str | None]:
+        """The scorer's JSON for ``candidate`` (it runs the original too), or the reason it failed."""
+        outcome = run_command([sys.executable, str(self.scorer), "score", name, str(candidate),
+                               "--data", str(self.data(name))], self.timeout, self._env())
+        if outcome.exit_code != 0:
+            return None, f"scoring failed: {outcome.reason}"
+        return json.loads(outcome.stdout.strip().splitlines()[-1]), None
+
+
+# --------------------------------------------------------------------------- peer environments
+
+
+def ort_quantization_python(timeout: float) -> str | None:
+    """The project's python when its onnxruntime has the quantization tools, else None."""
+    check = run_command([sys.executable, "-c", "import onnxruntime.quantization"], timeout)
+    return sys.executable if check.exit_code == 0 else None
+
+
+def ensure_peer_venv(venv: Path, timeout: float) -> tuple[str | None, str | None]:
+    """The python of a venv with NNCF and plain onnxruntime (never the project's venv), made once.
+
+    Built in a sibling folder and renamed when complete, so a broken install is never reused."""
+    python = venv / "bin" / "python"
+    if python.exists() and run_command([str(python), "-c", "import nncf, onnxruntime"], timeout).exit_code == 0:
+        return str(python), None
+    building = venv.with_name(venv.name + ".building")
+    progress(f"creating the peer venv {venv} ({' '.join(PEER_PACKAGES)}) ...")
+    steps = {"python -m venv": [sys.executable, "-m", "venv", "--clear", str(building)],
+             "pip install": [str(building / "bin" / "python"), "-m", "pip", "install", "-q", *PEER_PACKAGES]}
+    for step, command in steps.items():
+        outcome = run_command(command, max(timeout, 900))
+        if outcome.exit_code != 0:
+            return None, f"the peer venv was not created ({step}: {outcome.reason})"
+    shutil.rmtree(venv, ignore_errors=True)
+    building.rename(venv)
+    return str(python), None
+
+
+# --------------------------------------------------------------------------- one corpus file
+
+
+@dataclass
+class Options:
+    modes: list[str]
+    loops: bool
+    peers: bool
+    onnxzip: bool
+    timeout: float
+    repeats: int
+    work: Path
+    force: bool = False
+    ort_python: str | None = None
+    nncf_python: str | None = None
+    nncf_reason: str | None = None
+
+
+def record(run: Run, outcome: Outcome) -> None:
+    """How the tool's process ended; a failure keeps the tail of its stderr for the JSON."""
+    run.exit_code, run.seconds, run.reason = outcome.exit_code, outcome.seconds, outcome.reason
+    run.stderr_tail = outcome.stderr[-2000:] if outcome.exit_code != 0 else None
+
+
+def written(run: Run, corpus: Corpus, bench: Bench, output: Path, original_bytes: int) -> None:
+    """Size, task score and deployment measures of the ``output`` a run that exited 0 wrote."""
+    if not output.exists():
+        run.reason = "exit 0 but no file written"
+        return
+    run.output = str(output)
+    run.bytes = output.stat().st_size
+    run.ratio = size_ratio(original_bytes, run.bytes)
+    run.score, reason = corpus.score(run.file, output)
+    if run.score is None:
+        run.reason = reason
+    else:
+        run.quality_kept = bool(run.score.get("quality_kept"))
+    run.deploy = bench.measure(output)
+
+
+def report_progress(run: Run, original: Run) -> None:
+    head = f"[{run.file}] {run.family} {run.method}:"
+    if run.ratio is None:
+        progress(f"{head} {run.reason} ({run.seconds or 0:.0f} s)")
+        return
+    ratios = speedups(run, original)
+    score = run.score.get("score") if run.score else None
+    progress(f"{head} exit {run.exit_code}, {run.seconds:.0f} s, {run.ratio:.2f}x smaller, score {score}, "
+             f"kept {run.quality_kept}, lat {_x(ratios['latency_b1_x'])}, mem {_x(ratios['memory_x'])}"
+             + (f" ({run.reason})" if run.reason else ""))
+
+
+def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Options, original: Run) -> Run:
+    """One automatic mode, as the CLI a user runs."""
+    flags = {**MODES, **LOOPS}[mode]
+    output = options.work / name / "onnxzip" / f"{mode}.onnx"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = ["compress", str(corpus.model(name)), "-o", str(output), "--data",
+            str(corpus.data(name) / "calib.npz"), "-q", *flags, *(["--force"] if options.force else [])]
+    run = Run(name, "onnxzip", mode, ["onnxzip", *args])
+    if mode in LOOPS:
+        run.reason = LOOP_NOT_RUN
+        return run
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    output.unlink(missing_ok=True)
+    outcome = run_command([sys.executable, "-m", "onnxzip.cli", *args], options.timeout, env)
+    record(run, outcome)
+    if outcome.exit_code == 0:
+        run.notes = [line for line in outcome.stderr.splitlines() if "quality gate failed" in line]
+        written(run, corpus, bench, output, original.bytes)
+    return run
+
+
+def peer_run(name: str, peer: tuple[str, str, str, str], corpus: Corpus, bench: Bench, options: Options,
+             original: Run) -> Run:
+    """One peer tool, its script run in the environment it needs."""
+    family, method, script, argument = peer
+    python = options.nncf_python if script == "nncf_peer.py" else options.ort_python
+    output = options.work / name / "peers" / f"{argument}.{script.removesuffix('_peer.py')}.onnx"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = [str(PEER_DIR / script), argument, str(corpus.model(name)), str(output),
+            str(corpus.data(name) / "calib.npz")]
+    run = Run(name, family, method, ["python", *args])
+    if python is None:
+        run.reason = options.nncf_reason or "onnxruntime.quantization does not import"
+        return run
+    output.unlink(missing_ok=True)
+    outcome = run_command([python, *args], options.timeout, cwd=PEER_DIR)
+    record(run, outcome)
+    if outcome.exit_code == 0:
+        result = json.loads(outcome.stdout.strip().splitlines()[-1])
+        run.notes = [f"variant: {result['variant']}", *result["notes"]]
+        written(run, corpus, bench, output, original.bytes)
+    return run
+
+
+def original_run(name: str, corpus: Corpus, bench: Bench) -> Run:
+    """The original's own score (drop 0 by definition), load time and memory."""
+    path = corpus.model(name)
+    run = Run(name, "original", "original", output=str(path), bytes=path.stat().st_size, ratio=1.0)
+    run.score, run.reason = corpus.score(name, path)
+    run.quality_kept = None if run.score is None else bool(run.score.get("quality_kept"))
+    run.deploy = bench.own(path)
+    return run
+
+
+def bench_file(name: str, corpus: Corpus, options: Options) -> FileResult:
+    """Every run on one corpus file."""
+    failed = corpus.ensure_data(name)
+    if failed is not None and failed.exit_code != 0:
+        return FileResult(name, Run(name, "original", "original", reason=f"data not written: {failed.reason}"))
+    (options.work / name).mkdir(parents=True, exist_ok=True)
+    bench = Bench(corpus.model(name), corpus.data(name) / "calib.npz", options.work / name, options.repeats)
+    original = original_run(name, corpus, bench)
+    progress(f"[{name}] original: score {_score(original)}, {original.bytes / 1e6:.2f} MB, "
+             f"load {_secs(original.deploy.load_s)}, peak memory {_mb(original.deploy.peak_memory_mb)}")
+    result = FileResult(name, original)
+    modes = (options.modes + (list(LOOPS) if options.loops else [])) if options.onnxzip else []
+    for mode in modes:
+        result.runs.append(onnxzip_run(name, mode, corpus, bench, options, original))
+        report_progress(result.runs[-1], original)
+    for peer in PEERS if options.peers else []:
+        result.runs.append(peer_run(name, peer, corpus, bench, options, original))
+        report_progress(result.runs[-1], original)
+    return result
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _score(run: Run) -> str:
+    if not run.score:
+        return "-"
+    value = run.score.get("score")
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+
+
+def _drop(run: Run) -> str:
+    if not run.score:
+        return "-"
+    if "drop" in run.score:
+        return f"{run.score['drop']:.3f}"
+    if "max_abs_dp" in run.score:
+        return f"|dP|max {run.score['max_abs_dp']:.3f}"
+    return "-"
+
+
+def detail_table(result: FileResult) -> list[str]:
+    """One line per run of one file: exit, time, ratio, score, drop, kept and the measure ratios."""
+    original = result.original
+    deploy = original.deploy or Deployment()
+    lines = [f"== {result.name}: original score {_score(original)}, {(original.bytes or 0) / 1e6:.2f} MB, "
+             f"batch-1 {_ms(_first_b1(result))}, load {_secs(deploy.load_s)}, "
+             f"peak memory {_mb(deploy.peak_memory_mb)}",
+             f"  {'run':<38} {'exit':>4} {'time':>6} {'ratio':>7} {'score':>7} {'drop':>15} {'kept':>5} "
+             f"{'lat1x':>6} {'latNx':>6} {'loadx':>6} {'memx':>6}"]
+    for run in result.runs:
+        ratios = speedups(run, original)
+        label = f"{run.family} {run.method}"
+        exit_code = "-" if run.exit_code is None else str(run.exit_code)
+        seconds = "-" if run.seconds is None else f"{run.seconds:.0f}s"
+        kept = "-" if run.quality_kept is None else ("yes" if run.quality_kept else "no")
+        lines.append(f"  {label:<38} {exit_code:>4} {seconds:>6} {_x(run.ratio):>7} {_score(run):>7} "
+                     f"{_drop(run):>15} {kept:>5} {_x(ratios['latency_b1_x']):>6} "
+                     f"{_x(ratios['latency_bn_x']):>6} {_x(ratios['load_x']):>6} {_x(ratios['memory_x']):>6}")
+    return lines
+
+
+def _first_b1(result: FileResult) -> float | None:
+    """The original's batch-1 latency as measured beside the first candidate that ran."""
+    return next((run.deploy.original_latency_b1_ms for run in result.runs
+                 if run.deploy and run.deploy.original_latency_b1_ms), None)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MB"
+
+
+def families(runs: Iterable[Run]) -> list[str]:
+    """Families in the order they first appear."""
+    return list(dict.fromkeys(run.family for run in runs))
+
+
+def best_cell(runs: list[Run], original: Run, with_method: bool) -> str:
+    best = best_within_tolerance(runs)
+    if best is None:
+        return "none kept" if any(run.ratio for run in runs) else "no file"
+    ratios = speedups(best, original)
+    method = f" {best.method}" if with_method else ""
+    return f"{best.ratio:.2f}x{method} (lat {_x(ratios['latency_b1_x'])}, mem {_x(ratios['memory_x'])})"
+
+
+def summary_table(results: list[FileResult]) -> list[str]:
+    """Per file: the original's score and each family's best ratio within tolerance."""
+    columns = families(run for result in results for run in result.runs)
+    widths = {family: 44 if family == "onnxzip" else 30 for family in columns}
+    lines = ["", "== best file ratio within the task tolerance (lat: batch-1 speed-up, mem: peak memory, "
+             "x original)", f"{'file':<18} {'orig score':>10}  " + "  ".join(f"{c:<{widths[c]}}" for c in columns)]
+    for result in results:
+        cells = [best_cell([run for run in result.runs if run.family == family], result.original,
+                           family in ("onnxzip", "nncf")) for family in columns]
+        lines.append(f"{result.name:<18} {_score(result.original):>10}  "
+                     + "  ".join(f"{cell:<{widths[c]}}" for cell, c in zip(cells, columns)))
+    failures = [failure_line(run) for result in results for run in [result.original, *result.runs]
+                if run.failed or (run.deploy and run.deploy.error)]
+    return lines + (["", "== failures", *failures] if failures else [])
+
+
+def failure_line(run: Run) -> str:
+    """Why a run has no judged file (or no measures): exit code, time and the tool's last line."""
+    ended = (f"exit {run.exit_code}, " if run.exit_code is not None else "") + (
+        f"{run.seconds:.0f} s: " if run.seconds is not None else "")
+    reason = run.reason if run.failed else f"not measured in onnxruntime: {run.deploy.error}"
+    return f"{run.file} {run.family} {run.method}: {ended}{reason}"
+
+
+def best_json(result: FileResult, family: str) -> dict | None:
+    best = best_within_tolerance(run for run in result.runs if run.family == family)
+    return None if best is None else {"method": best.method, "ratio": best.ratio,
+                                      **speedups(best, result.original)}
+
+
+def to_json(results: list[FileResult]) -> dict:
+    def run_json(run: Run, original: Run) -> dict:
+        return {**dataclasses.asdict(run), "ratios": speedups(run, original)}
+    return {"files": [{"name": result.name, "original": dataclasses.asdict(result.original),
+                       "best_within_tolerance": {family: best_json(result, family)
+                                                 for family in families(result.runs)},
+                       "runs": [run_json(run, result.original) for run in result.runs]}
+                      for result in results]}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(CORPUS), help="corpus files, comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"onnxzip modes, comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--loops", action="store_true", help="also the method1/method2 loop recipes")
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--skip-onnxzip", action="store_true")
+    parser.add_argument("--force", action="store_true",
+                        help="pass --force to onnxzip: keep files its default fidelity gate refuses, "
+                             "judged by the task scorer alone (the gate's verdict goes to the run's notes)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per compress, peer or score run")
+    parser.add_argument("--repeats", type=int, default=50, help="batch-1 latency runs per file (median)")
+    parser.add_argument("--work", help="keep every output here (default: a temporary folder)")
+    parser.add_argument("--json", help="write every run as JSON here")
+    parser.add_argument("--data-root", default=str(Path.home() / ".cache" / "rfdata"),
+                        help="folder with NAME/calib.npz and NAME/eval.npz (written when absent)")
+    parser.add_argument("--peer-venv", default=str(Path.home() / ".cache" / "onnxzip-bench" / "nncf-venv"),
+                        help="venv with NNCF and plain onnxruntime (created once)")
+    args = parser.parse_args(argv)
+    unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    unknown = [name for name in args.models.split(",") if name not in CORPUS]
+    if unknown:
+        parser.error(f"unknown corpus files {', '.join(unknown)}; choose from {', '.join(CORPUS)}")
+    return args
+
+
+def run_all(args: argparse.Namespace, work: Path) -> Iterator[FileResult]:
+    """Each corpus file's results as soon as they are measured (nothing when the corpus is absent)."""
+    shared = Path(os.environ.get("ONNXZIP_SHARED", REPO.parent / "shared"))
+    corpus = Corpus(shared, Path(os.environ.get("REALFILES_DIR", Path.home() / ".cache" / "realfiles")),
+                    Path(args.data_root), args.timeout)
+    names = args.models.split(",")
+    missing = corpus.missing(names)
+    if missing:
+        print(f"bench_realfiles: nothing measured. {missing}")
+        return
+    options = Options(args.modes.split(","), args.loops, not args.skip_peers, not args.skip_onnxzip,
+                      args.timeout, args.repeats, work, args.force)
+    if options.peers:
+        options.ort_python = ort_quantization_python(args.timeout)
+        options.nncf_python, options.nncf_reason = ensure_peer_venv(Path(args.peer_venv).expanduser(), args.timeout)
+        if options.ort_python is None:  # the project's onnxruntime lacks the tools: the peer venv has them
+            options.ort_python = options.nncf_python
+    for name in names:
+        yield bench_file(name, corpus, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-realfiles-") as scratch:
+        work = Path(args.work) if args.work else Path(scratch)
+        results: list[FileResult] = []
+        for result in run_all(args, work):  # a long run shows and keeps each file as it is done
+            results.append(result)
+            print("\n".join(detail_table(result)), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(to_json(results), indent=1, default=str))
+    if results:
+        print("\n".join(summary_table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The pure helpers of benchmarks/bench_realfiles.py on synthetic records (no corpus, no network)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(BENCHMARKS / "peers"))
+
+import bench_realfiles as bench  # noqa: E402
+from _common import calib_rows  # noqa: E402
+from _deploy import Deployment  # noqa: E402
+
+
+def run(method: str, ratio: float | None, kept: bool | None, family: str = "onnxzip", **deploy) -> bench.Run:
+    return bench.Run("captcha_crnn", family, method, ratio=ratio, quality_kept=kept,
+                     deploy=Deployment(**deploy) if deploy else None)
+
+
+def test_best_within_tolerance_takes_the_largest_ratio_that_keeps_the_tolerance():
+    runs = [run("bits=4", 7.6, True), run("bits=3", 10.1, True), run("avg_bits=2.5", 12.8, False),
+            run("avg_bits=3+ft", None, None)]
+    assert bench.best_within_tolerance(runs).method == "bits=3"
+
+
+def test_best_within_tolerance_is_none_when_nothing_keeps_it():
+    assert bench.best_within_tolerance([run("bits=3", 10.0, False), run("bits=4", None, None)]) is None
+    assert bench.best_within_tolerance([]) is None
+
+
+def test_ratios_are_original_over_candidate():
+    assert bench.size_ratio(19_351_359, 2_543_000) == pytest.approx(7.6096, rel=1e-4)
+    assert bench.times_better(2.0, 0.5) == 4.0
+    assert bench.times_better(1.0, 2.0) == 0.5
+    assert bench.times_better(None, 1.0) is None and bench.times_better(1.0, 0.0) is None
+
+
+def test_speedups_pair_latency_with_its_own_original_and_memory_with_the_originals_run():
+    original = run("original", 1.0, True, family="original", load_s=0.02, peak_memory_mb=40.0)
+    candidate = run("bits=4", 7.6, True, latency_b1_ms=1.0, original_latency_b1_ms=3.0, load_s=0.08,
+                    original_load_s=0.04, peak_memory_mb=20.0)
+    ratios = bench.speedups(candidate, original)
+    assert ratios == {"latency_b1_x": 3.0, "latency_bn_x": None, "load_x": 0.5, "memory_x": 2.0}
+    broken = run("bits=4", 7.6, None, error="RuntimeError: cannot load")
+    assert set(bench.speedups(broken, original).values()) == {None}
+
+
+def test_last_line_reads_through_progress_bars():
+    stderr = "cluster  10%|#\rcluster 100%|####\nonnxzip: error: invalid dimensions for input_3\n\n"
+    assert bench.last_line(stderr) == "onnxzip: error: invalid dimensions for input_3"
+    assert bench.last_line("  \n") is None
+    error = ("onnxzip: internal error: InvalidArgument: Got invalid dimensions for input: input_3\n"
+             " index: 0 Got: 32 Expected: 1\n Please fix either the inputs/outputs or the model.\n")
+    assert bench.last_line("progress 5%\r" + error) == (
+        "onnxzip: internal error: InvalidArgument: Got invalid dimensions for input: input_3 "
+        "index: 0 Got: 32 Expected: 1 Please fix either the inputs/outputs or the model.")
+
+
+def test_summary_lists_best_per_family_and_one_line_per_failure():
+    original = run("original", 1.0, True, family="original", load_s=0.01, peak_memory_mb=10.0)
+    original.score = {"score": 85.5}
+    failed = run("avg_bits=3+ft", None, None)
+    failed.exit_code, failed.seconds, failed.reason = 3, 12.0, "onnxzip: internal error: IndexError"
+    result = bench.FileResult("captcha_crnn", original, [
+        run("bits=4", 7.6, True, latency_b1_ms=1.0, original_latency_b1_ms=1.0, peak_memory_mb=10.0),
+        failed, run("quantize_static", 3.9, False, family="ort static QDQ")])
+    lines = bench.summary_table([result])
+    row = next(line for line in lines if line.startswith("captcha_crnn "))
+    assert "7.60x bits=4 (lat 1.00x, mem 1.00x)" in row and "none kept" in row
+    assert "captcha_crnn onnxzip avg_bits=3+ft: exit 3, 12 s: onnxzip: internal error: IndexError" in lines
+
+
+def test_run_command_kills_the_whole_group_on_timeout():
+    start = time.perf_counter()
+    outcome = bench.run_command(["sh", "-c", "sleep 30 & sleep 30"], timeout=0.5)
+    assert outcome.exit_code is None and outcome.reason == "timed out after 0.5 s"
+    assert time.perf_counter() - start < 5
+
+
+def test_calib_rows_are_single_samples_of_every_input(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.arange(12, dtype=np.float32).reshape(3, 4), state=np.zeros((3, 2, 5)))
+    rows = list(calib_rows(path))
+    assert len(rows) == 3 and rows[2]["x"].tolist() == [[8, 9, 10, 11]] and rows[0]["state"].shape == (1, 2, 5)
+    assert len(list(calib_rows(path, limit=2))) == 2
+
+
+def test_an_absent_corpus_is_one_line_and_exit_0(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ONNXZIP_SHARED", str(tmp_path))
+    assert bench.main(["--models", "dtln_stage1", "--skip-peers"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "scorer" in out[0] and "ONNXZIP_SHARED" in out[0]
+
+
+def test_unknown_modes_are_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "bits=5"])
