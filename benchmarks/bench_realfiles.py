@@ -80,7 +80,11 @@ FINETUNE = ["--finetune", "epochs=3"]
 BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3"],
               "avg_bits=4": ["--cluster", "avg_bits=4"], "avg_bits=3": ["--cluster", "avg_bits=3"],
               "avg_bits=2.5": ["--cluster", "avg_bits=2.5"]}
-MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}}
+# Codebooks assigned with the calibration activations (GPTQ-style, cluster method=gptq), and
+# k-means codebooks refit afterwards by the reconstruct step (issue 21).
+GPTQ_MODES = {f"{name}+gptq": ["--cluster", flags[1] + ",method=gptq"] for name, flags in BASE_MODES.items()}
+MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
+         "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"]}
 LOOPS = {"method1": ["--recipe", "method1"], "method2": ["--recipe", "method2"]}
 LOOP_NOT_RUN = "not run: needs a model-level task metric (issue 23)"
 # (family shown in the table, method, script, argument)
