@@ -239,8 +239,8 @@ def compress(
     executed = PipelinePlan()
     reports = []
     steps = list(zip(passes, replay.steps if replay else [None] * len(passes)))
-    if not passes or passes[-1].name != "cleanup":
-        steps.append((get_pass("cleanup")(), None))
+    if replay is None and (not passes or passes[-1].name != "cleanup"):
+        steps.append((get_pass("cleanup")(), None))  # a replayed plan holds every step it ran
     for step, step_plan in tqdm(steps, desc="passes", unit="pass", disable=not progress):
         search = None
         if step_plan is None:  # a replayed plan never searches again
@@ -358,7 +358,7 @@ def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: l
     report.validation = validation.to_dict() if validation is not None else None
     report.quality = quality.to_dict() if quality is not None else None
     report.seconds = time.perf_counter() - start
-    result = CompressResult(best, report, PipelinePlan(), validation, quality)
+    result = CompressResult(best, report, PipelinePlan(list(outcome.plans)), validation, quality)
     if not result.passed and not allow_gate_failure:
         raise QualityGateError(
             "The compressed model failed the quality gate: " + "; ".join(result.failures()) + ".", report=result)

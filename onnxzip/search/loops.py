@@ -38,6 +38,7 @@ import onnx
 from onnxzip.errors import ConfigError
 from onnxzip.io import load_model, save_model, write_json
 from onnxzip.passes import PassContext, get_pass
+from onnxzip.passes.base import PipelinePlan, Plan
 from onnxzip.report import LAYER_DECISION_KEYS, PassReport
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class LoopResult:
     trajectory: list[TrajectoryPoint]
     reports: list[PassReport]
     resumed: int = 0
+    plans: list[Plan] = field(default_factory=list)  # the steps that made ``model``, from the original: --save-plan
 
     def to_dict(self) -> dict[str, Any]:
         return {"trajectory": [asdict(p) for p in self.trajectory], "resumed": self.resumed}
@@ -285,15 +287,20 @@ class CompressionLoop:
         return relative
 
     # -- the loop ----------------------------------------------------------------------------
-    def _run_steps(self, model: onnx.ModelProto, steps: list[tuple[str, dict[str, Any]]]) -> tuple[onnx.ModelProto, list[PassReport]]:
+    def _run_steps(self, model: onnx.ModelProto, steps: list[tuple[str, dict[str, Any]]]
+                   ) -> tuple[onnx.ModelProto, list[PassReport], list[Plan]]:
         context = self.make_context()
-        reports = []
+        reports, plans = [], []
         for name, options in steps:
             log.info("loop step %s %s", name, options)
             result = get_pass(name)(options).run(model, context)
             model = result.model
             reports.append(result.report)
-        return model, reports
+            plans.append(result.plan)
+        return model, reports, plans
+
+    def _plans_path(self, checkpoint: str) -> Path:
+        return self.work_dir / f"{checkpoint}.plan.json"
 
     def run(self, original: onnx.ModelProto) -> LoopResult:
         from tqdm.auto import tqdm
@@ -306,6 +313,7 @@ class CompressionLoop:
         started = time.perf_counter()
         trajectory: list[TrajectoryPoint] = []
         reports: list[PassReport] = []
+        plans: list[Plan] = []  # kept alike with ``reports``: the steps that made the current model
 
         if "original:0" in done:
             trajectory.append(done["original:0"])
@@ -316,24 +324,28 @@ class CompressionLoop:
             self._save_state(trajectory, done=False)
         current, current_path = original, None
         passing_path: str | None = None  # the last continued-from try that passed the gate
-        passing_reports = 0  # how many of ``reports`` made that try's model
+        passing_reports = passing_plans = 0  # how many of ``reports`` / ``plans`` made that try's model
         total = sum(len(stage.sweep or [None]) for stage in self.loop.stages)
         bar = tqdm(total=total, desc="loop", unit="try", disable=not self.progress)
         for stage in self.loop.stages:
             base = current
-            stage_start = len(reports)  # a sweep's tries each start from ``base``: the kept one's reports replace the last
+            # a sweep's tries each start from ``base``: the kept one's reports and steps replace the last
+            stage_start = (len(reports), len(plans))
             for iteration, value in enumerate(stage.sweep or [None]):
                 key = f"{stage.name}:{iteration}"
                 bar.set_postfix_str(f"{stage.name}" + ("" if value is None else f"={value}"))
                 if key in done:
                     point = done[key]
+                    if point.decision in CONTINUED and point.checkpoint:  # its steps, saved with its checkpoint
+                        del plans[stage_start[1]:]
+                        plans.extend(PipelinePlan.load(self._plans_path(point.checkpoint)).steps)
                 else:
                     over = self.loop.time_budget_s is not None and time.perf_counter() - started > self.loop.time_budget_s
                     if over:
                         point = TrajectoryPoint(stage.name, iteration, value, "skipped", 0, 0, 0, None, {},
                                                 ["time budget spent"])
                     else:
-                        point = self._try(stage, iteration, value, base, len(trajectory), reports, stage_start)
+                        point = self._try(stage, iteration, value, base, len(trajectory), reports, plans, stage_start)
                     self._save_state([*trajectory, point], done=False)
                 trajectory.append(point)
                 bar.update(1)
@@ -341,7 +353,7 @@ class CompressionLoop:
                     current_path = point.checkpoint
                     current = None  # loaded lazily from the checkpoint
                     if point.decision == "accepted":
-                        passing_path, passing_reports = point.checkpoint, len(reports)
+                        passing_path, passing_reports, passing_plans = point.checkpoint, len(reports), len(plans)
                 else:
                     bar.update(len(stage.sweep or [None]) - iteration - 1)
                     break
@@ -352,22 +364,26 @@ class CompressionLoop:
         if current_path != passing_path:  # the last stage continued from did not pass the gate
             current = original if passing_path is None else load_model(self.work_dir / passing_path)
             del reports[passing_reports:]  # the pass reports of ungated tries the output does not contain
+            del plans[passing_plans:]
             if passing_path is None:
                 log.warning("no try of the loop passed the gate; the output is the original model")
-        return LoopResult(current, trajectory, reports, resumed)
+        return LoopResult(current, trajectory, reports, resumed, plans)
 
     def _try(self, stage: Stage, iteration: int, value: Any, base: onnx.ModelProto, index: int,
-             reports: list[PassReport], stage_start: int) -> TrajectoryPoint:
+             reports: list[PassReport], plans: list[Plan], stage_start: tuple[int, int]) -> TrajectoryPoint:
         start = time.perf_counter()
         steps = stage.steps_for(value)
-        candidate, step_reports = self._run_steps(base, steps)
+        candidate, step_reports, step_plans = self._run_steps(base, steps)
         m = self.measure(candidate)
         decision = "accepted" if m.passed else ("ungated" if not stage.gate else "rejected" if stage.sweep else "rolled back")
         kept = decision in CONTINUED
         checkpoint = self._checkpoint(candidate, stage.name, iteration, index) if kept else None
         if kept:
-            del reports[stage_start:]
+            del reports[stage_start[0]:]
             reports.extend(step_reports)
+            del plans[stage_start[1]:]
+            plans.extend(step_plans)
+            PipelinePlan(step_plans).save(self._plans_path(checkpoint))
         log.info("%s try %d (%s): %s", stage.name, iteration, value, decision)
         return TrajectoryPoint(stage.name, iteration, copy.deepcopy(value), decision, m.bytes, m.params,
                                m.flops, m.latency_ms, m.metrics, m.failures, checkpoint,

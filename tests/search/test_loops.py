@@ -130,6 +130,22 @@ def test_interrupted_loop_resumes_from_the_last_finished_try(tmp_path):
     assert [(p.stage, p.value, p.decision) for p in resumed.trajectory] == \
         [(p.stage, p.value, p.decision) for p in uninterrupted.trajectory]
     assert resumed.model.SerializeToString() == uninterrupted.model.SerializeToString()
+    assert [p.to_dict() for p in resumed.plans] == [p.to_dict() for p in uninterrupted.plans]
+
+
+def test_a_loops_plan_replays_to_the_same_file(tmp_path):
+    """--save-plan of a loop holds the steps that made its output (the kept sweep value's SVD
+    ranks, the codebooks that passed; not the rolled-back 1-bit try), and --plan rebuilds the
+    same bytes from the original without searching."""
+    model = low_rank_mlp()
+    feeds = {"x": np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)}
+    result = onnxzip.compress(model, loop_recipe(), data=feeds, work_dir=tmp_path / "work")
+    assert [step.pass_name for step in result.plan.steps] == ["svd", "cluster"]
+    assert result.plan.steps[1].config["bits"] == 8
+    result.plan.save(tmp_path / "plan.json")
+    replayed = onnxzip.compress(model, data=feeds, plan=tmp_path / "plan.json",
+                                gate={"min_cosine": None, "min_argmax_agreement": None})
+    assert replayed.model.SerializeToString() == result.model.SerializeToString()
 
 
 def test_ungated_stage_is_continued_from_but_never_the_output(tmp_path, monkeypatch):
