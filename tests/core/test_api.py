@@ -12,6 +12,7 @@ import pytest
 from helpers import mlp
 
 import onnxzip
+import onnxzip.train.reconstruct  # noqa: F401 - registers the reconstruct step (a pass flag of compress)
 import onnxzip.train.step  # noqa: F401 - registers the finetune step (a pass flag of compress)
 from onnxzip.cli import build_parser
 from onnxzip.passes import PASSES
@@ -22,12 +23,12 @@ GATE_FLAGS = {"min_cosine", "max_rel_l2", "max_abs", "min_argmax_agreement"}
 # Flags that are the same thing under another name in Python, or that Python users do with the
 # returned object (result.save(), report.to_dict()...), and logging flags.
 TWINS = {
-    "compress": {"input": "model", "dim": "dims", "input_shape": "input_shapes", "metric": "metrics",
+    "compress": {"input": "model", "sample_axis": "sample_axes", "dim": "dims", "input_shape": "input_shapes", "metric": "metrics",
                  "force": "allow_gate_failure", "quiet": "progress", **{flag: "gate" for flag in GATE_FLAGS},
                  **{name: "pass_options" for name in PASSES}},
-    "validate": {"dim": "dims", "input_shape": "input_shapes", "metric": "metrics", "quiet": "progress",
+    "validate": {"sample_axis": "sample_axes", "dim": "dims", "input_shape": "input_shapes", "metric": "metrics", "quiet": "progress",
                  **{flag: "gate" for flag in GATE_FLAGS}},
-    "finetune": {"input": "model", "quiet": "progress",
+    "finetune": {"input": "model", "sample_axis": "sample_axes", "quiet": "progress",
                  **{name: "options" for name in ("options", "epochs", "lr", "sparsity", "batch_size", "loss", "match")}},
     "inspect": {"dim": "dims", "input_shape": "input_shapes", "model": "source", "quiet": None},  # no progress bars
 }
@@ -99,6 +100,6 @@ def test_finetune_takes_the_step_options_as_keywords():
     rng = np.random.default_rng(0)
     data = {"x": rng.standard_normal((32, 8)).astype(np.float32), "labels": rng.integers(0, 4, 32)}
     result = onnxzip.finetune(mlp(), data, epochs=1, lr=1e-3, batch_size=16)
-    assert len(result.history) == 1 and result.model.graph.output[0].name == "y"
+    assert result.history[-1]["epoch"] == 1 and result.model.graph.output[0].name == "y"
     with pytest.raises(onnxzip.errors.ConfigError):
         onnxzip.finetune(mlp(), data, epochz=1)
