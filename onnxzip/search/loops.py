@@ -19,6 +19,10 @@ Every finished try is checkpointed in ``work_dir`` (its model, then ``state.json
 atomically), so rerunning the same command continues after the last finished try and an
 interruption leaves the folder consistent. The trajectory records each try's size on disk,
 parameters, FLOPs, onnxruntime latency, metrics and decision.
+
+``time_budget_s`` is split evenly over the stages (what a stage leaves unspent goes to the later
+ones) and bounds only a sweep's later tries: each stage's first try always runs, so a busy
+machine shortens sweeps but never drops a stage (a skipped try is in the trajectory, with why).
 """
 from __future__ import annotations
 
@@ -310,7 +314,6 @@ class CompressionLoop:
         resumed = sum(1 for key in done if not key.startswith("original:"))
         if resumed:
             log.warning("resuming from %s: %d finished tries are reused", self.work_dir, resumed)
-        started = time.perf_counter()
         trajectory: list[TrajectoryPoint] = []
         reports: list[PassReport] = []
         plans: list[Plan] = []  # kept alike with ``reports``: the steps that made the current model
@@ -326,9 +329,15 @@ class CompressionLoop:
         passing_path: str | None = None  # the last continued-from try that passed the gate
         passing_reports = passing_plans = 0  # how many of ``reports`` / ``plans`` made that try's model
         total = sum(len(stage.sweep or [None]) for stage in self.loop.stages)
+        spent = 0.0  # seconds the stages before this one took
         bar = tqdm(total=total, desc="loop", unit="try", disable=not self.progress)
-        for stage in self.loop.stages:
+        for number, stage in enumerate(self.loop.stages):
             base = current
+            stage_began = time.perf_counter()
+            # Each stage gets an even share of what the earlier stages left of the budget, and its
+            # first try always runs: a busy machine shortens sweeps, it never drops a stage.
+            share = (None if self.loop.time_budget_s is None
+                     else max(self.loop.time_budget_s - spent, 0.0) / (len(self.loop.stages) - number))
             # a sweep's tries each start from ``base``: the kept one's reports and steps replace the last
             stage_start = (len(reports), len(plans))
             for iteration, value in enumerate(stage.sweep or [None]):
@@ -340,10 +349,12 @@ class CompressionLoop:
                         del plans[stage_start[1]:]
                         plans.extend(PipelinePlan.load(self._plans_path(point.checkpoint)).steps)
                 else:
-                    over = self.loop.time_budget_s is not None and time.perf_counter() - started > self.loop.time_budget_s
+                    over = share is not None and iteration > 0 and time.perf_counter() - stage_began > share
                     if over:
                         point = TrajectoryPoint(stage.name, iteration, value, "skipped", 0, 0, 0, None, {},
-                                                ["time budget spent"])
+                                                [f"time budget spent (the stage's share: {share:.0f} s)"])
+                        log.warning("loop: %s=%s skipped, the stage's share of the time budget (%.0f s) is spent",
+                                    stage.name, value, share)
                     else:
                         point = self._try(stage, iteration, value, base, len(trajectory), reports, plans, stage_start)
                     self._save_state([*trajectory, point], done=False)
@@ -359,6 +370,7 @@ class CompressionLoop:
                     break
             if current is None:
                 current = load_model(self.work_dir / current_path)
+            spent += time.perf_counter() - stage_began
         bar.close()
         self._save_state(trajectory, done=True)
         if current_path != passing_path:  # the last stage continued from did not pass the gate

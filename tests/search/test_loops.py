@@ -133,6 +133,20 @@ def test_interrupted_loop_resumes_from_the_last_finished_try(tmp_path):
     assert [p.to_dict() for p in resumed.plans] == [p.to_dict() for p in uninterrupted.plans]
 
 
+def test_a_spent_budget_shortens_sweeps_but_runs_every_stage(tmp_path):
+    """With no time at all, each stage still runs its first try: the result does not depend on
+    how busy the machine is beyond the length of the sweeps."""
+    model = low_rank_mlp()
+    feeds = {"x": np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)}
+    recipe = loop_recipe()
+    recipe["loop"]["time_budget_s"] = 0.0
+    result = onnxzip.compress(model, recipe, data=feeds, work_dir=tmp_path / "work")
+    decisions = [(p["stage"], p["iteration"], p["decision"]) for p in result.report.trajectory]
+    assert decisions == [("original", 0, "original"), ("svd", 0, "accepted"), ("svd", 1, "skipped"),
+                         ("cluster", 0, "rolled back"), ("cluster8", 0, "accepted")]
+    assert "share" in result.report.trajectory[2]["failures"][0]
+
+
 def test_a_loops_plan_replays_to_the_same_file(tmp_path):
     """--save-plan of a loop holds the steps that made its output (the kept sweep value's SVD
     ranks, the codebooks that passed; not the rolled-back 1-bit try), and --plan rebuilds the
