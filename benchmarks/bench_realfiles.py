@@ -87,7 +87,7 @@ MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE
          "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"]}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]
-LOOPS = {"method1": ["--recipe", "method1", *TASK_METRIC], "method2": ["--recipe", "method2", *TASK_METRIC]}
+LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "method1", "method2")}
 # (family shown in the table, method, script, argument)
 PEERS = [("ort dynamic", "quantize_dynamic", "ort_peer.py", "dynamic"),
          ("ort static QDQ", "quantize_static", "ort_peer.py", "static"),

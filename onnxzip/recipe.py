@@ -136,7 +136,7 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Recipe:
-        """A YAML/JSON recipe file, or the name of a built-in recipe (``method1``, ``method2``)."""
+        """A YAML/JSON recipe file, or the name of a built-in recipe (``method1``, ``method2``, ``codebooks``)."""
         source = Path(path)
         if not source.is_file() and (RECIPES_DIR / f"{path}.yaml").is_file():
             source = RECIPES_DIR / f"{path}.yaml"
