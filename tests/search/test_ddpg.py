@@ -153,8 +153,9 @@ def test_reward_data_without_the_model_inputs_is_a_data_error():
 
     model = mixed_graph()
     step = get_pass("prune-channels")(_ddpg())
-    with pytest.raises(DataError, match="none of the model's inputs"):
-        resolve_step(step, model, PassContext(), {"other": np.zeros((4, 3, 8, 8), np.float32)})
+    with pytest.raises(DataError, match="no array for input"):
+        resolve_step(step, model, PassContext(), {"other": np.zeros((4, 3, 8, 8), np.float32),
+                                                  "another": np.zeros((4, 3, 8, 8), np.float32)})
 
 
 class _Scripted:
