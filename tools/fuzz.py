@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -816,6 +817,12 @@ class DataCase:
 
 def make_data_case(seed: int, index: int) -> DataCase:
     """Case ``index`` of ``seed``: a model, sound data with one mutation (sometimes two), one command."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # casts to bad dtypes are the point
+        warnings.simplefilter("ignore")
+        return _make_data_case(seed, index)
+
+
+def _make_data_case(seed: int, index: int) -> DataCase:
     rng = np.random.default_rng([seed, index, 1])
     base = _pick(rng, DATA_MODELS)
     names = list(DATA_MUTATIONS)
@@ -985,7 +992,8 @@ class Summary:
             lines.append("defects by kind (count, one example):")
         for name, results in sorted(kinds.items(), key=lambda item: -len(item[1])):
             example = results[0]
-            command = " ".join(example.get("argv", [])) or "compress/inspect"
+            command = " ".join(example.get("argv", [])).format(model="m.onnx", candidate="c.onnx", data="d.npz",
+                                                                 out="out.onnx") or "compress/inspect"
             lines.append(f"  {len(results):4d}  {name}\n        e.g. case {example['index']} (base {example['base']}, "
                          f"{'+'.join(example['mutations'])}): onnxzip {command}  "
                          f"[re-run: python tools/fuzz.py --seed {seed} {flag} {example['index']}]")
@@ -1001,8 +1009,9 @@ def _defect_kind(defect: str) -> str:
     import re
 
     command, _, rest = defect.partition(": ")
-    rest = re.sub(r"internal error: (\w+).*", r"internal error \1", rest)
+    error = re.search(r"internal error: (\w+)", rest)
     rest = re.sub(r"(exit \d+ with \d+ stderr lines|exit \d+ left files behind|exit \d+)\b.*", r"\1", rest)
+    rest += f" ({error.group(1)})" if error else ""
     return f"{command}: {rest[:120]}"
 
 
