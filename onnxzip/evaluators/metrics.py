@@ -22,7 +22,11 @@ def _top_k_hit(prediction: np.ndarray, label: Any, k: int) -> float:
     of ``prediction`` without its last axis (a scalar for one classification per item).
     """
     scores = np.asarray(prediction)
-    labels = np.asarray(label).astype(np.int64)
+    labels = np.asarray(label)
+    if labels.dtype.kind not in "iub" and not (
+            labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+        raise DataError(f"accuracy needs integer class labels, got {labels.dtype} values.")
+    labels = labels.astype(np.int64)
     if scores.ndim == 0 or scores.shape[:-1] != labels.shape:
         raise DataError(
             f"accuracy needs class scores of shape labels.shape + (classes,), got scores "
