@@ -418,6 +418,8 @@ def samples_from(
         raise DataError("'labels' in the data must hold one entry per sample, got a scalar.")
     if references is not None and references.ndim == 0:
         raise DataError("'references' in the data must hold one entry per sample, got a scalar.")
+    if references is not None and references.dtype.kind not in "biuf":
+        raise DataError(f"'references' in the data must be numbers (target outputs), got {references.dtype}.")
     return Samples(feeds, axes, count, labels=labels, references=references)
 
 
