@@ -10,9 +10,23 @@ A case is a defect unless, for both commands: the exit code is 0, 1 or 2; exit 2
 one line on stderr; nothing prints a traceback; a failure leaves no output file; the input file
 is unchanged; a written model loads and runs in onnxruntime.
 
+The data fuzzer (``--data-cases N``) mutates the DATA instead: sound ``.npz`` data for small
+models (a plain batch, a stateful cell with a state ``[2, batch, 8]`` and a scalar int64 sample
+rate, a batch fixed at 1, float + bool inputs) gets one mutation from :data:`DATA_MUTATIONS`
+(inputs missing / extra / renamed, wrong rank or dtype, scalar for array and back, 0 samples,
+sample counts that differ, NaN/Inf, huge values, labels/references of the wrong length, rank or
+type, a wrong size on a fixed axis, a bad ``--sample-axis``, a non-npz / truncated file, a pickled
+object array, no file) and goes through one of :data:`DATA_COMMANDS` (``inspect``, ``compress``
+plain / ``avg_bits=4`` / ``--finetune`` / ``--metric accuracy`` / ``--metric cosine``,
+``finetune``, ``validate`` with and without a metric, and ``inspect`` piped into a reader that
+goes away early, in a real child process). The same defect checks apply, plus a hang past
+:data:`DATA_CASE_TIMEOUT_S` and the data file unchanged. As in the model fuzzer, the workers
+silence onnxzip's log (warnings such as "not smaller than the input" on these tiny models).
+
 Usage: python tools/fuzz.py --cases 5000 --seed 0 [--jobs 2] [--reference-share 0.1]
        python tools/fuzz.py --seed 0 --only 1234        # re-run one case (prints its details)
-Case ``i`` of seed ``s`` is the same mutated model on every run.
+       python tools/fuzz.py --data-cases 1000 --seed 0  # the data fuzzer; --data-only I re-runs one
+Case ``i`` of seed ``s`` is the same mutated model (or data and command) on every run.
 """
 from __future__ import annotations
 
@@ -39,6 +53,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASE_TIMEOUT_S = 300.0
+DATA_CASE_TIMEOUT_S = 120.0  # a data case runs one command on a model of a few hundred bytes
 COMMANDS = ("inspect", "compress")
 
 
@@ -894,7 +909,7 @@ def _pipe_closed_early(argv: list[str], folder: Path, keep: int = 0) -> tuple[in
     child.stdout.close()  # the reader goes away, like `| head -c KEEP`
     try:
         stderr = child.stderr.read()
-        code = child.wait(CASE_TIMEOUT_S)
+        code = child.wait(DATA_CASE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         child.kill()
         return 124, {"stdout": "", "stderr": "timed out"}
@@ -1025,6 +1040,7 @@ def run_fuzz(cases: int, seed: int = 0, *, jobs: int = 2, reference: bool = True
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pending = list(range(start, start + cases))[::-1]
     summary = Summary(kind=kind)
+    timeout = CASE_TIMEOUT_S if kind == "model" else DATA_CASE_TIMEOUT_S
     began = time.perf_counter()
     workers: list[dict] = []
 
@@ -1067,9 +1083,9 @@ def run_fuzz(cases: int, seed: int = 0, *, jobs: int = 2, reference: bool = True
                     failure = f"worker died (exit {worker['process'].exitcode}: a signal kills the user's process too)"
             elif not worker["process"].is_alive():
                 failure = f"worker died (exit {worker['process'].exitcode})"
-            elif time.perf_counter() - worker["since"] > CASE_TIMEOUT_S:
+            elif time.perf_counter() - worker["since"] > timeout:
                 worker["process"].kill()
-                failure = f"no result within {CASE_TIMEOUT_S:.0f} s"
+                failure = f"no result within {timeout:.0f} s (a hang)"
             if failure:
                 summary.add({"index": index, "base": "?", "mutations": ["?"], "defects": [failure]})
                 bar.update()
