@@ -708,6 +708,8 @@ def data_counts(arrays: dict, base: str, rng: Rng) -> dict:
     names = [n for n in _inputs(arrays) + [k for k in ("labels", "references") if k in arrays]
              if SAMPLE_AXES[base].get(n, 0) is not None and arrays[n].ndim]
     name = _pick(rng, names)
+    if name is None:
+        return arrays
     axis = SAMPLE_AXES[base].get(name, 0)
     arrays[name] = _resize(arrays[name], axis, int(rng.choice([1, 2, 5, 7, 13])))
     return arrays
@@ -853,7 +855,7 @@ def _make_data_case(seed: int, index: int) -> DataCase:
     file_level = None
     for name in chosen:
         function = DATA_MUTATIONS[name]
-        if function is not None:
+        if function is not None and _inputs(arrays):  # (an earlier mutation may have dropped them all)
             arrays = function(arrays, base, rng)
         elif name == "sample_axis_flag" and "--data" in argv:
             flag = _pick(rng, ["x=5", "x=-1", "x=none", "state=0", "state=2", "sr=0", "nosuch=1", "x=abc", "x", "=1",

@@ -279,6 +279,18 @@ def _check_labels(output: onnx.ValueInfoProto, labels: NDArray[Any]) -> None:
         )
 
 
+def _check_references(output: onnx.ValueInfoProto, references: NDArray[Any]) -> None:
+    """References are the first output's target values: its rank, and its last axis when fixed."""
+    dims = output.type.tensor_type.shape.dim
+    last = dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else 0
+    if len(dims) != references.ndim or (len(dims) > 1 and last > 0 and references.shape[-1] != last):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        raise DataError(
+            f"The references have shape {references.shape}, which cannot be output '{output.name}' "
+            f"(declared {shape}) with the samples on axis 0."
+        )
+
+
 def _loss_terms(
     model: onnx.ModelProto, config: FinetuneConfig, data: _Data, has_teacher: bool
 ) -> tuple[list[LossTerm], bool]:
@@ -303,6 +315,7 @@ def _loss_terms(
         _check_labels(outputs[0], data.labels)
         return [LossTerm(first, "cross_entropy", "onnxzip_labels")], False
     if kind in ("auto", "mse", "l1") and data.references is not None:
+        _check_references(outputs[0], data.references)
         return [LossTerm(first, "l1" if kind == "l1" else "mse", "onnxzip_references")], False
     if not has_teacher:
         raise ConfigError(
