@@ -88,9 +88,9 @@ def test_pipe_closed_early_exits_0(tmp_path):
 
 
 def test_data_fuzz_slice_finds_no_defects():
-    # 80 seeded data cases (about 30 s on two cores): every command and data mutation class.
-    summary = fuzz.run_fuzz(80, 0, jobs=2, progress=False, kind="data")
-    assert summary.cases == 80
+    # 60 seeded data cases (about 20 s on two idle cores): the commands on sound and broken data.
+    summary = fuzz.run_fuzz(60, 0, jobs=2, progress=False, kind="data")
+    assert summary.cases == 60
     assert not summary.defects, summary.text(0)
     codes = [code for counter in summary.codes.values() for code in counter.elements()]
-    assert codes.count(0) > 5 and codes.count(2) > 30  # sound data runs, broken data is refused
+    assert codes.count(0) >= 5 and codes.count(2) >= 25  # sound data runs, broken data is refused
