@@ -681,7 +681,10 @@ def data_dtype(arrays: dict, base: str, rng: Rng) -> dict:
     elif kind in ("U5", "S3"):
         arrays[name] = np.full(value.shape, "ab", dtype=kind)
     else:
-        arrays[name] = (value * 7.3 if value.dtype.kind == "f" else value).astype(kind)
+        try:
+            arrays[name] = (value * 7.3 if value.dtype.kind == "f" else value).astype(kind)
+        except (TypeError, ValueError):  # an earlier mutation made it text
+            arrays[name] = np.zeros(value.shape, kind)
     return arrays
 
 
