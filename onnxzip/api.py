@@ -21,7 +21,7 @@ from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
 from onnxzip.inputs import data_notes, parse_sample_axes
 from onnxzip.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
-from onnxzip.quality import fidelity_feeds, quality_gate
+from onnxzip.quality import check_metric_data, fidelity_feeds, quality_gate
 from onnxzip.recipe import PassStep, Recipe
 from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
@@ -212,6 +212,9 @@ def compress(
     original = load_model(model)
     _require_data(recipe.metrics, data)
     feeds, generated, unchecked = _feeds(original, data, recipe, passes)
+    if recipe.metrics:
+        check_metric_data(original, val if val is not None else data, recipe.metrics, device=recipe.device,
+                          sample_axes=recipe.sample_axes)
     if feeds is not None:
         probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,

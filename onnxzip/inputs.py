@@ -247,6 +247,28 @@ def _sample_axis(name: str, shape: tuple[Dim, ...], value: np.ndarray, batch_sym
     return "ambiguous"
 
 
+def _check_override(name: str, shape: tuple[Dim, ...], value: np.ndarray, axis: int | None) -> None:
+    """``--sample-axis NAME=K`` must leave a sample the model accepts: the data has the declared
+    rank, every other axis its declared size, and axis K is not fixed above 1 (a fixed batch of 1
+    is run sample by sample)."""
+    if value.ndim != len(shape):
+        raise DataError(
+            f"Input '{name}' expects {len(shape)} dimensions (declared {_show(shape)}) but the data has "
+            f"shape {value.shape}."
+        )
+    if axis is not None and isinstance(shape[axis], int) and shape[axis] > 1:
+        raise DataError(
+            f"--sample-axis {name}={axis} names an axis the model fixes at size {shape[axis]} (declared "
+            f"{_show(shape)}); samples go on a symbolic axis or one of size 1."
+        )
+    for other, dim in enumerate(shape):
+        if other != axis and isinstance(dim, int) and value.shape[other] != dim:
+            raise DataError(
+                f"Input '{name}' expects size {dim} on axis {other} (declared {_show(shape)}) but the data has "
+                f"shape {value.shape}."
+            )
+
+
 def _show(shape: tuple[Dim, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
@@ -284,6 +306,8 @@ def infer_sample_axes(
             if axis is not None and not -value.ndim <= axis < value.ndim:
                 raise DataError(f"--sample-axis {name}={axis} is outside the data's {value.ndim} dimensions.")
             axes[name] = None if axis is None else axis % value.ndim
+            if shape is not None:
+                _check_override(name, shape, value, axes[name])
             continue
         if shape is None:  # rank unknown: samples on axis 0 of anything with an axis
             axes[name] = 0 if value.ndim else SHARED
@@ -394,6 +418,8 @@ def samples_from(
         raise DataError("'labels' in the data must hold one entry per sample, got a scalar.")
     if references is not None and references.ndim == 0:
         raise DataError("'references' in the data must hold one entry per sample, got a scalar.")
+    if references is not None and references.dtype.kind not in "biuf":
+        raise DataError(f"'references' in the data must be numbers (target outputs), got {references.dtype}.")
     return Samples(feeds, axes, count, labels=labels, references=references)
 
 

@@ -46,6 +46,21 @@ def fidelity_feeds(
     return {name: np.stack([item[name] for item in chosen]) for name in chosen[0]}
 
 
+def check_metric_data(
+    original: onnx.ModelProto, data: Any, conditions: Any, *, device: str = "auto",
+    sample_axes: dict[str, int | None] | None = None,
+) -> None:
+    """Score the original against itself on the first two samples of array data, so that data
+    the metrics cannot use (labels that are not class indices, references of another shape) is
+    one sentence before anything is compressed, not after."""
+    _, metrics = split_model_metrics(QualityGate(conditions).metrics)
+    if not metrics or data is None or is_dataset_source(data):
+        return
+    dataset = model_dataset(original, data, sample_axes, first=2)
+    reference = predict(original, dataset, device=device, progress=False)
+    score(reference, dataset, metrics, reference=reference)
+
+
 def quality_gate(
     original: onnx.ModelProto | str | os.PathLike[str],
     candidate: onnx.ModelProto | str | os.PathLike[str],

@@ -135,22 +135,24 @@ class _AxisItems:
         return take(self.value, index % self.count, self.axis)
 
 
-def model_dataset(model: Any, source: Any, sample_axes: Mapping[str, int | None] | None = None) -> Dataset:
+def model_dataset(model: Any, source: Any, sample_axes: Mapping[str, int | None] | None = None, *,
+                  first: int | None = None) -> Dataset:
     """``source`` as a :class:`Dataset` for ``model``: arrays (an ``.npz``, a mapping or
     :class:`~onnxzip.inputs.Samples`) are laid out by the model's declared shapes
     (:func:`onnxzip.inputs.infer_sample_axes`), so a state ``[layers, batch, hidden]`` is cut
     on axis 1 and a scalar input is the same for every item; other sources as
-    :func:`load_dataset` reads them."""
+    :func:`load_dataset` reads them. ``first`` keeps only the first samples of array data."""
     arrays: Mapping[str, Any] | None = None
     if isinstance(source, Samples):
-        return ArrayDataset.from_samples(source)
+        return ArrayDataset.from_samples(source if first is None else source.take(slice(0, first)))
     if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npz":
         arrays = load_npz(source)
     elif isinstance(source, Mapping):
         arrays = source
     if arrays is None:
         return load_dataset(source)
-    dataset = ArrayDataset.from_samples(samples_from(model, arrays, sample_axes))
+    samples = samples_from(model, arrays, sample_axes)
+    dataset = ArrayDataset.from_samples(samples if first is None else samples.take(slice(0, first)))
     if SAMPLE_RATE in arrays:
         dataset.sample_rate = _sample_rate(arrays[SAMPLE_RATE])
     return dataset

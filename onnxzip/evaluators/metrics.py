@@ -22,7 +22,11 @@ def _top_k_hit(prediction: np.ndarray, label: Any, k: int) -> float:
     of ``prediction`` without its last axis (a scalar for one classification per item).
     """
     scores = np.asarray(prediction)
-    labels = np.asarray(label).astype(np.int64)
+    labels = np.asarray(label)
+    if labels.dtype.kind not in "iub" and not (
+            labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+        raise DataError(f"accuracy needs integer class labels, got {labels.dtype} values.")
+    labels = labels.astype(np.int64)
     if scores.ndim == 0 or scores.shape[:-1] != labels.shape:
         raise DataError(
             f"accuracy needs class scores of shape labels.shape + (classes,), got scores "
@@ -42,19 +46,27 @@ def accuracy(k: int = 1) -> Metric:
     return Metric(name, per_item(_top_k_hit, k=k), higher_is_better=True, target="label")
 
 
+def _quiet_nonfinite() -> np.errstate:
+    """Outputs that overflow (huge inputs) make these numbers NaN or infinite, which fails any
+    limit; numpy's warnings about it would only add lines to the one-sentence result."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def cosine_similarity(prediction: np.ndarray, reference: np.ndarray) -> float:
     """cos = ⟨p, r⟩ / (‖p‖·‖r‖) over the flattened arrays; 1 when both are zero."""
     p, r = same_shape(prediction, reference, "cosine")
-    norms = np.linalg.norm(p) * np.linalg.norm(r)
-    if norms == 0.0:
-        return 1.0 if not p.any() and not r.any() else 0.0
-    return float(np.dot(p.ravel(), r.ravel()) / norms)
+    with _quiet_nonfinite():
+        norms = np.linalg.norm(p) * np.linalg.norm(r)
+        if norms == 0.0:
+            return 1.0 if not p.any() and not r.any() else 0.0
+        return float(np.dot(p.ravel(), r.ravel()) / norms)
 
 
 def relative_l2_error(prediction: np.ndarray, reference: np.ndarray) -> float:
     """‖p − r‖ / ‖r‖ (0 when both are zero, infinite when only r is)."""
     p, r = same_shape(prediction, reference, "rel_l2")
-    error = float(np.linalg.norm(p - r))
+    with _quiet_nonfinite():
+        error = float(np.linalg.norm(p - r))
     scale = float(np.linalg.norm(r))
     if scale == 0.0:
         return 0.0 if error == 0.0 else math.inf
@@ -64,7 +76,8 @@ def relative_l2_error(prediction: np.ndarray, reference: np.ndarray) -> float:
 def max_abs_difference(prediction: np.ndarray, reference: np.ndarray) -> float:
     """max |p − r| over the item."""
     p, r = same_shape(prediction, reference, "max_abs_error")
-    return float(np.max(np.abs(p - r))) if p.size else 0.0
+    with _quiet_nonfinite():
+        return float(np.max(np.abs(p - r))) if p.size else 0.0
 
 
 def argmax_share(prediction: np.ndarray, reference: np.ndarray) -> float:

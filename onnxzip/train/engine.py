@@ -262,6 +262,35 @@ class _SparseGammas:
             state.parameters[name].data = new.astype(value.dtype)
 
 
+def _check_labels(output: onnx.ValueInfoProto, labels: NDArray[Any]) -> None:
+    """Cross-entropy labels hold one class index per position of the class scores: the output's
+    rank less one (its last axis is the classes), each index within the classes when fixed."""
+    dims = output.type.tensor_type.shape.dim
+    if len(dims) != labels.ndim + 1:
+        raise DataError(
+            f"cross_entropy on output '{output.name}' (rank {len(dims)}) needs labels of rank {len(dims) - 1}, "
+            f"one class index per position; the labels have shape {labels.shape}."
+        )
+    classes = dims[-1].dim_value if dims[-1].HasField("dim_value") else 0
+    if classes > 0 and labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(
+            f"The labels run from {labels.min()} to {labels.max()}, but output '{output.name}' scores "
+            f"{classes} classes (0 to {classes - 1})."
+        )
+
+
+def _check_references(output: onnx.ValueInfoProto, references: NDArray[Any]) -> None:
+    """References are the first output's target values: its rank, and its last axis when fixed."""
+    dims = output.type.tensor_type.shape.dim
+    last = dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else 0
+    if len(dims) != references.ndim or (len(dims) > 1 and last > 0 and references.shape[-1] != last):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        raise DataError(
+            f"The references have shape {references.shape}, which cannot be output '{output.name}' "
+            f"(declared {shape}) with the samples on axis 0."
+        )
+
+
 def _loss_terms(
     model: onnx.ModelProto, config: FinetuneConfig, data: _Data, has_teacher: bool
 ) -> tuple[list[LossTerm], bool]:
@@ -283,8 +312,10 @@ def _loss_terms(
     if kind == "cross_entropy" or (kind == "auto" and data.labels is not None):
         if data.labels is None:
             raise DataError("loss=cross_entropy needs 'labels' in the training data.")
+        _check_labels(outputs[0], data.labels)
         return [LossTerm(first, "cross_entropy", "onnxzip_labels")], False
     if kind in ("auto", "mse", "l1") and data.references is not None:
+        _check_references(outputs[0], data.references)
         return [LossTerm(first, "l1" if kind == "l1" else "mse", "onnxzip_references")], False
     if not has_teacher:
         raise ConfigError(
