@@ -1,11 +1,28 @@
 """Test helpers shared by every test: build tiny models and compare two models in onnxruntime."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxzip.inputs import generate_inputs
+
+FUZZ_PATH = Path(__file__).resolve().parents[1] / "tools" / "fuzz.py"
+
+
+def load_fuzz() -> ModuleType:
+    """``tools/fuzz.py`` as a module (its models and cases serve the tests too)."""
+    if "onnxzip_fuzz" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("onnxzip_fuzz", FUZZ_PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["onnxzip_fuzz"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["onnxzip_fuzz"]
 from onnxzip.runtime import make_session, run_session
 
 

@@ -510,6 +510,18 @@ def _captured(folder: Path):  # noqa: ANN202
     texts["stderr"] = err_path.read_text(errors="replace")
 
 
+def _run_cli(argv: list[str], folder: Path) -> tuple[int, dict[str, str]]:
+    """``onnxzip ARGV -q`` in this process, its fds 1 and 2 captured: (exit code, texts)."""
+    from onnxzip import cli
+
+    with _captured(folder) as texts:
+        try:
+            code = cli.main([*argv, "-q"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 2
+    return code, texts
+
+
 def _check_written(path: Path) -> str | None:
     """None when the written model loads and runs in onnxruntime, else the problem."""
     import onnxruntime as ort
@@ -533,8 +545,6 @@ def _check_written(path: Path) -> str | None:
 
 def run_case(data: bytes, folder: Path) -> dict:
     """Run both commands on one mutated model; returns exit codes and defects."""
-    from onnxzip import cli
-
     source = folder / "input.onnx"
     source.write_bytes(data)
     digest = _digest(source)
@@ -544,11 +554,7 @@ def run_case(data: bytes, folder: Path) -> dict:
         output.parent.mkdir(exist_ok=True)
         argv = ["inspect", str(source)] if command == "inspect" else [
             "compress", str(source), "-o", str(output), "--cluster", "bits=4"]
-        with _captured(folder) as texts:
-            try:
-                code = cli.main([*argv, "-q"])
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 2
+        code, texts = _run_cli(argv, folder)
         stderr_lines = [line for line in texts["stderr"].splitlines() if line.strip()]
         result["codes"][command] = code
         if stderr_lines:
@@ -567,9 +573,9 @@ def _value(name: str, elem: int, shape) -> onnx.ValueInfoProto:  # noqa: ANN001
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def stateful() -> bytes:
+def stateful(batch: int | str = "batch") -> bytes:
     """x[batch, 8], state[2, batch, 8], sr (int64 scalar) → y = (x + Σ state)·W·sr/16000 [batch, 4],
-    state_out = state/2 + x [2, batch, 8]."""
+    state_out = state/2 + x [2, batch, 8]; ``batch`` may be fixed (1) instead of symbolic."""
     rng = np.random.default_rng(4)
     f = np.float32
     nodes = [
@@ -584,9 +590,9 @@ def stateful() -> bytes:
     ]
     inits = [_init("w", rng.standard_normal((8, 4)).astype(f)), _init("axes0", np.array([0], np.int64)),
              _init("k", f(16000.0)), _init("half", f(0.5))]
-    return _model(nodes, [_value("x", TensorProto.FLOAT, ["batch", 8]), _value("state", TensorProto.FLOAT, [2, "batch", 8]),
+    return _model(nodes, [_value("x", TensorProto.FLOAT, [batch, 8]), _value("state", TensorProto.FLOAT, [2, batch, 8]),
                           _value("sr", TensorProto.INT64, [])],
-                  [_value("y", TensorProto.FLOAT, ["batch", 4]), _value("state_out", TensorProto.FLOAT, [2, "batch", 8])],
+                  [_value("y", TensorProto.FLOAT, [batch, 4]), _value("state_out", TensorProto.FLOAT, [2, batch, 8])],
                   inits)
 
 
@@ -923,8 +929,6 @@ def _pipe_closed_early(argv: list[str], folder: Path, keep: int = 0) -> tuple[in
 
 def run_data_case(case: DataCase, folder: Path) -> dict:
     """Run the case's command on its model and data; returns the exit code and defects."""
-    from onnxzip import cli
-
     model, candidate, data = folder / "model.onnx", folder / "candidate.onnx", folder / "data.npz"
     model.write_bytes(case.model)
     candidate.write_bytes(case.model)
@@ -937,11 +941,7 @@ def run_data_case(case: DataCase, folder: Path) -> dict:
     if case.command == "inspect_pipe":
         code, texts = _pipe_closed_early([*argv, "-q"], folder, keep=case.index % 2 * 10)
     else:
-        with _captured(folder) as texts:
-            try:
-                code = cli.main([*argv, "-q"])
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 2
+        code, texts = _run_cli(argv, folder)
     stderr_lines = [line for line in texts["stderr"].splitlines() if line.strip()]
     writes = "-o" in case.argv
     defects = _check_outcome(case.command, code, texts, inputs, output if writes else None)

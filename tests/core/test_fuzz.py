@@ -1,18 +1,14 @@
 """A slice of the fuzz suite (tools/fuzz.py): mutated models never crash onnxzip."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_fuzz
 
-_PATH = Path(__file__).resolve().parents[2] / "tools" / "fuzz.py"
-_spec = importlib.util.spec_from_file_location("onnxzip_fuzz", _PATH)
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules["onnxzip_fuzz"] = fuzz
-_spec.loader.exec_module(fuzz)
+fuzz = load_fuzz()
 
 
 def test_cases_are_reproducible_and_cover_every_mutation_class():

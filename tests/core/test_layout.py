@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from helpers import init, make_model, tensor
-from onnx import TensorProto, helper
+from helpers import load_fuzz, make_model, tensor
+from onnx import helper
 
 from onnxzip.errors import DataError
 from onnxzip.evaluators.data import model_dataset
@@ -19,26 +19,9 @@ from onnxzip.runtime import make_session, run_samples, run_session
 
 
 def _stateful(batch: int | str = "batch") -> onnx.ModelProto:
-    """x[batch, 8] and state[2, batch, 8] and a scalar sr → y[batch, 4] and state_out[2, batch, 8]:
-    y = (x + state[0] + state[1]) · W · sr/16000, state_out = state · 0.5 + x."""
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("ReduceSum", ["state", "axes0"], ["s"], keepdims=0),
-        helper.make_node("Add", ["x", "s"], ["xs"]),
-        helper.make_node("MatMul", ["xs", "w"], ["h"]),
-        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
-        helper.make_node("Div", ["srf", "k"], ["scale"]),
-        helper.make_node("Mul", ["h", "scale"], ["y"]),
-        helper.make_node("Mul", ["state", "half"], ["sh"]),
-        helper.make_node("Add", ["sh", "x"], ["state_out"]),
-    ]
-    return make_model(
-        nodes,
-        [tensor("x", [batch, 8]), tensor("state", [2, batch, 8]), tensor("sr", [], TensorProto.INT64)],
-        [tensor("y", [batch, 4]), tensor("state_out", [2, batch, 8])],
-        [init("w", rng.standard_normal((8, 4)).astype(np.float32)), init("axes0", np.array([0], np.int64)),
-         init("k", np.float32(16000.0)), init("half", np.float32(0.5))],
-    )
+    """The fuzzer's stateful model: x[batch, 8], state[2, batch, 8], a scalar int64 sr → y[batch, 4]
+    and state_out[2, batch, 8]."""
+    return onnx.load_from_string(load_fuzz().stateful(batch))
 
 
 def _data(count: int = 5) -> dict[str, np.ndarray]:
