@@ -444,14 +444,35 @@ def parse_sample_axes(text: str | Mapping[str, Any] | None) -> dict[str, int | N
     return axes
 
 
+def as_samples(feeds: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[Dim, ...] | None]) -> Samples:
+    """``feeds`` as :class:`Samples` (as they are when they already are), plain arrays laid out by
+    the rule against the declared ``shapes`` (inputs missing from them: rank unknown)."""
+    if isinstance(feeds, Samples):
+        return feeds
+    axes, count = infer_sample_axes({name: shapes.get(name) for name in feeds}, feeds)
+    return Samples(feeds, axes, count)
+
+
+def fixed_batches(shapes: Mapping[str, tuple[Dim, ...] | None], axes: Mapping[str, int | None]) -> set[int]:
+    """The sizes the declared ``shapes`` fix on the inputs' sample ``axes`` (empty: the batch is
+    symbolic); more than one means the inputs disagree."""
+    return {shapes[name][axis] for name, axis in axes.items()
+            if axis is not None and shapes.get(name) and axis < len(shapes[name]) and isinstance(shapes[name][axis], int)}
+
+
+def fixed_batch(model: onnx.ModelProto, samples: Samples | None = None) -> int | None:
+    """The batch size ``model`` fixes on its inputs' sample axes (axis 0 without ``samples``;
+    deployment files often fix 1), or None when it is symbolic or the inputs disagree."""
+    shapes = declared_shapes(model)
+    axes = samples.axes if samples is not None else dict.fromkeys(shapes, 0)
+    sizes = fixed_batches(shapes, axes)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def first_samples(feeds: Mapping[str, np.ndarray], count: int, model: onnx.ModelProto | None = None) -> Samples:
     """The first ``count`` samples of ``feeds`` (a :class:`Samples`, or plain arrays laid out by
     the rule against ``model``'s declared shapes) along each input's sample axis."""
-    if not isinstance(feeds, Samples):
-        shapes = declared_shapes(model) if model is not None else {}
-        known = {name: shapes.get(name) for name in feeds}
-        axes, total = infer_sample_axes(known, feeds)
-        feeds = Samples(feeds, axes, total)
+    feeds = as_samples(feeds, declared_shapes(model) if model is not None else {})
     return feeds.take(slice(0, min(count, feeds.count)))
 
 

@@ -178,7 +178,7 @@ def run_samples(
     input's sample axis (``[20, batch, 37]``), else one named like a batch, else the first axis
     of the chunk's size; an output without one is stacked per chunk (axis None).
     """
-    from onnxzip.inputs import infer_sample_axes, session_shapes, take
+    from onnxzip.inputs import fixed_batches, infer_sample_axes, session_shapes, take
 
     shapes = session_shapes(session)
     arrays = {name: np.asarray(value) for name, value in feeds.items()}
@@ -186,8 +186,7 @@ def run_samples(
     given = {name: axis for name, axis in given.items() if name in arrays and name in shapes}
     axes, count = infer_sample_axes(shapes, arrays, given)
     sampled = {name: axis for name, axis in axes.items() if axis is not None}
-    fixed = {shapes[name][axis] for name, axis in sampled.items()
-             if shapes.get(name) and isinstance(shapes[name][axis], int)}
+    fixed = fixed_batches(shapes, sampled)
     if len(fixed) > 1:
         raise DataError(f"The model's inputs fix different batch sizes on their sample axes: {sorted(fixed)}.")
     chunk = next(iter(fixed)) if fixed else (batch_size or count)

@@ -300,19 +300,15 @@ def probe_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[di
     and fail or crash at 2, e.g. Flatten(axis=0) feeding a Gemm); with a fixed batch k, the
     first k samples (a chunk :func:`onnxzip.runtime.run_batched` would feed). Sample axes follow
     the layout rule (:func:`onnxzip.inputs.infer_sample_axes`)."""
-    from onnxzip.inputs import Samples, declared_shapes, infer_sample_axes
+    from onnxzip.inputs import as_samples, declared_shapes, fixed_batches
 
     if not feeds:
         return [feeds]
     shapes = declared_shapes(model)
     if set(feeds) - set(shapes):
         return [dict(feeds)]
-    if not isinstance(feeds, Samples):
-        axes, count = infer_sample_axes(shapes, feeds)
-        feeds = Samples(feeds, axes, count)
-    sampled = {name: axis for name, axis in feeds.axes.items() if axis is not None}
-    fixed = {shapes[name][axis] for name, axis in sampled.items()
-             if shapes.get(name) and isinstance(shapes[name][axis], int)}
+    feeds = as_samples(feeds, shapes)
+    fixed = fixed_batches(shapes, feeds.axes)
     if len(fixed) > 1:
         return [dict(feeds)]
     sizes = [min(feeds.count, next(iter(fixed)))] if fixed else sorted({min(feeds.count, 1), min(feeds.count, 2)})

@@ -81,7 +81,7 @@ from onnxzip.cluster import (
 from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import first_samples, generate_inputs
+from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster_calibration import (
@@ -90,7 +90,6 @@ from onnxzip.passes.cluster_calibration import (
     LayerStats,
     SensitivityProbe,
     collect_stats,
-    fixed_batch,
     input_energies,
     layer_site,
     sample_chunks,

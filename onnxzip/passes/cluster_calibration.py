@@ -550,15 +550,3 @@ def stat_bytes(site: LayerSite) -> int:
     """Bytes of one weight's :class:`LayerStats` (H and C in float64)."""
     blocks, m, n = site.view(np.empty(site.shape, np.uint8)).shape
     return 2 * blocks * n * n * 8
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed size of axis 0 shared by the model's inputs (deployment files often fix 1)."""
-    initializers = {t.name for t in model.graph.initializer}
-    sizes = set()
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        sizes.add(dims[0].dim_value if dims and dims[0].HasField("dim_value") else None)
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None

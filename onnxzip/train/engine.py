@@ -38,7 +38,7 @@ from onnxzip.compat import compatible_ir_version
 from onnxzip.cost import observed_shapes
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.graph import export_model, import_graph, tidy
-from onnxzip.inputs import Samples, declared_shapes, samples_from, take
+from onnxzip.inputs import Samples, fixed_batch, samples_from, take
 from onnxzip.io import load_model
 from onnxzip.runtime import make_session, resolve_device, run_samples
 from onnxzip.sanity import probe_feeds, probe_in_child
@@ -182,17 +182,6 @@ def _hold_back(data: _Data, seed: int) -> tuple[_Data, _Data]:
         return _Data(data.inputs.take(index), pick(data.labels), pick(data.references))
 
     return part(np.sort(order[count:])), part(np.sort(order[:count]))
-
-
-def fixed_batch(model: onnx.ModelProto, samples: Samples | None = None) -> int | None:
-    """The batch size the model fixes on its inputs' sample axes (axis 0 without ``samples``),
-    or None when that axis is symbolic."""
-    shapes = declared_shapes(model)
-    for name, shape in shapes.items():
-        axis = 0 if samples is None else samples.axes.get(name)
-        if shape and axis is not None and axis < len(shape) and isinstance(shape[axis], int):
-            return int(shape[axis])
-    return None
 
 
 def _batches(count: int, size: int, fixed: bool, rng: np.random.Generator | None) -> list[NDArray[np.int64]]:

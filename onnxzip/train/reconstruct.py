@@ -37,6 +37,7 @@ import onnx_graphsurgeon as gs
 
 from onnxzip.cluster.gptq import DAMP
 from onnxzip.errors import ConfigError
+from onnxzip.inputs import fixed_batch
 from onnxzip.graph import constant_value, export_model, import_graph, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster import Codebook, DecodedWeight, find_decodes, refit_codebook
@@ -45,7 +46,6 @@ from onnxzip.passes.cluster_calibration import (
     LayerSite,
     LayerStats,
     collect_stats,
-    fixed_batch,
     layer_key,
     layer_site,
     relative_error,
