@@ -134,6 +134,7 @@ class Run:
     deploy: Deployment | None = None
     notes: list[str] = field(default_factory=list)
     stderr_tail: str | None = None
+    finetune: dict | None = None  # +ft modes: what the finetune step's report says it trained and kept
 
     @property
     def failed(self) -> bool:
@@ -344,6 +345,13 @@ def report_progress(run: Run, original: Run) -> None:
     progress(f"{head} exit {run.exit_code}, {run.seconds:.0f} s, {run.ratio:.2f}x smaller, score {score}, "
              f"kept {run.quality_kept}, lat {_x(ratios['latency_b1_x'])}, mem {_x(ratios['memory_x'])}"
              + (f" ({run.reason})" if run.reason else ""))
+    if run.finetune:
+        progress(f"{head} {finetune_line(run.finetune)}")
+
+
+def finetune_line(summary: dict) -> str:
+    kept = "; ".join(summary["kept"]) or "the best epoch kept"
+    return f"finetune trained {summary['trained_percent']:.0f}% of the float parameters; {kept}"
 
 
 def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Options, original: Run) -> Run:
@@ -351,8 +359,10 @@ def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Opt
     flags = {**MODES, **LOOPS}[mode]
     output = options.work / name / "onnxzip" / f"{mode}.onnx"
     output.parent.mkdir(parents=True, exist_ok=True)
+    report = output.with_suffix(".report.json")
     args = ["compress", str(corpus.model(name)), "-o", str(output), "--data",
-            str(corpus.data(name) / "calib.npz"), "-q", *flags, *(["--force"] if options.force else [])]
+            str(corpus.data(name) / "calib.npz"), "-q", *flags, *(["--force"] if options.force else []),
+            "--report", str(report)]
     run = Run(name, "onnxzip", mode, ["onnxzip", *args])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if mode in LOOPS:
@@ -363,8 +373,28 @@ def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Opt
     record(run, outcome)
     if outcome.exit_code == 0:
         run.notes = [line for line in outcome.stderr.splitlines() if "quality gate failed" in line]
+        run.finetune = finetune_summary(report)
         written(run, corpus, bench, output, original.bytes)
     return run
+
+
+def finetune_summary(report: Path) -> dict | None:
+    """From a compress report, the finetune steps' outcome: how much trained, the held-out loss of
+    the input and of the kept epoch, and the notes that say what was kept or undone."""
+    try:
+        passes = json.loads(report.read_text())["passes"]
+    except (OSError, ValueError, KeyError):
+        return None
+    steps = [p for p in passes if p.get("pass_name") == "finetune"]
+    if not steps:
+        return None
+    notes = [note for step in steps for note in step.get("notes", [])]
+    trained = [100 * step["details"]["trained_fraction"] for step in steps
+               if "trained_fraction" in step.get("details", {})]
+    frozen = sum(1 for step in steps for change in step.get("changes", []) if change.get("decision") == "skipped")
+    kept = [note for note in notes if "returned" in note or "stopped early" in note or "nothing" in note.lower()]
+    return {"trained_percent": trained[-1] if trained else 0.0, "frozen_tensors": frozen, "kept": kept,
+            "epochs": [note for note in notes if note.startswith("epoch ")]}
 
 
 def peer_run(name: str, peer: tuple[str, str, str, str], corpus: Corpus, bench: Bench, options: Options,
@@ -463,6 +493,8 @@ def detail_table(result: FileResult) -> list[str]:
         lines.append(f"  {label:<38} {exit_code:>4} {seconds:>6} {_x(run.ratio):>7} {_score(run):>7} "
                      f"{_drop(run):>15} {kept:>5} {_x(ratios['latency_b1_x']):>6} "
                      f"{_x(ratios['latency_bn_x']):>6} {_x(ratios['load_x']):>6} {_x(ratios['memory_x']):>6}")
+        if run.finetune:
+            lines.append(f"    {finetune_line(run.finetune)}")
     return lines
 
 

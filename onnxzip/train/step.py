@@ -74,6 +74,7 @@ class FinetunePass(Pass):
         if skipped_val:
             report.notes.append(skipped_val)
         report.modified = bool(result.trained)
+        report.details.update(trained_fraction=round(result.trained_fraction, 6), best_epoch=result.best_epoch)
         for name in result.trained:
             report.changes.append(LayerChange(name, _op_of(model, name), "trained"))
         for name, reason in result.frozen.items():

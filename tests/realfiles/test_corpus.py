@@ -78,10 +78,14 @@ def test_every_automatic_mode_runs(name, corpus_data, tmp_path) -> None:
     """No exit 3 and no traceback in any automatic mode; every output runs on the file's data."""
     calib = dict(np.load(corpus_data[name] / "subset.npz"))
     for mode, flags in MODES.items():
-        out = tmp_path / f"{mode}.onnx"
-        done = _compress(name, corpus_data[name] / "subset.npz", out, flags)
+        out, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        done = _compress(name, corpus_data[name] / "subset.npz", out, [*flags, "--report", str(report)])
         assert done.returncode == 0, f"{name} {mode}: {done.stderr[-2000:]}"
         assert "Traceback" not in done.stderr
+        steps = [p for p in json.loads(report.read_text())["passes"] if p["pass_name"] == "finetune"]
+        assert len(steps) == ("--finetune" in flags)
+        for step in steps:  # fine-tuning reaches (nearly) every float weight of the compressed file
+            assert step["details"]["trained_fraction"] >= 0.95, f"{name} {mode}: {step['notes']}"
         outputs = run_batched(make_session(str(out), "cpu"), {k: v[:4] for k, v in calib.items()})
         assert all(np.all(np.isfinite(v)) for v in outputs.values() if np.issubdtype(v.dtype, np.floating))
         assert out.stat().st_size < (MODELS / f"{name}.onnx").stat().st_size
