@@ -80,6 +80,7 @@ from onnxzip.cluster import (
 )
 from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
 from onnxzip.compat import default_opset
+from onnxzip.cost import model_cost, observed_shapes
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
@@ -106,6 +107,8 @@ DEFAULT_K = 16
 MAX_K = 256
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops widening
+MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrapolated (see _allocate)
+SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
@@ -133,7 +136,11 @@ class ClusterConfig:
         True, "also biases and BatchNorm/LayerNorm parameters, when that shrinks the file"
     )
     search_step: float = option(0.25, "bits=search: resolution of the avg_bits bisection")
-    sweep_samples: int = option(32, "avg_bits/bits=search: data items the sensitivity sweep runs")
+    sweep_samples: int = option(32, "avg_bits/bits=search: data items the sensitivity sweep runs (at most)")
+    sweep_flops: float = option(
+        4e12, "avg_bits/bits=search: model FLOPs the sensitivity sweep may spend; a large model's sweep "
+              "runs fewer data items (at least 8). 0: no limit",
+    )
     init: Literal["kmeans||", "kmeans++", "linear", "quantile"] = option(
         "kmeans||", "initial centroids (linear: evenly spaced from w_min to w_max, as in Method 1)"
     )
@@ -173,6 +180,8 @@ class ClusterConfig:
             )
         if self.sweep_samples < 1:
             raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
+        if self.sweep_flops < 0:
+            raise ValueError(f"sweep_flops must be 0 (no limit) or positive, got {self.sweep_flops}")
         if self.search_step <= 0:
             raise ValueError(f"search_step must be positive, got {self.search_step}")
         if isinstance(self.k, int) and not 1 <= self.k <= MAX_K:
@@ -318,9 +327,10 @@ class ClusterPass(Pass):
                 "references (--data)."
             )
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
-        feeds = first_samples(feeds, self.config.sweep_samples, model)
+        feeds = first_samples(feeds, self._sweep_count(model, feeds, len(candidates)), model)
         energies = self._energies(model, uses, context)
         probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
+        self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -332,6 +342,13 @@ class ClusterPass(Pass):
                 continue
             curve: dict[int, float] = {}
             for bits in widths:
+                if len(curve) >= MEASURED_WIDTHS:  # wider: extrapolated, neither clustered nor run
+                    if 2**bits > values.size:
+                        break
+                    if _decode_bytes(_sized(values, bits, axis), values.shape, opset, name) >= _raw_bytes(name, values):
+                        break
+                    curve[bits] = _extrapolate(curve, bits)
+                    continue
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
@@ -366,6 +383,24 @@ class ClusterPass(Pass):
         log.info("cluster widths: mean %.3f bits over %d weights",
                  mean_bits({n: e["bits"] for n, e in layers.items()}, shapes), len(layers))
         return layers
+
+    def _sweep_count(self, model: onnx.ModelProto, feeds: Any, candidates: int) -> int:
+        """Data items the sensitivity sweep runs: ``sweep_samples``, fewer (never under
+        :data:`SWEEP_MIN_SAMPLES`) when a run per measured width of every candidate over them
+        would cost more than ``sweep_flops`` model FLOPs. Counted in FLOPs, not seconds, so the
+        widths chosen do not depend on how busy the machine is."""
+        wanted = self.config.sweep_samples
+        if not self.config.sweep_flops or wanted <= SWEEP_MIN_SAMPLES:
+            return wanted
+        one = first_samples(feeds, 1, model)
+        try:
+            per_item = model_cost(model, observed_shapes(model, dict(one))).flops
+        except Exception:  # noqa: BLE001 - a model FLOPs cannot be counted for runs on all its items
+            log.debug("could not count the model's FLOPs for the sweep budget", exc_info=True)
+            return wanted
+        runs = max(candidates, 1) * min(MEASURED_WIDTHS, self.config.max_bits)
+        affordable = int(self.config.sweep_flops // max(per_item * runs, 1))
+        return max(SWEEP_MIN_SAMPLES, min(wanted, affordable))
 
     def _search(
         self, model: onnx.ModelProto, context: PassContext, layers_at: Any
@@ -489,6 +524,10 @@ class ClusterPass(Pass):
             report.notes.append(f"packed indices unpack through shared tables: {', '.join(sizes)}")
         for name in sorted(set(plan.layers) - {w.name for w in table.weights}):
             report.notes.append(f"plan entry '{name}' matches no weight of the model; ignored")
+        sweep = getattr(self, "_sweep_note", None)
+        if sweep and any("sensitivity" in entry for entry in plan.layers.values()):
+            report.notes.append(f"{sweep}; per weight, widths 1-{MEASURED_WIDTHS} measured, wider ones "
+                                "extrapolated from the last two")
         graph.toposort(recurse_subgraphs=True)
         return PassResult(export_model(graph, model), report, plan)
 
@@ -645,6 +684,23 @@ def _planned_k(name: str, entry: dict[str, Any]) -> int:
             "edit k (bits follow it)."
         )
     return int(k)
+
+
+def _extrapolate(curve: dict[int, float], bits: int) -> float:
+    """The distortion at ``bits`` continued from the two widest measured widths: a codebook's
+    error falls by a steady factor per added bit (about 4 for smooth weight distributions), taken
+    from the last measured step and held within [1/16, 1/2] so that noise in two small numbers
+    cannot make a wider width look worse or free."""
+    (b0, d0), (b1, d1) = sorted(curve.items())[-2:]
+    step = min(max(d1 / d0 if d0 > 0 else 0.25, 1 / 16), 1 / 2) ** (1 / (b1 - b0))
+    return float(d1 * step ** (bits - b1))
+
+
+def _sized(values: np.ndarray, bits: int, axis: int | None) -> Codebook:
+    """A codebook of ``values``' shape and 2**bits entries whose values do not matter: what a
+    width costs in bytes does not depend on them."""
+    rows = () if axis is None else (values.shape[axis],)
+    return Codebook(np.zeros((*rows, 2**bits), values.dtype), np.zeros(values.shape, np.uint8), axis, bits)
 
 
 def _floor_bits(curves: dict[str, dict[int, float]], sizes: dict[str, int]) -> float:

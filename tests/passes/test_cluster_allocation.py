@@ -117,6 +117,29 @@ def test_avg_bits_gives_sensitive_layers_more_bits_and_replays(tmp_path):
     np.testing.assert_array_equal(outputs(replayed.model), outputs(result.model))
 
 
+def test_sweep_budget_cuts_data_items_not_widths_and_extrapolates_wide_widths():
+    # mlp runs 2·(48·64 + 64·10) = 7424 FLOPs per item; 2 weights × 5 measured widths
+    model = mlp(W1 / 4, W2 * 4)
+    context = PassContext(feeds={"x": X})
+    full = ClusterPass(avg_bits=3.0, sweep_samples=64).run(model, context)
+    assert any("sweep on 64 data items" in note for note in full.report.notes)
+    tight = ClusterPass(avg_bits=3.0, sweep_samples=64, sweep_flops=2 * 5 * 7424 * 12).run(model, context)
+    assert any("sweep on 12 data items" in note for note in tight.report.notes)
+    floor = ClusterPass(avg_bits=3.0, sweep_samples=64, sweep_flops=1).run(model, context)
+    assert any("sweep on 8 data items" in note for note in floor.report.notes)  # never under 8
+    for entry in full.plan.layers.values():
+        curve = {int(b): d for b, d in entry["sensitivity"].items() if int(b) <= 8}
+        measured, extrapolated = [curve[b] for b in range(1, 6)], [curve[b] for b in range(5, 9)]
+        assert measured[0] > measured[-1] > 0  # run in onnxruntime: wider is more accurate
+        ratios = np.array(extrapolated[1:]) / np.array(extrapolated[:-1])
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-3)  # a steady factor per bit ...
+        assert 1 / 16 - 1e-9 <= ratios[0] <= 1 / 2 + 1e-9  # ... held within [1/16, 1/2]
+    # the budget changes how many items are run, not which widths a clear-cut case gets
+    assert {n: e["bits"] for n, e in tight.plan.layers.items()} == {n: e["bits"] for n, e in full.plan.layers.items()}
+    with pytest.raises(ConfigError, match="sweep_flops"):
+        ClusterPass(avg_bits=3.0, sweep_flops=-1)
+
+
 def _classifier_files(tmp_path):
     model = mlp(W1, W2)
     path = tmp_path / "mlp.onnx"
