@@ -21,6 +21,27 @@ per weight). Each run's probe outputs only the tensors that stage needs. The mea
 shift Q μ̃ − W μ is then subtracted from the layer's bias where it has one of its own (a raw
 bias, or a bias codebook refit to the shifted values).
 
+Float layers the other passes leave are refit the same way, one stage each, in the same graph
+order (maths in :mod:`onnxzip.svd.whiten`):
+
+* an SVD factor pair (the svd pass's first factor ``<node>/svd_in`` feeding the node that keeps
+  the layer's name and output; MatMul, Gemm, channel-SVD Conv, LSTM/GRU/RNN input factors):
+  the original layer is the node with the same output tensor; H and C come from the pair's
+  input, and A, B are replaced at the same rank by the truncation of the least-squares target
+  W* = (W Cᵀ + λW) H_λ⁻¹ whitened by a Cholesky factor of H_λ (SVD-LLM / ASVD style), then B is
+  refit by least squares on its own input A x̃. A spatial Conv pair (kh×1 → 1×kw) has no single
+  matrix product; only its second factor is refit, on its own input rows.
+* a MatMul/Gemm/Conv whose input is narrower than its original's (a consumer of pruned
+  channels; the original found by output tensor, else by node name, since the pruned MatMul's
+  compensation Add takes over its output): W' = (W Cᵀ + λW'₀) H_λ⁻¹ with C = Σ x̃xᵀ of the pruned
+  input x̃ and the original input x (Conv: im2col patches); output channels that were pruned too
+  are matched to the original's rows by their values.
+
+With a bias of its own the layer is also fitted with an intercept (centred H and C) that goes
+into that bias, which also replaces the prune pass's compensation. The candidate (with or
+without intercept, truncation with or without the second-factor refit) of lowest held-back
+error is kept if it is lower than the layer's as it was.
+
 K, the index width and the shapes do not change: the file size stays the same. A share
 ``holdout`` of the runs of samples is held back from the statistics, and each layer's relative
 output error ‖Q x̃ − W x‖² / ‖W x‖² is scored before and after on up to 4096 of their rows; a
@@ -140,8 +161,9 @@ def _consumers(graph: gs.Graph, tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
 class ReconstructPass(Pass):
     name = "reconstruct"
     config_class = ReconstructConfig
-    summary = ("refit codebook weights layer by layer to the original's outputs on the calibration "
-               "data (GPTQ assignment, closed-form centroids, bias correction); same file size")
+    summary = ("refit codebook weights, SVD factor pairs and consumers of pruned channels layer by layer "
+               "to the original's outputs on the calibration data (GPTQ assignment and closed-form "
+               "centroids; whitened truncation; least squares; bias correction); same file size")
     reduces_bytes = False  # changes values, never sizes
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
@@ -293,7 +315,7 @@ class ReconstructPass(Pass):
             rank = first.shape[0]
             current = job.scale * job.site.view(out_values).reshape(-1, rank).astype(np.float64) @ first
             for label, gram, cross in statistics:
-                target, gram_d = ridge_target(weight, gram, cross, damp)
+                target, gram_d = ridge_target(weight, gram, cross, damp, prior=job.scale * weight)
                 second, new_first = whitened_truncation(target, gram_d, rank)
                 candidates.append(("whitened truncation", label, (second, new_first), second @ new_first))
                 second = refit_second_factor(new_first, weight, gram, cross, damp, prior=second)
@@ -316,8 +338,8 @@ class ReconstructPass(Pass):
         held = stats.held()
         if held is not None:
             before = relative_error(held, current[None], weight[None], -delta[None])
-            scored = sorted(((relative_error(held, c[3][None], weight[None], shift(c[3], c[1])[None]), i)
-                             for i, c in enumerate(candidates)))
+            scored = sorted((_finite(relative_error(held, c[3][None], weight[None], shift(c[3], c[1])[None])), i)
+                            for i, c in enumerate(candidates))
             details.update(error_before=round(before, 6), error_after=round(scored[0][0], 6),
                            held_rows=int(held[0].shape[0]))
             if scored[0][0] >= before:
@@ -404,6 +426,10 @@ class ReconstructPass(Pass):
                   if held is not None else f"fit error {fit.before:.4g} → {fit.after:.4g}")
         return LayerChange(name, op, f"reconstructed K={stored.k}, {stored.bits}-bit: {scored}",
                            params_before=stored.indices.size, params_after=stored.indices.size, details=details)
+
+
+def _finite(error: float) -> float:
+    return error if np.isfinite(error) else float("inf")
 
 
 def _bias_of(node: gs.Node, site: LayerSite, decodes: dict[str, DecodedWeight]) -> Any:

@@ -129,3 +129,15 @@ def test_reconstruct_refits_the_consumer_of_pruned_channels():
     assert details["error_after"] < details["error_before"]
     assert _error(rebuilt.model, model, held) < 0.7 * _error(pruned.model, model, held)
     assert rebuilt.model.ByteSize() == pruned.model.ByteSize()
+
+
+def test_reconstruct_reports_factor_pairs_it_cannot_match_to_the_original():
+    model = _mlp()
+    data = {"x": RNG.standard_normal((64, 48)).astype(np.float32)}
+    factored = compress(model, {"passes": [{"svd": {"rank": 8, "min_size": 1}}]}, data=data, check=False).model
+    # the factorized model as the original: its fc1/fc2 hold a factor, not the composite weight
+    result = compress(factored, {"passes": [{"reconstruct": {}}]}, data=data, check=False)
+    changes = {c.layer: c for c in result.report.passes[0].changes}
+    assert {"fc1", "fc2"} <= set(changes)
+    assert all(changes[n].skipped and "do not compose" in changes[n].reason for n in ("fc1", "fc2"))
+    assert not result.report.passes[0].modified
