@@ -349,8 +349,9 @@ def previous_states(y: np.ndarray, initial: np.ndarray, attrs: dict[str, Any]) -
 @dataclass
 class LayerStats:
     """Streaming statistics of one weight's input rows, summed over its sites: H = Σ x̃x̃ᵀ and
-    C = Σ x̃xᵀ [G or 1, n, n], row sums of x̃ and x, and up to :data:`HELD_ROWS` held-back rows
-    (x̃, x) to score a fit on data it did not see."""
+    C = Σ x̃xᵀ [G or 1, n, n₀] (n₀ = n unless the layer's input width changed, e.g. pruned
+    channels), row sums of x̃ and x, and up to :data:`HELD_ROWS` held-back rows (x̃, x) to score a
+    fit on data it did not see."""
 
     gram: np.ndarray
     cross: np.ndarray | None  # None: x = x̃ (C = H)
@@ -361,9 +362,10 @@ class LayerStats:
     held_original: list[np.ndarray] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, blocks: int, n: int, cross: bool) -> LayerStats:
-        return cls(np.zeros((blocks, n, n)), np.zeros((blocks, n, n)) if cross else None,
-                   np.zeros((blocks, n)), np.zeros((blocks, n)))
+    def empty(cls, blocks: int, n: int, cross: bool, original: int | None = None) -> LayerStats:
+        width = n if original is None else original
+        return cls(np.zeros((blocks, n, n)), np.zeros((blocks, n, width)) if cross else None,
+                   np.zeros((blocks, n)), np.zeros((blocks, width)))
 
     @property
     def cross_term(self) -> np.ndarray:
@@ -523,7 +525,8 @@ def collect_stats(
                 target = rows if original is None else source.rows(reference, seed, limit)
                 entry = stats.get(name)
                 if entry is None:
-                    entry = stats[name] = LayerStats.empty(rows.shape[1], rows.shape[2], original is not None)
+                    entry = stats[name] = LayerStats.empty(rows.shape[1], rows.shape[2], original is not None,
+                                                           target.shape[2])
                 if every and index % every == min(1, every - 1):
                     entry.hold(rows, target)
                 else:

@@ -21,6 +21,27 @@ per weight). Each run's probe outputs only the tensors that stage needs. The mea
 shift Q μ̃ − W μ is then subtracted from the layer's bias where it has one of its own (a raw
 bias, or a bias codebook refit to the shifted values).
 
+Float layers the other passes leave are refit the same way, one stage each, in the same graph
+order (maths in :mod:`onnxzip.svd.whiten`):
+
+* an SVD factor pair (the svd pass's first factor ``<node>/svd_in`` feeding the node that keeps
+  the layer's name and output; MatMul, Gemm, channel-SVD Conv, LSTM/GRU/RNN input factors):
+  the original layer is the node with the same output tensor; H and C come from the pair's
+  input, and A, B are replaced at the same rank by the truncation of the least-squares target
+  W* = (W Cᵀ + λW) H_λ⁻¹ whitened by a Cholesky factor of H_λ (SVD-LLM / ASVD style), then B is
+  refit by least squares on its own input A x̃. A spatial Conv pair (kh×1 → 1×kw) has no single
+  matrix product; only its second factor is refit, on its own input rows.
+* a MatMul/Gemm/Conv whose input is narrower than its original's (a consumer of pruned
+  channels; the original found by output tensor, else by node name, since the pruned MatMul's
+  compensation Add takes over its output): W' = (W Cᵀ + λW'₀) H_λ⁻¹ with C = Σ x̃xᵀ of the pruned
+  input x̃ and the original input x (Conv: im2col patches); output channels that were pruned too
+  are matched to the original's rows by their values.
+
+With a bias of its own the layer is also fitted with an intercept (centred H and C) that goes
+into that bias, which also replaces the prune pass's compensation. The candidate (with or
+without intercept, truncation with or without the second-factor refit) of lowest held-back
+error is kept if it is lower than the layer's as it was.
+
 K, the index width and the shapes do not change: the file size stays the same. A share
 ``holdout`` of the runs of samples is held back from the statistics, and each layer's relative
 output error ‖Q x̃ − W x‖² / ‖W x‖² is scored before and after on up to 4096 of their rows; a
@@ -55,6 +76,7 @@ from onnxzip.passes.cluster_calibration import (
 )
 from onnxzip.report import LayerChange
 from onnxzip.schema import option
+from onnxzip.svd.whiten import centered, refit_second_factor, ridge_target, whitened_truncation
 
 CHUNK = 4  # samples per onnxruntime run (a model with a fixed batch runs its own)
 STATS_BYTES = 1 << 30  # Gram and cross matrices held at once
@@ -100,6 +122,36 @@ class _Job:
     weight: np.ndarray
 
 
+@dataclass
+class _FloatJob:
+    """A float layer to refit to the original layer's output: an SVD factor pair (``first`` is
+    the node of the first factor, whose input rows the statistics hold), or one weight whose
+    input changed (``kind`` "second factor": the second factor alone; "pruned input": a consumer
+    of pruned channels), fitted on its own input rows."""
+
+    kind: str
+    node: gs.Node  # the node computing the original layer's output (second factor, consumer)
+    site: LayerSite  # its weight's site in the compressed model
+    source: LayerSite  # the original layer's site
+    weight: np.ndarray  # the original weight as a matrix [rows kept, n] of the source's view
+    delta: np.ndarray  # the node's own bias minus the original's (a pruning compensation), [rows]
+    first: gs.Node | None = None
+    first_site: LayerSite | None = None
+
+    @property
+    def pairs(self) -> list[tuple[LayerSite, LayerSite]]:
+        return [(self.first_site or self.site, self.source)]
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return [self.first, self.node] if self.first is not None else [self.node]
+
+    @property
+    def scale(self) -> float:
+        """α of a second-factor Gemm: its rows carry α, the first factor's do not."""
+        return float(self.node.attrs.get("alpha", 1.0)) if self.first is not None and self.node.op == "Gemm" else 1.0
+
+
 def _consumers(graph: gs.Graph, tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
     return [(node, slot) for node, _owner, _path in walk_nodes(graph)
             for slot, inp in enumerate(node.inputs) if inp is tensor]
@@ -109,8 +161,9 @@ def _consumers(graph: gs.Graph, tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
 class ReconstructPass(Pass):
     name = "reconstruct"
     config_class = ReconstructConfig
-    summary = ("refit codebook weights layer by layer to the original's outputs on the calibration "
-               "data (GPTQ assignment, closed-form centroids, bias correction); same file size")
+    summary = ("refit codebook weights, SVD factor pairs and consumers of pruned channels layer by layer "
+               "to the original's outputs on the calibration data (GPTQ assignment and closed-form "
+               "centroids; whitened truncation; least squares; bias correction); same file size")
     reduces_bytes = False  # changes values, never sizes
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
@@ -126,6 +179,15 @@ class ReconstructPass(Pass):
             reasons = sorted({s for s in sites if isinstance(s, str)})
             layers[decoded.name] = ({"reconstruct": True, "layers": [s.key for s in sites]} if sites and not reasons
                                     else {"reconstruct": False, "reason": "; ".join(reasons) or "unused"})
+        if context.original is not None:
+            for name, job in float_candidates(graph, import_graph(context.original)).items():
+                if isinstance(job, tuple):
+                    layers[name] = {"reconstruct": False, "refit": "float", "reason": job[1]}
+                    continue
+                weights = [n.inputs[1].name for n in job.nodes]
+                selected = all(matches(n, job.node.op, self.config.include, self.config.exclude) for n in [name, *weights])
+                layers[name] = ({"reconstruct": True, "refit": job.kind, "weights": weights} if selected
+                                else {"reconstruct": False, "refit": job.kind, "reason": "not selected by include/exclude"})
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
@@ -138,7 +200,8 @@ class ReconstructPass(Pass):
         decodes = {d.name: d for d in find_decodes(graph)}
         jobs = self._jobs(graph, decodes, plan, context.original, report)
         if not jobs:
-            report.notes.append("no codebook weight to reconstruct (run the cluster pass first)")
+            report.notes.append("no codebook weight, SVD factor pair or pruned layer to reconstruct "
+                                "(run the cluster, svd or prune-channels pass first)")
             return PassResult(model, report, plan)
         feeds = context.feeds
         if self.config.samples is not None:
@@ -169,7 +232,10 @@ class ReconstructPass(Pass):
                     report.skip(name, job.nodes[0].op, "its layer input is not a main-graph tensor of a run "
                                 "(Loop/Scan body, or an If branch the data does not always take)")
                     continue
-                report.changes.append(self._reconstruct(name, job, stats[name], decodes))
+                if isinstance(job, _FloatJob):
+                    report.changes.append(self._refit_float(name, job, stats[name], decodes))
+                else:
+                    report.changes.append(self._reconstruct(name, job, stats[name], decodes))
         report.modified = any(not c.skipped for c in report.changes)
         fitted = [c.details for c in report.changes if not c.skipped and "error_after" in c.details]
         if fitted:
@@ -185,10 +251,18 @@ class ReconstructPass(Pass):
         teacher_graph = import_graph(original)
         teachers = {layer_key(n): n for n, _g, _p in walk_nodes(teacher_graph)}
         order = {id(node): i for i, (node, _g, _p) in enumerate(walk_nodes(graph))}
-        jobs: dict[str, _Job] = {}
+        jobs: dict[str, _Job | _FloatJob] = {}
+        floats = float_candidates(graph, teacher_graph)
         for name, entry in plan.layers.items():
             if not entry.get("reconstruct"):
                 report.skip(name, "", entry.get("reason", "not planned"))
+                continue
+            if "refit" in entry:
+                job = floats.get(name)
+                if isinstance(job, _FloatJob):
+                    jobs[name] = job
+                else:
+                    report.skip(name, job[0] if job else "", job[1] if job else "not a float layer to refit in this model")
                 continue
             decoded = decodes.get(name)
             if decoded is None:
@@ -216,6 +290,97 @@ class ReconstructPass(Pass):
                 continue
             jobs[name] = _Job(decoded, pairs, nodes, np.asarray(weights[0]))
         return dict(sorted(jobs.items(), key=lambda item: min(order[id(n)] for n in item[1].nodes)))
+
+    def _refit_float(self, name: str, job: _FloatJob, stats: LayerStats, decodes: dict[str, DecodedWeight]) -> LayerChange:
+        """Refit one float layer (maths in :mod:`onnxzip.svd.whiten`): an SVD pair by the whitened
+        truncation at its rank, then the least-squares refit of its second factor; a single
+        weight by least squares on its own input. With a bias of its own the fit also takes an
+        intercept (centred statistics), which goes into that bias. The candidate of lowest
+        held-back error is kept if it beats the layer as it was."""
+        damp = self.config.damp
+        weight, delta = job.weight, job.delta
+        count = stats.count
+        mean_current = stats.sum_current[0] / max(count, 1)
+        mean_original = stats.sum_original[0] / max(count, 1)
+        bias = _bias_of(job.node, job.site, decodes) if self.config.bias and count else None
+        statistics = [("raw", stats.gram[0], stats.cross_term[0])]
+        if bias is not None:
+            statistics.append(("centred", *centered(stats.gram[0], stats.cross_term[0], stats.sum_current[0],
+                                                    stats.sum_original[0], count)))
+        out_values = np.asarray(job.node.inputs[1].values)
+        candidates: list[tuple[str, str, tuple[np.ndarray, ...], np.ndarray]] = []  # step, stats, factors, product
+        if job.first is not None:
+            in_values = np.asarray(job.first.inputs[1].values)
+            first = job.first_site.view(in_values)[0].astype(np.float64)
+            rank = first.shape[0]
+            current = job.scale * job.site.view(out_values).reshape(-1, rank).astype(np.float64) @ first
+            for label, gram, cross in statistics:
+                target, gram_d = ridge_target(weight, gram, cross, damp, prior=job.scale * weight)
+                second, new_first = whitened_truncation(target, gram_d, rank)
+                candidates.append(("whitened truncation", label, (second, new_first), second @ new_first))
+                second = refit_second_factor(new_first, weight, gram, cross, damp, prior=second)
+                candidates.append(("whitened truncation + second-factor refit", label, (second, new_first),
+                                   second @ new_first))
+            params = in_values.size + out_values.size
+            details: dict[str, Any] = {"refit": job.kind, "rank": rank, "rows": count}
+        else:
+            current = job.site.view(out_values)[0].astype(np.float64)
+            for label, gram, cross in statistics:
+                target = ridge_target(weight, gram, cross, damp, prior=current)[0]
+                candidates.append(("least squares", label, (target,), target))
+            params = out_values.size
+            details = {"refit": job.kind, "inputs": [int(current.shape[1]), int(weight.shape[1])], "rows": count}
+
+        def shift(product: np.ndarray, label: str) -> np.ndarray:
+            """relative_error's shift: b_O − b_new (centred: the bias takes W μ − M μ̃)."""
+            return product @ mean_current - weight @ mean_original if label == "centred" else -delta
+
+        held = stats.held()
+        if held is not None:
+            before = relative_error(held, current[None], weight[None], -delta[None])
+            scored = sorted((_finite(relative_error(held, c[3][None], weight[None], shift(c[3], c[1])[None])), i)
+                            for i, c in enumerate(candidates))
+            details.update(error_before=round(before, 6), error_after=round(scored[0][0], 6),
+                           held_rows=int(held[0].shape[0]))
+            if scored[0][0] >= before:
+                return LayerChange(name, job.node.op, "skipped", "the refit did not lower the held-back output error "
+                                   f"({before:.4g} → {scored[0][0]:.4g}); kept as it was",
+                                   params_before=params, params_after=params, details=details)
+            ranking = [(error, candidates[i]) for error, i in scored if error < before]
+        else:
+            ranking = [(None, c) for c in reversed(candidates)]  # the last: refit, with the intercept when there is one
+        for error, (step, label, factors, product) in ranking:
+            if label == "centred":
+                offset = delta + product @ mean_current - weight @ mean_original
+                if not bias(offset.reshape(job.site.view(out_values).shape[:2])):
+                    continue
+                details["bias_corrected"] = True
+            self._store(job, factors)
+            details["step"] = f"{step} ({label})"
+            if error is not None:
+                details["error_after"] = round(error, 6)
+                scored_text = f"held-back output error {details['error_before']:.4g} → {error:.4g}"
+            else:
+                scored_text = f"{step}, no held-back rows"
+            return LayerChange(name, job.node.op, f"refit {job.kind}: {scored_text}",
+                               params_before=params, params_after=params, details=details)
+        return LayerChange(name, job.node.op, "skipped", "its bias could not take the refit's mean shift; kept as it was",
+                           params_before=params, params_after=params, details=details)
+
+    @staticmethod
+    def _store(job: _FloatJob, factors: tuple[np.ndarray, ...]) -> None:
+        """Write the refit matrices back into the layer's constants (same shapes and dtypes)."""
+        out = job.node.inputs[1]
+        view_shape = job.site.view(np.asarray(out.values)).shape
+        if job.first is not None:
+            second, first = factors
+            constant = job.first.inputs[1]
+            constant.values = np.ascontiguousarray(
+                job.first_site.unview(first[None]).astype(np.asarray(constant.values).dtype))
+            matrix = (second / job.scale).reshape(view_shape)
+        else:
+            matrix = factors[0].reshape(view_shape)
+        out.values = np.ascontiguousarray(job.site.unview(matrix).astype(np.asarray(out.values).dtype))
 
     def _reconstruct(self, name: str, job: _Job, stats: LayerStats, decodes: dict[str, DecodedWeight]) -> LayerChange:
         """Fit one weight, correct its bias, keep the result unless the held-back error grows."""
@@ -261,6 +426,10 @@ class ReconstructPass(Pass):
                   if held is not None else f"fit error {fit.before:.4g} → {fit.after:.4g}")
         return LayerChange(name, op, f"reconstructed K={stored.k}, {stored.bits}-bit: {scored}",
                            params_before=stored.indices.size, params_after=stored.indices.size, details=details)
+
+
+def _finite(error: float) -> float:
+    return error if np.isfinite(error) else float("inf")
 
 
 def _bias_of(node: gs.Node, site: LayerSite, decodes: dict[str, DecodedWeight]) -> Any:
@@ -324,3 +493,180 @@ def _subtract(tensor: gs.Tensor | None, arrange: Any, decodes: dict[str, Decoded
         return True
 
     return refit
+
+
+# ----------------------------------------------------------------------------------------------
+# Float layers: SVD factor pairs and consumers of pruned channels
+
+FLOAT_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _float_weight(node: gs.Node, slot: int = 1) -> gs.Constant | None:
+    tensor = node.inputs[slot] if len(node.inputs) > slot else None
+    if isinstance(tensor, gs.Constant) and np.issubdtype(np.asarray(tensor.values).dtype, np.floating):
+        return tensor
+    return None
+
+
+def _svd_second(first: gs.Node) -> gs.Node | None:
+    """The node fed by ``first`` when ``first`` is the svd pass's first factor ``<node>/svd_in``
+    (the pass names it after the node that keeps the layer's name and output)."""
+    if "/svd_in" not in first.name or len(first.outputs) != 1 or len(first.outputs[0].outputs) != 1:
+        return None
+    second = first.outputs[0].outputs[0]
+    base = second.name or (f"{second.op}_{second.outputs[0].name}" if second.outputs else "")
+    return second if base and first.name.startswith(f"{base}/svd_in") else None
+
+
+def float_candidates(graph: gs.Graph, teacher_graph: gs.Graph) -> dict[str, _FloatJob | tuple[str, str]]:
+    """The float layers of ``graph`` the reconstruct step refits, keyed by node name: SVD factor
+    pairs (found by the svd pass's ``<node>/svd_in`` first factor) and MatMul/Gemm/Conv weights
+    whose input is narrower than the original layer's (pruned channels). The original layer is
+    the node with the same output tensor, else the same node name (a pruned MatMul whose
+    compensation Add took over its output). A value is a job, or (op type, why it is not one)."""
+    teacher_nodes = [n for n, _g, _p in walk_nodes(teacher_graph)]
+    by_output = {layer_key(n): n for n in teacher_nodes}
+    by_name = {n.name: n for n in teacher_nodes if n.name}
+    found: dict[str, _FloatJob | tuple[str, str]] = {}
+    paired: set[int] = set()
+    for first, _owner, _path in walk_nodes(graph):
+        second = _svd_second(first)
+        if second is None:
+            continue
+        paired.update((id(first), id(second)))
+        found[second.name or layer_key(second)] = _pair_job(first, second, by_output.get(layer_key(second)))
+    for node, _owner, _path in walk_nodes(graph):
+        if id(node) in paired or node.op not in FLOAT_OPS or _float_weight(node) is None:
+            continue
+        twin = by_output.get(layer_key(node))
+        if twin is None or twin.op != node.op:
+            twin = by_name.get(node.name) if node.name else None
+        job = _pruned_job(node, twin)
+        if job is not None:
+            found[node.name or layer_key(node)] = job
+    return found
+
+
+def _sites(*uses: tuple[gs.Node, gs.Tensor | np.ndarray]) -> list[LayerSite] | str:
+    sites = []
+    for node, weight in uses:
+        site = layer_site(node, 1, tuple(int(d) for d in np.shape(weight.values if isinstance(weight, gs.Constant) else weight)))
+        if isinstance(site, str):
+            return site
+        sites.append(site)
+    return sites
+
+
+def _pair_job(first: gs.Node, second: gs.Node, twin: gs.Node | None) -> _FloatJob | tuple[str, str]:
+    """The job of an SVD factor pair first → second, or why it has none."""
+    op = second.op
+    factor_in, factor_out = _float_weight(first), _float_weight(second)
+    if factor_in is None or factor_out is None or second.inputs[0] is not first.outputs[0]:
+        return op, "svd factors that are not float constants (e.g. clustered), or a MatMul weight on the left"
+    if len(factor_in.outputs) != 1 or len(factor_out.outputs) != 1:
+        return op, "svd factors shared with other layers"
+    if twin is None or twin.op != op:
+        return op, f"no {op} with the output {layer_key(second)!r} in the original"
+    weight = constant_value(twin.inputs[1]) if len(twin.inputs) > 1 else None
+    if weight is None or not np.issubdtype(weight.dtype, np.floating):
+        return op, "the original layer has no constant float weight"
+    sites = _sites((first, factor_in), (second, factor_out), (twin, weight))
+    if isinstance(sites, str):
+        return op, sites
+    first_site, site, source = sites
+    a = first_site.view(np.asarray(factor_in.values))
+    b = site.view(np.asarray(factor_out.values))
+    w = source.view(weight)
+    if op == "Conv" and any(k != 1 for k in factor_out.shape[2:]):  # spatial kh×1 → 1×kw: refit the second alone
+        if site.blocks != 1 or source.blocks != 1 or b.shape[1] != w.shape[1]:
+            return op, "factor shapes do not match the original weight"
+        return _FloatJob("second factor", second, site, source, w[0].astype(np.float64), np.zeros(w.shape[1]))
+    rank = a.shape[1]
+    if a.shape[0] != 1 or b.shape[-1] != rank or a.shape[2] != w.shape[2] or b.shape[:2] != w.shape[:2]:
+        return op, "factor shapes do not compose to the original weight"
+    stacked = w.reshape(-1, w.shape[2]).astype(np.float64)
+    return _FloatJob("svd factors", second, site, source, stacked, np.zeros(stacked.shape[0]), first, first_site)
+
+
+def _pruned_job(node: gs.Node, twin: gs.Node | None) -> _FloatJob | tuple[str, str] | None:
+    """The job of a float layer whose input is narrower than its original's, (op, why not), or
+    None when it is not such a layer."""
+    op, constant = node.op, _float_weight(node)
+    if twin is None or twin.op != op or len(twin.inputs) < 2:
+        return None
+    weight = constant_value(twin.inputs[1])
+    if weight is None or not np.issubdtype(weight.dtype, np.floating) or weight.ndim != constant.values.ndim:
+        return None
+    sites = _sites((node, constant), (twin, weight))
+    if isinstance(sites, str):
+        return None
+    site, source = sites
+    if op == "Conv" and tuple(constant.shape[2:]) != tuple(weight.shape[2:]):
+        return None
+    current, original = site.view(np.asarray(constant.values)), source.view(weight)
+    if current.shape[2] >= original.shape[2]:
+        return None
+    if site.blocks != 1 or source.blocks != 1:
+        return op, "grouped convolution whose input was pruned"
+    if len(constant.outputs) != 1:
+        return op, "its weight is shared with other layers"
+    rows = _kept_rows(current[0], original[0])
+    if rows is None:
+        return op, "its output channels could not be matched to rows of the original weight"
+    delta = _bias_delta(node, twin, rows, original.shape[1])
+    if delta is None:
+        return op, "its bias could not be matched to the original's"
+    return _FloatJob("pruned input", node, site, source, original[0][rows].astype(np.float64), delta)
+
+
+def _kept_rows(current: np.ndarray, original: np.ndarray) -> np.ndarray | None:
+    """Indices of the rows of ``original`` [m, n] that the rows of ``current`` [m', n'] were cut
+    from (pruning keeps rows and columns in order, values exactly), or None."""
+    if current.shape[0] == original.shape[0]:
+        return np.arange(original.shape[0])
+    flat = original.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    rows: list[int] = []
+    start = 0
+    for row in current:
+        probe = row[int(np.argmax(np.abs(row)))]
+        low, high = np.searchsorted(ordered, probe, "left"), np.searchsorted(ordered, probe, "right")
+        candidates = sorted({int(i) // original.shape[1] for i in order[low:high]})
+        match = next((c for c in candidates if c >= start and np.isin(row, original[c]).all()), None)
+        if match is None:
+            return None
+        rows.append(match)
+        start = match + 1
+    return np.asarray(rows)
+
+
+def _vector(value: Any, size: int) -> np.ndarray | None:
+    value = np.asarray(value, np.float64).reshape(-1)
+    if value.size == 1:
+        return np.full(size, float(value[0]))
+    return value if value.size == size else None
+
+
+def _bias_delta(node: gs.Node, twin: gs.Node, rows: np.ndarray, width: int) -> np.ndarray | None:
+    """The node's own bias minus the original layer's, on the kept rows (what the prune pass's
+    compensation added), or None when the biases do not line up."""
+    kept = len(rows)
+    if node.op in ("Conv", "Gemm"):
+        def bias(layer: gs.Node, size: int) -> np.ndarray | None:
+            if len(layer.inputs) < 3 or not layer.inputs[2].name:
+                return np.zeros(size)
+            value = constant_value(layer.inputs[2])
+            scale = float(layer.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
+            return None if value is None else _vector(value * scale, size)
+
+        mine, theirs = bias(node, kept), bias(twin, width)
+        return None if mine is None or theirs is None else mine - theirs[rows]
+    if layer_key(node) == layer_key(twin):
+        return np.zeros(kept)
+    users = node.outputs[0].outputs
+    if len(users) == 1 and users[0].op == "Add" and layer_key(users[0]) == layer_key(twin):
+        other = users[0].inputs[1] if users[0].inputs[0] is node.outputs[0] else users[0].inputs[0]
+        value = constant_value(other)
+        return None if value is None else _vector(value, kept)
+    return None
