@@ -28,7 +28,8 @@ among its runs that keep the file's tolerance; then a line per failure. ``--json
         [--skip-peers] [--skip-onnxzip] [--force] [--timeout 600] [--repeats 50] [--work DIR] [--json out.json]
 
 Modes are named ``bits=4``, ``bits=3``, ``avg_bits=4``, ``avg_bits=3``, ``avg_bits=2.5``, each
-also with ``+ft`` (``--finetune epochs=3`` appended). ``--loops`` adds the method-1/method-2 loop
+also with ``+ft`` (``--finetune epochs=3`` appended), ``+gptq`` (``method=gptq``) and ``+gptq+int8``
+(``method=gptq,execute=int8``: MatMul/Gemm/Conv codebooks run by onnxruntime's int8 kernels). ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
 tolerance would keep: such a run exits 1 and counts as a failure, as it does for a user;
@@ -90,7 +91,10 @@ BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3
 # Codebooks assigned with the calibration activations (GPTQ-style, cluster method=gptq), and
 # k-means codebooks refit afterwards by the reconstruct step (issue 21).
 GPTQ_MODES = {f"{name}+gptq": ["--cluster", flags[1] + ",method=gptq"] for name, flags in BASE_MODES.items()}
+# The same codebooks run by onnxruntime's int8 kernels where each layer's error allows (issue 22).
+INT8_MODES = {f"{name}+int8": ["--cluster", flags[1] + ",execute=int8"] for name, flags in GPTQ_MODES.items()}
 MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
+         **INT8_MODES,
          "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"]}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]

@@ -279,7 +279,7 @@ class ClusterPass(Pass):
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         if self.config.execute == "int8":
-            require_data(context.feeds)
+            require_data(context.feeds, context.generated)
         graph = import_graph(model)
         table = discover_weights(graph)
         uses = constant_uses(graph)
@@ -417,7 +417,7 @@ class ClusterPass(Pass):
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
         if self.config.execute == "int8":
-            require_data(context.feeds)
+            require_data(context.feeds, context.generated)
         graph = import_graph(model)
         table = discover_weights(graph)
         uses = constant_uses(graph)

@@ -112,8 +112,9 @@ def find_int8_decodes(graph: gs.Graph) -> list[str]:
     return found
 
 
-def require_data(feeds: Any) -> None:
-    if not feeds:
+def require_data(feeds: Any, generated: bool = False) -> None:
+    """execute=int8 refuses to run without calibration data (generated inputs are not data)."""
+    if not feeds or generated:
         raise ConfigError("cluster execute=int8 needs calibration inputs (--data): activation scales "
                           "and each layer's error are measured on them.")
 
@@ -362,17 +363,15 @@ class _Builder:
 
     def _pair(self, graph: gs.Graph, names: NameScope, source: gs.Tensor, target: gs.Variable,
               scale: gs.Constant, zero: gs.Constant) -> None:
-        quantized = gs.Variable(names.fresh(f"{target.name}_q"), dtype=np.uint8)
-        graph.nodes.append(gs.Node("QuantizeLinear", names.fresh(f"{target.name}_Q"),
-                                   inputs=[source, scale, zero], outputs=[quantized]))
-        graph.nodes.append(gs.Node("DequantizeLinear", names.fresh(f"{target.name}_DQ"),
-                                   inputs=[quantized, scale, zero], outputs=[target]))
+        quantized = gs.Variable(names.fresh(f"{target.name}_q"))
+        graph.nodes.append(gs.Node("QuantizeLinear", inputs=[source, scale, zero], outputs=[quantized]))
+        graph.nodes.append(gs.Node("DequantizeLinear", inputs=[quantized, scale, zero], outputs=[target]))
 
     def _output_pair(self, graph: gs.Graph, names: NameScope, tensor: gs.Variable) -> gs.Variable:
         """Insert Q→DQ after ``tensor``'s producer; consumers and graph outputs keep the name."""
         scale, zero = activation_params(*self.ranges[tensor.name])
         producer = tensor.inputs[0]
-        raw = gs.Variable(names.fresh(f"{tensor.name}_float"), dtype=tensor.dtype)
+        raw = gs.Variable(names.fresh(f"{tensor.name}_float"))
         producer.outputs[producer.outputs.index(tensor)] = raw
         self._pair(graph, names, raw, tensor, self._const(names, f"{tensor.name}_scale", scale),
                    self._const(names, f"{tensor.name}_zero_point", zero))
@@ -392,11 +391,11 @@ class _Builder:
         codebook, w_scale = weight_params(values, rows, self.levels)
         decoded.codebook.values = codebook
         weight_q = decoded.output
-        weight_q.dtype = np.int8
-        weight = gs.Variable(names.fresh(f"{layer.name}_dequantized"), dtype=np.float32, shape=list(decoded.shape))
+        weight_q.dtype, weight_q.shape = None, None  # int8 now; no value_info stored
+        weight = gs.Variable(names.fresh(f"{layer.name}_dequantized"))
         attrs = {"axis": int(layer.axis)} if layer.axis is not None else {}
         zero = np.zeros(w_scale.shape, np.int8)
-        graph.nodes.append(gs.Node("DequantizeLinear", names.fresh(f"{layer.name}_DQ"), attrs=attrs,
+        graph.nodes.append(gs.Node("DequantizeLinear", attrs=attrs,
                                    inputs=[weight_q, self._const(names, f"{layer.name}_scale", w_scale),
                                            self._const(names, f"{layer.name}_zero_point", zero)],
                                    outputs=[weight]))
@@ -409,8 +408,7 @@ class _Builder:
             producer = source.inputs[0] if source.inputs else None
             if producer is None or producer.op != "DequantizeLinear" or not isinstance(producer.inputs[1], gs.Constant):
                 if source.name not in pairs:
-                    pairs[source.name] = gs.Variable(names.fresh(f"{source.name}_dq_{layer.name}"),
-                                                     dtype=np.float32)
+                    pairs[source.name] = gs.Variable(names.fresh(f"{source.name}_dq"))
                     self._pair(graph, names, source, pairs[source.name], x_scale_c, x_zero_c)
                 node.inputs[0] = pairs[source.name]
             else:  # already the output pair of a Conv: its scale sets the bias scale
@@ -434,9 +432,9 @@ class _Builder:
                 b_attrs = {"axis": 0} if scale.ndim else {}
                 if not scale.ndim and value.ndim == 1 and value.size == 1 and channels != 1:
                     continue  # a broadcast scalar bias: leave float
-                biases[key] = gs.Variable(names.fresh(f"{bias.name}_dequantized"), dtype=np.float32)
+                biases[key] = gs.Variable(names.fresh(f"{bias.name}_dequantized"))
                 graph.nodes.append(gs.Node(
-                    "DequantizeLinear", names.fresh(f"{bias.name}_DQ"), attrs=b_attrs,
+                    "DequantizeLinear", attrs=b_attrs,
                     inputs=[self._const(names, f"{bias.name}_int32", quantized.astype(np.int32).reshape(value.shape)),
                             self._const(names, f"{bias.name}_scale", b_scale),
                             self._const(names, f"{bias.name}_zero_point", np.zeros(np.shape(b_scale), np.int32))],

@@ -41,6 +41,7 @@ from onnxzip.inputs import fixed_batch
 from onnxzip.graph import constant_value, export_model, import_graph, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster import Codebook, DecodedWeight, find_decodes, refit_codebook
+from onnxzip.passes.cluster_int8 import find_int8_decodes
 from onnxzip.passes.cluster_calibration import (
     ActivationProbe,
     LayerSite,
@@ -126,6 +127,9 @@ class ReconstructPass(Pass):
             reasons = sorted({s for s in sites if isinstance(s, str)})
             layers[decoded.name] = ({"reconstruct": True, "layers": [s.key for s in sites]} if sites and not reasons
                                     else {"reconstruct": False, "reason": "; ".join(reasons) or "unused"})
+        for name in find_int8_decodes(graph):
+            layers[name] = {"reconstruct": False, "reason": "int8 codebook (cluster execute=int8) runs on the int8 "
+                            "grid; reconstruct refits float codebooks only"}
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
