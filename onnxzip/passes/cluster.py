@@ -530,6 +530,11 @@ class ClusterPass(Pass):
             if change.layer in done.int8:
                 change.decision += ", int8"
                 change.details.update(execute="int8", int8_error=float(f"{done.int8[change.layer]:.4g}"))
+            elif change.layer in done.int32_biases:
+                change.decision = "int32 bias"
+                change.details.update(execute="int32", int8_reason=f"bias of the int8 layer of "
+                                      f"{done.int32_biases[change.layer]}: int32 at input × weight scale, "
+                                      "its codebook dropped")
             else:
                 reason = done.kept_float.get(change.layer, "not a codebook decode of the main graph")
                 change.details.update(execute="float", int8_reason=reason)

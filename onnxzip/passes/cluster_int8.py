@@ -85,6 +85,7 @@ class Int8Layer:
     axis: int | None
     inputs: list[str]  # activation inputs of its uses
     outputs: list[str] = field(default_factory=list)  # Conv outputs (after a lone Relu) to quantize
+    biases: list[str] = field(default_factory=list)  # codebook biases it stores as int32 instead
     notes: list[str] = field(default_factory=list)
 
 
@@ -95,6 +96,7 @@ class Int8Result:
     kept_float: dict[str, str]  # weight → why it stays a float codebook
     combined: float | None  # distortion of the final model against the float codebook model
     notes: list[str]
+    int32_biases: dict[str, str] = field(default_factory=dict)  # codebook bias → the int8 weight it serves
 
 
 def find_int8_decodes(graph: gs.Graph) -> list[str]:
@@ -161,7 +163,10 @@ def convert_int8(
     for name in chosen:
         notes.extend(f"{name}: {note}" for note in layers[name].notes)
     final = builder.build(chosen) if chosen else model
-    return Int8Result(final, {n: alone[n] for n in chosen}, kept_float, combined if chosen else None, notes)
+    int32 = {bias: name for name in chosen for bias in layers[name].biases}
+    for bias in int32:
+        kept_float.pop(bias, None)
+    return Int8Result(final, {n: alone[n] for n in chosen}, kept_float, combined if chosen else None, notes, int32)
 
 
 def _longest_prefix(builder: _Builder, order: list[str], sweep: Any, reference: dict[str, np.ndarray],
@@ -238,6 +243,7 @@ def _candidates(graph: gs.Graph, decodes: list[Any], opset: int) -> tuple[dict[s
         ops = "/".join(sorted({n.op for n in nodes}))
         axes = {_out_axis(n) for n in nodes}
         layer = Int8Layer(decoded.name, ops, None, sorted({n.inputs[0].name for n in nodes}))
+        reason = None
         if decoded.axis is not None:
             if axes == {decoded.axis} and opset >= AXIS_OPSET:
                 layer.axis = decoded.axis
@@ -248,9 +254,19 @@ def _candidates(graph: gs.Graph, decodes: list[Any], opset: int) -> tuple[dict[s
             if node.op == "Conv":
                 layer.outputs.append(_conv_output(graph, node).name)
             bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if bias is not None and bias.name and _bias_value(bias, decodes) is None and opset < 11:
+                reason = (f"{node.op} bias is not constant: at opset {opset} < 11 newer onnxruntime "
+                          "rewrites its float bias with a Round node the opset lacks")
+                break
+            owner = next((d.name for d in decodes if bias is not None and d.output is bias), None)
+            if owner is not None:
+                layer.biases.append(owner)
             if bias is not None and bias.name and _bias_value(bias, decodes) is None:
                 layer.notes.append("its bias is not constant: onnxruntime 1.19 will not fuse the "
                                    f"{node.op} into an int8 kernel")
+        if reason is not None:
+            skipped[decoded.name] = reason
+            continue
         layers[decoded.name] = layer
     return layers, skipped
 
@@ -347,12 +363,10 @@ class _Builder:
         names = NameScope(graph)
         decodes = find_decodes(graph)
         by_name = {d.name: d for d in decodes}
-        outputs_done: dict[str, gs.Variable] = {}
-        for name in chosen:  # output pairs first, so an input produced by one is already quantized
+        self.scales: dict[str, np.float32] = {}
+        for name in chosen:  # Conv outputs first, so an input produced by one is already quantized
             for tensor_name in self.layers[name].outputs:
-                if tensor_name not in outputs_done:
-                    tensor = graph.tensors()[tensor_name]
-                    outputs_done[tensor_name] = self._output_pair(graph, names, tensor)
+                self._quantize(graph, names, graph.tensors()[tensor_name], output=True)
         for name in chosen:
             self._weight(graph, names, self.layers[name], by_name[name], decodes)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -367,23 +381,34 @@ class _Builder:
         graph.nodes.append(gs.Node("QuantizeLinear", inputs=[source, scale, zero], outputs=[quantized]))
         graph.nodes.append(gs.Node("DequantizeLinear", inputs=[quantized, scale, zero], outputs=[target]))
 
-    def _output_pair(self, graph: gs.Graph, names: NameScope, tensor: gs.Variable) -> gs.Variable:
-        """Insert Q→DQ after ``tensor``'s producer; consumers and graph outputs keep the name."""
+    def _quantize(self, graph: gs.Graph, names: NameScope, tensor: gs.Variable, output: bool = False) -> np.float32:
+        """Q→DQ on ``tensor`` for all its main-graph consumers (once per tensor); its scale. A
+        graph output stays float unless it is a Conv's ``output`` (QLinearConv needs the pair)."""
+        if tensor.name in self.scales:
+            return self.scales[tensor.name]
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is not None and producer.op == "DequantizeLinear" and isinstance(producer.inputs[1], gs.Constant):
+            return np.float32(np.asarray(producer.inputs[1].values).reshape(-1)[0])  # quantized already
         scale, zero = activation_params(*self.ranges[tensor.name])
-        producer = tensor.inputs[0]
-        raw = gs.Variable(names.fresh(f"{tensor.name}_float"))
-        producer.outputs[producer.outputs.index(tensor)] = raw
-        self._pair(graph, names, raw, tensor, self._const(names, f"{tensor.name}_scale", scale),
-                   self._const(names, f"{tensor.name}_zero_point", zero))
-        return tensor
+        scale_c = self._const(names, f"{tensor.name}_scale", scale)
+        zero_c = self._const(names, f"{tensor.name}_zero_point", zero)
+        if producer is None or (tensor in graph.outputs and not output):  # keep the graph's tensor float
+            target = gs.Variable(names.fresh(f"{tensor.name}_dq"))
+            for node in list(tensor.outputs):
+                if node in graph.nodes:
+                    for slot, inp in enumerate(list(node.inputs)):
+                        if inp is tensor:
+                            node.inputs[slot] = target
+            self._pair(graph, names, tensor, target, scale_c, zero_c)
+        else:  # the producer writes a new tensor; the pair's output takes the old name
+            raw = gs.Variable(names.fresh(f"{tensor.name}_float"))
+            producer.outputs[producer.outputs.index(tensor)] = raw
+            self._pair(graph, names, raw, tensor, scale_c, zero_c)
+        self.scales[tensor.name] = scale
+        return scale
 
     def _weight(self, graph: gs.Graph, names: NameScope, layer: Int8Layer, decoded: Any, decodes: list[Any]) -> None:
         uses = [(node, slot) for node, owner, slot in _uses(graph, decoded.output)]
-        low = min(self.ranges[n][0] for n in layer.inputs)
-        high = max(self.ranges[n][1] for n in layer.inputs)
-        x_scale, x_zero = activation_params(low, high)
-        x_scale_c = self._const(names, f"{layer.name}_input_scale", x_scale)
-        x_zero_c = self._const(names, f"{layer.name}_input_zero_point", x_zero)
         rows = decoded.shape[layer.axis] if layer.axis is not None else None
         values = np.asarray(decoded.codebook.values, dtype=np.float32)
         if decoded.axis is not None and rows is None:
@@ -399,20 +424,10 @@ class _Builder:
                                    inputs=[weight_q, self._const(names, f"{layer.name}_scale", w_scale),
                                            self._const(names, f"{layer.name}_zero_point", zero)],
                                    outputs=[weight]))
-        pairs: dict[str, gs.Variable] = {}
         biases: dict[str, gs.Variable] = {}
         for node, slot in uses:
             node.inputs[slot] = weight
-            source = node.inputs[0]
-            use_scale = x_scale
-            producer = source.inputs[0] if source.inputs else None
-            if producer is None or producer.op != "DequantizeLinear" or not isinstance(producer.inputs[1], gs.Constant):
-                if source.name not in pairs:
-                    pairs[source.name] = gs.Variable(names.fresh(f"{source.name}_dq"))
-                    self._pair(graph, names, source, pairs[source.name], x_scale_c, x_zero_c)
-                node.inputs[0] = pairs[source.name]
-            else:  # already the output pair of a Conv: its scale sets the bias scale
-                use_scale = np.float32(np.asarray(producer.inputs[1].values))
+            use_scale = self._quantize(graph, names, node.inputs[0])
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             if bias is None or not bias.name:
                 continue
