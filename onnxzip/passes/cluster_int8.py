@@ -32,7 +32,10 @@ com.microsoft DynamicQuantizeLSTM is not used), ConvTranspose, Gather (embedding
 consumers; weights used inside If/Loop/Scan bodies (activation ranges are calibrated on the main
 graph only); weights whose activation input is a constant or not float32; Gemm with beta ≠ 1.
 A weight shared by several nodes (an unrolled RNN cell) is converted when every use qualifies:
-one activation scale over all its uses, one int32 bias. QuantizeLinear needs opset ≥ 10 and a
+its inputs share one activation scale (the union of their ranges), so its int32 bias is stored
+once. Each activation tensor gets one QuantizeLinear→DequantizeLinear pair that all its
+main-graph consumers read (graph outputs stay float), so residual Adds between quantized Convs
+fuse into QLinearAdd too. QuantizeLinear needs opset ≥ 10 and a
 per-channel DequantizeLinear opset ≥ 13: a model below 13 is converted with
 onnx.version_converter when the converted model gives the same outputs on the calibration
 data; otherwise, at opset 10-12 the scales are per tensor, and below 10 nothing runs int8.
@@ -145,6 +148,7 @@ def convert_int8(
     if not layers:
         return Int8Result(model, {}, kept_float, None, notes)
     ranges = _ranges(model, feeds, device, sorted({t for layer in layers.values() for t in layer.inputs + layer.outputs}))
+    ranges = _shared_ranges(ranges, [layer.inputs for layer in layers.values()])
     builder = _Builder(model, layers, ranges, reduce_range)
     sweep = first_samples(feeds, sweep_samples, model)
     reference = _float_outputs(run_batched(make_session(model, device), sweep))
@@ -326,6 +330,27 @@ def _ranges(model: onnx.ModelProto, feeds: Any, device: str, names: list[str]) -
                 old = ranges.get(name, (low, high))
                 ranges[name] = (min(old[0], low), max(old[1], high))
     return ranges
+
+
+def _shared_ranges(ranges: dict[str, tuple[float, float]], groups: list[list[str]]) -> dict[str, tuple[float, float]]:
+    """Ranges widened so that the inputs of one weight (an unrolled RNN cell's steps) share one
+    scale: its int32 bias is then stored once, not once per use."""
+    parent = {name: name for name in ranges}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for group in groups:
+        for name in group[1:]:
+            parent[root(name)] = root(group[0])
+    merged: dict[str, tuple[float, float]] = {}
+    for name, (low, high) in ranges.items():
+        old = merged.get(root(name), (low, high))
+        merged[root(name)] = (min(old[0], low), max(old[1], high))
+    return {name: merged[root(name)] for name in ranges}
 
 
 def activation_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
