@@ -138,6 +138,7 @@ def convert_int8(
 
     require_data(feeds)
     notes: list[str] = []
+    original = model
     model = _raise_opset(model, feeds, device, notes)
     opset = default_opset(model)
     graph = import_graph(model)
@@ -146,7 +147,7 @@ def convert_int8(
         kept_float.update({name: f"opset {opset} < 10 has no QuantizeLinear" for name in layers})
         layers = {}
     if not layers:
-        return Int8Result(model, {}, kept_float, None, notes)
+        return Int8Result(original, {}, kept_float, None, notes)
     ranges = _ranges(model, feeds, device, sorted({t for layer in layers.values() for t in layer.inputs + layer.outputs}))
     ranges = _shared_ranges(ranges, [layer.inputs for layer in layers.values()])
     builder = _Builder(model, layers, ranges, reduce_range)
@@ -166,7 +167,7 @@ def convert_int8(
     chosen = order[:count]
     for name in chosen:
         notes.extend(f"{name}: {note}" for note in layers[name].notes)
-    final = builder.build(chosen) if chosen else model
+    final = builder.build(chosen) if chosen else original
     int32 = {bias: name for name in chosen for bias in layers[name].biases}
     for bias in int32:
         kept_float.pop(bias, None)
