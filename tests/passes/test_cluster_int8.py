@@ -190,3 +190,26 @@ def test_reconstruct_leaves_int8_codebooks_and_says_why():
     skipped = {c.layer: c.reason for c in plan.changes if c.skipped}
     assert "int8 codebook" in skipped["w2"]
     assert "int8" not in skipped.get("w1", "")  # the float codebook is a reconstruct job
+
+
+def test_a_shared_weight_runs_int8_in_every_use_with_one_int32_bias(tmp_path):
+    """An unrolled cell: one weight and bias used by two Gemms; their inputs share one scale."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 64)) * 0.15).astype(np.float32)
+    model = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="step1", transB=1),
+                        helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+                        helper.make_node("Gemm", ["t", "w", "b"], ["y"], name="step2", transB=1)],
+                       [tensor("x", ["N", 64])], [tensor("y", ["N", 64])],
+                       [init("w", w), init("b", rng.standard_normal(64).astype(np.float32))])
+    feeds = {"x": rng.standard_normal((32, 64)).astype(np.float32)}
+    result = ClusterPass(bits=4, execute="int8").run(model, PassContext(feeds=feeds))
+    path = tmp_path / "optimized.onnx"
+    make_session(result.model, "cpu", optimized_model_path=str(path))
+    assert [n.op_type for n in onnx.load(path).graph.node].count("QGemm") == 2
+    int32 = [t for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.INT32 and t.dims == [64]]
+    assert len(int32) == 1
+    float_model = ClusterPass(bits=4).run(model, PassContext(feeds=feeds)).model
+    expected = run_session(make_session(float_model, "cpu"), feeds)["y"]
+    actual = run_session(make_session(result.model, "cpu"), feeds)["y"]
+    assert 0 < np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.05
+
