@@ -111,6 +111,7 @@ GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
 INT8_MAX_ERROR = 1e-3  # execute=int8: default budget of the relative output distortion
+INT8_MIN_SPEEDUP = 1.1  # execute=int8: the int8 form must run this much faster than float codebooks
 SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_var"})
 
 
@@ -175,6 +176,10 @@ class ClusterConfig:
         None, "execute=int8: budget of the relative output distortion the int8 layers may add",
         shown=f"{INT8_MAX_ERROR:g}",
     )
+    int8_min_speedup: float | None = option(
+        None, "execute=int8: keep the int8 form only when its measured batch-1 latency is this many times "
+        "lower than the float codebooks' (0: always keep it)", shown=f"{INT8_MIN_SPEEDUP:g}",
+    )
     int8_reduce_range: bool = option(
         False, "execute=int8: 7-bit weights (for x86 CPUs without VNNI, where u8·s8 sums may saturate)"
     )
@@ -210,8 +215,11 @@ class ClusterConfig:
             )
         if self.birch_branching < 2:
             raise ValueError(f"birch_branching must be at least 2, got {self.birch_branching}")
-        if self.execute != "int8" and (self.int8_max_error is not None or self.int8_reduce_range):
-            raise ValueError("int8_max_error and int8_reduce_range need execute=int8")
+        if self.execute != "int8" and (self.int8_max_error is not None or self.int8_reduce_range
+                                       or self.int8_min_speedup is not None):
+            raise ValueError("int8_max_error, int8_min_speedup and int8_reduce_range need execute=int8")
+        if self.int8_min_speedup is not None and self.int8_min_speedup < 0:
+            raise ValueError(f"int8_min_speedup must be at least 0, got {self.int8_min_speedup}")
         if self.int8_max_error is not None and not self.int8_max_error > 0:
             raise ValueError(f"int8_max_error must be positive, got {self.int8_max_error}")
 
@@ -523,7 +531,9 @@ class ClusterPass(Pass):
         budget = INT8_MAX_ERROR if self.config.int8_max_error is None else self.config.int8_max_error
         done = convert_int8(model, context.feeds, context.device, max_error=budget,
                             reduce_range=self.config.int8_reduce_range,
-                            sweep_samples=min(self.config.sweep_samples, 16))
+                            sweep_samples=min(self.config.sweep_samples, 16),
+                            min_speedup=INT8_MIN_SPEEDUP if self.config.int8_min_speedup is None
+                            else self.config.int8_min_speedup)
         for change in report.changes:
             if change.skipped:
                 continue

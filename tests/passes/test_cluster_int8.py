@@ -58,7 +58,7 @@ def node_inputs(model: onnx.ModelProto, op: str) -> list[list[str]]:
 def test_matmul_runs_an_int8_kernel_within_the_quantization_error(tmp_path):
     context = PassContext(feeds=FC_X)
     float_model = ClusterPass(bits=4).run(matmul_model(), context).model
-    result = ClusterPass(bits=4, execute="int8").run(matmul_model(), context)
+    result = ClusterPass(bits=4, execute="int8", int8_min_speedup=0).run(matmul_model(), context)
     model = result.model
     change = next(c for c in result.report.changes if c.layer == "w")
     assert change.details["execute"] == "int8" and change.decision.endswith("int8")
@@ -93,7 +93,7 @@ def test_matmul_runs_an_int8_kernel_within_the_quantization_error(tmp_path):
 def test_conv_runs_qlinearconv_within_the_quantization_error(opset, tmp_path):
     context = PassContext(feeds=CONV_X)
     float_model = ClusterPass(bits=4, per_channel=True).run(conv_model(opset), context).model
-    result = ClusterPass(bits=4, per_channel=True, execute="int8").run(conv_model(opset), context)
+    result = ClusterPass(bits=4, per_channel=True, execute="int8", int8_min_speedup=0).run(conv_model(opset), context)
     model = result.model
     assert result.report.changes[0].details["execute"] == "int8"
     if opset < 13:
@@ -140,16 +140,20 @@ def outlier_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 def test_layers_over_the_budget_stay_float_codebooks(caplog):
     model, feeds = outlier_model()
-    result = ClusterPass(bits=4, execute="int8").run(model, PassContext(feeds=feeds))
+    result = ClusterPass(bits=4, execute="int8", int8_min_speedup=0).run(model, PassContext(feeds=feeds))
     details = {c.layer: c.details for c in result.report.changes}
     assert details["w2"]["execute"] == "int8" and details["w2"]["int8_error"] < 1e-3
     assert details["w1"]["execute"] == "float" and "int8_max_error" in details["w1"]["int8_reason"]
     assert find_int8_decodes(import_graph(result.model)) == ["w2"]
     assert any("1 weights run int8, 1 stay float" in n for n in result.report.notes)
     # a budget no layer meets: all stay float, said once on stderr
-    tight = ClusterPass(bits=4, execute="int8", int8_max_error=1e-12).run(model, PassContext(feeds=feeds))
+    tight = ClusterPass(bits=4, execute="int8", int8_max_error=1e-12, int8_min_speedup=0).run(model, PassContext(feeds=feeds))
     assert not find_int8_decodes(import_graph(tight.model))
     assert sum("no weight runs int8" in r.message for r in caplog.records) == 1
+    # an int8 form that must run 100x faster than the float codebooks is timed and refused
+    slow = ClusterPass(bits=4, execute="int8", int8_min_speedup=100).run(model, PassContext(feeds=feeds))
+    assert not find_int8_decodes(import_graph(slow.model))
+    assert "was not faster" in {c.layer: c.details for c in slow.report.changes}["w2"]["int8_reason"]
 
 
 def test_lstm_weights_stay_float_with_a_reason():
@@ -158,7 +162,7 @@ def test_lstm_weights_stay_float_with_a_reason():
     r = (rng.standard_normal((1, 32, 8)) * 0.3).astype(np.float32)
     model = make_model([helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="lstm", hidden_size=8)],
                        [tensor("x", [5, "N", 6])], [tensor("y", [5, 1, "N", 8])], [init("w", w), init("r", r)])
-    result = ClusterPass(bits=4, execute="int8").run(model, PassContext(feeds={"x": rng.standard_normal((5, 4, 6)).astype(np.float32)}))
+    result = ClusterPass(bits=4, execute="int8", int8_min_speedup=0).run(model, PassContext(feeds={"x": rng.standard_normal((5, 4, 6)).astype(np.float32)}))
     reasons = {c.layer: c.details.get("int8_reason", "") for c in result.report.changes}
     assert all("LSTM input" in reason for reason in reasons.values()) and len(reasons) == 2
 
@@ -167,7 +171,7 @@ def test_cli_execute_int8_end_to_end_and_bad_combinations(tmp_path):
     path, data, out, report = tmp_path / "conv.onnx", tmp_path / "x.npz", tmp_path / "out.onnx", tmp_path / "r.json"
     onnx.save(conv_model(), path)
     np.savez(data, **CONV_X)
-    assert main(["compress", str(path), "-o", str(out), "--data", str(data), "--cluster", "bits=4,execute=int8",
+    assert main(["compress", str(path), "-o", str(out), "--data", str(data), "--cluster", "bits=4,execute=int8,int8_min_speedup=0",
                  "--force", "--report", str(report), "-q"]) == 0
     rows = [c for c in json.loads(report.read_text())["passes"][0]["changes"] if c["decision"] != "skipped"]
     assert [r["details"]["execute"] for r in rows] == ["int8"]
@@ -175,16 +179,17 @@ def test_cli_execute_int8_end_to_end_and_bad_combinations(tmp_path):
     # execute=int8 needs data; int8 options need execute=int8; unknown modes are refused
     for flags, data_flags in [("bits=4,execute=int8", []), ("bits=4,int8_max_error=0.01", ["--data", str(data)]),
                               ("bits=4,execute=int4", ["--data", str(data)]),
-                              ("bits=4,execute=int8,int8_max_error=0", ["--data", str(data)])]:
+                              ("bits=4,execute=int8,int8_max_error=0", ["--data", str(data)]),
+                              ("bits=4,int8_min_speedup=1", ["--data", str(data)])]:
         assert main(["compress", str(path), "-o", str(tmp_path / "bad.onnx"), "--cluster", flags, *data_flags,
                      "--force", "-q"]) == 2, flags
     with pytest.raises(ConfigError):
-        ClusterPass(bits=4, execute="int8").run(conv_model(), PassContext())
+        ClusterPass(bits=4, execute="int8", int8_min_speedup=0).run(conv_model(), PassContext())
 
 
 def test_reconstruct_leaves_int8_codebooks_and_says_why():
     model, feeds = outlier_model()
-    result = onnxzip.compress(model, cluster={"bits": 4, "execute": "int8"}, reconstruct={}, data=feeds,
+    result = onnxzip.compress(model, cluster={"bits": 4, "execute": "int8", "int8_min_speedup": 0}, reconstruct={}, data=feeds,
                               gate={"min_cosine": 0, "min_argmax_agreement": None})
     plan = result.report.passes[1]
     skipped = {c.layer: c.reason for c in plan.changes if c.skipped}
@@ -202,7 +207,7 @@ def test_a_shared_weight_runs_int8_in_every_use_with_one_int32_bias(tmp_path):
                        [tensor("x", ["N", 64])], [tensor("y", ["N", 64])],
                        [init("w", w), init("b", rng.standard_normal(64).astype(np.float32))])
     feeds = {"x": rng.standard_normal((32, 64)).astype(np.float32)}
-    result = ClusterPass(bits=4, execute="int8").run(model, PassContext(feeds=feeds))
+    result = ClusterPass(bits=4, execute="int8", int8_min_speedup=0).run(model, PassContext(feeds=feeds))
     path = tmp_path / "optimized.onnx"
     make_session(result.model, "cpu", optimized_model_path=str(path))
     assert [n.op_type for n in onnx.load(path).graph.node].count("QGemm") == 2
