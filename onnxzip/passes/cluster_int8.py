@@ -70,7 +70,7 @@ from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
 from onnxzip.inputs import first_samples, fixed_batch
-from onnxzip.passes.cluster_calibration import layer_key, run_outputs, sample_chunks
+from onnxzip.passes.cluster_calibration import run_outputs, sample_chunks
 from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
@@ -535,7 +535,3 @@ def _distortion(model: onnx.ModelProto, sweep: Any, reference: dict[str, np.ndar
     outputs = _float_outputs(run_batched(make_session(model, device), sweep))
     value = _relative(outputs, reference)
     return value if np.isfinite(value) else float("inf")
-
-
-__all__ = ["Int8Result", "activation_params", "convert_int8", "find_int8_decodes", "weight_params",
-           "layer_key"]
