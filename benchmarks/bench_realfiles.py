@@ -28,7 +28,8 @@ among its runs that keep the file's tolerance; then a line per failure. ``--json
         [--skip-peers] [--skip-onnxzip] [--force] [--timeout 600] [--repeats 50] [--work DIR] [--json out.json]
 
 Modes are named ``bits=4``, ``bits=3``, ``avg_bits=4``, ``avg_bits=3``, ``avg_bits=2.5``, each
-also with ``+ft`` (``--finetune epochs=3`` appended). ``--loops`` adds the method-1/method-2 loop
+also with ``+ft`` (``--finetune epochs=3`` appended), ``+gptq`` (``method=gptq``) and ``+gptq+int8``
+(``method=gptq,execute=int8``: MatMul/Gemm/Conv codebooks run by onnxruntime's int8 kernels). ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
 tolerance would keep: such a run exits 1 and counts as a failure, as it does for a user;
@@ -59,6 +60,28 @@ k-means codebooks at 4 bits reach 7.5-7.9x; assigning them with the calibration 
 files decode at load: latency is the original's, peak memory higher (issue 22). open_nsfw (no
 peer keeps it either; int8 fake quantisation already moves P(nsfw) by 0.11) was left out of this
 run for time: its avg_bits sweep alone takes over 5 minutes here.
+
+int8 execution (issue 22; ``--models captcha_crnn,dtln_stage1,romanizer_encoder --modes
+bits=4+gptq,bits=4+gptq+int8 --skip-peers --force --repeats 20``, 2 loaded cores, 2026-12-06;
+ratio, task score kept, batch-1 speed-up, peak-memory ratio against the original):
+
+=================  ==============================  ==============================
+file               bits=4+gptq                     bits=4+gptq+int8
+=================  ==============================  ==============================
+captcha_crnn       7.52x kept (0.93x, 0.93x)       7.35x kept (2.33x, 2.92x)
+dtln_stage1        7.63x kept (1.01x, 0.80x)       same file: 1 MatMul, int8 not faster
+romanizer_encoder  7.79x kept (1.00x, 0.68x)       same file: GRU only, no candidate
+=================  ==============================  ==============================
+
+``execute=int8`` applied to other float codebook files of the same code (paired batch-1 timing,
+one thread): captcha_crnn bits=3+gptq 9.45x, kept (drop 0.39 of 2 points), 2.35x faster;
+romanizer_decoder avg_bits=3+gptq 9.78x, kept (drop 0.5 of 1.0), 1.40x; open_nsfw (ResNet-50,
+opset 9 converted to 13, 53 QLinearConv + 15 QLinearAdd) bits=4+gptq 7.19x, 2.84x faster, not kept
+(max |ΔP| 0.36, as the float codebook file: 0.37); onnxruntime static QDQ int8 on the same machine:
+captcha 3.51x at 1.54x faster, open_nsfw 3.6x at 1.18x (max |ΔP| 0.056, not kept). dtln_stage2
+(unrolled LSTM, 1-row MatMuls) ran 0.82x: the int8_min_speedup check keeps it float. GRU/LSTM
+weights have no int8 kernel in onnxruntime's standard domain, which is what caps nsnet2, dtln and
+romanizer_encoder.
 """
 from __future__ import annotations
 
@@ -90,7 +113,10 @@ BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3
 # Codebooks assigned with the calibration activations (GPTQ-style, cluster method=gptq), and
 # k-means codebooks refit afterwards by the reconstruct step (issue 21).
 GPTQ_MODES = {f"{name}+gptq": ["--cluster", flags[1] + ",method=gptq"] for name, flags in BASE_MODES.items()}
+# The same codebooks run by onnxruntime's int8 kernels where each layer's error allows (issue 22).
+INT8_MODES = {f"{name}+int8": ["--cluster", flags[1] + ",execute=int8"] for name, flags in GPTQ_MODES.items()}
 MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
+         **INT8_MODES,
          "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"]}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]

@@ -219,7 +219,7 @@ def compress(
         probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims, original=original, data=data, val=val,
-                          sample_axes=recipe.sample_axes)
+                          sample_axes=recipe.sample_axes, generated=generated is not None)
     if recipe.metrics:  # passes that search for the smallest acceptable model ask this
         judged_on = val if val is not None else data
         context.accept = lambda candidate: quality_gate(

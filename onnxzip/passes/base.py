@@ -113,6 +113,7 @@ class PassContext:
     val: Any = None  # the pipeline's held-out data (a training step's validation set)
     accept: Callable[[onnx.ModelProto], bool] | None = None
     sample_axes: dict[str, int | None] = field(default_factory=dict)  # --sample-axis: settles the data layout
+    generated: bool = False  # feeds were generated from the signature (no --data): no calibration data
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 
     def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:

@@ -85,6 +85,7 @@ from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
+from onnxzip.passes.cluster_int8 import convert_int8, require_data
 from onnxzip.passes.cluster_calibration import (
     ActivationProbe,
     LayerSite,
@@ -112,6 +113,8 @@ SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data i
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
+INT8_MAX_ERROR = 1e-3  # execute=int8: default budget of the relative output distortion
+INT8_MIN_SPEEDUP = 1.1  # execute=int8: the int8 form must run this much faster than float codebooks
 SMALL_ROLES = frozenset({"bias", "norm_scale", "norm_bias", "norm_mean", "norm_var"})
 
 
@@ -170,6 +173,23 @@ class ClusterConfig:
         "gptq: with data, the k-means codebook's indices are assigned column by column with error "
         "feedback through the layer's input Gram matrix (GPTQ), centroids refit in closed form",
     )
+    execute: Literal["float", "int8"] = option(
+        "float",
+        "int8: codebooks of MatMul/Gemm/Conv weights stored as int8 + scale behind DequantizeLinear, "
+        "activations quantized (calibrated on --data), so onnxruntime runs int8 kernels where each "
+        "layer's measured output error allows",
+    )
+    int8_max_error: float | None = option(
+        None, "execute=int8: budget of the relative output distortion the int8 layers may add",
+        shown=f"{INT8_MAX_ERROR:g}",
+    )
+    int8_min_speedup: float | None = option(
+        None, "execute=int8: keep the int8 form only when its measured batch-1 latency is this many times "
+        "lower than the float codebooks' (0: always keep it)", shown=f"{INT8_MIN_SPEEDUP:g}",
+    )
+    int8_reduce_range: bool = option(
+        False, "execute=int8: 7-bit weights (for x86 CPUs without VNNI, where u8·s8 sums may saturate)"
+    )
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.k, self.bits, self.avg_bits)) > 1:
@@ -204,6 +224,13 @@ class ClusterConfig:
             )
         if self.birch_branching < 2:
             raise ValueError(f"birch_branching must be at least 2, got {self.birch_branching}")
+        if self.execute != "int8" and (self.int8_max_error is not None or self.int8_reduce_range
+                                       or self.int8_min_speedup is not None):
+            raise ValueError("int8_max_error, int8_min_speedup and int8_reduce_range need execute=int8")
+        if self.int8_min_speedup is not None and self.int8_min_speedup < 0:
+            raise ValueError(f"int8_min_speedup must be at least 0, got {self.int8_min_speedup}")
+        if self.int8_max_error is not None and not self.int8_max_error > 0:
+            raise ValueError(f"int8_max_error must be positive, got {self.int8_max_error}")
 
     @property
     def allocated(self) -> bool:
@@ -268,6 +295,8 @@ class ClusterPass(Pass):
         return self._skip_reason(weight) is None
 
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
+        if self.config.execute == "int8":
+            require_data(context.feeds, context.generated)
         graph = import_graph(model)
         table = discover_weights(graph)
         uses = constant_uses(graph)
@@ -430,6 +459,8 @@ class ClusterPass(Pass):
         return layers_at(grid[high])
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
+        if self.config.execute == "int8":
+            require_data(context.feeds, context.generated)
         graph = import_graph(model)
         table = discover_weights(graph)
         uses = constant_uses(graph)
@@ -529,7 +560,43 @@ class ClusterPass(Pass):
             report.notes.append(f"{sweep}; per weight, widths 1-{MEASURED_WIDTHS} measured, wider ones "
                                 "extrapolated from the last two")
         graph.toposort(recurse_subgraphs=True)
-        return PassResult(export_model(graph, model), report, plan)
+        result = export_model(graph, model)
+        if self.config.execute == "int8" and report.modified:
+            result = self._int8(result, context, report)
+        return PassResult(result, report, plan)
+
+    def _int8(self, model: onnx.ModelProto, context: PassContext, report: Any) -> onnx.ModelProto:
+        """execute=int8: the gated int8 form (:mod:`onnxzip.passes.cluster_int8`), in the report."""
+        budget = INT8_MAX_ERROR if self.config.int8_max_error is None else self.config.int8_max_error
+        done = convert_int8(model, context.feeds, context.device, max_error=budget,
+                            reduce_range=self.config.int8_reduce_range,
+                            sweep_samples=min(self.config.sweep_samples, 16),
+                            min_speedup=INT8_MIN_SPEEDUP if self.config.int8_min_speedup is None
+                            else self.config.int8_min_speedup)
+        for change in report.changes:
+            if change.skipped:
+                continue
+            if change.layer in done.int8:
+                change.decision += ", int8"
+                change.details.update(execute="int8", int8_error=float(f"{done.int8[change.layer]:.4g}"))
+            elif change.layer in done.int32_biases:
+                change.decision = "int32 bias"
+                change.details.update(execute="int32", int8_reason=f"bias of the int8 layer of "
+                                      f"{done.int32_biases[change.layer]}: int32 at input × weight scale, "
+                                      "its codebook dropped")
+            else:
+                reason = done.kept_float.get(change.layer, "not a codebook decode of the main graph")
+                change.details.update(execute="float", int8_reason=reason)
+        report.notes.extend(done.notes)
+        kept = len(done.kept_float)
+        summary = (f"execute=int8: {len(done.int8)} weights run int8, {kept} stay float codebooks "
+                   f"(budget {budget:g}")
+        summary += f", combined distortion {done.combined:.3g})" if done.combined is not None else ")"
+        report.notes.append(summary)
+        if not done.int8:
+            log.warning("cluster execute=int8: no weight runs int8 (%s)",
+                        "; ".join(sorted(set(done.kept_float.values()))[:3]) or "no candidate")
+        return done.model
 
     def _skip_reason(self, weight: Weight, *, planned: bool = False) -> str | None:
         """Why ``weight`` is left as it is (None: eligible). A weight named in a replayed plan

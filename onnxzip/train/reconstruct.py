@@ -62,6 +62,7 @@ from onnxzip.inputs import fixed_batch
 from onnxzip.graph import constant_value, export_model, import_graph, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster import Codebook, DecodedWeight, find_decodes, refit_codebook
+from onnxzip.passes.cluster_int8 import find_int8_decodes
 from onnxzip.passes.cluster_calibration import (
     ActivationProbe,
     LayerSite,
@@ -188,6 +189,9 @@ class ReconstructPass(Pass):
                 selected = all(matches(n, job.node.op, self.config.include, self.config.exclude) for n in [name, *weights])
                 layers[name] = ({"reconstruct": True, "refit": job.kind, "weights": weights} if selected
                                 else {"reconstruct": False, "refit": job.kind, "reason": "not selected by include/exclude"})
+        for name in find_int8_decodes(graph):
+            layers[name] = {"reconstruct": False, "reason": "int8 codebook (cluster execute=int8) runs on the int8 "
+                            "grid; reconstruct refits float codebooks only"}
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
