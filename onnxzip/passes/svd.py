@@ -47,6 +47,8 @@ loop needs to lower ranks step by step.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +59,16 @@ import onnx_graphsurgeon as gs
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
+from onnxzip.latency import (
+    MIN_GAIN,
+    NOISE,
+    Candidate,
+    Factor,
+    LayerForm,
+    Timing,
+    allocate_latency,
+    useful_candidates,
+)
 from onnxzip.shapes import generated_feeds
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.report import LayerChange
@@ -82,6 +94,8 @@ from onnxzip.svd import (
 from onnxzip.fidelity import compare_arrays
 from onnxzip.weights import Weight, constant_uses
 
+log = logging.getLogger(__name__)
+
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 FAMILY_KINDS = {
     "matmul": ("matmul",),
@@ -90,7 +104,9 @@ FAMILY_KINDS = {
     "lstm_input": ("lstm_input",),
 }
 FACTORIZED_DTYPES = frozenset({"float32", "float16"})
-RULES = ("rank", "keep_ratio", "energy", "budget", "flops_budget")
+RULES = ("rank", "keep_ratio", "energy", "budget", "flops_budget", "latency_budget")
+LATENCY_FRACTIONS = (0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05)  # of the break-even rank, timed per layer
+LATENCY_ROUNDS = 3  # plan, apply, measure the model; tighten by the shortfall, at most this often
 DEFAULT_ENERGY = 0.95
 
 
@@ -109,6 +125,11 @@ class SvdConfig:
     )
     flops_budget: float | None = option(
         None, "model-wide: keep this fraction of the eligible layers' FLOPs"
+    )
+    latency_budget: float | None = option(
+        None,
+        "model-wide: keep at most this fraction of the model's measured batch-1 latency "
+        "(onnxruntime, one thread); ranks that do not save time are rejected",
     )
     conv: Literal["auto", "channel", "spatial"] = option(
         "auto", "Conv decomposition: lower error at the same parameters (auto), or forced"
@@ -150,7 +171,7 @@ class SvdConfig:
             self.energy = DEFAULT_ENERGY
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
-        for name in ("energy", "keep_ratio", "budget", "flops_budget"):
+        for name in ("energy", "keep_ratio", "budget", "flops_budget", "latency_budget"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -231,6 +252,7 @@ class SvdPass(Pass):
     def __init__(self, config: Any = None, **options: Any) -> None:
         super().__init__(config, **options)
         self._verify_notes: tuple[Plan | None, list[str]] = (None, [])
+        self._latency: dict[str, Any] = {}  # latency_budget: the model, context, timings, notes
 
     def applies_to(self, weight: Weight) -> bool:
         slots = {
@@ -255,11 +277,16 @@ class SvdPass(Pass):
         ]
         positions = self._positions(model, context, layers)
         rule, value = self.config.rule
+        if rule == "latency_budget":
+            self._latency = {"model": model, "context": context, "notes": []}
         layers_plan = self._decide(layers, positions, rule, value, context.track)
         if not self.config.verify:
-            return Plan(self.name, self.config_dict(), layers_plan)
+            plan = Plan(self.name, self.config_dict(), layers_plan)
+            self._latency["plan"] = plan
+            return plan
         plan, notes = self._verified(model, context, layers, positions, rule, value, layers_plan)
         self._verify_notes = (plan, notes)
+        self._latency["plan"] = plan
         return plan
 
     def _decide(
@@ -271,6 +298,8 @@ class SvdPass(Pass):
         track: Any = lambda items, desc: items,
     ) -> dict[str, dict[str, Any]]:
         """Plan entries of ``layers`` under ``rule`` = ``value``."""
+        if rule == "latency_budget":
+            return self._latency_entries(layers, value, track)
         entries, conv_ranks = {}, {}
         for layer in track(layers, "svd: spectra"):
             kind, conv_ranks[layer.key] = self._kind(layer, rule, value)
@@ -319,6 +348,104 @@ class SvdPass(Pass):
             else:
                 entry["rank"] = layer.spectrum(entry["kind"]).rank_for_energy(value)
         return entries
+
+    def _latency_entries(
+        self, layers: list[_Layer], value: float, track: Any = lambda items, desc: items
+    ) -> dict[str, dict[str, Any]]:
+        """Plan entries meeting ``latency_budget`` = ``value``: time every layer's candidate
+        ranks (:mod:`onnxzip.latency`), reject those that do not save time, choose ranks at the
+        least added error per saved millisecond, then apply, time the model and tighten by the
+        shortfall (at most ``LATENCY_ROUNDS`` times)."""
+        state = self._latency
+        model, context = state["model"], state["context"]
+        timing = context.timer()
+        shapes = context.shapes(model)
+        if "original_ms" not in state:
+            state["original_ms"] = timing.model(model)
+        original = state["original_ms"]
+        target = value * original
+        entries: dict[str, dict[str, Any]] = {}
+        options: dict[str, tuple[float, list[Candidate]]] = {}
+        for layer in track(layers, "svd: timing ranks"):
+            entry = entries[layer.key] = self._entry(layer, FAMILY_KINDS[layer.family][0])
+            timed = self._timed_candidates(layer, shapes, timing)
+            if isinstance(timed, str):
+                entry["reason"] = timed
+                continue
+            dense_ms, kept, slower = timed
+            entry["latency_ms"] = [round(dense_ms, 4), round(dense_ms, 4)]
+            if slower:
+                entry["not_faster"] = slower
+            if not kept:
+                entry["reason"] = (
+                    f"no rank saves {MIN_GAIN:.0%} of the layer's {dense_ms:.3g} ms; kept dense"
+                )
+                continue
+            options[layer.key] = (dense_ms, kept)
+        needed = original - target
+        chosen, predicted = allocate_latency(options, needed)
+        notes = state["notes"] = []
+        measured = None
+        for round_ in range(LATENCY_ROUNDS):
+            _fill_latency(entries, chosen, options)
+            if predicted < needed:
+                break
+            state["planning"] = True
+            try:
+                candidate = self.apply(model, Plan(self.name, self.config_dict(), entries), context)
+            finally:
+                state["planning"] = False
+            measured = timing.model(candidate.model)
+            notes.append(
+                f"latency_budget round {round_ + 1}: layers predicted to save {predicted:.3g} ms, "
+                f"model measured {measured:.3g} ms (target {target:.3g} ms of {original:.3g} ms)"
+            )
+            if measured <= target * (1.0 + NOISE) or round_ == LATENCY_ROUNDS - 1:
+                break
+            needed += measured - target
+            chosen, predicted = allocate_latency(options, needed, start=chosen)
+        if predicted < needed or measured is None or measured > target * (1.0 + NOISE):
+            reached = measured if measured is not None else original - predicted
+            message = (
+                f"svd latency_budget {value:g} not reached: {reached:.3g} ms "
+                f"({reached / original:.2f} of the original {original:.3g} ms) with "
+                + ("every rank that saves time at its fastest" if predicted < needed
+                   else f"{LATENCY_ROUNDS} rounds of tightening")
+            )
+            notes.append(message)
+            log.warning("%s", message)
+        return entries
+
+    def _timed_candidates(
+        self, layer: _Layer, shapes: dict[str, tuple[int, ...]], timing: Timing
+    ) -> tuple[float, list[Candidate], list[int]] | str:
+        """The layer's original time (all its nodes), its useful (kind, rank) candidates and
+        the ranks rejected as not faster than the original; or why it cannot be timed."""
+        inputs = []
+        for node, _owner in layer.uses:
+            activation = node.inputs[1 - _weight_slot(node)] if node.op == "MatMul" else node.inputs[0]
+            shape = shapes.get(activation.name)
+            if shape is None or not shape:
+                return "input shape not observed at batch 1; not timed, kept dense"
+            inputs.append((node, tuple(shape)))
+        dense = sum(timing.layer(_layer_form(layer, node, shape)) for node, shape in inputs)
+        kinds = FAMILY_KINDS[layer.family]
+        if layer.family == "conv" and self.config.conv != "auto":
+            kinds = (self.config.conv,)
+        candidates = []
+        for kind in kinds:
+            m, n = layer.shape(kind)
+            costs = BudgetLayer.of(layer.spectrum(kind))
+            for rank in _latency_ranks(m, n, layer.spectrum(kind).full_rank, self.config.allow_unprofitable):
+                ms = sum(
+                    timing.layer(_layer_form(layer, node, shape, kind, rank)) for node, shape in inputs
+                )
+                error = costs.error(rank, self.config.normalization)
+                candidates.append(Candidate((kind, rank), ms, error))
+        kept, rejected = useful_candidates(dense, candidates)
+        limit = dense * (1.0 - MIN_GAIN)
+        slower = sorted({c.choice[1] for c in rejected if c.ms >= limit})
+        return dense, kept, slower
 
     def _entry(self, layer: _Layer, kind: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": kind, "rank": None, "weight": layer.weight.name}
@@ -432,6 +559,13 @@ class SvdPass(Pass):
                 continue
             kind, rank = _planned(layer, entry)
             details = self._details(layer, kind, rank, positions.get(layer.key, (0.0, 0)))
+            if "latency_ms" in entry:
+                before_ms, after_ms = entry["latency_ms"]
+                details["latency_ms"] = {
+                    "before": before_ms, "after": after_ms, "saved": round(before_ms - after_ms, 4)
+                }
+            if entry.get("not_faster"):
+                details["ranks_not_faster"] = entry["not_faster"]
             flops_before = details.pop("flops_before")
             if rank is None or (
                 not self.config.allow_unprofitable and not is_profitable(*layer.shape(kind), rank)
@@ -478,7 +612,12 @@ class SvdPass(Pass):
                 f"plan entry '{key}' matches no factorizable layer of the model; ignored"
             )
         graph.toposort(recurse_subgraphs=True)
-        return PassResult(export_model(graph, model), report, plan)
+        result = PassResult(export_model(graph, model), report, plan)
+        if self.config.latency_budget is not None and not self._latency.get("planning"):
+            if self._latency.get("plan") is plan:
+                report.notes.extend(self._latency["notes"])
+            _latency_note(report, model, result.model, context, self.config.latency_budget)
+        return result
 
     def _skip_reason(self, layer: _Layer, *, planned: bool = False) -> str | None:
         """Why ``layer`` stays dense (None: eligible). A layer named in a replayed plan bypasses
@@ -539,6 +678,95 @@ class SvdPass(Pass):
         if flops_before:  # the dense share of the nodes' FLOPs is 2·m·n per row
             details["flops_after"] = flops_before + round(rows * (per_position - 2 * m * n))
         return details
+
+
+def _latency_note(
+    report: Any, before: onnx.ModelProto, after: onnx.ModelProto, context: PassContext, budget: float
+) -> None:
+    """The measured batch-1 latency of the model before and after (taking turns), as a note and
+    in the report's details."""
+    if not report.modified:
+        return
+    before_ms, after_ms = context.timer().compare(before, after)
+    report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
+    report.notes.append(
+        f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
+        f"({after_ms / before_ms:.2f} of the original; latency_budget {budget:g})"
+    )
+
+
+def _fill_latency(
+    entries: dict[str, dict[str, Any]],
+    chosen: dict[str, Candidate | None],
+    options: dict[str, tuple[float, list[Candidate]]],
+) -> None:
+    """Write the chosen (kind, rank) of every timed layer into its plan entry."""
+    for key, candidate in chosen.items():
+        entry = entries[key]
+        dense_ms = options[key][0]
+        if candidate is None:
+            entry["rank"] = None
+            entry["latency_ms"] = [round(dense_ms, 4), round(dense_ms, 4)]
+            entry["reason"] = "kept dense by the latency allocation"
+        else:
+            entry["kind"], entry["rank"] = candidate.choice
+            entry["latency_ms"] = [round(dense_ms, 4), round(candidate.ms, 4)]
+            entry.pop("reason", None)
+
+
+def _latency_ranks(m: int, n: int, full_rank: int, allow_unprofitable: bool) -> list[int]:
+    """Ranks timed per layer: fractions of the largest profitable rank, each also rounded to a
+    multiple of 8 (sizes the GEMM kernels often run faster at)."""
+    largest = full_rank if allow_unprofitable else min(full_rank, math.ceil(break_even_rank(m, n)) - 1)
+    ranks = set()
+    for fraction in LATENCY_FRACTIONS:
+        rank = max(1, round(largest * fraction))
+        ranks.add(rank)
+        if rank >= 16:
+            ranks.add(min(largest, 8 * round(rank / 8)))
+    return sorted(r for r in ranks if 1 <= r <= largest)
+
+
+def _layer_form(
+    layer: _Layer, node: gs.Node, shape: tuple[int, ...], kind: str | None = None, rank: int | None = None
+) -> LayerForm:
+    """``node`` of ``layer`` as a timed :class:`LayerForm`: dense (``rank`` None) or its factor
+    pair. A recurrent input weight is timed as the input projection the op computes for the
+    whole sequence (a MatMul to D·G·h, or through rank r)."""
+    weight = tuple(int(d) for d in layer.weight.shape)
+    if layer.family == "conv":
+        strides, pads, dilations = _conv_geometry(node, weight)
+        if rank is None:
+            return LayerForm("Conv", shape, (Factor(weight, strides, pads, dilations),))
+        cout, cin, kh, kw = weight
+        (sh, sw), (top, left, bottom, right), (dh, dw) = strides, pads, dilations
+        if kind == "channel":
+            factors = (
+                Factor((rank, cin, kh, kw), strides, pads, dilations),
+                Factor((cout, rank, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+            )
+        else:
+            factors = (
+                Factor((rank, cin, kh, 1), (sh, 1), (top, 0, bottom, 0), (dh, 1)),
+                Factor((cout, rank, 1, kw), (1, sw), (0, left, 0, right), (1, dw)),
+            )
+        return LayerForm("Conv", shape, factors)
+    if layer.family == "gemm":
+        rows, inner = shape[::-1] if int(node.attrs.get("transA", 0)) else shape
+        k, n = weight[::-1] if layer.orientation else weight
+        chain = ((k, n),) if rank is None else ((k, rank), (rank, n))
+        return LayerForm("Gemm", (rows, inner), tuple(Factor(s) for s in chain))
+    if layer.family == "lstm_input":
+        directions, rows, inputs = weight
+        k, n = inputs, directions * rows
+        chain = ((k, n),) if rank is None else ((k, rank), (rank, n))
+        return LayerForm("MatMul", shape, tuple(Factor(s) for s in chain))
+    m, n = weight
+    if layer.orientation == "left":  # W·X: Q (r×n) first, then P (m×r)
+        chain = ((m, n),) if rank is None else ((rank, n), (m, rank))
+        return LayerForm("MatMul", shape, tuple(Factor(s) for s in chain), weight_on_left=True)
+    chain = ((m, n),) if rank is None else ((m, rank), (rank, n))
+    return LayerForm("MatMul", shape, tuple(Factor(s) for s in chain))
 
 
 def _relax(rule: str, value: float, step: float) -> float:
