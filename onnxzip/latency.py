@@ -11,7 +11,9 @@ inputs) and the chain of weights applied one after the other — one weight for 
 layer, two for a factor pair, a narrower weight for a pruned conv. :meth:`LayerForm.model`
 builds that chain as a tiny ONNX model, and :class:`Timing` times it in onnxruntime on **one
 intra-op thread** (the deployment case the budget speaks of, and the least noisy), a few
-repeats after a warm-up, the median; each form is timed once (cached per op and shapes).
+repeats after a warm-up, the median, each run with cold caches (a buffer larger than the
+last-level cache is written before it: in the model, the other layers evict this one's
+weight); each form is timed once (cached per op and shapes).
 Whole models are timed the same way at batch 1 (:meth:`Timing.model`), and
 :meth:`Timing.compare` times two models taking turns, so background load hits both alike.
 
@@ -44,6 +46,7 @@ LAYER_REPEATS = 9
 MODEL_REPEATS = 15
 WARMUP = 2
 MAX_SECONDS = 1.5  # per timed form or model (at least 3 repeats are always taken)
+FLUSH_BYTES = 48 * 2**20  # written before each timed layer run: more than a server CPU's last-level cache
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,17 @@ ModelTimer = Callable[[onnx.ModelProto], float]
 
 
 def time_session(session: Any, feeds: Mapping[str, np.ndarray], repeats: int, warmup: int = WARMUP,
-                 max_seconds: float = MAX_SECONDS) -> list[float]:
+                 max_seconds: float = MAX_SECONDS, flush: np.ndarray | None = None) -> list[float]:
     """Wall times (ms) of ``repeats`` runs of ``session`` after ``warmup`` (fewer, but at
-    least 3, when ``max_seconds`` runs out)."""
+    least 3, when ``max_seconds`` runs out); ``flush``: an array written before each timed run,
+    so every run starts with cold caches."""
     for _ in range(warmup):
         session.run(None, dict(feeds))
     times: list[float] = []
     deadline = time.perf_counter() + max_seconds
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
+        if flush is not None:
+            flush += 1.0
         start = time.perf_counter()
         session.run(None, dict(feeds))
         times.append((time.perf_counter() - start) * 1000.0)
@@ -135,10 +141,18 @@ def _session(model: onnx.ModelProto) -> Any:
     return make_session(model, "cpu", intra_op_threads=1)
 
 
+_FLUSH: list[np.ndarray] = []
+
+
 def ort_layer_time(form: LayerForm, repeats: int = LAYER_REPEATS) -> float:
-    """Median ms of ``form`` in onnxruntime (CPU, one intra-op thread)."""
+    """Median ms of ``form`` in onnxruntime (CPU, one intra-op thread), each run with cold
+    caches: inside a model the other layers' weights and activations evict this layer's, and
+    at batch 1 reading the weight is much of a layer's time (timed warm, a GEMV whose weight
+    stays cached looks several times faster than it runs in the model)."""
+    if not _FLUSH:
+        _FLUSH.append(np.zeros(FLUSH_BYTES // 8))
     model, feeds = form.model()
-    return float(np.median(time_session(_session(model), feeds, repeats)))
+    return float(np.median(time_session(_session(model), feeds, repeats, flush=_FLUSH[0])))
 
 
 @dataclass
@@ -272,3 +286,64 @@ def allocate_latency(
         chosen[name] = target
         push(name)
     return chosen, saved
+
+
+@dataclass
+class BudgetOutcome:
+    """What :func:`meet_budget` settled on: the choices, the model measured with them (ms,
+    before and after, timed taking turns), whether the budget holds, and one note per round."""
+
+    chosen: dict[str, Candidate | None]
+    before_ms: float
+    after_ms: float
+    reached: bool
+    notes: list[str]
+
+
+def meet_budget(
+    options: Mapping[str, tuple[float, Sequence[Candidate]]],
+    budget: float,
+    original: onnx.ModelProto,
+    original_ms: float,
+    build: Callable[[dict[str, Candidate | None]], onnx.ModelProto],
+    timing: Timing,
+    rounds: int = 4,
+) -> BudgetOutcome:
+    """Choose candidates so that the built model runs in at most ``budget`` × the original's
+    time, measured. Per-layer times miss what the model adds or hides (elementwise ops, fused
+    kernels, caches), so the saving asked of the layers is rescaled each round by how much of
+    the predicted saving the measured model showed, both ways (a model that is faster than
+    needed gets a smaller saving asked, so less error), for at most ``rounds`` rounds. The
+    least-error choice that met the budget wins; else the last one."""
+    wanted = (1.0 - budget) * original_ms
+    best: BudgetOutcome | None = None
+    last: BudgetOutcome | None = None
+    notes: list[str] = []
+    tried: set[tuple[Any, ...]] = set()
+    for round_ in range(rounds):
+        chosen, predicted = allocate_latency(options, wanted)
+        key = tuple(sorted((name, c.choice if c else None) for name, c in chosen.items()))
+        if key in tried:
+            break
+        tried.add(key)
+        before, after = timing.compare(original, build(chosen))
+        fraction = after / before
+        reached = fraction <= budget * (1.0 + NOISE)
+        notes.append(
+            f"latency_budget round {round_ + 1}: layers predicted to save {predicted:.3g} of "
+            f"{original_ms:.3g} ms; model measured {before:.3g} → {after:.3g} ms ({fraction:.2f})"
+        )
+        last = BudgetOutcome(chosen, before, after, reached, notes)
+        if reached and (best is None or predicted < best_predicted):
+            best, best_predicted = last, predicted
+        if reached and fraction >= budget - NOISE:
+            break
+        if not reached and predicted < wanted:
+            break  # every layer at its fastest form already
+        achieved = 1.0 - fraction
+        scale = 4.0 if achieved <= 0 else float(np.clip((predicted / original_ms) / achieved, 0.25, 4.0))
+        wanted = (1.0 - budget) * original_ms * scale
+    result = best or last
+    assert result is not None
+    result.notes = notes
+    return result

@@ -14,8 +14,8 @@ Per group, kept counts at fractions of its size (and rounded up to multiples of 
 on every Conv / Gemm / MatMul whose input or output channels the group sets, at the real input
 shapes; counts that do not save time, or are slower than a larger count, are rejected. Groups
 then give up channels greedily by importance lost per saved millisecond (the removed channels'
-share of the group's importance), the pruned model is timed and the choice tightened by the
-shortfall, at most ``LATENCY_ROUNDS`` times. Layers are timed one group at a time, the other
+share of the group's importance), the pruned model is timed and the saving asked of the groups rescaled
+by what the model showed (:func:`onnxzip.latency.meet_budget`). Layers are timed one group at a time, the other
 groups at full width; the model measurement corrects what that misses (and the elementwise
 ops, which are not timed per layer).
 
@@ -39,12 +39,10 @@ from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, re
 from onnxzip.pruning.groups import ChannelAnalysis, ChannelGroup, analyze_channels
 from onnxzip.latency import (
     MIN_GAIN,
-    NOISE,
     Candidate,
     Factor,
     LayerForm,
-    Timing,
-    allocate_latency,
+    meet_budget,
     useful_candidates,
 )
 from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
@@ -55,7 +53,6 @@ from onnxzip.schema import option
 log = logging.getLogger(__name__)
 
 LATENCY_KEEP = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)  # kept fractions timed per group
-LATENCY_ROUNDS = 3
 
 
 @dataclass
@@ -165,10 +162,12 @@ class PruneChannelsPass(Pass):
         _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config)
         latency = getattr(self, "_latency", {})
         if self.config.latency_budget is not None and not latency.get("planning"):
+            measured = None
             if latency.get("plan") is plan:
                 report.notes.extend(latency["notes"])
+                measured = latency.get("measured")
             if report.modified:
-                before_ms, after_ms = context.timer().compare(model, new_model)
+                before_ms, after_ms = measured or context.timer().compare(model, new_model)
                 report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
                 report.notes.append(
                     f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
@@ -182,7 +181,6 @@ class PruneChannelsPass(Pass):
         timing = context.timer()
         budget = self.config.latency_budget
         original = timing.model(model)
-        target = budget * original
         layers = _timed_layers(analysis)
         options: dict[str, tuple[float, list[Candidate]]] = {}
         entries: dict[str, dict[str, Any]] = {}
@@ -210,38 +208,33 @@ class PruneChannelsPass(Pass):
                 options[group.id] = (dense, useful)
             else:
                 entry["reason"] = f"no channel count saves {MIN_GAIN:.0%} of its layers' {dense:.3g} ms"
-        needed = original - target
-        chosen, predicted = allocate_latency(options, needed)
-        notes = state["notes"]
-        measured = None
-        keep: dict[str, list[int]] = {}
-        for round_ in range(LATENCY_ROUNDS):
-            keep = {g.id: top_channels(importances[g.id], chosen[g.id].choice if chosen.get(g.id) else g.size)
+        def keep_of(chosen: dict[str, Candidate | None]) -> dict[str, list[int]]:
+            return {g.id: top_channels(importances[g.id], chosen[g.id].choice if chosen.get(g.id) else g.size)
                     for g in groups}
-            if predicted < needed:
-                break
+
+        def build(chosen: dict[str, Candidate | None]) -> onnx.ModelProto:
+            keep = keep_of(chosen)
+            trial = Plan(self.name, self.config_dict(), {g.id: {"channels": g.size, "keep": keep[g.id]} for g in groups})
             state["planning"] = True
             try:
-                trial = Plan(self.name, self.config_dict(), {g.id: {"channels": g.size, "keep": keep[g.id]} for g in groups})
-                pruned = self.apply(model, trial, context).model
+                return self.apply(model, trial, context).model
             finally:
                 state["planning"] = False
-            measured = timing.model(pruned)
-            notes.append(f"latency_budget round {round_ + 1}: groups predicted to save {predicted:.3g} ms, model "
-                         f"measured {measured:.3g} ms (target {target:.3g} ms of {original:.3g} ms)")
-            if measured <= target * (1 + NOISE) or round_ == LATENCY_ROUNDS - 1:
-                break
-            needed += measured - target
-            chosen, predicted = allocate_latency(options, needed, start=chosen)
-        for gid, candidate in chosen.items():
+
+        outcome = meet_budget(options, budget, model, original, build, timing)
+        keep = keep_of(outcome.chosen)
+        for gid, candidate in outcome.chosen.items():
             dense = options[gid][0]
             entries[gid]["latency_ms"] = [round(dense, 4), round(candidate.ms if candidate else dense, 4)]
-        if predicted < needed or measured is None or measured > target * (1 + NOISE):
-            reached = measured if measured is not None else original - predicted
-            how = "every channel count that saves time at its smallest" if predicted < needed else f"{LATENCY_ROUNDS} rounds of tightening"
-            message = (f"prune-channels latency_budget {budget:g} not reached: {reached:.3g} ms "
-                       f"({reached / original:.2f} of the original {original:.3g} ms) with {how}")
-            notes.append(message)
+            if candidate is None:
+                entries[gid]["reason"] = "kept whole by the latency allocation"
+        state["notes"] = outcome.notes
+        state["measured"] = (outcome.before_ms, outcome.after_ms)
+        if not outcome.reached:
+            message = (f"prune-channels latency_budget {budget:g} not reached: measured {outcome.after_ms:.3g} ms of "
+                       f"{outcome.before_ms:.3g} ms ({outcome.after_ms / outcome.before_ms:.2f}); no choice of the "
+                       "channel counts that save time measured faster")
+            state["notes"].append(message)
             log.warning("%s", message)
         state["entries"] = entries
         return keep

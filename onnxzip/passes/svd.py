@@ -61,12 +61,11 @@ from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
 from onnxzip.latency import (
     MIN_GAIN,
-    NOISE,
     Candidate,
     Factor,
     LayerForm,
     Timing,
-    allocate_latency,
+    meet_budget,
     useful_candidates,
 )
 from onnxzip.shapes import generated_feeds
@@ -106,7 +105,6 @@ FAMILY_KINDS = {
 FACTORIZED_DTYPES = frozenset({"float32", "float16"})
 RULES = ("rank", "keep_ratio", "energy", "budget", "flops_budget", "latency_budget")
 LATENCY_FRACTIONS = (0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05)  # of the break-even rank, timed per layer
-LATENCY_ROUNDS = 3  # plan, apply, measure the model; tighten by the shortfall, at most this often
 DEFAULT_ENERGY = 0.95
 
 
@@ -354,8 +352,8 @@ class SvdPass(Pass):
     ) -> dict[str, dict[str, Any]]:
         """Plan entries meeting ``latency_budget`` = ``value``: time every layer's candidate
         ranks (:mod:`onnxzip.latency`), reject those that do not save time, choose ranks at the
-        least added error per saved millisecond, then apply, time the model and tighten by the
-        shortfall (at most ``LATENCY_ROUNDS`` times)."""
+        least added error per saved millisecond, then apply, time the model and rescale the
+        saving asked by what the model showed (:func:`onnxzip.latency.meet_budget`)."""
         state = self._latency
         model, context = state["model"], state["context"]
         timing = context.timer()
@@ -363,7 +361,6 @@ class SvdPass(Pass):
         if "original_ms" not in state:
             state["original_ms"] = timing.model(model)
         original = state["original_ms"]
-        target = value * original
         entries: dict[str, dict[str, Any]] = {}
         options: dict[str, tuple[float, list[Candidate]]] = {}
         for layer in track(layers, "svd: timing ranks"):
@@ -382,37 +379,27 @@ class SvdPass(Pass):
                 )
                 continue
             options[layer.key] = (dense_ms, kept)
-        needed = original - target
-        chosen, predicted = allocate_latency(options, needed)
-        notes = state["notes"] = []
-        measured = None
-        for round_ in range(LATENCY_ROUNDS):
+
+        def build(chosen: dict[str, Candidate | None]) -> onnx.ModelProto:
             _fill_latency(entries, chosen, options)
-            if predicted < needed:
-                break
             state["planning"] = True
             try:
-                candidate = self.apply(model, Plan(self.name, self.config_dict(), entries), context)
+                trial = Plan(self.name, self.config_dict(), entries)
+                return self.apply(model, trial, context).model
             finally:
                 state["planning"] = False
-            measured = timing.model(candidate.model)
-            notes.append(
-                f"latency_budget round {round_ + 1}: layers predicted to save {predicted:.3g} ms, "
-                f"model measured {measured:.3g} ms (target {target:.3g} ms of {original:.3g} ms)"
-            )
-            if measured <= target * (1.0 + NOISE) or round_ == LATENCY_ROUNDS - 1:
-                break
-            needed += measured - target
-            chosen, predicted = allocate_latency(options, needed, start=chosen)
-        if predicted < needed or measured is None or measured > target * (1.0 + NOISE):
-            reached = measured if measured is not None else original - predicted
+
+        outcome = meet_budget(options, value, model, original, build, timing)
+        _fill_latency(entries, outcome.chosen, options)
+        state["notes"] = outcome.notes
+        state["measured"] = (outcome.before_ms, outcome.after_ms)
+        if not outcome.reached:
             message = (
-                f"svd latency_budget {value:g} not reached: {reached:.3g} ms "
-                f"({reached / original:.2f} of the original {original:.3g} ms) with "
-                + ("every rank that saves time at its fastest" if predicted < needed
-                   else f"{LATENCY_ROUNDS} rounds of tightening")
+                f"svd latency_budget {value:g} not reached: measured {outcome.after_ms:.3g} ms of "
+                f"{outcome.before_ms:.3g} ms ({outcome.after_ms / outcome.before_ms:.2f}); "
+                "no choice of the ranks that save time measured faster"
             )
-            notes.append(message)
+            state["notes"].append(message)
             log.warning("%s", message)
         return entries
 
@@ -614,9 +601,11 @@ class SvdPass(Pass):
         graph.toposort(recurse_subgraphs=True)
         result = PassResult(export_model(graph, model), report, plan)
         if self.config.latency_budget is not None and not self._latency.get("planning"):
+            measured = None
             if self._latency.get("plan") is plan:
                 report.notes.extend(self._latency["notes"])
-            _latency_note(report, model, result.model, context, self.config.latency_budget)
+                measured = self._latency.get("measured")
+            _latency_note(report, model, result.model, context, self.config.latency_budget, measured)
         return result
 
     def _skip_reason(self, layer: _Layer, *, planned: bool = False) -> str | None:
@@ -681,13 +670,18 @@ class SvdPass(Pass):
 
 
 def _latency_note(
-    report: Any, before: onnx.ModelProto, after: onnx.ModelProto, context: PassContext, budget: float
+    report: Any,
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    context: PassContext,
+    budget: float,
+    measured: tuple[float, float] | None = None,
 ) -> None:
-    """The measured batch-1 latency of the model before and after (taking turns), as a note and
-    in the report's details."""
+    """The measured batch-1 latency of the model before and after (taking turns; ``measured``
+    when the plan's last round timed them already), as a note and in the report's details."""
     if not report.modified:
         return
-    before_ms, after_ms = context.timer().compare(before, after)
+    before_ms, after_ms = measured or context.timer().compare(before, after)
     report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
     report.notes.append(
         f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
