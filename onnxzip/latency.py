@@ -30,6 +30,7 @@ greedily by error added per millisecond saved.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -310,16 +311,20 @@ def meet_budget(
     rounds: int = 4,
 ) -> BudgetOutcome:
     """Choose candidates so that the built model runs in at most ``budget`` × the original's
-    time, measured. Per-layer times miss what the model adds or hides (elementwise ops, fused
-    kernels, caches), so the saving asked of the layers is rescaled each round by how much of
-    the predicted saving the measured model showed, both ways (a model that is faster than
-    needed gets a smaller saving asked, so less error), for at most ``rounds`` rounds. The
-    least-error choice that met the budget wins; else the last one."""
+    time, measured (original and result taking turns, so the fraction is of one moment's load).
+
+    Per-layer times miss what the model adds or hides (elementwise ops, fused kernels, weights
+    that start to fit a cache), so the saving asked of the layers is searched on the measured
+    model for at most ``rounds`` rounds: rescaled by how much of the predicted saving the model
+    showed until one saving that reaches the budget and one that does not bracket it, then
+    bisected. The least-error choice that met the budget wins (one more than ``NOISE`` under
+    it is not needed: the search goes on toward less saving); else the last one."""
     wanted = (1.0 - budget) * original_ms
-    best: BudgetOutcome | None = None
+    best: tuple[float, BudgetOutcome] | None = None
     last: BudgetOutcome | None = None
     notes: list[str] = []
     tried: set[tuple[Any, ...]] = set()
+    low, high = 0.0, math.inf  # savings asked: known to fall short / known to reach
     for round_ in range(rounds):
         chosen, predicted = allocate_latency(options, wanted)
         key = tuple(sorted((name, c.choice if c else None) for name, c in chosen.items()))
@@ -334,16 +339,24 @@ def meet_budget(
             f"{original_ms:.3g} ms; model measured {before:.3g} → {after:.3g} ms ({fraction:.2f})"
         )
         last = BudgetOutcome(chosen, before, after, reached, notes)
-        if reached and (best is None or predicted < best_predicted):
-            best, best_predicted = last, predicted
-        if reached and fraction >= budget - NOISE:
-            break
-        if not reached and predicted < wanted:
-            break  # every layer at its fastest form already
-        achieved = 1.0 - fraction
-        scale = 4.0 if achieved <= 0 else float(np.clip((predicted / original_ms) / achieved, 0.25, 4.0))
-        wanted = (1.0 - budget) * original_ms * scale
-    result = best or last
+        if reached:
+            high = min(high, predicted)
+            if best is None or predicted < best[0]:
+                best = (predicted, last)
+            if fraction >= budget - NOISE:
+                break
+        else:
+            if predicted < wanted:
+                break  # every layer at its fastest form already
+            low = max(low, predicted)
+        if math.isfinite(high) and low > 0:
+            wanted = (low + high) / 2
+        else:
+            achieved = 1.0 - fraction
+            ratio = 4.0 if achieved <= 0 else (predicted / original_ms) / achieved
+            wanted = (1.0 - budget) * original_ms * float(np.clip(ratio, 0.25, 4.0))
+            wanted = min(max(wanted, low * 1.05), high * 0.95)
+    result = best[1] if best else last
     assert result is not None
     result.notes = notes
     return result
