@@ -11,7 +11,7 @@ inputs) and the chain of weights applied one after the other — one weight for 
 layer, two for a factor pair, a narrower weight for a pruned conv. :meth:`LayerForm.model`
 builds that chain as a tiny ONNX model, and :class:`Timing` times it in onnxruntime on **one
 intra-op thread** (the deployment case the budget speaks of, and the least noisy), a few
-repeats after a warm-up, the median, each run with cold caches (a buffer larger than the
+repeats after a warm-up, the least (load only adds time), each run with cold caches (a buffer larger than the
 last-level cache is written before it: in the model, the other layers evict this one's
 weight); each form is timed once (cached per op and shapes).
 Whole models are timed the same way at batch 1 (:meth:`Timing.model`), and
@@ -146,14 +146,16 @@ _FLUSH: list[np.ndarray] = []
 
 
 def ort_layer_time(form: LayerForm, repeats: int = LAYER_REPEATS) -> float:
-    """Median ms of ``form`` in onnxruntime (CPU, one intra-op thread), each run with cold
+    """Least ms of ``form`` in onnxruntime (CPU, one intra-op thread; other processes only ever
+    add time, and the forms of a model are timed minutes apart, so the median of one form can
+    hold load another's does not), each run with cold
     caches: inside a model the other layers' weights and activations evict this layer's, and
     at batch 1 reading the weight is much of a layer's time (timed warm, a GEMV whose weight
     stays cached looks several times faster than it runs in the model)."""
     if not _FLUSH:
         _FLUSH.append(np.zeros(FLUSH_BYTES // 8))
     model, feeds = form.model()
-    return float(np.median(time_session(_session(model), feeds, repeats, flush=_FLUSH[0])))
+    return float(np.min(time_session(_session(model), feeds, repeats, flush=_FLUSH[0])))
 
 
 @dataclass

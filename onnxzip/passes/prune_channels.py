@@ -197,7 +197,8 @@ class PruneChannelsPass(Pass):
             found = []
             for kept in _latency_counts(group.size, self.config.min_channels, self.config.round_to):
                 ms = sum(timing.layer(form) for form in _member_forms(members, analysis, group.size, kept))
-                error = float(ascending[: group.size - kept].sum()) / total
+                # the removed share of the group's importance, once per layer whose filters go
+                error = len(group.sources) * float(ascending[: group.size - kept].sum()) / total
                 found.append(Candidate(kept, ms, error))
             useful, rejected = useful_candidates(dense, found)
             entry = entries[group.id] = {"latency_ms": [round(dense, 4), round(dense, 4)]}
@@ -208,6 +209,7 @@ class PruneChannelsPass(Pass):
                 options[group.id] = (dense, useful)
             else:
                 entry["reason"] = f"no channel count saves {MIN_GAIN:.0%} of its layers' {dense:.3g} ms"
+
         def keep_of(chosen: dict[str, Candidate | None]) -> dict[str, list[int]]:
             return {g.id: top_channels(importances[g.id], chosen[g.id].choice if chosen.get(g.id) else g.size)
                     for g in groups}
