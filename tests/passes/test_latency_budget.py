@@ -15,7 +15,7 @@ import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 import onnxzip.passes.svd  # noqa: F401 - registers the pass
 from onnxzip.cli import main
 from onnxzip.cost import model_cost
-from onnxzip.latency import LayerForm, Timing, ort_layer_time
+from onnxzip.latency import Factor, LayerForm, Timing, ort_layer_time
 from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, get_pass
 from onnxzip.runtime import make_session, run_session
@@ -169,3 +169,35 @@ def test_bad_latency_budgets_exit_2(tmp_path, flag, capsys):
     onnx.save(matmul_stack(64, 4), path)
     assert main(["compress", str(path), "-o", str(tmp_path / "out.onnx"), "-q", *flag]) == 2
     assert "latency_budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strides, pads", [((1, 1), (1, 1, 1, 1)), ((2, 1), (0, 2, 1, 0))])
+def test_timed_conv_forms_have_the_layers_output_shape(strides, pads):
+    from onnxzip.graph import import_graph
+    from onnxzip.passes.svd import _find_layers, _layer_form
+
+    rng = np.random.default_rng(0)
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 5],
+                            strides=list(strides), pads=list(pads))
+    model = make_model([conv], [tensor("x", [1, 6, 11, 13])], [tensor("y", None)],
+                       [init("w", rng.standard_normal((8, 6, 3, 5)).astype(np.float32)),
+                        init("b", np.zeros(8, np.float32))])
+    (layer,) = _find_layers(import_graph(model))
+    node = layer.uses[0][0]
+    shapes = set()
+    for kind, rank in ((None, None), ("channel", 3), ("spatial", 4)):
+        form_model, feeds = _layer_form(layer, node, (1, 6, 11, 13), kind, rank).model()
+        (output,) = make_session(form_model, "cpu").run(None, feeds)
+        shapes.add(output.shape)
+    expected = run_session(make_session(model, "cpu"), {"x": np.zeros((1, 6, 11, 13), np.float32)})["y"].shape
+    assert shapes == {expected}
+
+
+def test_each_layer_form_is_timed_once():
+    calls = []
+    timing = Timing(layer_timer=lambda form: calls.append(form) or 1.0)
+    dense = LayerForm("MatMul", (1, 4, 32), (Factor((32, 16)),))
+    timing.layer(dense)
+    timing.layer(LayerForm("MatMul", (1, 4, 32), (Factor((32, 16)),)))
+    timing.layer(LayerForm("MatMul", (1, 8, 32), (Factor((32, 16)),)))
+    assert len(calls) == 2
