@@ -35,6 +35,15 @@ Ranks come from one rule: per layer an explicit ``rank`` (at most that rank), a 
 ``keep_ratio``, or ``energy`` (smallest r with Σ_{i≤r}σ² ≥ energy·Σσ²); or model-wide
 ``budget`` / ``flops_budget`` (the fraction of the eligible layers' parameters / FLOPs to keep),
 spread over layers by :func:`onnxzip.svd.allocate_ranks` at the least added error.
+``latency_budget`` plans by measured time instead (:mod:`onnxzip.latency`): every layer's
+dense form and factor pairs at fractions of its break-even rank (and those rounded to multiples
+of 8; for a Conv under ``conv=auto`` both schemes) are timed in onnxruntime on one thread at the
+layer's observed batch-1 input shape; ranks that save under ``MIN_GAIN`` of the layer's time or
+run slower than a higher rank are rejected (the report lists them as ``ranks_not_faster``);
+ranks are then chosen at the least relative spectral error per saved millisecond and the
+factorized model timed against the original until it keeps at most that fraction of its time
+(:func:`onnxzip.latency.meet_budget`). A recurrent input weight is timed as the input projection
+its op computes over the whole sequence.
 ``verify`` then checks the output cosine in onnxruntime on the context's inputs and relaxes the
 rule a step at a time (budget + ``verify_step``, energy halfway to 1, rank × 2) until it meets
 ``min_cosine``. The plan maps each layer (its first node's name) to
