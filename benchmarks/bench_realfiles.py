@@ -29,7 +29,10 @@ among its runs that keep the file's tolerance; then a line per failure. ``--json
 
 Modes are named ``bits=4``, ``bits=3``, ``avg_bits=4``, ``avg_bits=3``, ``avg_bits=2.5``, each
 also with ``+ft`` (``--finetune epochs=3`` appended), ``+gptq`` (``method=gptq``) and ``+gptq+int8``
-(``method=gptq,execute=int8``: MatMul/Gemm/Conv codebooks run by onnxruntime's int8 kernels). ``--loops`` adds the method-1/method-2 loop
+(``method=gptq,execute=int8``: MatMul/Gemm/Conv codebooks run by onnxruntime's int8 kernels);
+``svd_lat=0.7+bits=4+gptq`` and ``prune_lat=0.7+bits=4+gptq`` first cut the measured batch-1 latency
+to 0.7 (``--svd`` / ``--prune-channels latency_budget=0.7``), then cluster at 4 bits with GPTQ.
+``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
 tolerance would keep: such a run exits 1 and counts as a failure, as it does for a user;
@@ -117,7 +120,10 @@ GPTQ_MODES = {f"{name}+gptq": ["--cluster", flags[1] + ",method=gptq"] for name,
 INT8_MODES = {f"{name}+int8": ["--cluster", flags[1] + ",execute=int8"] for name, flags in GPTQ_MODES.items()}
 MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
          **INT8_MODES,
-         "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"]}
+         "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"],
+         # measured-latency structured compression (issue 22): 0.7 of the batch-1 time, then 4-bit GPTQ
+         "svd_lat=0.7+bits=4+gptq": ["--svd", "latency_budget=0.7", "--cluster", "bits=4,method=gptq"],
+         "prune_lat=0.7+bits=4+gptq": ["--prune-channels", "latency_budget=0.7", "--cluster", "bits=4,method=gptq"]}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]
 LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "method1", "method2")}

@@ -8,33 +8,60 @@ edit the indices and replay with ``--plan``. Apply: remove every other channel e
 appears and fold what removed channels still carried into the next layer's bias
 (:mod:`onnxzip.pruning.surgery`). The model becomes smaller and faster, not masked.
 
+``latency_budget`` (instead of ``ratio`` / ``threshold``): keep at most that fraction of the
+model's measured batch-1 latency (onnxruntime, one intra-op thread; :mod:`onnxzip.latency`).
+Per group, kept counts at fractions of its size (and rounded up to multiples of 8) are timed
+on every Conv / Gemm / MatMul whose input or output channels the group sets, at the real input
+shapes; counts that do not save time, or are slower than a larger count, are rejected. Groups
+then give up channels greedily by importance lost per saved millisecond (the removed channels'
+share of the group's importance), the pruned model is timed and the saving asked of the groups rescaled
+by what the model showed (:func:`onnxzip.latency.meet_budget`). Layers are timed one group at a time, the other
+groups at full width; the model measurement corrects what that misses (and the elementwise
+ops, which are not timed per layer).
+
 ``policy=ddpg`` is resolved above this layer (:mod:`onnxzip.search.policy`, run by
 ``compress``): a DDPG search fills ``layer_ratios``, then this pass plans as usual.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxzip.errors import ConfigError
 from onnxzip.graph import export_model
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.pruning.groups import ChannelAnalysis, ChannelGroup, analyze_channels
-from onnxzip.pruning.importance import group_importance, select_channels
+from onnxzip.latency import (
+    MIN_GAIN,
+    Candidate,
+    Factor,
+    LayerForm,
+    meet_budget,
+    useful_candidates,
+)
+from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
 from onnxzip.pruning.surgery import NodeEdit, prune_channels
 from onnxzip.report import LayerChange, PassReport
 from onnxzip.schema import option
 
 log = logging.getLogger(__name__)
 
+LATENCY_KEEP = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)  # kept fractions timed per group
+
 
 @dataclass
 class PruneChannelsConfig:
     ratio: float | None = option(None, "fraction of the candidate channels to remove (lowest importance first)")
     threshold: float | None = option(None, "remove channels whose group importance is below this (|gamma| for bn)")
+    latency_budget: float | None = option(
+        None, "keep at most this fraction of the model's measured batch-1 latency (onnxruntime, one thread); "
+              "channel counts that do not save time are rejected")
     scope: Literal["global", "layer"] = option("global", "rank channels across all groups or apply ratio per group")
     layer_ratios: dict[str, float] = option({}, "group id glob -> fraction removed in that group (wins over ratio/threshold)")
     importance: Literal["auto", "bn", "l1", "l2"] = option("auto", "bn: BatchNorm |gamma|; l1/l2: filter norm; auto: bn when present")
@@ -70,8 +97,13 @@ class PruneChannelsPass(Pass):
         config = self.config
         if config.policy == "ddpg" and not config.layer_ratios:
             raise ConfigError("Pass 'prune-channels' with policy=ddpg runs its search through onnxzip.compress or the CLI.")
-        if config.ratio is None and config.threshold is None and not config.layer_ratios:
-            raise ConfigError("Pass 'prune-channels' needs ratio, threshold or layer_ratios.")
+        if config.latency_budget is not None:
+            if not 0 < config.latency_budget <= 1:
+                raise ConfigError(f"Pass 'prune-channels': latency_budget must be in (0, 1], got {config.latency_budget:g}.")
+            if config.ratio is not None or config.threshold is not None or config.layer_ratios:
+                raise ConfigError("Pass 'prune-channels' takes latency_budget alone, not with ratio, threshold or layer_ratios.")
+        elif config.ratio is None and config.threshold is None and not config.layer_ratios:
+            raise ConfigError("Pass 'prune-channels' needs ratio, threshold, layer_ratios or latency_budget.")
         if config.ratio is not None and config.threshold is not None:
             raise ConfigError("Pass 'prune-channels' takes ratio or threshold, not both.")
         fractions = [config.ratio] if config.ratio is not None else []
@@ -96,6 +128,15 @@ class PruneChannelsPass(Pass):
         importances = {
             g.id: group_importance(g, self.config.importance, self.config.aggregate).values for g in candidates
         }
+        if self.config.latency_budget is not None:
+            self._latency = {"notes": []}
+            keep = self._latency_keep(model, context, analysis, candidates, importances)
+            layers = {g.id: {"channels": g.size, "keep": keep[g.id]} for g in candidates}
+            for gid, entry in layers.items():
+                entry.update(self._latency["entries"].get(gid, {}))
+            plan = Plan(self.name, self.config_dict(), layers)
+            self._latency["plan"] = plan
+            return plan
         ratios = {}
         for pattern, fraction in self.config.layer_ratios.items():
             ratios.update({g.id: float(fraction) for g in candidates if matches(g.id, "", [pattern], [])})
@@ -119,7 +160,86 @@ class PruneChannelsPass(Pass):
         new_model = export_model(analysis.graph, model) if keep else model
         report.modified = bool(keep)
         _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config)
+        latency = getattr(self, "_latency", {})
+        if self.config.latency_budget is not None and not latency.get("planning"):
+            measured = None
+            if latency.get("plan") is plan:
+                report.notes.extend(latency["notes"])
+                measured = latency.get("measured")
+            if report.modified:
+                before_ms, after_ms = measured or context.timer().compare(model, new_model)
+                report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
+                report.notes.append(
+                    f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
+                    f"({after_ms / before_ms:.2f} of the original; latency_budget {self.config.latency_budget:g})")
         return PassResult(new_model, report, plan)
+
+    def _latency_keep(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis,
+                      groups: list[ChannelGroup], importances: dict[str, np.ndarray]) -> dict[str, list[int]]:
+        """Kept channels per group meeting ``latency_budget`` (see the module docstring)."""
+        state = self._latency
+        timing = context.timer()
+        budget = self.config.latency_budget
+        original = timing.model(model)
+        layers = _timed_layers(analysis)
+        options: dict[str, tuple[float, list[Candidate]]] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        for group in context.track(groups, "prune-channels: timing channel counts"):
+            values = importances[group.id]
+            ascending = np.sort(values)
+            total = float(values.sum()) or 1.0
+            members = [(node, share, source) for node, shares in layers
+                       for gid, share, source in shares if gid == group.id]
+            if not members:
+                entries[group.id] = {"reason": "no Conv/Gemm/MatMul to time; kept whole"}
+                continue
+            dense = sum(timing.layer(form) for form in _member_forms(members, analysis, group.size, group.size))
+            found = []
+            for kept in _latency_counts(group.size, self.config.min_channels, self.config.round_to):
+                ms = sum(timing.layer(form) for form in _member_forms(members, analysis, group.size, kept))
+                # the removed share of the group's importance, once per layer whose filters go
+                error = len(group.sources) * float(ascending[: group.size - kept].sum()) / total
+                found.append(Candidate(kept, ms, error))
+            useful, rejected = useful_candidates(dense, found)
+            entry = entries[group.id] = {"latency_ms": [round(dense, 4), round(dense, 4)]}
+            slower = sorted(c.choice for c in rejected if c.ms >= dense * (1 - MIN_GAIN))
+            if slower:
+                entry["not_faster"] = slower
+            if useful:
+                options[group.id] = (dense, useful)
+            else:
+                entry["reason"] = f"no channel count saves {MIN_GAIN:.0%} of its layers' {dense:.3g} ms"
+
+        def keep_of(chosen: dict[str, Candidate | None]) -> dict[str, list[int]]:
+            return {g.id: top_channels(importances[g.id], chosen[g.id].choice if chosen.get(g.id) else g.size)
+                    for g in groups}
+
+        def build(chosen: dict[str, Candidate | None]) -> onnx.ModelProto:
+            keep = keep_of(chosen)
+            trial = Plan(self.name, self.config_dict(), {g.id: {"channels": g.size, "keep": keep[g.id]} for g in groups})
+            state["planning"] = True
+            try:
+                return self.apply(model, trial, context).model
+            finally:
+                state["planning"] = False
+
+        outcome = meet_budget(options, budget, model, original, build, timing)
+        keep = keep_of(outcome.chosen)
+        for gid, candidate in outcome.chosen.items():
+            dense = options[gid][0]
+            entries[gid]["latency_ms"] = [round(dense, 4), round(candidate.ms if candidate else dense, 4)]
+            if candidate is None:
+                entries[gid]["reason"] = "kept whole by the latency allocation"
+        state["notes"] = outcome.notes
+        state["measured"] = (outcome.before_ms, outcome.after_ms)
+        if not outcome.reached:
+            message = (f"prune-channels latency_budget {budget:g} not reached: measured {outcome.after_ms:.3g} ms of "
+                       f"{outcome.before_ms:.3g} ms ({outcome.after_ms / outcome.before_ms:.2f}); no choice of the "
+                       "channel counts that save time measured faster")
+            state["notes"].append(message)
+            log.warning("%s", message)
+        state["entries"] = entries
+        return keep
 
     def applies_to(self, weight: Any) -> bool:
         return any(use.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and use.role == "weight" for use in weight.uses)
@@ -157,6 +277,7 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             "flops_after": sum(after_nodes[n].flops for n in names if n in after_nodes),
         }
 
+    kinds: dict[str, int] = {}
     for group in analysis.groups:
         sources = group.source_names
         if group.reasons:
@@ -176,7 +297,18 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             "sources": sources,
             "importance": importance.summary(),
         }
+        kinds[importance.kind] = kinds.get(importance.kind, 0) + 1
+        decision = plan.layers[group.id]
+        if "latency_ms" in decision:
+            before_ms, after_ms = decision["latency_ms"]
+            details["latency_ms"] = {"before": before_ms, "after": after_ms, "saved": round(before_ms - after_ms, 4)}
+        if decision.get("not_faster"):
+            details["counts_not_faster"] = decision["not_faster"]
         report.changes.append(LayerChange(group.id, "channel group", f"channels {group.size} → {kept}", details=details, **costs(sources)))
+    if kinds:
+        names = {"bn": "BatchNorm |gamma|", "l1": "filter L1 norm", "l2": "filter L2 norm"}
+        report.notes.append("channel importance: " + ", ".join(
+            f"{names[kind]} in {count} group{'s' if count > 1 else ''}" for kind, count in sorted(kinds.items())))
     for edit in edits:
         if edit.node not in before_nodes or not (before_nodes[edit.node].params or before_nodes[edit.node].flops):
             continue
@@ -186,3 +318,81 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             if pair is not None and pair[0] != pair[1]
         )
         report.changes.append(LayerChange(edit.node, edit.op_type, decision or "unchanged", details=details, **costs([edit.node])))
+
+
+def _latency_counts(size: int, min_channels: int, round_to: int) -> list[int]:
+    """Kept channel counts timed for a group of ``size``: fractions of it, each also rounded up
+    to a multiple of 8, all obeying ``min_channels`` and ``round_to``."""
+    counts = set()
+    for fraction in LATENCY_KEEP:
+        kept = math.ceil(size * fraction)
+        for count in (kept, 8 * math.ceil(kept / 8)):
+            counts.add(keep_count(size, size - count, min_channels, round_to))
+    return sorted(c for c in counts if 1 <= c < size)
+
+
+def _timed_layers(analysis: ChannelAnalysis) -> list[tuple[gs.Node, list[tuple[str, float, bool]]]]:
+    """Per Conv / Gemm / MatMul with a constant weight: the groups it reads (group id, input
+    positions per group channel, False) or opens (group id, 0, True)."""
+    source_of = {id(s.node): g.id for g in analysis.groups for s in g.sources}
+    sizes = {g.id: g.size for g in analysis.groups}
+    found: list[tuple[gs.Node, list[tuple[str, float, bool]]]] = []
+    for node in analysis.graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        shares: dict[str, int] = {}
+        cmap = analysis.maps.get(node.inputs[0].name)
+        for position in cmap.positions if cmap else ():
+            if position is not None:
+                gid = analysis.group_of_space[position[0]]
+                shares[gid] = shares.get(gid, 0) + 1
+        uses = [(gid, count / sizes[gid], False) for gid, count in shares.items()]
+        if id(node) in source_of:
+            uses.append((source_of[id(node)], 0.0, True))
+        found.append((node, uses))
+    return found
+
+
+def _member_forms(members: list[tuple[gs.Node, float, bool]], analysis: ChannelAnalysis, size: int,
+                  kept: int) -> list[LayerForm]:
+    """The group's layers as timed forms when it keeps ``kept`` of ``size`` channels (the other
+    groups at full width)."""
+    forms = []
+    removed = size - kept
+    for node, share, source in members:
+        shape = analysis.shapes.get(node.inputs[0].name)
+        if not shape:
+            continue
+        weight = tuple(int(d) for d in node.inputs[1].shape)
+        drop_in = 0 if source else round(share * removed)
+        drop_out = removed if source else 0
+        if node.op == "Conv":
+            group = int(node.attrs.get("group", 1))
+            cin = shape[1] - drop_in
+            depthwise = group > 1 and group == shape[1]
+            if depthwise:
+                cout = weight[0] * cin // shape[1] - (drop_out if not drop_in else 0)
+                new_weight, group = (cout, 1, *weight[2:]), cin
+            else:
+                new_weight = (weight[0] - drop_out, cin // group, *weight[2:])
+            strides = tuple(int(v) for v in node.attrs.get("strides", (1,) * (len(weight) - 2)))
+            dilations = tuple(int(v) for v in node.attrs.get("dilations", (1,) * (len(weight) - 2)))
+            pads = tuple(int(v) for v in node.attrs.get("pads", (0,) * 2 * (len(weight) - 2)))
+            auto_pad = node.attrs.get("auto_pad", "NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+            if auto_pad not in ("NOTSET", "", "VALID"):  # SAME_*: the padding keeps the output size
+                pads = tuple(d * (k - 1) // 2 for d, k in zip(dilations, weight[2:])) * 2
+            forms.append(LayerForm("Conv", (shape[0], cin, *shape[2:]),
+                                   (Factor(new_weight, strides, pads, dilations, group),)))
+            continue
+        if node.op == "Gemm":
+            trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+            rows, inner = shape[::-1] if trans_a else shape
+            k, n = weight[::-1] if trans_b else weight
+            forms.append(LayerForm("Gemm", (rows, inner - drop_in), (Factor((k - drop_in, n - drop_out)),)))
+            continue
+        if len(weight) != 2:
+            continue
+        k, n = weight
+        forms.append(LayerForm("MatMul", (*shape[:-1], shape[-1] - drop_in), (Factor((k - drop_in, n - drop_out)),)))
+    return forms

@@ -35,6 +35,15 @@ Ranks come from one rule: per layer an explicit ``rank`` (at most that rank), a 
 ``keep_ratio``, or ``energy`` (smallest r with Σ_{i≤r}σ² ≥ energy·Σσ²); or model-wide
 ``budget`` / ``flops_budget`` (the fraction of the eligible layers' parameters / FLOPs to keep),
 spread over layers by :func:`onnxzip.svd.allocate_ranks` at the least added error.
+``latency_budget`` plans by measured time instead (:mod:`onnxzip.latency`): every layer's
+dense form and factor pairs at fractions of its break-even rank (and those rounded to multiples
+of 8; for a Conv under ``conv=auto`` both schemes) are timed in onnxruntime on one thread at the
+layer's observed batch-1 input shape; ranks that save under ``MIN_GAIN`` of the layer's time or
+run slower than a higher rank are rejected (the report lists them as ``ranks_not_faster``);
+ranks are then chosen at the least relative spectral error per saved millisecond and the
+factorized model timed against the original until it keeps at most that fraction of its time
+(:func:`onnxzip.latency.meet_budget`). A recurrent input weight is timed as the input projection
+its op computes over the whole sequence.
 ``verify`` then checks the output cosine in onnxruntime on the context's inputs and relaxes the
 rule a step at a time (budget + ``verify_step``, energy halfway to 1, rank × 2) until it meets
 ``min_cosine``. The plan maps each layer (its first node's name) to
@@ -47,6 +56,8 @@ loop needs to lower ranks step by step.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +68,15 @@ import onnx_graphsurgeon as gs
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
+from onnxzip.latency import (
+    MIN_GAIN,
+    Candidate,
+    Factor,
+    LayerForm,
+    Timing,
+    meet_budget,
+    useful_candidates,
+)
 from onnxzip.shapes import generated_feeds
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.report import LayerChange
@@ -82,6 +102,8 @@ from onnxzip.svd import (
 from onnxzip.fidelity import compare_arrays
 from onnxzip.weights import Weight, constant_uses
 
+log = logging.getLogger(__name__)
+
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 FAMILY_KINDS = {
     "matmul": ("matmul",),
@@ -90,7 +112,8 @@ FAMILY_KINDS = {
     "lstm_input": ("lstm_input",),
 }
 FACTORIZED_DTYPES = frozenset({"float32", "float16"})
-RULES = ("rank", "keep_ratio", "energy", "budget", "flops_budget")
+RULES = ("rank", "keep_ratio", "energy", "budget", "flops_budget", "latency_budget")
+LATENCY_FRACTIONS = (0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05)  # of the break-even rank, timed per layer
 DEFAULT_ENERGY = 0.95
 
 
@@ -109,6 +132,11 @@ class SvdConfig:
     )
     flops_budget: float | None = option(
         None, "model-wide: keep this fraction of the eligible layers' FLOPs"
+    )
+    latency_budget: float | None = option(
+        None,
+        "model-wide: keep at most this fraction of the model's measured batch-1 latency "
+        "(onnxruntime, one thread); ranks that do not save time are rejected",
     )
     conv: Literal["auto", "channel", "spatial"] = option(
         "auto", "Conv decomposition: lower error at the same parameters (auto), or forced"
@@ -150,7 +178,7 @@ class SvdConfig:
             self.energy = DEFAULT_ENERGY
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
-        for name in ("energy", "keep_ratio", "budget", "flops_budget"):
+        for name in ("energy", "keep_ratio", "budget", "flops_budget", "latency_budget"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -231,6 +259,7 @@ class SvdPass(Pass):
     def __init__(self, config: Any = None, **options: Any) -> None:
         super().__init__(config, **options)
         self._verify_notes: tuple[Plan | None, list[str]] = (None, [])
+        self._latency: dict[str, Any] = {}  # latency_budget: the model, context, timings, notes
 
     def applies_to(self, weight: Weight) -> bool:
         slots = {
@@ -255,11 +284,16 @@ class SvdPass(Pass):
         ]
         positions = self._positions(model, context, layers)
         rule, value = self.config.rule
+        if rule == "latency_budget":
+            self._latency = {"model": model, "context": context, "notes": []}
         layers_plan = self._decide(layers, positions, rule, value, context.track)
         if not self.config.verify:
-            return Plan(self.name, self.config_dict(), layers_plan)
+            plan = Plan(self.name, self.config_dict(), layers_plan)
+            self._latency["plan"] = plan
+            return plan
         plan, notes = self._verified(model, context, layers, positions, rule, value, layers_plan)
         self._verify_notes = (plan, notes)
+        self._latency["plan"] = plan
         return plan
 
     def _decide(
@@ -271,6 +305,8 @@ class SvdPass(Pass):
         track: Any = lambda items, desc: items,
     ) -> dict[str, dict[str, Any]]:
         """Plan entries of ``layers`` under ``rule`` = ``value``."""
+        if rule == "latency_budget":
+            return self._latency_entries(layers, value, track)
         entries, conv_ranks = {}, {}
         for layer in track(layers, "svd: spectra"):
             kind, conv_ranks[layer.key] = self._kind(layer, rule, value)
@@ -319,6 +355,93 @@ class SvdPass(Pass):
             else:
                 entry["rank"] = layer.spectrum(entry["kind"]).rank_for_energy(value)
         return entries
+
+    def _latency_entries(
+        self, layers: list[_Layer], value: float, track: Any = lambda items, desc: items
+    ) -> dict[str, dict[str, Any]]:
+        """Plan entries meeting ``latency_budget`` = ``value``: time every layer's candidate
+        ranks (:mod:`onnxzip.latency`), reject those that do not save time, choose ranks at the
+        least added error per saved millisecond, then apply, time the model and rescale the
+        saving asked by what the model showed (:func:`onnxzip.latency.meet_budget`)."""
+        state = self._latency
+        model, context = state["model"], state["context"]
+        timing = context.timer()
+        shapes = context.shapes(model)
+        if "original_ms" not in state:
+            state["original_ms"] = timing.model(model)
+        original = state["original_ms"]
+        entries: dict[str, dict[str, Any]] = {}
+        options: dict[str, tuple[float, list[Candidate]]] = {}
+        for layer in track(layers, "svd: timing ranks"):
+            entry = entries[layer.key] = self._entry(layer, FAMILY_KINDS[layer.family][0])
+            timed = self._timed_candidates(layer, shapes, timing)
+            if isinstance(timed, str):
+                entry["reason"] = timed
+                continue
+            dense_ms, kept, slower = timed
+            entry["latency_ms"] = [round(dense_ms, 4), round(dense_ms, 4)]
+            if slower:
+                entry["not_faster"] = slower
+            if not kept:
+                entry["reason"] = (
+                    f"no rank saves {MIN_GAIN:.0%} of the layer's {dense_ms:.3g} ms; kept dense"
+                )
+                continue
+            options[layer.key] = (dense_ms, kept)
+
+        def build(chosen: dict[str, Candidate | None]) -> onnx.ModelProto:
+            _fill_latency(entries, chosen, options)
+            state["planning"] = True
+            try:
+                trial = Plan(self.name, self.config_dict(), entries)
+                return self.apply(model, trial, context).model
+            finally:
+                state["planning"] = False
+
+        outcome = meet_budget(options, value, model, original, build, timing)
+        _fill_latency(entries, outcome.chosen, options)
+        state["notes"] = outcome.notes
+        state["measured"] = (outcome.before_ms, outcome.after_ms)
+        if not outcome.reached:
+            message = (
+                f"svd latency_budget {value:g} not reached: measured {outcome.after_ms:.3g} ms of "
+                f"{outcome.before_ms:.3g} ms ({outcome.after_ms / outcome.before_ms:.2f}); "
+                "no choice of the ranks that save time measured faster"
+            )
+            state["notes"].append(message)
+            log.warning("%s", message)
+        return entries
+
+    def _timed_candidates(
+        self, layer: _Layer, shapes: dict[str, tuple[int, ...]], timing: Timing
+    ) -> tuple[float, list[Candidate], list[int]] | str:
+        """The layer's original time (all its nodes), its useful (kind, rank) candidates and
+        the ranks rejected as not faster than the original; or why it cannot be timed."""
+        inputs = []
+        for node, _owner in layer.uses:
+            activation = node.inputs[1 - _weight_slot(node)] if node.op == "MatMul" else node.inputs[0]
+            shape = shapes.get(activation.name)
+            if shape is None or not shape:
+                return "input shape not observed at batch 1; not timed, kept dense"
+            inputs.append((node, tuple(shape)))
+        dense = sum(timing.layer(_layer_form(layer, node, shape)) for node, shape in inputs)
+        kinds = FAMILY_KINDS[layer.family]
+        if layer.family == "conv" and self.config.conv != "auto":
+            kinds = (self.config.conv,)
+        candidates = []
+        for kind in kinds:
+            m, n = layer.shape(kind)
+            costs = BudgetLayer.of(layer.spectrum(kind))
+            for rank in _latency_ranks(m, n, layer.spectrum(kind).full_rank, self.config.allow_unprofitable):
+                ms = sum(
+                    timing.layer(_layer_form(layer, node, shape, kind, rank)) for node, shape in inputs
+                )
+                error = costs.error(rank, self.config.normalization)
+                candidates.append(Candidate((kind, rank), ms, error))
+        kept, rejected = useful_candidates(dense, candidates)
+        limit = dense * (1.0 - MIN_GAIN)
+        slower = sorted({c.choice[1] for c in rejected if c.ms >= limit})
+        return dense, kept, slower
 
     def _entry(self, layer: _Layer, kind: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": kind, "rank": None, "weight": layer.weight.name}
@@ -432,6 +555,13 @@ class SvdPass(Pass):
                 continue
             kind, rank = _planned(layer, entry)
             details = self._details(layer, kind, rank, positions.get(layer.key, (0.0, 0)))
+            if "latency_ms" in entry:
+                before_ms, after_ms = entry["latency_ms"]
+                details["latency_ms"] = {
+                    "before": before_ms, "after": after_ms, "saved": round(before_ms - after_ms, 4)
+                }
+            if entry.get("not_faster"):
+                details["ranks_not_faster"] = entry["not_faster"]
             flops_before = details.pop("flops_before")
             if rank is None or (
                 not self.config.allow_unprofitable and not is_profitable(*layer.shape(kind), rank)
@@ -478,7 +608,14 @@ class SvdPass(Pass):
                 f"plan entry '{key}' matches no factorizable layer of the model; ignored"
             )
         graph.toposort(recurse_subgraphs=True)
-        return PassResult(export_model(graph, model), report, plan)
+        result = PassResult(export_model(graph, model), report, plan)
+        if self.config.latency_budget is not None and not self._latency.get("planning"):
+            measured = None
+            if self._latency.get("plan") is plan:
+                report.notes.extend(self._latency["notes"])
+                measured = self._latency.get("measured")
+            _latency_note(report, model, result.model, context, self.config.latency_budget, measured)
+        return result
 
     def _skip_reason(self, layer: _Layer, *, planned: bool = False) -> str | None:
         """Why ``layer`` stays dense (None: eligible). A layer named in a replayed plan bypasses
@@ -539,6 +676,100 @@ class SvdPass(Pass):
         if flops_before:  # the dense share of the nodes' FLOPs is 2·m·n per row
             details["flops_after"] = flops_before + round(rows * (per_position - 2 * m * n))
         return details
+
+
+def _latency_note(
+    report: Any,
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    context: PassContext,
+    budget: float,
+    measured: tuple[float, float] | None = None,
+) -> None:
+    """The measured batch-1 latency of the model before and after (taking turns; ``measured``
+    when the plan's last round timed them already), as a note and in the report's details."""
+    if not report.modified:
+        return
+    before_ms, after_ms = measured or context.timer().compare(before, after)
+    report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
+    report.notes.append(
+        f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
+        f"({after_ms / before_ms:.2f} of the original; latency_budget {budget:g})"
+    )
+
+
+def _fill_latency(
+    entries: dict[str, dict[str, Any]],
+    chosen: dict[str, Candidate | None],
+    options: dict[str, tuple[float, list[Candidate]]],
+) -> None:
+    """Write the chosen (kind, rank) of every timed layer into its plan entry."""
+    for key, candidate in chosen.items():
+        entry = entries[key]
+        dense_ms = options[key][0]
+        if candidate is None:
+            entry["rank"] = None
+            entry["latency_ms"] = [round(dense_ms, 4), round(dense_ms, 4)]
+            entry["reason"] = "kept dense by the latency allocation"
+        else:
+            entry["kind"], entry["rank"] = candidate.choice
+            entry["latency_ms"] = [round(dense_ms, 4), round(candidate.ms, 4)]
+            entry.pop("reason", None)
+
+
+def _latency_ranks(m: int, n: int, full_rank: int, allow_unprofitable: bool) -> list[int]:
+    """Ranks timed per layer: fractions of the largest profitable rank, each also rounded to a
+    multiple of 8 (sizes the GEMM kernels often run faster at)."""
+    largest = full_rank if allow_unprofitable else min(full_rank, math.ceil(break_even_rank(m, n)) - 1)
+    ranks = set()
+    for fraction in LATENCY_FRACTIONS:
+        rank = max(1, round(largest * fraction))
+        ranks.add(rank)
+        if rank >= 16:
+            ranks.add(min(largest, 8 * round(rank / 8)))
+    return sorted(r for r in ranks if 1 <= r <= largest)
+
+
+def _layer_form(
+    layer: _Layer, node: gs.Node, shape: tuple[int, ...], kind: str | None = None, rank: int | None = None
+) -> LayerForm:
+    """``node`` of ``layer`` as a timed :class:`LayerForm`: dense (``rank`` None) or its factor
+    pair. A recurrent input weight is timed as the input projection the op computes for the
+    whole sequence (a MatMul to D·G·h, or through rank r)."""
+    weight = tuple(int(d) for d in layer.weight.shape)
+    if layer.family == "conv":
+        strides, pads, dilations = _conv_geometry(node, weight)
+        if rank is None:
+            return LayerForm("Conv", shape, (Factor(weight, strides, pads, dilations),))
+        cout, cin, kh, kw = weight
+        (sh, sw), (top, left, bottom, right), (dh, dw) = strides, pads, dilations
+        if kind == "channel":
+            factors = (
+                Factor((rank, cin, kh, kw), strides, pads, dilations),
+                Factor((cout, rank, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+            )
+        else:
+            factors = (
+                Factor((rank, cin, kh, 1), (sh, 1), (top, 0, bottom, 0), (dh, 1)),
+                Factor((cout, rank, 1, kw), (1, sw), (0, left, 0, right), (1, dw)),
+            )
+        return LayerForm("Conv", shape, factors)
+    if layer.family == "gemm":
+        rows, inner = shape[::-1] if int(node.attrs.get("transA", 0)) else shape
+        k, n = weight[::-1] if layer.orientation else weight
+        chain = ((k, n),) if rank is None else ((k, rank), (rank, n))
+        return LayerForm("Gemm", (rows, inner), tuple(Factor(s) for s in chain))
+    if layer.family == "lstm_input":
+        directions, rows, inputs = weight
+        k, n = inputs, directions * rows
+        chain = ((k, n),) if rank is None else ((k, rank), (rank, n))
+        return LayerForm("MatMul", shape, tuple(Factor(s) for s in chain))
+    m, n = weight
+    if layer.orientation == "left":  # W·X: Q (r×n) first, then P (m×r)
+        chain = ((m, n),) if rank is None else ((rank, n), (m, rank))
+        return LayerForm("MatMul", shape, tuple(Factor(s) for s in chain), weight_on_left=True)
+    chain = ((m, n),) if rank is None else ((m, rank), (rank, n))
+    return LayerForm("MatMul", shape, tuple(Factor(s) for s in chain))
 
 
 def _relax(rule: str, value: float, step: float) -> float:

@@ -117,7 +117,7 @@ def test_cli_prunes_channels_and_blocks(reference, tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({}, "needs ratio, threshold or layer_ratios"),
+        ({}, "needs ratio, threshold, layer_ratios or latency_budget"),
         ({"ratio": 0.3, "threshold": 0.1}, "ratio or threshold, not both"),
         ({"ratio": 1.5}, r"in \[0, 1\)"),
         ({"ratio": 0.3, "round_to": 0}, "at least 1"),
