@@ -42,49 +42,50 @@ in ``$REALFILES_DIR`` (default ``~/.cache/realfiles``), its data in ``--data-roo
 (default ``<repo>/../shared``). A long run prints each file's table (and rewrites ``--json``) as
 soon as the file is done.
 
-Last run (2 shared cores under load, 2026-12-06, one run over six files: ``--modes
-bits=4,bits=3+gptq,avg_bits=3+gptq,avg_bits=2.5+gptq --force``), best file ratio within the file's
-task tolerance (batch-1 speed-up, peak-memory ratio against the original; above 1 is better):
+Last full run (2 shared cores under load 5-12, 2026-12-06, one run over all seven files: ``--modes
+bits=4+gptq,avg_bits=3+gptq,avg_bits=2.5+gptq --force --repeats 20``, about 95 minutes), best file
+ratio within the file's task tolerance (batch-1 speed-up, peak-memory ratio against the original;
+above 1 is better):
 
-=================  ==================================  ===========  ==============  =================
-file               onnxzip                             ort dynamic  ort static QDQ  nncf
-=================  ==================================  ===========  ==============  =================
-dtln_stage1        9.82x avg_bits=3+gptq (1.00x, 0.58x)  3.86x      none kept       1.07x int8
-romanizer_encoder  12.11x avg_bits=2.5+gptq (0.97x, 0.60x)  1.13x     1.13x           1.13x int8
-dtln_stage2        none kept (bits=4 k-means: -0.87 dB)  no file     none kept       1.73x int8 (0.17x)
-romanizer_decoder  10.04x bits=3+gptq (1.01x, 0.40x)   3.89x        none kept       6.72x int4
-nsnet2_16k         12.53x avg_bits=2.5+gptq (1.06x, 0.42x)  1.27x     1.27x           1.27x int8
-captcha_crnn       11.49x avg_bits=2.5+gptq (1.01x, 0.94x)  no file   3.51x (1.68x)   no file
-=================  ==================================  ===========  ==============  =================
+=================  =====================================  ============  ==============  ===================
+file               onnxzip                                ort dynamic   ort static QDQ  nncf
+=================  =====================================  ============  ==============  ===================
+dtln_stage1        9.82x avg_bits=3+gptq (0.99x, 0.61x)   3.86x (1.26x) none kept       1.07x int8 (0.55x)
+romanizer_encoder  12.11x avg_bits=2.5+gptq (1.00x, 0.58x) 1.13x        1.13x           1.13x int8
+dtln_stage2        7.46x bits=4+gptq (0.98x, 0.65x)       no file       none kept       1.73x int8 (0.20x)
+romanizer_decoder  10.03x avg_bits=3+gptq (1.01x, 0.41x)  3.89x (1.49x) none kept       6.72x int4 (0.89x)
+nsnet2_16k         12.52x avg_bits=2.5+gptq (0.97x, 0.43x) 1.27x (1.13x) 1.27x (1.12x)   1.27x int8
+captcha_crnn       11.49x avg_bits=2.5+gptq (0.99x, 0.99x) no file      3.51x (1.49x)   no file
+open_nsfw          none kept (12.10x, max |dP| 0.45)      no file       none kept       1.00x int8 (no-op)
+=================  =====================================  ============  ==============  ===================
 
-k-means codebooks at 4 bits reach 7.5-7.9x; assigning them with the calibration activations
-(method=gptq) is what keeps 3 and 2.5 bits within tolerance. dtln_stage2 keeps its tolerance at
-4 bits with method=gptq (7.5x, -0.49 dB, measured alone) and at no lower width tried. Codebook
-files decode at load: latency is the original's, peak memory higher (issue 22). open_nsfw (no
-peer keeps it either; int8 fake quantisation already moves P(nsfw) by 0.11) was left out of this
-run for time: its avg_bits sweep alone takes over 5 minutes here.
+Every onnxzip run exited 0. The scorer's tolerance decided: dtln_stage1 at avg_bits=2.5 (STOI),
+dtln_stage2 at avg_bits <= 3 and romanizer_decoder at 2.5 left it; the default fidelity gate (cosine
+0.99) agreed with the task on every run but one (romanizer_encoder 2.5: gate fails, task kept).
+open_nsfw is kept by no tool at any compression (onnxruntime static QDQ: max |dP| 0.056, tolerance
+0.05); NNCF compress_weights leaves its Conv weights alone. Codebook files decode at load: their
+latency is the original's, their memory higher; the int8 and latency modes below trade that.
 
-int8 execution (issue 22; ``--models captcha_crnn,dtln_stage1,romanizer_encoder --modes
-bits=4+gptq,bits=4+gptq+int8 --skip-peers --force --repeats 20``, 2 loaded cores, 2026-12-06;
-ratio, task score kept, batch-1 speed-up, peak-memory ratio against the original):
+Smaller and faster (issues 21, 22; same day and machine, two further runs with ``--skip-peers --force
+--repeats 20``): ``+gptq+int8`` runs the MatMul/Gemm/Conv codebooks on onnxruntime's int8 kernels;
+``svd_lat=0.7+rec+...`` first factorizes to 0.7 of the measured batch-1 latency (``--svd
+latency_budget=0.7``), refits the factors on the calibration activations (``--reconstruct``), then
+clusters. Ratio, task kept, batch-1 speed-up, peak-memory ratio against the original:
 
-=================  ==============================  ==============================
-file               bits=4+gptq                     bits=4+gptq+int8
-=================  ==============================  ==============================
-captcha_crnn       7.52x kept (0.93x, 0.93x)       7.35x kept (2.33x, 2.92x)
-dtln_stage1        7.63x kept (1.01x, 0.80x)       same file: 1 MatMul, int8 not faster
-romanizer_encoder  7.79x kept (1.00x, 0.68x)       same file: GRU only, no candidate
-=================  ==============================  ==============================
+=================  ===========================  ===========================  =====================================
+file               avg_bits=3+gptq+int8         svd_lat=0.7+rec+bits=4+gptq  svd_lat=0.7+rec+avg_bits=3+gptq+int8
+=================  ===========================  ===========================  =====================================
+captcha_crnn       9.47x kept (3.23x, 2.06x)    10.79x kept (1.43x, 1.74x)   12.70x kept (2.64x, 3.71x)
+nsnet2_16k         10.42x kept (1.09x, 0.32x)   17.81x no (-0.57 dB)         20.42x kept (1.41x, 0.69x)
+romanizer_decoder  9.78x kept (1.35x, 0.43x)    13.08x kept (1.14x, 0.89x)   42.57x no (25.75 of 63.5)
+dtln_stage1        -                            15.30x no (-1.6 dB)          18.61x no (-1.1 dB)
+=================  ===========================  ===========================  =====================================
 
-``execute=int8`` applied to other float codebook files of the same code (paired batch-1 timing,
-one thread): captcha_crnn bits=3+gptq 9.45x, kept (drop 0.39 of 2 points), 2.35x faster;
-romanizer_decoder avg_bits=3+gptq 9.78x, kept (drop 0.5 of 1.0), 1.40x; open_nsfw (ResNet-50,
-opset 9 converted to 13, 53 QLinearConv + 15 QLinearAdd) bits=4+gptq 7.19x, 2.84x faster, not kept
-(max |ΔP| 0.36, as the float codebook file: 0.37); onnxruntime static QDQ int8 on the same machine:
-captcha 3.51x at 1.54x faster, open_nsfw 3.6x at 1.18x (max |ΔP| 0.056, not kept). dtln_stage2
-(unrolled LSTM, 1-row MatMuls) ran 0.82x: the int8_min_speedup check keeps it float. GRU/LSTM
-weights have no int8 kernel in onnxruntime's standard domain, which is what caps nsnet2, dtln and
-romanizer_encoder.
+captcha_crnn is the one file at >= 10x smaller and >= 2x faster within tolerance; nsnet2_16k is 20x
+smaller and 1.4x faster. Where weights sit in LSTM/GRU ops (dtln, romanizer_encoder, most of nsnet2)
+onnxruntime has no int8 kernel and factorizing its input weights is all that saves time. open_nsfw
+(ResNet-50, opset 9 converted to 13, 53 QLinearConv) runs 2.84x faster at bits=4+gptq+int8 but is
+not kept, as its float codebook file is not (max |dP| 0.36).
 """
 from __future__ import annotations
 
@@ -123,7 +124,11 @@ MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE
          "bits=3+reconstruct": ["--cluster", "bits=3", "--reconstruct"],
          # measured-latency structured compression (issue 22): 0.7 of the batch-1 time, then 4-bit GPTQ
          "svd_lat=0.7+bits=4+gptq": ["--svd", "latency_budget=0.7", "--cluster", "bits=4,method=gptq"],
-         "prune_lat=0.7+bits=4+gptq": ["--prune-channels", "latency_budget=0.7", "--cluster", "bits=4,method=gptq"]}
+         "prune_lat=0.7+bits=4+gptq": ["--prune-channels", "latency_budget=0.7", "--cluster", "bits=4,method=gptq"],
+         # the same with the factors refit on the calibration activations before clustering (issue 21)
+         "svd_lat=0.7+rec+bits=4+gptq": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster", "bits=4,method=gptq"],
+         "svd_lat=0.7+rec+avg_bits=3+gptq+int8": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster",
+                                                  "avg_bits=3,method=gptq,execute=int8"]}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]
 LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "method1", "method2")}
