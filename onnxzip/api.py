@@ -26,7 +26,7 @@ from onnxzip.recipe import PassStep, Recipe
 from onnxzip.report import CompressionReport, ModelSummary
 from onnxzip.runtime import resolve_device
 from onnxzip.search import resolve_step
-from onnxzip.sanity import probe_feeds, probe_in_child
+from onnxzip.measure.sanity import probe_feeds, probe_in_child
 from onnxzip.shapes import UnresolvedShapesError, generated_feeds
 from onnxzip.fidelity import FidelityGate, ValidationReport
 from onnxzip.fidelity import validate as _validate

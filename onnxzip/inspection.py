@@ -8,12 +8,12 @@ from typing import Any
 
 import onnx
 
-from onnxzip.cost import model_cost, observed_shapes
+from onnxzip.measure.cost import model_cost, observed_shapes
 from onnxzip.graph import import_graph, walk_nodes
 from onnxzip.errors import DataError, InvalidModelError, NativeCrashError
 from onnxzip.io import load_model
 from onnxzip.passes import PASSES
-from onnxzip.sanity import probe_in_child
+from onnxzip.measure.sanity import probe_in_child
 from onnxzip.report import human_bytes, human_count, render_table
 from onnxzip.shapes import generated_feeds
 from onnxzip.weights import discover_weights

@@ -28,7 +28,7 @@ from onnx import external_data_helper
 
 from onnxzip.compat import check_opsets, compatible_ir_version, ir_version_as
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
-from onnxzip.sanity import check_structure, check_text
+from onnxzip.measure.sanity import check_structure, check_text
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import onnx
 
 from onnxzip.inputs import Samples
 from onnxzip.compat import check_opsets, make_compatible
-from onnxzip.cost import ModelCost, model_cost, observed_shapes
+from onnxzip.measure.cost import ModelCost, model_cost, observed_shapes
 from onnxzip.errors import ConfigError, OnnxzipError
 from onnxzip.graph import dedupe_initializers
 from onnxzip.io import write_json
@@ -114,7 +114,7 @@ class PassContext:
     accept: Callable[[onnx.ModelProto], bool] | None = None
     sample_axes: dict[str, int | None] = field(default_factory=dict)  # --sample-axis: settles the data layout
     generated: bool = False  # feeds were generated from the signature (no --data): no calibration data
-    timing: Any = None  # an onnxzip.latency.Timing for latency_budget (None: onnxruntime, one thread)
+    timing: Any = None  # an onnxzip.measure.latency.Timing for latency_budget (None: onnxruntime, one thread)
     _cache: dict[tuple[str, int], tuple[onnx.ModelProto, Any]] = field(default_factory=dict, repr=False)
 
     def _memo(self, kind: str, model: onnx.ModelProto, compute: Any) -> Any:
@@ -139,10 +139,10 @@ class PassContext:
         return None if feeds is None else self._memo("latency", model, lambda m: measure_latency(m, feeds, self.device))
 
     def timer(self) -> Any:
-        """The :class:`onnxzip.latency.Timing` that latency budgets measure with (made once,
+        """The :class:`onnxzip.measure.latency.Timing` that latency budgets measure with (made once,
         on the context's batch-1 inputs, when none was given)."""
         if self.timing is None:
-            from onnxzip.latency import Timing
+            from onnxzip.measure.latency import Timing
 
             self.timing = Timing(feeds=self._batch_one_feeds())
         return self.timing

@@ -80,7 +80,7 @@ from onnxzip.cluster import (
 )
 from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
 from onnxzip.compat import default_opset
-from onnxzip.cost import model_cost, observed_shapes
+from onnxzip.measure.cost import model_cost, observed_shapes
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes

@@ -9,13 +9,13 @@ appears and fold what removed channels still carried into the next layer's bias
 (:mod:`onnxzip.pruning.surgery`). The model becomes smaller and faster, not masked.
 
 ``latency_budget`` (instead of ``ratio`` / ``threshold``): keep at most that fraction of the
-model's measured batch-1 latency (onnxruntime, one intra-op thread; :mod:`onnxzip.latency`).
+model's measured batch-1 latency (onnxruntime, one intra-op thread; :mod:`onnxzip.measure.latency`).
 Per group, kept counts at fractions of its size (and rounded up to multiples of 8) are timed
 on every Conv / Gemm / MatMul whose input or output channels the group sets, at the real input
 shapes; counts that do not save time, or are slower than a larger count, are rejected. Groups
 then give up channels greedily by importance lost per saved millisecond (the removed channels'
 share of the group's importance), the pruned model is timed and the saving asked of the groups rescaled
-by what the model showed (:func:`onnxzip.latency.meet_budget`). Layers are timed one group at a time, the other
+by what the model showed (:func:`onnxzip.measure.latency.meet_budget`). Layers are timed one group at a time, the other
 groups at full width; the model measurement corrects what that misses (and the elementwise
 ops, which are not timed per layer).
 
@@ -37,7 +37,7 @@ from onnxzip.errors import ConfigError
 from onnxzip.graph import export_model
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.pruning.groups import ChannelAnalysis, ChannelGroup, analyze_channels
-from onnxzip.latency import (
+from onnxzip.measure.latency import (
     MIN_GAIN,
     Candidate,
     Factor,

@@ -35,14 +35,14 @@ Ranks come from one rule: per layer an explicit ``rank`` (at most that rank), a 
 ``keep_ratio``, or ``energy`` (smallest r with Σ_{i≤r}σ² ≥ energy·Σσ²); or model-wide
 ``budget`` / ``flops_budget`` (the fraction of the eligible layers' parameters / FLOPs to keep),
 spread over layers by :func:`onnxzip.svd.allocate_ranks` at the least added error.
-``latency_budget`` plans by measured time instead (:mod:`onnxzip.latency`): every layer's
+``latency_budget`` plans by measured time instead (:mod:`onnxzip.measure.latency`): every layer's
 dense form and factor pairs at fractions of its break-even rank (and those rounded to multiples
 of 8; for a Conv under ``conv=auto`` both schemes) are timed in onnxruntime on one thread at the
 layer's observed batch-1 input shape; ranks that save under ``MIN_GAIN`` of the layer's time or
 run slower than a higher rank are rejected (the report lists them as ``ranks_not_faster``);
 ranks are then chosen at the least relative spectral error per saved millisecond and the
 factorized model timed against the original until it keeps at most that fraction of its time
-(:func:`onnxzip.latency.meet_budget`). A recurrent input weight is timed as the input projection
+(:func:`onnxzip.measure.latency.meet_budget`). A recurrent input weight is timed as the input projection
 its op computes over the whole sequence.
 ``verify`` then checks the output cosine in onnxruntime on the context's inputs and relaxes the
 rule a step at a time (budget + ``verify_step``, energy halfway to 1, rank × 2) until it meets
@@ -68,7 +68,7 @@ import onnx_graphsurgeon as gs
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
-from onnxzip.latency import (
+from onnxzip.measure.latency import (
     MIN_GAIN,
     Candidate,
     Factor,
@@ -360,9 +360,9 @@ class SvdPass(Pass):
         self, layers: list[_Layer], value: float, track: Any = lambda items, desc: items
     ) -> dict[str, dict[str, Any]]:
         """Plan entries meeting ``latency_budget`` = ``value``: time every layer's candidate
-        ranks (:mod:`onnxzip.latency`), reject those that do not save time, choose ranks at the
+        ranks (:mod:`onnxzip.measure.latency`), reject those that do not save time, choose ranks at the
         least added error per saved millisecond, then apply, time the model and rescale the
-        saving asked by what the model showed (:func:`onnxzip.latency.meet_budget`)."""
+        saving asked by what the model showed (:func:`onnxzip.measure.latency.meet_budget`)."""
         state = self._latency
         model, context = state["model"], state["context"]
         timing = context.timer()

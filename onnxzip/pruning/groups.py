@@ -21,7 +21,7 @@ A *group* is a set of merged spaces; removing channel ``k`` of a group removes p
 ``(s, k)`` for every space ``s`` of the group, in every tensor. Whatever an op's rule does not
 cover (a channel-mixing op, a grouped convolution, a graph output, a subgraph use, misaligned
 coupling) *blocks* the spaces it touches, with the reason kept for the report, so the graph is
-never broken. Shapes come from one onnxruntime run (:func:`onnxzip.cost.observed_shapes`).
+never broken. Shapes come from one onnxruntime run (:func:`onnxzip.measure.cost.observed_shapes`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.cost import observed_shapes
+from onnxzip.measure.cost import observed_shapes
 from onnxzip.graph import NameScope, constant_value, import_graph, subgraphs_of, walk_nodes
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxzip.cost import ModelCost
+from onnxzip.measure.cost import ModelCost
 from onnxzip.errors import ConfigError
 from onnxzip.pruning.groups import ChannelAnalysis, ChannelGroup
 from onnxzip.pruning.importance import keep_count

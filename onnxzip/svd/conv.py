@@ -18,7 +18,7 @@ The original bias, if any, goes on the second convolution. Pads use the ONNX ord
 (top, left, bottom, right).
 
 Costs per output pixel are FLOPs = 2 × multiply-accumulates (the convention of
-:mod:`onnxzip.cost`). Dense: 2·Cout·Cin·kh·kw. Channel: 2·r·(Cin·kh·kw + Cout). Spatial:
+:mod:`onnxzip.measure.cost`). Dense: 2·Cout·Cin·kh·kw. Channel: 2·r·(Cin·kh·kw + Cout). Spatial:
 2·r·(Cin·kh·sw + Cout·kw) — the vertical conv runs on every input column (about sw per output
 pixel, ignoring borders).
 """

@@ -35,13 +35,13 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from onnxzip.compat import compatible_ir_version
-from onnxzip.cost import observed_shapes
+from onnxzip.measure.cost import observed_shapes
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.graph import export_model, import_graph, tidy
 from onnxzip.inputs import Samples, fixed_batch, samples_from, take
 from onnxzip.io import load_model
 from onnxzip.runtime import make_session, resolve_device, run_samples
-from onnxzip.sanity import probe_feeds, probe_in_child
+from onnxzip.measure.sanity import probe_feeds, probe_in_child
 from onnxzip.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model

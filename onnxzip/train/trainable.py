@@ -458,7 +458,7 @@ def prepare(
     ``probe``, which also gives the shapes inside inlined branches."""
     inlined, locations, notes = inline_fixed_branches(model, data)
     if notes and probe is not None:
-        from onnxzip.cost import observed_shapes
+        from onnxzip.measure.cost import observed_shapes
 
         shapes = {**shapes, **observed_shapes(inlined, probe)}
     training_copy, rewrites, gammas, statistics, kept = rewrite_for_training(inlined, shapes)

@@ -9,7 +9,7 @@ from helpers import assert_same_outputs, init, make_model, mlp, tensor
 from onnx import helper
 
 from onnxzip.api import compress
-from onnxzip.cost import model_cost
+from onnxzip.measure.cost import model_cost
 from onnxzip.errors import ConfigError, QualityGateError
 from onnxzip.passes import PASSES, PassContext, PipelinePlan, Plan, get_pass
 from onnxzip.recipe import Recipe

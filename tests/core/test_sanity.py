@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from onnxzip.cli import main
 from onnxzip.errors import InvalidModelError, NativeCrashError
 from onnxzip.io import load_model
-from onnxzip.sanity import probe_feeds, probe_in_child
+from onnxzip.measure.sanity import probe_feeds, probe_in_child
 
 
 def conv(**attributes) -> onnx.ModelProto:

@@ -14,8 +14,8 @@ from onnx import helper
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 import onnxzip.passes.svd  # noqa: F401 - registers the pass
 from onnxzip.cli import main
-from onnxzip.cost import model_cost
-from onnxzip.latency import Factor, LayerForm, Timing, ort_layer_time
+from onnxzip.measure.cost import model_cost
+from onnxzip.measure.latency import Factor, LayerForm, Timing, ort_layer_time
 from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, get_pass
 from onnxzip.runtime import make_session, run_session

@@ -13,7 +13,7 @@ from pruning.graphs import GraphBuilder
 
 import onnxzip
 from onnxzip.cli import main
-from onnxzip.cost import model_cost
+from onnxzip.measure.cost import model_cost
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import generate_inputs
 from onnxzip.passes import PassContext, get_pass

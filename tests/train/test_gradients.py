@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import init, make_model, tensor
-from onnxzip.cost import observed_shapes
+from onnxzip.measure.cost import observed_shapes
 from onnxzip.runtime import make_session, run_session
 from onnxzip.train import _artifacts
 from onnxzip.train.engine import _open
