@@ -61,9 +61,13 @@ def test_ctrl_c_is_exit_130_with_one_line(model_path, tmp_path):
             time.sleep(120)
             return 1.0
     """))
+    # A shell's background job (`pytest &`, as a CI runner may start it) ignores SIGINT, and a child
+    # inherits that: Python then installs no KeyboardInterrupt handler. Ctrl-C reaches a foreground
+    # process with the default disposition, which is what the child gets here.
     process = subprocess.Popen([*COMMAND, "validate", str(model_path), str(model_path), "--data", str(data),
                                 "--metric", f"user:{tmp_path / 'slow.py'}:wait:min=0", "-q"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
