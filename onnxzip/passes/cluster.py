@@ -80,7 +80,6 @@ from onnxzip.cluster import (
 )
 from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
 from onnxzip.compat import default_opset
-from onnxzip.measure.cost import model_cost, observed_shapes
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
@@ -356,7 +355,7 @@ class ClusterPass(Pass):
                 "references (--data)."
             )
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
-        feeds = first_samples(feeds, self._sweep_count(model, feeds, len(candidates)), model)
+        feeds = first_samples(feeds, self._sweep_count(model, context, len(candidates)), model)
         energies = self._energies(model, uses, context)
         probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
         self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
@@ -413,7 +412,7 @@ class ClusterPass(Pass):
                  mean_bits({n: e["bits"] for n, e in layers.items()}, shapes), len(layers))
         return layers
 
-    def _sweep_count(self, model: onnx.ModelProto, feeds: Any, candidates: int) -> int:
+    def _sweep_count(self, model: onnx.ModelProto, context: PassContext, candidates: int) -> int:
         """Data items the sensitivity sweep runs: ``sweep_samples``, fewer (never under
         :data:`SWEEP_MIN_SAMPLES`) when a run per measured width of every candidate over them
         would cost more than ``sweep_flops`` model FLOPs. Counted in FLOPs, not seconds, so the
@@ -421,9 +420,8 @@ class ClusterPass(Pass):
         wanted = self.config.sweep_samples
         if not self.config.sweep_flops or wanted <= SWEEP_MIN_SAMPLES:
             return wanted
-        one = first_samples(feeds, 1, model)
-        try:
-            per_item = model_cost(model, observed_shapes(model, dict(one))).flops
+        try:  # the context's cost of the input model, which the pass report counts anyway
+            per_item = context.cost(model).flops
         except Exception:  # noqa: BLE001 - a model FLOPs cannot be counted for runs on all its items
             log.debug("could not count the model's FLOPs for the sweep budget", exc_info=True)
             return wanted
