@@ -160,11 +160,7 @@ class SensitivityProbe:
         graph.initializer.extend(kept)
         self.session = make_session(probe, device)
         self.feeds = feeds
-        reference = self._run(self.values)
-        self.reference = {
-            k: v.astype(np.float64) for k, v in reference.items()
-            if np.issubdtype(np.asarray(v).dtype, np.floating)
-        }
+        self.reference = float_outputs(self._run(self.values))
 
     def _run(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The probe's outputs with the probed weights fed as inputs shared by every sample."""
@@ -178,12 +174,23 @@ class SensitivityProbe:
     def distortion(self, name: str, value: np.ndarray) -> float:
         """mean over float outputs of ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
         value = value.astype(self.values[name].dtype)
-        outputs = self._run({**self.values, name: value})
-        errors = []
-        for key, ref in self.reference.items():
-            diff = outputs[key].astype(np.float64) - ref
-            errors.append(float(np.sum(diff * diff) / max(float(np.sum(ref * ref)), 1e-30)))
-        return float(np.mean(errors)) if errors else 0.0
+        return output_distortion(self._run({**self.values, name: value}), self.reference)
+
+
+def float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The floating-point outputs of a run, as float64 (what distortions compare)."""
+    return {k: np.asarray(v, np.float64) for k, v in outputs.items()
+            if np.issubdtype(np.asarray(v).dtype, np.floating)}
+
+
+def output_distortion(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """Mean over the reference's outputs of ‖y − y₀‖² / ‖y₀‖² (``reference`` from
+    :func:`float_outputs`): the model-output distortion sweeps and gates compare."""
+    errors = []
+    for key, ref in reference.items():
+        diff = np.asarray(outputs[key], np.float64) - ref
+        errors.append(float(np.sum(diff * diff) / max(float(np.sum(ref * ref)), 1e-30)))
+    return float(np.mean(errors)) if errors else 0.0
 
 
 # --------------------------------------------------------------------------------------------

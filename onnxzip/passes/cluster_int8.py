@@ -70,7 +70,7 @@ from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
 from onnxzip.inputs import first_samples, fixed_batch
-from onnxzip.passes.cluster_calibration import run_outputs, sample_chunks
+from onnxzip.passes.cluster_calibration import float_outputs, output_distortion, run_outputs, sample_chunks
 from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def convert_int8(
     ranges = _shared_ranges(ranges, [layer.inputs for layer in layers.values()])
     builder = _Builder(model, layers, ranges, reduce_range)
     sweep = first_samples(feeds, sweep_samples, model)
-    reference = _float_outputs(run_batched(make_session(model, device), sweep))
+    reference = float_outputs(run_batched(make_session(model, device), sweep))
     alone: dict[str, float] = {}
     for name in layers:
         alone[name] = _distortion(builder.build([name]), sweep, reference, device)
@@ -220,9 +220,8 @@ def _raise_opset(model: onnx.ModelProto, feeds: Any, device: str, notes: list[st
         converted.ir_version = max(model.ir_version, 7)
         onnx.checker.check_model(converted)
         sample = first_samples(feeds, 4, model)
-        before = _float_outputs(run_batched(make_session(model, device), sample))
-        after = _float_outputs(run_batched(make_session(converted, device), sample))
-        change = _relative(after, before)
+        before = float_outputs(run_batched(make_session(model, device), sample))
+        change = output_distortion(run_batched(make_session(converted, device), sample), before)
     except Exception as exc:  # noqa: BLE001 - the converter fails on many real graphs
         notes.append(f"opset {opset} could not be converted to {AXIS_OPSET} ({str(exc).splitlines()[0][:120]}); "
                      + ("per-tensor int8 scales" if opset >= QDQ_OPSET else "no int8 execution below opset 10"))
@@ -517,21 +516,6 @@ def paired_ms(first: onnx.ModelProto, second: onnx.ModelProto, feeds: Any, devic
     return best[0] * 1e3, best[1] * 1e3
 
 
-def _float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, np.float64) for k, v in outputs.items()
-            if np.issubdtype(np.asarray(v).dtype, np.floating)}
-
-
-def _relative(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """mean over float outputs of ‖y − y₀‖² / ‖y₀‖²."""
-    errors = []
-    for key, ref in reference.items():
-        diff = outputs[key] - ref
-        errors.append(float(np.sum(diff * diff) / max(float(np.sum(ref * ref)), 1e-30)))
-    return float(np.mean(errors)) if errors else 0.0
-
-
 def _distortion(model: onnx.ModelProto, sweep: Any, reference: dict[str, np.ndarray], device: str) -> float:
-    outputs = _float_outputs(run_batched(make_session(model, device), sweep))
-    value = _relative(outputs, reference)
+    value = output_distortion(run_batched(make_session(model, device), sweep), reference)
     return value if np.isfinite(value) else float("inf")
