@@ -362,3 +362,24 @@ def meet_budget(
     assert result is not None
     result.notes = notes
     return result
+
+
+def report_latency(
+    report: Any,
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    timer: Callable[[], Timing],
+    budget: float,
+    measured: tuple[float, float] | None = None,
+) -> None:
+    """A latency-budgeted pass's report gets the measured batch-1 latency of the model before
+    and after (timed taking turns by ``timer()``, or ``measured`` when the plan's last round timed
+    them already), as a note and in its details. Nothing when the pass changed nothing."""
+    if not report.modified:
+        return
+    before_ms, after_ms = measured or timer().compare(before, after)
+    report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
+    report.notes.append(
+        f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
+        f"({after_ms / before_ms:.2f} of the original; latency_budget {budget:g})"
+    )

@@ -43,6 +43,7 @@ from onnxzip.measure.latency import (
     Factor,
     LayerForm,
     meet_budget,
+    report_latency,
     useful_candidates,
 )
 from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
@@ -166,12 +167,7 @@ class PruneChannelsPass(Pass):
             if latency.get("plan") is plan:
                 report.notes.extend(latency["notes"])
                 measured = latency.get("measured")
-            if report.modified:
-                before_ms, after_ms = measured or context.timer().compare(model, new_model)
-                report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
-                report.notes.append(
-                    f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
-                    f"({after_ms / before_ms:.2f} of the original; latency_budget {self.config.latency_budget:g})")
+            report_latency(report, model, new_model, context.timer, self.config.latency_budget, measured)
         return PassResult(new_model, report, plan)
 
     def _latency_keep(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis,

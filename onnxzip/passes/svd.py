@@ -75,6 +75,7 @@ from onnxzip.measure.latency import (
     LayerForm,
     Timing,
     meet_budget,
+    report_latency,
     useful_candidates,
 )
 from onnxzip.shapes import generated_feeds
@@ -614,7 +615,7 @@ class SvdPass(Pass):
             if self._latency.get("plan") is plan:
                 report.notes.extend(self._latency["notes"])
                 measured = self._latency.get("measured")
-            _latency_note(report, model, result.model, context, self.config.latency_budget, measured)
+            report_latency(report, model, result.model, context.timer, self.config.latency_budget, measured)
         return result
 
     def _skip_reason(self, layer: _Layer, *, planned: bool = False) -> str | None:
@@ -676,26 +677,6 @@ class SvdPass(Pass):
         if flops_before:  # the dense share of the nodes' FLOPs is 2·m·n per row
             details["flops_after"] = flops_before + round(rows * (per_position - 2 * m * n))
         return details
-
-
-def _latency_note(
-    report: Any,
-    before: onnx.ModelProto,
-    after: onnx.ModelProto,
-    context: PassContext,
-    budget: float,
-    measured: tuple[float, float] | None = None,
-) -> None:
-    """The measured batch-1 latency of the model before and after (taking turns; ``measured``
-    when the plan's last round timed them already), as a note and in the report's details."""
-    if not report.modified:
-        return
-    before_ms, after_ms = measured or context.timer().compare(before, after)
-    report.details["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
-    report.notes.append(
-        f"latency (batch 1, one thread, measured): {before_ms:.3g} ms → {after_ms:.3g} ms "
-        f"({after_ms / before_ms:.2f} of the original; latency_budget {budget:g})"
-    )
 
 
 def _fill_latency(
