@@ -45,6 +45,7 @@ MIN_SAVING_MS = 0.002  # and at least this much (below, the timer's noise decide
 NOISE = 0.03  # a measured model within this fraction above its target counts as on target
 LAYER_REPEATS = 9
 MODEL_REPEATS = 15
+COMPARE_ROUNDS = 3  # Timing.compare: rounds of fresh sessions, the least per-round median kept
 WARMUP = 2
 MAX_SECONDS = 1.5  # per timed form or model (at least 3 repeats are always taken)
 FLUSH_BYTES = 48 * 2**20  # written before each timed layer run: more than a server CPU's last-level cache
@@ -181,19 +182,24 @@ class Timing:
             return float(self.model_timer(model))
         return float(np.median(time_session(_session(model), self._feeds(model), self.repeats)))
 
-    def compare(self, first: onnx.ModelProto, second: onnx.ModelProto) -> tuple[float, float]:
-        """Median milliseconds of two models timed taking turns (so load hits both alike)."""
+    def compare(self, first: onnx.ModelProto, second: onnx.ModelProto, rounds: int = COMPARE_ROUNDS) -> tuple[float, float]:
+        """Milliseconds of two models timed taking turns (so load hits both alike), in
+        ``rounds`` rounds of fresh sessions: the least of the per-round medians (a shared CPU
+        slows whole rounds, so one median is not enough)."""
         if self.model_timer is not None:
             return float(self.model_timer(first)), float(self.model_timer(second))
-        sessions = [_session(first), _session(second)]
         feeds = [self._feeds(first), self._feeds(second)]
-        times: list[list[float]] = [[], []]
-        for index in (0, 1):
-            time_session(sessions[index], feeds[index], 0)
-        for _ in range(self.repeats):
+        best = [math.inf, math.inf]
+        for _round in range(max(1, rounds)):
+            sessions = [_session(first), _session(second)]
+            times: list[list[float]] = [[], []]
             for index in (0, 1):
-                times[index] += time_session(sessions[index], feeds[index], 1, warmup=0)
-        return float(np.median(times[0])), float(np.median(times[1]))
+                time_session(sessions[index], feeds[index], 0)
+            for _ in range(self.repeats):
+                for index in (0, 1):
+                    times[index] += time_session(sessions[index], feeds[index], 1, warmup=0)
+            best = [min(b, float(np.median(t))) for b, t in zip(best, times)]
+        return best[0], best[1]
 
     def _feeds(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if self.feeds is not None:

@@ -570,7 +570,8 @@ class ClusterPass(Pass):
                             reduce_range=self.config.int8_reduce_range,
                             sweep_samples=min(self.config.sweep_samples, 16),
                             min_speedup=INT8_MIN_SPEEDUP if self.config.int8_min_speedup is None
-                            else self.config.int8_min_speedup)
+                            else self.config.int8_min_speedup,
+                            timing=context.timer())
         for change in report.changes:
             if change.skipped:
                 continue

@@ -46,7 +46,8 @@ codebook model (onnxruntime, all optimizations, so the int8 kernels themselves a
 Weights over ``int8_max_error`` alone stay float; the others are added least sensitive first,
 and the longest such prefix whose combined model stays within the budget is kept (bisection:
 distortion grows with the prefix). Last, the int8 model and the float codebook model are timed at
-batch 1 on one thread, alternately: unless the int8 form is ``int8_min_speedup`` times faster
+batch 1 on one thread, alternately (:meth:`onnxzip.measure.latency.Timing.compare`, the
+context's timer, injectable in tests): unless the int8 form is ``int8_min_speedup`` times faster
 (on tiny layers the quantize/dequantize steps cost more than the int8 kernels save) every weight
 stays a float codebook, and the report says so. Without calibration data ``execute=int8`` is refused
 (ConfigError): activation scales cannot be set without data.
@@ -57,7 +58,6 @@ On x86 CPUs without VNNI, onnxruntime's u8·s8 kernels may saturate int16 pair s
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,7 @@ def convert_int8(
     reduce_range: bool = False,
     sweep_samples: int = SWEEP_SAMPLES,
     min_speedup: float = 0.0,
+    timing: Any = None,
 ) -> Int8Result:
     """The clustered ``model`` with the codebook weights the gate allows running int8."""
     from onnxzip.passes.cluster import find_decodes  # cluster.py imports this module
@@ -174,7 +175,11 @@ def convert_int8(
         notes.extend(f"{name}: {note}" for note in layers[name].notes)
     final = builder.build(chosen) if chosen else original
     if chosen and min_speedup > 0:
-        before, after = paired_ms(model, final, first_samples(feeds, 1, model), device)
+        if timing is None:
+            from onnxzip.measure.latency import Timing
+
+            timing = Timing(feeds=dict(first_samples(feeds, 1, model)))
+        before, after = timing.compare(model, final)
         speedup = before / after
         if speedup < min_speedup:
             notes.append(f"the int8 form ran {speedup:.2f}x the float codebooks' batch-1 speed "
@@ -494,26 +499,6 @@ class _Builder:
                             self._const(names, f"{bias.name}_zero_point", np.zeros(np.shape(b_scale), np.int32))],
                     outputs=[biases[key]]))
             node.inputs[2] = biases[key]
-
-
-def paired_ms(first: onnx.ModelProto, second: onnx.ModelProto, feeds: Any, device: str,
-              rounds: int = 3, seconds: float = 1.0) -> tuple[float, float]:
-    """Batch-1 milliseconds of two models on one thread, run alternately; the least of the
-    per-round medians (a shared CPU slows whole rounds, so a plain median is not enough)."""
-    best = [float("inf"), float("inf")]
-    for _round in range(rounds):
-        sessions = [make_session(m, device, intra_op_threads=1) for m in (first, second)]
-        times: list[list[float]] = [[], []]
-        for session in sessions:
-            run_batched(session, feeds)  # warm-up
-        deadline = time.perf_counter() + seconds
-        while len(times[0]) < 5 or (len(times[0]) < 50 and time.perf_counter() < deadline):
-            for index, session in enumerate(sessions):
-                start = time.perf_counter()
-                run_batched(session, feeds)
-                times[index].append(time.perf_counter() - start)
-        best = [min(b, float(np.median(t))) for b, t in zip(best, times)]
-    return best[0] * 1e3, best[1] * 1e3
 
 
 def _distortion(model: onnx.ModelProto, sweep: Any, reference: dict[str, np.ndarray], device: str) -> float:

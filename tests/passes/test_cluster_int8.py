@@ -218,3 +218,26 @@ def test_a_shared_weight_runs_int8_in_every_use_with_one_int32_bias(tmp_path):
     actual = run_session(make_session(result.model, "cpu"), feeds)["y"]
     assert 0 < np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.05
 
+
+
+def test_the_speed_gate_reads_the_contexts_timer():
+    """The int8-vs-float timing is the context's Timing (one timer for every latency decision):
+    an injected model timer that calls the int8 form faster keeps it, one that calls it slower
+    keeps the float codebooks."""
+    from onnxzip.measure.latency import Timing
+
+    model, feeds = outlier_model()
+
+    def int8_ms(fast: bool):
+        def timer(m):
+            quantized = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+            return (1.0 if fast else 3.0) if quantized else 2.0
+        return timer
+
+    kept = ClusterPass(bits=4, execute="int8", int8_min_speedup=1.5).run(
+        model, PassContext(feeds=feeds, timing=Timing(model_timer=int8_ms(True))))
+    assert find_int8_decodes(import_graph(kept.model)) == ["w2"]
+    assert any("2.00x the float codebooks' batch-1 speed" in n for n in kept.report.notes)
+    refused = ClusterPass(bits=4, execute="int8", int8_min_speedup=1.5).run(
+        model, PassContext(feeds=feeds, timing=Timing(model_timer=int8_ms(False))))
+    assert not find_int8_decodes(import_graph(refused.model))
