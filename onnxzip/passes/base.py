@@ -52,6 +52,9 @@ class Plan:
     pass_name: str
     config: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What planning measured on the way (notes, timings) for apply's report; not saved, so a
+    # replayed plan has none.
+    found: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_name, "config": self.config, "layers": self.layers}

@@ -257,11 +257,6 @@ class SvdPass(Pass):
     summary = "Low-rank factorization: MatMul/Gemm/Conv weights and LSTM/GRU/RNN input weights → two rank-r factors."
     shorthand = "energy"
 
-    def __init__(self, config: Any = None, **options: Any) -> None:
-        super().__init__(config, **options)
-        self._verify_notes: tuple[Plan | None, list[str]] = (None, [])
-        self._latency: dict[str, Any] = {}  # latency_budget: the model, context, timings, notes
-
     def applies_to(self, weight: Weight) -> bool:
         slots = {
             "MatMul": (0, 1),
@@ -285,16 +280,16 @@ class SvdPass(Pass):
         ]
         positions = self._positions(model, context, layers)
         rule, value = self.config.rule
-        if rule == "latency_budget":
-            self._latency = {"model": model, "context": context, "notes": []}
-        layers_plan = self._decide(layers, positions, rule, value, context.track)
+        latency = _LatencyPlanning(model, context) if rule == "latency_budget" else None
+        layers_plan = self._decide(layers, positions, rule, value, context.track, latency)
         if not self.config.verify:
             plan = Plan(self.name, self.config_dict(), layers_plan)
-            self._latency["plan"] = plan
-            return plan
-        plan, notes = self._verified(model, context, layers, positions, rule, value, layers_plan)
-        self._verify_notes = (plan, notes)
-        self._latency["plan"] = plan
+        else:
+            plan, notes = self._verified(model, context, layers, positions, rule, value, layers_plan, latency)
+            plan.found["verify_notes"] = notes
+        if latency is not None:
+            plan.found["latency_notes"] = latency.notes
+            plan.found["latency_ms"] = latency.measured
         return plan
 
     def _decide(
@@ -304,10 +299,13 @@ class SvdPass(Pass):
         rule: str,
         value: float,
         track: Any = lambda items, desc: items,
+        latency: _LatencyPlanning | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Plan entries of ``layers`` under ``rule`` = ``value``."""
+        """Plan entries of ``layers`` under ``rule`` = ``value`` (``latency``: the model and
+        context a ``latency_budget`` times, and what the timing found)."""
         if rule == "latency_budget":
-            return self._latency_entries(layers, value, track)
+            assert latency is not None
+            return self._latency_entries(layers, value, latency, track)
         entries, conv_ranks = {}, {}
         for layer in track(layers, "svd: spectra"):
             kind, conv_ranks[layer.key] = self._kind(layer, rule, value)
@@ -358,19 +356,19 @@ class SvdPass(Pass):
         return entries
 
     def _latency_entries(
-        self, layers: list[_Layer], value: float, track: Any = lambda items, desc: items
+        self, layers: list[_Layer], value: float, state: _LatencyPlanning,
+        track: Any = lambda items, desc: items,
     ) -> dict[str, dict[str, Any]]:
         """Plan entries meeting ``latency_budget`` = ``value``: time every layer's candidate
         ranks (:mod:`onnxzip.measure.latency`), reject those that do not save time, choose ranks at the
         least added error per saved millisecond, then apply, time the model and rescale the
         saving asked by what the model showed (:func:`onnxzip.measure.latency.meet_budget`)."""
-        state = self._latency
-        model, context = state["model"], state["context"]
+        model, context = state.model, state.context
         timing = context.timer()
         shapes = context.shapes(model)
-        if "original_ms" not in state:
-            state["original_ms"] = timing.model(model)
-        original = state["original_ms"]
+        if state.original_ms is None:
+            state.original_ms = timing.model(model)
+        original = state.original_ms
         entries: dict[str, dict[str, Any]] = {}
         options: dict[str, tuple[float, list[Candidate]]] = {}
         for layer in track(layers, "svd: timing ranks"):
@@ -392,24 +390,19 @@ class SvdPass(Pass):
 
         def build(chosen: dict[str, Candidate | None]) -> onnx.ModelProto:
             _fill_latency(entries, chosen, options)
-            state["planning"] = True
-            try:
-                trial = Plan(self.name, self.config_dict(), entries)
-                return self.apply(model, trial, context).model
-            finally:
-                state["planning"] = False
+            return self._apply(model, Plan(self.name, self.config_dict(), entries), context, trial=True).model
 
         outcome = meet_budget(options, value, model, original, build, timing)
         _fill_latency(entries, outcome.chosen, options)
-        state["notes"] = outcome.notes
-        state["measured"] = (outcome.before_ms, outcome.after_ms)
+        state.notes = list(outcome.notes)
+        state.measured = (outcome.before_ms, outcome.after_ms)
         if not outcome.reached:
             message = (
                 f"svd latency_budget {value:g} not reached: measured {outcome.after_ms:.3g} ms of "
                 f"{outcome.before_ms:.3g} ms ({outcome.after_ms / outcome.before_ms:.2f}); "
                 "no choice of the ranks that save time measured faster"
             )
-            state["notes"].append(message)
+            state.notes.append(message)
             log.warning("%s", message)
         return entries
 
@@ -504,6 +497,7 @@ class SvdPass(Pass):
         rule: str,
         value: float,
         entries: dict[str, dict[str, Any]],
+        latency: _LatencyPlanning | None = None,
     ) -> tuple[Plan, list[str]]:
         """Relax the rule until the factorized model's outputs keep ``min_cosine`` on the
         context's inputs (random ones when there are none); returns the plan and the steps."""
@@ -514,7 +508,7 @@ class SvdPass(Pass):
         notes = []
         for step in range(self.config.verify_steps + 1):
             plan = Plan(self.name, self.config_dict(), entries)
-            candidate = self.apply(model, plan, context).model
+            candidate = self._apply(model, plan, context, trial=True).model
             outputs = run_batched(make_session(candidate, context.device), feeds)
             cosine = min(compare_arrays(k, reference[k], outputs[k]).cosine for k in reference)
             passed = cosine >= self.config.min_cosine
@@ -526,7 +520,7 @@ class SvdPass(Pass):
             if passed or relaxed == value or step == self.config.verify_steps:
                 break
             value = relaxed
-            entries = self._decide(layers, positions, rule, value)
+            entries = self._decide(layers, positions, rule, value, latency=latency)
         if not passed:
             notes.append(
                 f"verify: min_cosine {self.config.min_cosine:g} not reached; kept {rule}={value:g}"
@@ -536,6 +530,11 @@ class SvdPass(Pass):
     # ---------------------------------------------------------------- apply
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
+        return self._apply(model, plan, context)
+
+    def _apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext, trial: bool = False) -> PassResult:
+        """``apply``; a ``trial`` (a model built while planning, to be measured) skips the
+        before/after latency the final report gives."""
         graph = import_graph(model)
         layers = _find_layers(graph)
         names = NameScope(graph)
@@ -601,21 +600,17 @@ class SvdPass(Pass):
                 )
             )
             report.modified = True
-        verified_plan, notes = self._verify_notes
-        if verified_plan is plan:
-            report.notes.extend(notes)
+        report.notes.extend(plan.found.get("verify_notes", []))
         for key in sorted(set(plan.layers) - {layer.key for layer in layers}):
             report.notes.append(
                 f"plan entry '{key}' matches no factorizable layer of the model; ignored"
             )
         graph.toposort(recurse_subgraphs=True)
         result = PassResult(export_model(graph, model), report, plan)
-        if self.config.latency_budget is not None and not self._latency.get("planning"):
-            measured = None
-            if self._latency.get("plan") is plan:
-                report.notes.extend(self._latency["notes"])
-                measured = self._latency.get("measured")
-            report_latency(report, model, result.model, context.timer, self.config.latency_budget, measured)
+        if self.config.latency_budget is not None and not trial:
+            report.notes.extend(plan.found.get("latency_notes", []))
+            report_latency(report, model, result.model, context.timer, self.config.latency_budget,
+                           plan.found.get("latency_ms"))
         return result
 
     def _skip_reason(self, layer: _Layer, *, planned: bool = False) -> str | None:
@@ -677,6 +672,18 @@ class SvdPass(Pass):
         if flops_before:  # the dense share of the nodes' FLOPs is 2·m·n per row
             details["flops_after"] = flops_before + round(rows * (per_position - 2 * m * n))
         return details
+
+
+@dataclass
+class _LatencyPlanning:
+    """One ``latency_budget`` planning: the model and context it times, and what it found
+    (the notes and the measured model times before/after) for the plan's ``found``."""
+
+    model: onnx.ModelProto
+    context: PassContext
+    original_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+    measured: tuple[float, float] | None = None
 
 
 def _fill_latency(
