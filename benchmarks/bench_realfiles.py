@@ -131,7 +131,7 @@ MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE
                                                   "avg_bits=3,method=gptq,execute=int8"]}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]
-LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "method1", "method2")}
+LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "speed", "method1", "method2")}
 # (family shown in the table, method, script, argument)
 PEERS = [("ort dynamic", "quantize_dynamic", "ort_peer.py", "dynamic"),
          ("ort static QDQ", "quantize_static", "ort_peer.py", "static"),
@@ -583,6 +583,66 @@ def summary_table(results: list[FileResult]) -> list[str]:
     return lines + (["", "== failures", *failures] if failures else [])
 
 
+SMALLER_TARGET, FASTER_TARGET, LIGHTER_TARGET = 8.0, 2.0, 1.5  # issue 22's targets per file
+
+
+def speed_targets(results: list[FileResult]) -> list[str]:
+    """Issue 22's targets per file, each met or why not: an onnxzip file >= 8x smaller and >= 2x
+    faster at batch 1 within the tolerance; >= 1.5x lighter in peak memory; at least as fast as
+    onnxruntime's static int8 and >= 2x smaller than it. The kept onnxzip run each is judged on
+    is named, with the numbers that decide."""
+    lines = ["", f"== targets (issue 22): >= {SMALLER_TARGET:g}x smaller and >= {FASTER_TARGET:g}x faster "
+             f"within tolerance; >= {LIGHTER_TARGET:g}x lighter; vs ort static int8: as fast and >= 2x smaller"]
+    met = 0
+    for result in results:
+        kept = [(run, speedups(run, result.original)) for run in result.runs
+                if run.family == "onnxzip" and run.quality_kept and run.ratio is not None]
+        measured = [(run, s) for run, s in kept if s["latency_b1_x"] is not None]
+        if not measured:
+            lines.append(f"{result.name}: no kept onnxzip file measured in onnxruntime")
+            continue
+        both = [(run, s) for run, s in measured if run.ratio >= SMALLER_TARGET and s["latency_b1_x"] >= FASTER_TARGET]
+        if both:
+            run, s = max(both, key=lambda item: item[0].ratio)
+            met += 1
+            cells = [f"met by {run.method} ({run.ratio:.2f}x, {s['latency_b1_x']:.2f}x faster)"]
+        else:
+            fast = max(measured, key=lambda item: item[1]["latency_b1_x"])
+            small = [(run, s) for run, s in measured if run.ratio >= SMALLER_TARGET]
+            fastest_small = max(small, key=lambda item: item[1]["latency_b1_x"], default=None)
+            why = (f"the fastest kept file, {fast[0].method}, is {fast[1]['latency_b1_x']:.2f}x faster at {fast[0].ratio:.2f}x"
+                   + (f"; at >= {SMALLER_TARGET:g}x the fastest is {fastest_small[0].method} "
+                      f"({fastest_small[1]['latency_b1_x']:.2f}x faster)" if fastest_small else
+                      f"; none kept is >= {SMALLER_TARGET:g}x smaller"))
+            cells = [f"not met: {why}"]
+        lightest = max(measured, key=lambda item: item[1]["memory_x"] or 0.0)
+        memory = lightest[1]["memory_x"]
+        cells.append(f"memory {'met' if memory and memory >= LIGHTER_TARGET else 'not met'}: lightest kept "
+                     f"{lightest[0].method} {_x(memory)}")
+        static = best_within_tolerance(run for run in result.runs if run.family == "ort static QDQ")
+        if static is None:
+            cells.append("ort static int8 keeps no file" if any(r.family == "ort static QDQ" for r in result.runs)
+                         else "ort static int8 not run")
+        else:
+            static_x = speedups(static, result.original)["latency_b1_x"] or 0.0
+            rivals = [(run, s) for run, s in measured if s["latency_b1_x"] >= static_x and run.ratio >= 2 * static.ratio]
+            if rivals:
+                run, s = max(rivals, key=lambda item: item[0].ratio)
+                cells.append(f"vs static int8 ({static.ratio:.2f}x, {static_x:.2f}x faster) met by {run.method}")
+            else:
+                cells.append(f"vs static int8 ({static.ratio:.2f}x, {static_x:.2f}x faster) not met: fastest kept "
+                             f"onnxzip {fast_run(measured)}")
+        lines.append(f"{result.name}: " + "; ".join(cells))
+    lines.append(f"{met} of {len(results)} files >= {SMALLER_TARGET:g}x smaller and >= {FASTER_TARGET:g}x faster "
+                 "within tolerance (target: 4 of 7)")
+    return lines
+
+
+def fast_run(measured: list[tuple[Run, dict]]) -> str:
+    run, s = max(measured, key=lambda item: item[1]["latency_b1_x"])
+    return f"{run.method} {s['latency_b1_x']:.2f}x faster at {run.ratio:.2f}x"
+
+
 def failure_line(run: Run) -> str:
     """Why a run has no judged file (or no measures): exit code, time and the tool's last line."""
     ended = (f"exit {run.exit_code}, " if run.exit_code is not None else "") + (
@@ -670,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(to_json(results), indent=1, default=str))
     if results:
-        print("\n".join(summary_table(results)))
+        print("\n".join(summary_table(results) + speed_targets(results)))
     return 0
 
 

@@ -100,3 +100,27 @@ def test_an_absent_corpus_is_one_line_and_exit_0(tmp_path, monkeypatch, capsys):
 def test_unknown_modes_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "bits=5"])
+
+
+def test_speed_targets_name_the_run_that_meets_them_or_say_why_not():
+    original = run("original", 1.0, True, family="original", peak_memory_mb=30.0)
+
+    def measured(method, ratio, kept, speed, memory, family="onnxzip"):
+        return run(method, ratio, kept, family=family, latency_b1_ms=10.0 / speed, original_latency_b1_ms=10.0,
+                   peak_memory_mb=30.0 / memory)
+
+    fast = bench.FileResult("captcha_crnn", original, [
+        measured("svd+int8", 12.7, True, 2.64, 3.7), measured("avg_bits=2", 20.0, False, 3.0, 4.0),
+        measured("quantize_static", 3.5, True, 1.49, 2.0, family="ort static QDQ")])
+    slow = bench.FileResult("nsnet2_16k", original, [
+        measured("svd+rec", 20.4, True, 1.41, 0.69), measured("bits=4", 7.5, True, 1.6, 0.9),
+        measured("quantize_static", 1.27, True, 1.12, 1.1, family="ort static QDQ")])
+    lines = bench.speed_targets([fast, slow])
+    captcha = next(line for line in lines if line.startswith("captcha_crnn:"))
+    nsnet = next(line for line in lines if line.startswith("nsnet2_16k:"))
+    assert "met by svd+int8 (12.70x, 2.64x faster)" in captcha and "memory met" in captcha
+    assert "vs static int8 (3.50x, 1.49x faster) met by svd+int8" in captcha
+    assert "not met: the fastest kept file, bits=4, is 1.60x faster at 7.50x" in nsnet
+    assert "at >= 8x the fastest is svd+rec (1.41x faster)" in nsnet and "memory not met" in nsnet
+    assert "vs static int8 (1.27x, 1.12x faster) met by svd+rec" in nsnet
+    assert lines[-1].startswith("1 of 2 files")
