@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("input", help="ONNX file to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     compress.add_argument("--recipe", metavar="FILE", help="YAML or JSON recipe (keys: " + ", ".join(RECIPE_KEYS)
-                          + "), or a built-in loop recipe: method1, method2")
+                          + "), or a built-in loop recipe: method1, method2, codebooks, speed")
     compress.add_argument("--plan", metavar="FILE.json", help="replay a saved plan instead of planning")
     compress.add_argument("--save-plan", metavar="FILE.json", help="write the plan that was applied")
     compress.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")

@@ -226,9 +226,12 @@ def test_bad_loops_are_one_sentence_config_errors(loop, message):
 
 
 def test_builtin_recipes_parse():
-    for name in ("method1", "method2"):
+    for name in ("method1", "method2", "speed"):
         recipe = Recipe.from_file(name)
         assert recipe.loop is not None and len(recipe.loop.stages) >= 3
+    # the speed loop cuts measured latency (svd, prune-channels) before the int8 codebooks
+    steps = [name for stage in Recipe.from_file("speed").loop.stages for name, _ in stage.steps_for(0.5)]
+    assert steps == ["svd", "reconstruct", "prune-channels", "reconstruct", "cluster"]
 
 
 def test_cli_loop_report_and_plots(tmp_path, capsys):
