@@ -47,6 +47,7 @@ from onnxzip.measure.latency import (
     useful_candidates,
 )
 from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
+from onnxzip.pruning.recurrent import recurrent_groups, unit_importance
 from onnxzip.pruning.surgery import NodeEdit, prune_channels
 from onnxzip.report import LayerChange, PassReport
 from onnxzip.schema import option
@@ -65,7 +66,9 @@ class PruneChannelsConfig:
               "channel counts that do not save time are rejected")
     scope: Literal["global", "layer"] = option("global", "rank channels across all groups or apply ratio per group")
     layer_ratios: dict[str, float] = option({}, "group id glob -> fraction removed in that group (wins over ratio/threshold)")
-    importance: Literal["auto", "bn", "l1", "l2"] = option("auto", "bn: BatchNorm |gamma|; l1/l2: filter norm; auto: bn when present")
+    importance: Literal["auto", "bn", "l1", "l2", "energy"] = option(
+        "auto", "bn: BatchNorm |gamma|; l1/l2: filter norm; energy: LSTM/GRU/RNN hidden units by consumer-weighted "
+                "activation energy on --data; auto: energy for recurrent units, else bn when present, else l1")
     aggregate: Literal["mean", "sum", "max"] = option("mean", "how a group combines its members' scores")
     min_channels: int = option(1, "channels every group keeps at least")
     round_to: int = option(1, "kept channel counts are rounded up to a multiple of this")
@@ -126,8 +129,10 @@ class PruneChannelsPass(Pass):
         self._check_config()
         analysis = analyze_channels(model, shapes=context.shapes(model))
         candidates = [g for g in analysis.groups if g.prunable and self.selects(g)]
+        energies = self._energies(model, context, analysis)
         importances = {
-            g.id: group_importance(g, self.config.importance, self.config.aggregate).values for g in candidates
+            g.id: group_importance(g, self.config.importance, self.config.aggregate, energies.get(g.id)).values
+            for g in candidates
         }
         if self.config.latency_budget is not None:
             self._latency = {"notes": []}
@@ -160,7 +165,8 @@ class PruneChannelsPass(Pass):
         edits = prune_channels(model, analysis, keep, context.feeds, compensate=self.config.compensate) if keep else []
         new_model = export_model(analysis.graph, model) if keep else model
         report.modified = bool(keep)
-        _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config)
+        _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config,
+                self._energies(model, context, analysis))
         latency = getattr(self, "_latency", {})
         if self.config.latency_budget is not None and not latency.get("planning"):
             measured = None
@@ -169,6 +175,18 @@ class PruneChannelsPass(Pass):
                 measured = latency.get("measured")
             report_latency(report, model, new_model, context.timer, self.config.latency_budget, measured)
         return PassResult(new_model, report, plan)
+
+    def _energies(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
+        """Measured importance of recurrent hidden units per group (once per model)."""
+        if self.config.importance not in ("auto", "energy"):
+            return {}
+        cached = getattr(self, "_energy_cache", None)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        groups = [g for g in analysis.groups if not g.reasons and g.size > 1]
+        energies = unit_importance(model, analysis, groups, context.feeds) if recurrent_groups(groups) else {}
+        self._energy_cache = (model, energies)
+        return energies
 
     def _latency_keep(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis,
                       groups: list[ChannelGroup], importances: dict[str, np.ndarray]) -> dict[str, list[int]]:
@@ -261,7 +279,8 @@ def _plan_keep(plan: Plan, analysis: ChannelAnalysis) -> dict[str, list[int]]:
 
 
 def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dict[str, list[int]],
-            edits: list[NodeEdit], before, after, config: PruneChannelsConfig) -> None:
+            edits: list[NodeEdit], before, after, config: PruneChannelsConfig,
+            energies: dict[str, np.ndarray]) -> None:
     """One row per group (its source layers' costs), then one per changed layer."""
     before_nodes, after_nodes = before.by_node(), after.by_node()
 
@@ -286,7 +305,7 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             report.skip(group.id, "channel group", "not selected by include/exclude", **costs(sources))
             continue
         kept = len(keep.get(group.id, range(group.size)))
-        importance = group_importance(group, config.importance, config.aggregate)
+        importance = group_importance(group, config.importance, config.aggregate, energies.get(group.id))
         details: dict[str, Any] = {
             "channels_before": group.size,
             "channels_after": kept,
@@ -302,9 +321,14 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             details["counts_not_faster"] = decision["not_faster"]
         report.changes.append(LayerChange(group.id, "channel group", f"channels {group.size} → {kept}", details=details, **costs(sources)))
     if kinds:
-        names = {"bn": "BatchNorm |gamma|", "l1": "filter L1 norm", "l2": "filter L2 norm"}
+        names = {"bn": "BatchNorm |gamma|", "l1": "filter L1 norm", "l2": "filter L2 norm",
+                 "energy": "recurrent unit activation energy × reading weights"}
         report.notes.append("channel importance: " + ", ".join(
             f"{names[kind]} in {count} group{'s' if count > 1 else ''}" for kind, count in sorted(kinds.items())))
+    if analysis.restored:
+        report.notes.append("pruned recurrent units are zero where a tensor is restored to full width (state "
+                            "inputs are read at the kept units; state and sequence outputs keep their shapes): "
+                            + "; ".join(analysis.restored))
     for edit in edits:
         if edit.node not in before_nodes or not (before_nodes[edit.node].params or before_nodes[edit.node].flops):
             continue
