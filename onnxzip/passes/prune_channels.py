@@ -11,7 +11,8 @@ appears and fold what removed channels still carried into the next layer's bias
 ``latency_budget`` (instead of ``ratio`` / ``threshold``): keep at most that fraction of the
 model's measured batch-1 latency (onnxruntime, one intra-op thread; :mod:`onnxzip.measure.latency`).
 Per group, kept counts at fractions of its size (and rounded up to multiples of 8) are timed
-on every Conv / Gemm / MatMul whose input or output channels the group sets, at the real input
+on every Conv / Gemm / MatMul whose input or output channels the group sets (and every
+LSTM / GRU / RNN whose hidden units or inputs it sets, over the whole observed sequence), at the real input
 shapes; counts that do not save time, or are slower than a larger count, are rejected. Groups
 then give up channels greedily by importance lost per saved millisecond (the removed channels'
 share of the group's importance), the pruned model is timed and the saving asked of the groups rescaled
@@ -36,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnxzip.errors import ConfigError
 from onnxzip.graph import export_model
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
-from onnxzip.pruning.groups import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, ChannelGroup, analyze_channels
 from onnxzip.measure.latency import (
     MIN_GAIN,
     Candidate,
@@ -205,7 +206,7 @@ class PruneChannelsPass(Pass):
             members = [(node, share, source) for node, shares in layers
                        for gid, share, source in shares if gid == group.id]
             if not members:
-                entries[group.id] = {"reason": "no Conv/Gemm/MatMul to time; kept whole"}
+                entries[group.id] = {"reason": "no Conv/Gemm/MatMul/LSTM/GRU/RNN to time; kept whole"}
                 continue
             dense = sum(timing.layer(form) for form in _member_forms(members, analysis, group.size, group.size))
             found = []
@@ -352,13 +353,14 @@ def _latency_counts(size: int, min_channels: int, round_to: int) -> list[int]:
 
 
 def _timed_layers(analysis: ChannelAnalysis) -> list[tuple[gs.Node, list[tuple[str, float, bool]]]]:
-    """Per Conv / Gemm / MatMul with a constant weight: the groups it reads (group id, input
+    """Per Conv / Gemm / MatMul / LSTM / GRU / RNN with a constant weight: the groups it reads (group id, input
     positions per group channel, False) or opens (group id, 0, True)."""
     source_of = {id(s.node): g.id for g in analysis.groups for s in g.sources}
     sizes = {g.id: g.size for g in analysis.groups}
     found: list[tuple[gs.Node, list[tuple[str, float, bool]]]] = []
     for node in analysis.graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        if (node.op not in ("Conv", "Gemm", "MatMul", *RECURRENT) or len(node.inputs) < 2
+                or not isinstance(node.inputs[1], gs.Constant)):
             continue
         shares: dict[str, int] = {}
         cmap = analysis.maps.get(node.inputs[0].name)
@@ -371,6 +373,22 @@ def _timed_layers(analysis: ChannelAnalysis) -> list[tuple[gs.Node, list[tuple[s
             uses.append((source_of[id(node)], 0.0, True))
         found.append((node, uses))
     return found
+
+
+def _recurrent_form(node: gs.Node, shape: tuple[int, ...], weight: tuple[int, ...], drop_in: int,
+                    drop_out: int) -> LayerForm:
+    """An LSTM/GRU/RNN over its whole observed sequence (as layout 0) with ``drop_in`` fewer
+    inputs and ``drop_out`` fewer hidden units."""
+    directions, rows, inputs = weight
+    gates = RECURRENT[node.op]
+    hidden = rows // gates - drop_out
+    steps, batch = (shape[1], shape[0]) if int(node.attrs.get("layout", 0)) == 1 else (shape[0], shape[1])
+    direction = node.attrs.get("direction", "forward")
+    attrs: dict[str, Any] = {"hidden_size": hidden, "direction": direction.decode() if isinstance(direction, bytes) else str(direction)}
+    if node.op == "GRU":
+        attrs["linear_before_reset"] = int(node.attrs.get("linear_before_reset", 0))
+    return LayerForm(node.op, (steps, batch, inputs - drop_in), (Factor((directions, gates * hidden, inputs - drop_in)),),
+                     attrs=tuple(sorted(attrs.items())))
 
 
 def _member_forms(members: list[tuple[gs.Node, float, bool]], analysis: ChannelAnalysis, size: int,
@@ -386,6 +404,9 @@ def _member_forms(members: list[tuple[gs.Node, float, bool]], analysis: ChannelA
         weight = tuple(int(d) for d in node.inputs[1].shape)
         drop_in = 0 if source else round(share * removed)
         drop_out = removed if source else 0
+        if node.op in RECURRENT:
+            forms.append(_recurrent_form(node, shape, weight, drop_in, drop_out))
+            continue
         if node.op == "Conv":
             group = int(node.attrs.get("group", 1))
             cin = shape[1] - drop_in
