@@ -151,7 +151,7 @@ def test_latency_budget_times_recurrent_forms_and_rejects_sizes_that_do_not_save
     assert any("not reached" in note for note in result.report.notes)
 
 
-def test_reconstruct_refits_the_consumer_of_a_pruned_gru():
+def test_reconstruct_refits_a_pruned_gru_and_its_consumer():
     model = _gru_model()
     rng = np.random.default_rng(6)
     fit = {"x": rng.standard_normal((64, 6, 6)).astype(np.float32)}
@@ -159,12 +159,17 @@ def test_reconstruct_refits_the_consumer_of_a_pruned_gru():
     prune = {"prune-channels": {"ratio": 0.5}}
     pruned = compress(model, {"passes": [prune]}, data=fit, check=False)
     rebuilt = compress(model, {"passes": [prune, {"reconstruct": {}}]}, data=fit, check=False)
+    consumer = compress(model, {"passes": [prune, {"reconstruct": {"include": ["dense"]}}]}, data=fit, check=False)
     done = {c.layer: c for c in rebuilt.report.passes[1].changes if not c.skipped}
-    assert "dense" in done and done["dense"].details["refit"] == "pruned input"
-    assert done["dense"].details["error_after"] < done["dense"].details["error_before"]
+    assert done["gru"].details["refit"] == "pruned recurrent units" and done["gru"].details["hidden"] == [8, 16]
+    assert done["dense"].details["refit"] == "pruned input"
+    for change in done.values():
+        assert change.details["error_after"] < change.details["error_before"]
 
     def error(candidate: onnx.ModelProto) -> float:
         reference, output = _run(model, held)["y"], _run(candidate, held)["y"]
         return float(np.sum((output - reference) ** 2) / np.sum(reference ** 2))
 
-    assert error(rebuilt.model) < 0.8 * error(pruned.model)
+    assert error(consumer.model) < 0.8 * error(pruned.model)
+    assert error(rebuilt.model) < error(consumer.model)  # the GRU's own refit adds to the consumer's
+    assert rebuilt.model.ByteSize() == pruned.model.ByteSize()
