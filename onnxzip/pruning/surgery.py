@@ -23,8 +23,7 @@ of the peepholes ``P``), columns ``J`` of ``R``, and sets ``hidden_size``; an in
 read at the kept units (``Gather`` on its unit axis), so a state input keeps its shape. Pruned
 units are zero: they carry nothing into a consumer (no compensation), and wherever the analysis
 widens a tensor (a graph output, a consumer it does not follow) a ``Pad`` with one zero and a
-``Gather`` restore it to full width with zeros in the pruned units (a small tensor on its last
-axis: one ``MatMul`` by a 0/1 selection matrix).
+``Gather`` restore it to full width with zeros in the pruned units.
 """
 from __future__ import annotations
 
@@ -301,35 +300,9 @@ def prune_recurrent(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
     editor.set_input(node, 2, r)
 
 
-def _float_dtype(tensor: gs.Tensor) -> np.dtype | None:
-    """``tensor``'s dtype, else that of the first producer input up the chain that knows it (a
-    recurrent node: its weights'), None past a Cast or when unknown."""
-    for _ in range(64):
-        if tensor.dtype is not None:
-            return np.dtype(tensor.dtype)
-        producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is None or producer.op == "Cast" or not producer.inputs:
-            return None
-        tensor = producer.inputs[1] if producer.op in RECURRENT else producer.inputs[0]
-    return None
-
-
-SELECT_MACS = 1 << 16  # a restore on the last axis up to this many MACs (batch 1) is one MatMul
-
-
-def widen(editor: _Editor, tensor: gs.Variable, mask: np.ndarray, axis: int, rank: int,
-          elements: int | None = None) -> gs.Variable:
-    """``tensor`` (kept channels ``mask`` on ``axis``) at full width, zeros where removed: a
-    small float tensor on its last axis (``elements`` at batch 1) is multiplied by a 0/1
-    selection matrix (one node: at a few microseconds a model's time is mostly per-node
-    overhead; exact for finite values), else one zero is padded at the end of the axis and a
-    Gather places each kept channel."""
-    if (axis == rank - 1 and elements is not None and elements * len(mask) <= SELECT_MACS
-            and _float_dtype(tensor) == np.float32):
-        select = np.zeros((int(mask.sum()), len(mask)), np.float32)
-        select[np.arange(int(mask.sum())), np.flatnonzero(mask)] = 1.0
-        return editor.add_node("MatMul", [tensor, editor.constant(f"{tensor.name}_select", select)],
-                               f"{tensor.name}_full", tensor.dtype)
+def widen(editor: _Editor, tensor: gs.Variable, mask: np.ndarray, axis: int, rank: int) -> gs.Variable:
+    """``tensor`` (kept channels ``mask`` on ``axis``) at full width, zeros where removed:
+    one zero padded at the end of the axis, then a Gather placing each kept channel."""
     pads = np.zeros(2 * rank, dtype=np.int64)
     pads[rank + axis] = 1
     if int(editor.graph.opset) >= 11:
@@ -360,17 +333,15 @@ def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool) -> lis
         if mask is None or (consumer is None) != outputs:
             continue
         tensor = tensors[tensor_name]
-        shape = analysis.shapes[tensor_name]
-        axis, rank = analysis.maps[tensor_name].axis, len(shape)
-        elements = int(mask.sum()) * int(np.prod(shape, dtype=np.int64)) // len(mask)
+        axis, rank = analysis.maps[tensor_name].axis, len(analysis.shapes[tensor_name])
         if consumer is not None:
-            _replace(nodes[consumer].inputs, tensor, widen(editor, tensor, mask, axis, rank, elements))
+            _replace(nodes[consumer].inputs, tensor, widen(editor, tensor, mask, axis, rank))
         else:
             pruned = gs.Variable(editor.names.fresh(f"{tensor.name}_pruned"), dtype=tensor.dtype)
             for node in list(tensor.outputs):
                 _replace(node.inputs, tensor, pruned)
             _replace(tensor.inputs[0].outputs, tensor, pruned)
-            full = widen(editor, pruned, mask, axis, rank, elements)
+            full = widen(editor, pruned, mask, axis, rank)
             full.inputs[0].outputs[0] = tensor
         done.append(f"'{tensor_name}' restored to full width ({int(mask.sum())} of {len(mask)} kept, pruned units zero) "
                     f"for {reason if consumer is None else repr(consumer)}")
