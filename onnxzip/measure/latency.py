@@ -5,10 +5,12 @@ dense layer it replaces (two GEMM calls, a narrow inner dimension), and 61 chann
 as long as 64. So the structured passes (``svd``, ``prune-channels``) time the forms they
 consider instead of counting them.
 
-A :class:`LayerForm` describes one layer as onnxruntime runs it: the op (MatMul, Gemm or
-Conv), the real input shape at batch 1 (from the observed shapes of the model on the context's
+A :class:`LayerForm` describes one layer as onnxruntime runs it: the op (MatMul, Gemm, Conv,
+or a recurrent LSTM/GRU/RNN over the whole sequence), the real input shape at batch 1 (from the observed shapes of the model on the context's
 inputs) and the chain of weights applied one after the other — one weight for the original
-layer, two for a factor pair, a narrower weight for a pruned conv. :meth:`LayerForm.model`
+layer, two for a factor pair, a narrower weight for a pruned conv; a recurrent form has one
+``W`` ``(directions, gates·hidden, input)`` and its attributes, so a pruned hidden size or
+input is timed like the node it would become. :meth:`LayerForm.model`
 builds that chain as a tiny ONNX model, and :class:`Timing` times it in onnxruntime on **one
 intra-op thread** (the deployment case the budget speaks of, and the least noisy), a few
 repeats after a warm-up, the least (load only adds time), each run with cold caches (a buffer larger than the
@@ -73,13 +75,27 @@ class LayerForm:
     input_shape: tuple[int, ...]
     factors: tuple[Factor, ...]
     weight_on_left: bool = False
+    attrs: tuple[tuple[str, Any], ...] = ()  # LSTM/GRU/RNN: hidden_size, direction, linear_before_reset
+
+    def _recurrent(self, rng: np.random.Generator) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+        """One LSTM/GRU/RNN node (layout 0, input ``[T, B, I]``) with random ``W``, ``R``, ``B``."""
+        attrs = dict(self.attrs)
+        hidden = int(attrs["hidden_size"])
+        directions, rows, inputs = self.factors[0].shape
+        weights = {"W": (directions, rows, inputs), "R": (directions, rows, hidden), "B": (directions, 2 * rows)}
+        inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.05, name)
+                 for name, shape in weights.items()]
+        node = helper.make_node(self.op, ["x", "W", "R", "B"], ["y"], **attrs)
+        return [node], inits, "y"
 
     def model(self, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         """The form as a tiny ONNX model (random weights) and a batch-1 input for it."""
         rng = np.random.default_rng(seed)
         nodes, inits = [], []
         current = "x"
-        for index, factor in enumerate(self.factors):
+        if self.op in ("LSTM", "GRU", "RNN"):
+            nodes, inits, current = self._recurrent(rng)
+        for index, factor in enumerate(self.factors if not nodes else ()):
             weight = f"w{index}"
             out = f"y{index}"
             inits.append(numpy_helper.from_array(rng.standard_normal(factor.shape).astype(np.float32) * 0.05, weight))

@@ -11,7 +11,8 @@ appears and fold what removed channels still carried into the next layer's bias
 ``latency_budget`` (instead of ``ratio`` / ``threshold``): keep at most that fraction of the
 model's measured batch-1 latency (onnxruntime, one intra-op thread; :mod:`onnxzip.measure.latency`).
 Per group, kept counts at fractions of its size (and rounded up to multiples of 8) are timed
-on every Conv / Gemm / MatMul whose input or output channels the group sets, at the real input
+on every Conv / Gemm / MatMul whose input or output channels the group sets (and every
+LSTM / GRU / RNN whose hidden units or inputs it sets, over the whole observed sequence), at the real input
 shapes; counts that do not save time, or are slower than a larger count, are rejected. Groups
 then give up channels greedily by importance lost per saved millisecond (the removed channels'
 share of the group's importance), the pruned model is timed and the saving asked of the groups rescaled
@@ -36,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnxzip.errors import ConfigError
 from onnxzip.graph import export_model
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
-from onnxzip.pruning.groups import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, ChannelGroup, analyze_channels
 from onnxzip.measure.latency import (
     MIN_GAIN,
     Candidate,
@@ -47,6 +48,7 @@ from onnxzip.measure.latency import (
     useful_candidates,
 )
 from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
+from onnxzip.pruning.recurrent import recurrent_groups, unit_importance
 from onnxzip.pruning.surgery import NodeEdit, prune_channels
 from onnxzip.report import LayerChange, PassReport
 from onnxzip.schema import option
@@ -65,7 +67,9 @@ class PruneChannelsConfig:
               "channel counts that do not save time are rejected")
     scope: Literal["global", "layer"] = option("global", "rank channels across all groups or apply ratio per group")
     layer_ratios: dict[str, float] = option({}, "group id glob -> fraction removed in that group (wins over ratio/threshold)")
-    importance: Literal["auto", "bn", "l1", "l2"] = option("auto", "bn: BatchNorm |gamma|; l1/l2: filter norm; auto: bn when present")
+    importance: Literal["auto", "bn", "l1", "l2", "energy"] = option(
+        "auto", "bn: BatchNorm |gamma|; l1/l2: filter norm; energy: LSTM/GRU/RNN hidden units by consumer-weighted "
+                "activation energy on --data; auto: energy for recurrent units, else bn when present, else l1")
     aggregate: Literal["mean", "sum", "max"] = option("mean", "how a group combines its members' scores")
     min_channels: int = option(1, "channels every group keeps at least")
     round_to: int = option(1, "kept channel counts are rounded up to a multiple of this")
@@ -126,8 +130,10 @@ class PruneChannelsPass(Pass):
         self._check_config()
         analysis = analyze_channels(model, shapes=context.shapes(model))
         candidates = [g for g in analysis.groups if g.prunable and self.selects(g)]
+        energies = self._energies(model, context, analysis)
         importances = {
-            g.id: group_importance(g, self.config.importance, self.config.aggregate).values for g in candidates
+            g.id: group_importance(g, self.config.importance, self.config.aggregate, energies.get(g.id)).values
+            for g in candidates
         }
         if self.config.latency_budget is not None:
             self._latency = {"notes": []}
@@ -160,7 +166,8 @@ class PruneChannelsPass(Pass):
         edits = prune_channels(model, analysis, keep, context.feeds, compensate=self.config.compensate) if keep else []
         new_model = export_model(analysis.graph, model) if keep else model
         report.modified = bool(keep)
-        _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config)
+        _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config,
+                self._energies(model, context, analysis))
         latency = getattr(self, "_latency", {})
         if self.config.latency_budget is not None and not latency.get("planning"):
             measured = None
@@ -169,6 +176,18 @@ class PruneChannelsPass(Pass):
                 measured = latency.get("measured")
             report_latency(report, model, new_model, context.timer, self.config.latency_budget, measured)
         return PassResult(new_model, report, plan)
+
+    def _energies(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
+        """Measured importance of recurrent hidden units per group (once per model)."""
+        if self.config.importance not in ("auto", "energy"):
+            return {}
+        cached = getattr(self, "_energy_cache", None)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        groups = [g for g in analysis.groups if not g.reasons and g.size > 1]
+        energies = unit_importance(model, analysis, groups, context.feeds) if recurrent_groups(groups) else {}
+        self._energy_cache = (model, energies)
+        return energies
 
     def _latency_keep(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis,
                       groups: list[ChannelGroup], importances: dict[str, np.ndarray]) -> dict[str, list[int]]:
@@ -187,7 +206,7 @@ class PruneChannelsPass(Pass):
             members = [(node, share, source) for node, shares in layers
                        for gid, share, source in shares if gid == group.id]
             if not members:
-                entries[group.id] = {"reason": "no Conv/Gemm/MatMul to time; kept whole"}
+                entries[group.id] = {"reason": "no Conv/Gemm/MatMul/LSTM/GRU/RNN to time; kept whole"}
                 continue
             dense = sum(timing.layer(form) for form in _member_forms(members, analysis, group.size, group.size))
             found = []
@@ -261,7 +280,8 @@ def _plan_keep(plan: Plan, analysis: ChannelAnalysis) -> dict[str, list[int]]:
 
 
 def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dict[str, list[int]],
-            edits: list[NodeEdit], before, after, config: PruneChannelsConfig) -> None:
+            edits: list[NodeEdit], before, after, config: PruneChannelsConfig,
+            energies: dict[str, np.ndarray]) -> None:
     """One row per group (its source layers' costs), then one per changed layer."""
     before_nodes, after_nodes = before.by_node(), after.by_node()
 
@@ -286,7 +306,7 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             report.skip(group.id, "channel group", "not selected by include/exclude", **costs(sources))
             continue
         kept = len(keep.get(group.id, range(group.size)))
-        importance = group_importance(group, config.importance, config.aggregate)
+        importance = group_importance(group, config.importance, config.aggregate, energies.get(group.id))
         details: dict[str, Any] = {
             "channels_before": group.size,
             "channels_after": kept,
@@ -302,9 +322,14 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
             details["counts_not_faster"] = decision["not_faster"]
         report.changes.append(LayerChange(group.id, "channel group", f"channels {group.size} → {kept}", details=details, **costs(sources)))
     if kinds:
-        names = {"bn": "BatchNorm |gamma|", "l1": "filter L1 norm", "l2": "filter L2 norm"}
+        names = {"bn": "BatchNorm |gamma|", "l1": "filter L1 norm", "l2": "filter L2 norm",
+                 "energy": "recurrent unit activation energy × reading weights"}
         report.notes.append("channel importance: " + ", ".join(
             f"{names[kind]} in {count} group{'s' if count > 1 else ''}" for kind, count in sorted(kinds.items())))
+    if analysis.restored:
+        report.notes.append("pruned recurrent units are zero where a tensor is restored to full width (state "
+                            "inputs are read at the kept units; state and sequence outputs keep their shapes): "
+                            + "; ".join(analysis.restored))
     for edit in edits:
         if edit.node not in before_nodes or not (before_nodes[edit.node].params or before_nodes[edit.node].flops):
             continue
@@ -328,13 +353,14 @@ def _latency_counts(size: int, min_channels: int, round_to: int) -> list[int]:
 
 
 def _timed_layers(analysis: ChannelAnalysis) -> list[tuple[gs.Node, list[tuple[str, float, bool]]]]:
-    """Per Conv / Gemm / MatMul with a constant weight: the groups it reads (group id, input
+    """Per Conv / Gemm / MatMul / LSTM / GRU / RNN with a constant weight: the groups it reads (group id, input
     positions per group channel, False) or opens (group id, 0, True)."""
     source_of = {id(s.node): g.id for g in analysis.groups for s in g.sources}
     sizes = {g.id: g.size for g in analysis.groups}
     found: list[tuple[gs.Node, list[tuple[str, float, bool]]]] = []
     for node in analysis.graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        if (node.op not in ("Conv", "Gemm", "MatMul", *RECURRENT) or len(node.inputs) < 2
+                or not isinstance(node.inputs[1], gs.Constant)):
             continue
         shares: dict[str, int] = {}
         cmap = analysis.maps.get(node.inputs[0].name)
@@ -347,6 +373,22 @@ def _timed_layers(analysis: ChannelAnalysis) -> list[tuple[gs.Node, list[tuple[s
             uses.append((source_of[id(node)], 0.0, True))
         found.append((node, uses))
     return found
+
+
+def _recurrent_form(node: gs.Node, shape: tuple[int, ...], weight: tuple[int, ...], drop_in: int,
+                    drop_out: int) -> LayerForm:
+    """An LSTM/GRU/RNN over its whole observed sequence (as layout 0) with ``drop_in`` fewer
+    inputs and ``drop_out`` fewer hidden units."""
+    directions, rows, inputs = weight
+    gates = RECURRENT[node.op]
+    hidden = rows // gates - drop_out
+    steps, batch = (shape[1], shape[0]) if int(node.attrs.get("layout", 0)) == 1 else (shape[0], shape[1])
+    direction = node.attrs.get("direction", "forward")
+    attrs: dict[str, Any] = {"hidden_size": hidden, "direction": direction.decode() if isinstance(direction, bytes) else str(direction)}
+    if node.op == "GRU":
+        attrs["linear_before_reset"] = int(node.attrs.get("linear_before_reset", 0))
+    return LayerForm(node.op, (steps, batch, inputs - drop_in), (Factor((directions, gates * hidden, inputs - drop_in)),),
+                     attrs=tuple(sorted(attrs.items())))
 
 
 def _member_forms(members: list[tuple[gs.Node, float, bool]], analysis: ChannelAnalysis, size: int,
@@ -362,6 +404,9 @@ def _member_forms(members: list[tuple[gs.Node, float, bool]], analysis: ChannelA
         weight = tuple(int(d) for d in node.inputs[1].shape)
         drop_in = 0 if source else round(share * removed)
         drop_out = removed if source else 0
+        if node.op in RECURRENT:
+            forms.append(_recurrent_form(node, shape, weight, drop_in, drop_out))
+            continue
         if node.op == "Conv":
             group = int(node.attrs.get("group", 1))
             cin = shape[1] - drop_in

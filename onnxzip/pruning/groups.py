@@ -15,7 +15,18 @@ of the graph input). The ops' rules are the whole analysis:
   Flatten/Reshape repeat each position over the merged trailing dims (``C×H×W`` features),
   Transpose and Reduce* move the axis, pooling/Resize/Pad keep it;
 * a depthwise Conv (``group = C_in``) maps output ``j`` to input ``j // multiplier``;
-* Conv/Gemm/MatMul consume the map (their weight's input axis is sliced) and open a new space.
+* Conv/Gemm/MatMul consume the map (their weight's input axis is sliced) and open a new space;
+* LSTM/GRU/RNN consume the map on their input-size axis (columns of ``W``) and open a
+  *recurrent* space: their hidden units (both directions of a bidirectional node together),
+  carried on the hidden axis of ``Y``, ``Y_h`` and ``Y_c``; Reshape may merge that axis with the
+  dims before it (``[T, B, 2, H] → [T, B, 2H]``: the units repeat per direction).
+
+A recurrent space's pruned units are zero by definition (its importance measures what a unit's
+absence costs: :mod:`onnxzip.pruning.recurrent`). So where its channels meet something the
+rules do not follow (an op, a concatenation of different layers' states along another axis,
+an initial state carrying pruned units) or a graph output, they are *widened* instead of
+blocked: the tensor is restored to full width with zeros in the pruned units before that
+consumer (``widen``); the interface keeps its shapes.
 
 A *group* is a set of merged spaces; removing channel ``k`` of a group removes position
 ``(s, k)`` for every space ``s`` of the group, in every tensor. Whatever an op's rule does not
@@ -39,6 +50,8 @@ from onnxzip.graph import NameScope, constant_value, import_graph, subgraphs_of,
 log = logging.getLogger(__name__)
 
 Position = tuple[int, int]  # (space id, channel index in that space)
+
+RECURRENT = {"LSTM": 4, "GRU": 3, "RNN": 1}  # gates per hidden unit
 
 # Ops that keep every channel where it is (checked against the observed shapes).
 ELEMENTWISE_UNARY = frozenset({
@@ -78,6 +91,7 @@ class Source:
     node: gs.Node
     weight: np.ndarray
     out_axis: int
+    recurrent: bool = False  # LSTM/GRU/RNN hidden units: ``weight`` is their rows per unit
 
 
 @dataclass
@@ -110,20 +124,29 @@ class ChannelAnalysis:
     group_of_space: dict[int, str]
     bn_after_source: dict[int, gs.Node]
     shapes: dict[str, tuple[int, ...]]
+    units: dict[str, tuple[Position, ...]] = field(default_factory=dict)  # recurrent node → its hidden units
+    widen: list[tuple[str, str | None, str]] = field(default_factory=list)  # (tensor, consumer or None: output, why)
+    restored: list[str] = field(default_factory=list)  # what the surgery restored to full width (report lines)
 
     def by_id(self) -> dict[str, ChannelGroup]:
         return {g.id: g for g in self.groups}
 
+    def position_mask(self, positions: tuple[Position | None, ...], keep: dict[str, set[int]]) -> np.ndarray | None:
+        """Boolean keep mask over ``positions`` (None when nothing of them is removed)."""
+        mask = np.array([
+            p is None or (self.group_of_space[p[0]] not in keep) or p[1] in keep[self.group_of_space[p[0]]]
+            for p in positions
+        ], dtype=bool)
+        return None if mask.all() else mask
+
     def keep_mask(self, tensor: str, keep: dict[str, set[int]]) -> np.ndarray | None:
         """Boolean mask over ``tensor``'s channel axis (None when nothing of it is removed)."""
         cmap = self.maps.get(tensor)
-        if cmap is None:
-            return None
-        mask = np.array([
-            p is None or (self.group_of_space[p[0]] not in keep) or p[1] in keep[self.group_of_space[p[0]]]
-            for p in cmap.positions
-        ], dtype=bool)
-        return None if mask.all() else mask
+        return None if cmap is None else self.position_mask(cmap.positions, keep)
+
+    def widened(self) -> set[tuple[str, str | None]]:
+        """(tensor, consumer) pairs read at full width (consumer None: the graph output)."""
+        return {(tensor, consumer) for tensor, consumer, _ in self.widen}
 
 
 class _Spaces:
@@ -180,6 +203,9 @@ class _Analyzer:
         self.spaces = _Spaces()
         self.bn_scales: dict[int, list[tuple[str, np.ndarray]]] = {}
         self.bn_after_source: dict[int, gs.Node] = {}
+        self.units: dict[str, tuple[Position, ...]] = {}
+        self.widen: list[tuple[str, str | None, str]] = []
+        self.hidden: set[str] = set()  # maps ignored while a node is transferred again after widening
 
     # ---- helpers -------------------------------------------------------------------------
     def shape(self, tensor: gs.Tensor) -> tuple[int, ...]:
@@ -190,12 +216,16 @@ class _Analyzer:
         return self.shapes[tensor.name]
 
     def cmap(self, tensor: gs.Tensor) -> ChannelMap | None:
-        return self.maps.get(tensor.name) if tensor.name else None
+        return self.maps.get(tensor.name) if tensor.name and tensor.name not in self.hidden else None
 
-    def open_space(self, node: gs.Node, weight: np.ndarray, out_axis: int) -> tuple[Position, ...]:
+    def open_space(self, node: gs.Node, weight: np.ndarray, out_axis: int, recurrent: bool = False) -> tuple[Position, ...]:
         size = int(weight.shape[out_axis])
-        space = self.spaces.new(Source(node, weight, out_axis), size)
+        space = self.spaces.new(Source(node, weight, out_axis, recurrent), size)
         return tuple((space, i) for i in range(size))
+
+    def widenable(self, positions: tuple[Position | None, ...]) -> bool:
+        """Whether every space met is a recurrent one (its pruned units may read as zeros)."""
+        return all(p is None or self.spaces.sources[p[0]].recurrent for p in positions)
 
     def passthrough(self, node: gs.Node, cmap: ChannelMap) -> list[ChannelMap | None]:
         """Same map on output 0, after checking the observed shape keeps the channel axis."""
@@ -214,9 +244,11 @@ class _Analyzer:
                 outputs = self.transfer(node)
             except Unsupported as exc:
                 reason = f"{node.op} '{node.name}' {exc}"
-                for m in mapped:
-                    self.spaces.block(m.positions, reason)
-                outputs = [None] * len(node.outputs)
+                outputs = self.widen_inputs(node, reason) if mapped and all(self.widenable(m.positions) for m in mapped) else None
+                if outputs is None:
+                    for m in mapped:
+                        self.spaces.block(m.positions, reason)
+                    outputs = [None] * len(node.outputs)
             for tensor, cmap in zip(node.outputs, outputs):
                 if cmap is not None:
                     self.maps[tensor.name] = cmap
@@ -226,7 +258,28 @@ class _Analyzer:
                         self.spaces.block(self.maps[name].positions, f"'{name}' is used inside a subgraph of {node.op} '{node.name}'")
         for output in self.graph.outputs:
             if output.name in self.maps:
-                self.spaces.block(self.maps[output.name].positions, f"reaches the graph output '{output.name}'")
+                if self.widenable(self.maps[output.name].positions):
+                    self.widen.append((output.name, None, f"graph output '{output.name}'"))
+                else:
+                    self.spaces.block(self.maps[output.name].positions, f"reaches the graph output '{output.name}'")
+
+    def widen_inputs(self, node: gs.Node, reason: str) -> list[ChannelMap | None] | None:
+        """``node`` reads its recurrent-channel inputs at full width (zeros in pruned units):
+        transfer it again without their maps; None when that fails too."""
+        mapped = [t.name for t in node.inputs if self.cmap(t) is not None]
+        secondary = [t.name for t in node.inputs[1:] if self.cmap(t) is not None and t.name != node.inputs[0].name]
+        for names in ([secondary] if secondary and len(secondary) < len(mapped) else []) + [mapped]:
+            self.hidden = set(names)
+            try:
+                outputs = self.transfer(node)
+            except Unsupported:
+                continue
+            finally:
+                self.hidden = set()
+            for name in dict.fromkeys(names):
+                self.widen.append((name, node.name, reason))
+            return outputs
+        return None
 
     def transfer(self, node: gs.Node) -> list[ChannelMap | None]:
         op = node.op
@@ -235,6 +288,8 @@ class _Analyzer:
         inputs = [self.cmap(t) for t in node.inputs]
         if op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             return [self.linear(node, inputs)]
+        if op in RECURRENT:
+            return self.recurrent(node, inputs)
         if op in ELEMENTWISE_NARY or op == "PRelu":
             return [self.elementwise(node)]
         if op == "Concat":
@@ -321,6 +376,32 @@ class _Analyzer:
             raise Unsupported("takes channels that are not on its last axis")
         return ChannelMap(out_rank - 1, self.open_space(node, weight, 1))
 
+    def recurrent(self, node: gs.Node, inputs: list[ChannelMap | None]) -> list[ChannelMap | None]:
+        """LSTM/GRU/RNN: consume the input map (columns of ``W``), open a space of hidden units
+        (unit ``j``: rows ``j`` of every gate of ``W``, ``R``, ``B``, ``P``, column ``j`` of ``R``)."""
+        weights = [node.inputs[i] if len(node.inputs) > i else None for i in (1, 2, 3, 7)]
+        if any(t is not None and t.name and not isinstance(t, gs.Constant) for t in weights):
+            raise Unsupported("has a computed weight, bias or peephole")
+        if int(node.attrs.get("layout", 0)) not in (0, 1):
+            raise Unsupported("has an unknown layout")
+        data = inputs[0]
+        if data is not None and data.axis != 2:
+            raise Unsupported("takes channels that are not on its input-size axis")
+        if any(m is not None for m in inputs[1:]):
+            raise Unsupported("takes channels on a weight or state input")
+        gates = RECURRENT[node.op]
+        w = np.asarray(node.inputs[1].values)
+        r = np.asarray(node.inputs[2].values)
+        hidden = int(node.attrs.get("hidden_size", r.shape[-1]))
+        if r.shape[1:] != (gates * hidden, hidden) or w.shape[1] != gates * hidden:
+            raise Unsupported("has weights that do not match hidden_size")
+        rows = np.concatenate([w.reshape(w.shape[0], gates, hidden, -1), r.reshape(r.shape[0], gates, hidden, -1)], axis=3)
+        per_unit = np.moveaxis(rows, 2, 0).reshape(hidden, -1)  # every weight of unit j, for l1/l2 norms
+        units = self.open_space(node, per_unit, 0, recurrent=True)
+        self.units[node.name] = units
+        axes = (3, 2, 2)  # Y: [T, D, B, H] or [B, T, D, H]; Y_h, Y_c: [D, B, H] or [B, D, H]
+        return [ChannelMap(axes[i], units) if i < 3 else None for i in range(len(node.outputs))]
+
     def elementwise(self, node: gs.Node) -> ChannelMap | None:
         """Broadcasting n-ary op: inputs carrying channels must agree on the (right-aligned)
         axis and are coupled; constants along that axis are per-channel parameters."""
@@ -366,6 +447,8 @@ class _Analyzer:
         if len(present) != len(node.inputs):
             raise Unsupported("concatenates prunable channels with fixed ones along another axis")
         positions = present[0].positions
+        if any(m.positions != positions for m in present[1:]) and all(self.widenable(m.positions) for m in present):
+            raise Unsupported("stacks different recurrent layers' units along another axis")
         for cmap in present[1:]:
             positions = self.spaces.couple(positions, cmap.positions)
         return ChannelMap(present[0].axis, positions)
@@ -411,6 +494,14 @@ class _Analyzer:
             if out_shape[k] % channels == 0 and out_shape[k] // channels in trailing:
                 inner = out_shape[k] // channels
                 return ChannelMap(k, tuple(p for p in cmap.positions for _ in range(inner)))
+        if cmap.axis == len(in_shape) - 1:  # the last axis merged with dims before it: blocks repeat
+            for j in range(cmap.axis - 1, -1, -1):
+                before, merged = (int(np.prod(in_shape[:j], dtype=np.int64)),
+                                  int(np.prod(in_shape[j : cmap.axis], dtype=np.int64)))
+                for k in range(len(out_shape)):
+                    if (k == len(out_shape) - 1 and int(np.prod(out_shape[:k], dtype=np.int64)) == before
+                            and out_shape[k] == merged * channels):
+                        return ChannelMap(k, cmap.positions * merged)
         raise Unsupported("splits or mixes the channel axis")
 
     def reduce(self, node: gs.Node, cmap: ChannelMap) -> ChannelMap:
@@ -510,9 +601,12 @@ def analyze_channels(
     members: dict[int, list[int]] = {}
     for space in range(len(spaces.parent)):
         members.setdefault(spaces.find(space), []).append(space)
+    widened_spaces = {p[0] for tensor, _, _ in analyzer.widen for p in analyzer.maps[tensor].positions if p is not None}
     groups, group_of_space = [], {}
     for root in sorted(members):
         ids = members[root]
+        if widened_spaces & set(ids) and not all(spaces.sources[s].recurrent for s in ids):
+            spaces.block(tuple((s, 0) for s in ids), "restores recurrent units at full width but is coupled to other channels")
         group = ChannelGroup(
             id=spaces.sources[ids[0]].node.name,
             size=spaces.size[root],
@@ -524,4 +618,5 @@ def analyze_channels(
         groups.append(group)
         group_of_space.update({s: group.id for s in ids})
     log.debug("channel analysis: %d groups, %d prunable", len(groups), sum(g.prunable for g in groups))
-    return ChannelAnalysis(graph, analyzer.maps, groups, group_of_space, analyzer.bn_after_source, analyzer.shapes)
+    return ChannelAnalysis(graph, analyzer.maps, groups, group_of_space, analyzer.bn_after_source, analyzer.shapes,
+                           analyzer.units, analyzer.widen)

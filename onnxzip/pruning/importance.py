@@ -6,7 +6,11 @@ Importance of channel ``k`` of a group is an aggregate over the group's scorers:
   slimming, method 2);
 * ``l1`` / ``l2``: the norm of every source layer's filter ``k``: ``Σ|W_k|`` or ``√Σ W_k²``
   (for deployment files whose BatchNorm is folded into the Conv);
-* ``auto``: ``bn`` when the group has a BatchNormalization, else ``l1``.
+* ``energy``: for groups of recurrent hidden units (LSTM/GRU/RNN), the consumer-weighted
+  activation energy measured on the calibration data (:mod:`onnxzip.pruning.recurrent`);
+  other groups fall back to ``auto``;
+* ``auto``: ``energy`` for recurrent units, ``bn`` when the group has a BatchNormalization,
+  else ``l1``.
 
 The scorers' vectors are combined by ``sum``, ``mean`` or ``max``. Selection then decides which
 channels to keep: below a threshold, the lowest ``ratio`` of all candidate channels ranked
@@ -23,7 +27,7 @@ import numpy as np
 
 from onnxzip.pruning.groups import ChannelGroup
 
-ImportanceKind = Literal["auto", "bn", "l1", "l2"]
+ImportanceKind = Literal["auto", "bn", "l1", "l2", "energy"]
 Aggregate = Literal["mean", "sum", "max"]
 
 
@@ -51,9 +55,13 @@ def filter_norms(weight: np.ndarray, out_axis: int, order: int) -> np.ndarray:
     return np.linalg.norm(rows, ord=order, axis=1)
 
 
-def group_importance(group: ChannelGroup, kind: ImportanceKind, aggregate: Aggregate) -> GroupImportance:
-    """Aggregate the group's per-channel scores (see the module docstring)."""
-    if kind == "auto":
+def group_importance(group: ChannelGroup, kind: ImportanceKind, aggregate: Aggregate,
+                     energy: np.ndarray | None = None) -> GroupImportance:
+    """Aggregate the group's per-channel scores (see the module docstring); ``energy``: the
+    group's measured unit importance when it is made of recurrent units."""
+    if kind in ("auto", "energy") and energy is not None:
+        return GroupImportance(np.asarray(energy, dtype=np.float64), "energy", group.source_names)
+    if kind in ("auto", "energy"):
         kind = "bn" if group.bn_scales else "l1"
     if kind == "bn" and group.bn_scales:
         scorers = [name for name, _ in group.bn_scales]

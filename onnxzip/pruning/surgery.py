@@ -16,6 +16,14 @@ Gemm/MatMul, ``b_n += Σ_k m_k · W[k,n]``. It is exact for Gemm/MatMul after gl
 for a Conv wherever its window does not touch the zero padding (at the border a padded Conv saw
 zeros, not ``m_k``); ConvTranspose consumers are not compensated (strided taps differ per
 output pixel).
+
+Recurrent layers (LSTM/GRU/RNN). Keeping hidden units ``J`` of a node with ``G`` gates keeps
+rows ``g·H + j`` (every gate ``g``, ``j ∈ J``) of ``W``, ``R`` and both halves of ``B`` (and
+of the peepholes ``P``), columns ``J`` of ``R``, and sets ``hidden_size``; an initial state is
+read at the kept units (``Gather`` on its unit axis), so a state input keeps its shape. Pruned
+units are zero: they carry nothing into a consumer (no compensation), and wherever the analysis
+widens a tensor (a graph output, a consumer it does not follow) a ``Pad`` with one zero and a
+``Gather`` restore it to full width with zeros in the pruned units.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from onnx import numpy_helper
 
 from onnxzip.graph import NameScope, constant_value
 from onnxzip.shapes import generated_feeds
-from onnxzip.pruning.groups import ChannelAnalysis, slice_window
+from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, slice_window
 from onnxzip.runtime import make_session, run_session
 
 log = logging.getLogger(__name__)
@@ -62,10 +70,20 @@ class NodeEdit:
 class _Editor:
     """What a prune function may touch: the graph, fresh names, observed shapes."""
 
-    def __init__(self, analysis: ChannelAnalysis) -> None:
+    def __init__(self, analysis: ChannelAnalysis, keep: dict[str, set[int]] | None = None) -> None:
         self.graph = analysis.graph
         self.names = NameScope(analysis.graph)
         self.analysis = analysis
+        self.keep = keep or {}
+
+    def add_node(self, op: str, inputs: list[gs.Tensor], base: str, dtype: object = None, **attrs: object) -> gs.Variable:
+        """Append one ``op`` node reading ``inputs``; returns its (fresh) output."""
+        output = gs.Variable(self.names.fresh(base), dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, self.names.fresh(f"{base}_{op}"), attrs=attrs, inputs=inputs, outputs=[output]))
+        return output
+
+    def constant(self, base: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.names.fresh(base), np.ascontiguousarray(value))
 
     def value(self, node: gs.Node, index: int) -> np.ndarray | None:
         if index >= len(node.inputs) or not node.inputs[index].name:
@@ -253,6 +271,83 @@ def prune_reshape(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
         editor.set_input(node, 1, shape)
 
 
+def prune_recurrent(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
+    """LSTM/GRU/RNN: kept hidden units (every gate's rows, ``R``'s columns, ``hidden_size``),
+    kept input columns of ``W``; initial states are gathered at the kept units."""
+    units = editor.analysis.units.get(node.name)
+    hidden = None if units is None else editor.analysis.position_mask(units, editor.keep)
+    in_mask = masks.inputs[0] if masks.inputs else None
+    gates = RECURRENT[node.op]
+    w, r = editor.value(node, 1), editor.value(node, 2)
+    if in_mask is not None:
+        w = w[:, :, in_mask]
+    if hidden is not None:
+        rows = np.tile(hidden, gates)
+        w, r = w[:, rows], r[:, rows][:, :, hidden]
+        bias = editor.value(node, 3)
+        if bias is not None:
+            editor.set_input(node, 3, bias[:, np.tile(hidden, 2 * gates)])
+        peephole = editor.value(node, 7) if node.op == "LSTM" else None
+        if peephole is not None:
+            editor.set_input(node, 7, peephole[:, np.tile(hidden, 3)])
+        kept = editor.constant(f"{node.name}_kept_units", np.flatnonzero(hidden).astype(np.int64))
+        for index in (5, 6) if node.op == "LSTM" else (5,):
+            state = node.inputs[index] if len(node.inputs) > index else None
+            if state is not None and state.name:
+                node.inputs[index] = editor.add_node("Gather", [state, kept], f"{state.name}_kept", state.dtype, axis=2)
+        node.attrs["hidden_size"] = int(hidden.sum())
+    editor.set_input(node, 1, w)
+    editor.set_input(node, 2, r)
+
+
+def widen(editor: _Editor, tensor: gs.Variable, mask: np.ndarray, axis: int, rank: int) -> gs.Variable:
+    """``tensor`` (kept channels ``mask`` on ``axis``) at full width, zeros where removed:
+    one zero padded at the end of the axis, then a Gather placing each kept channel."""
+    pads = np.zeros(2 * rank, dtype=np.int64)
+    pads[rank + axis] = 1
+    if int(editor.graph.opset) >= 11:
+        padded = editor.add_node("Pad", [tensor, editor.constant(f"{tensor.name}_pads", pads)], f"{tensor.name}_padded", tensor.dtype)
+    else:
+        padded = editor.add_node("Pad", [tensor], f"{tensor.name}_padded", tensor.dtype, pads=[int(p) for p in pads])
+    index = np.where(mask, np.cumsum(mask) - 1, int(mask.sum())).astype(np.int64)
+    return editor.add_node("Gather", [padded, editor.constant(f"{tensor.name}_full_index", index)], f"{tensor.name}_full", tensor.dtype, axis=axis)
+
+
+def _replace(tensors: list[gs.Tensor], old: gs.Tensor, new: gs.Tensor) -> None:
+    for index, tensor in enumerate(tensors):
+        if tensor is old:
+            tensors[index] = new
+
+
+def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool) -> list[str]:
+    """Insert the full-width restores the analysis asked for: for consumers (before the prune
+    functions, which then see the consumer's full-width input), or for graph outputs (after
+    them: the producer's output is renamed, the restore writes the output's name). Returns one
+    line per restore."""
+    analysis = editor.analysis
+    tensors = analysis.graph.tensors()
+    nodes = {node.name: node for node in analysis.graph.nodes}
+    done = []
+    for tensor_name, consumer, reason in analysis.widen:
+        mask = analysis.keep_mask(tensor_name, keep)
+        if mask is None or (consumer is None) != outputs:
+            continue
+        tensor = tensors[tensor_name]
+        axis, rank = analysis.maps[tensor_name].axis, len(analysis.shapes[tensor_name])
+        if consumer is not None:
+            _replace(nodes[consumer].inputs, tensor, widen(editor, tensor, mask, axis, rank))
+        else:
+            pruned = gs.Variable(editor.names.fresh(f"{tensor.name}_pruned"), dtype=tensor.dtype)
+            for node in list(tensor.outputs):
+                _replace(node.inputs, tensor, pruned)
+            _replace(tensor.inputs[0].outputs, tensor, pruned)
+            full = widen(editor, pruned, mask, axis, rank)
+            full.inputs[0].outputs[0] = tensor
+        done.append(f"'{tensor_name}' restored to full width ({int(mask.sum())} of {len(mask)} kept, pruned units zero) "
+                    f"for {reason if consumer is None else repr(consumer)}")
+    return done
+
+
 PruneFunction = Callable[[gs.Node, NodeMasks, _Editor], None]
 PRUNE_FUNCTIONS: dict[str, PruneFunction] = {
     "Conv": prune_conv,
@@ -264,6 +359,7 @@ PRUNE_FUNCTIONS: dict[str, PruneFunction] = {
     "Split": prune_split,
     "Slice": prune_slice,
     "Reshape": prune_reshape,
+    **{op: prune_recurrent for op in RECURRENT},
     **{op: prune_broadcast_constants for op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu")},
 }
 
@@ -305,6 +401,8 @@ def _carried_values(
             continue
         removed = np.array(sorted(set(range(group.size)) - keep[group.id]), dtype=np.int64)
         for space, source in zip(group.spaces, group.sources):
+            if source.recurrent:  # pruned hidden units are zero: nothing carried
+                continue
             bn = analysis.bn_after_source.get(space)
             target, axis = (bn.inputs[1], 0) if bn is not None else (source.node.inputs[1], source.out_axis)
             value = np.array(overrides.get(target.name, target.values), copy=True)
@@ -313,7 +411,13 @@ def _carried_values(
             value[tuple(index)] = 0
             overrides[target.name] = value
     tensors = {node.inputs[0].name: analysis.maps[node.inputs[0].name].axis for node in consumers}
-    return channel_medians(model, overrides, tensors, feeds)
+    recurrent = {space for group in analysis.groups for space, source in zip(group.spaces, group.sources) if source.recurrent}
+    if not any(p is not None and p[0] not in recurrent for name in tensors for p in analysis.maps[name].positions):
+        return {}
+    medians = channel_medians(model, overrides, tensors, feeds)
+    for name, values in medians.items():
+        values[[p is not None and p[0] in recurrent for p in analysis.maps[name].positions]] = 0.0
+    return medians
 
 
 def prune_channels(
@@ -327,20 +431,25 @@ def prune_channels(
     """Remove from ``analysis.graph`` every channel not kept (``keep``: group id → kept indices);
     ``model`` is the model the analysis was made from. Returns one edit per changed node."""
     keep_sets = {gid: set(indices) for gid, indices in keep.items()}
-    editor = _Editor(analysis)
+    editor = _Editor(analysis, keep_sets)
+    widened = analysis.widened()
     plans = []
     for node in list(analysis.graph.nodes):
         masks = NodeMasks(
-            [analysis.keep_mask(t.name, keep_sets) if t.name else None for t in node.inputs],
+            [analysis.keep_mask(t.name, keep_sets) if t.name and (t.name, node.name) not in widened else None
+             for t in node.inputs],
             [analysis.keep_mask(t.name, keep_sets) for t in node.outputs],
         )
-        if any(m is not None for m in masks.inputs + masks.outputs):
+        if any(m is not None for m in masks.inputs + masks.outputs) or (
+                node.op in RECURRENT and node.name in analysis.units
+                and analysis.position_mask(analysis.units[node.name], keep_sets) is not None):
             plans.append((node, masks))
     consumers = [
         node for node, masks in plans
         if node.op in COMPENSATED and masks.inputs[0] is not None and int(node.attrs.get("group", 1)) == 1
     ]
     carried = _carried_values(model, analysis, keep_sets, consumers, feeds) if compensate else {}
+    analysis.restored = _widen_all(editor, keep_sets, outputs=False)
     edits = []
     for node, masks in plans:
         masks.carried = carried.get(node.inputs[0].name) if node.inputs else None
@@ -349,6 +458,7 @@ def prune_channels(
             function(node, masks, editor)
         edits.append(NodeEdit(node.name, node.op, _counts(masks.inputs[0] if masks.inputs else None, analysis, node.inputs[0].name if node.inputs else ""),
                               _counts(masks.outputs[0], analysis, node.outputs[0].name)))
+    analysis.restored += _widen_all(editor, keep_sets, outputs=True)
     outputs = {t.name for t in analysis.graph.outputs} | {t.name for t in analysis.graph.inputs}
     for tensor in analysis.graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in outputs:

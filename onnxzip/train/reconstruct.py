@@ -181,6 +181,13 @@ class ReconstructPass(Pass):
             layers[decoded.name] = ({"reconstruct": True, "layers": [s.key for s in sites]} if sites and not reasons
                                     else {"reconstruct": False, "reason": "; ".join(reasons) or "unused"})
         if context.original is not None:
+            for entry in pruned_recurrent(graph, import_graph(context.original)):
+                node = entry[0]
+                selected = matches(node.name, node.op, self.config.include, self.config.exclude)
+                layers[node.name] = ({"reconstruct": False, "refit": RECURRENT_REFIT, "reason": entry[1]} if len(entry) == 2
+                                     else {"reconstruct": selected, "refit": RECURRENT_REFIT}
+                                     if selected else {"reconstruct": False, "refit": RECURRENT_REFIT,
+                                                       "reason": "not selected by include/exclude"})
             for name, job in float_candidates(graph, import_graph(context.original)).items():
                 if isinstance(job, tuple):
                     layers[name] = {"reconstruct": False, "refit": "float", "reason": job[1]}
@@ -203,7 +210,9 @@ class ReconstructPass(Pass):
         graph = import_graph(model)
         decodes = {d.name: d for d in find_decodes(graph)}
         jobs = self._jobs(graph, decodes, plan, context.original, report)
-        if not jobs:
+        recurrent = {name for name, entry in plan.layers.items()
+                     if entry.get("refit") == RECURRENT_REFIT and entry.get("reconstruct")}
+        if not jobs and not recurrent:
             report.notes.append("no codebook weight, SVD factor pair or pruned layer to reconstruct "
                                 "(run the cluster, svd or prune-channels pass first)")
             return PassResult(model, report, plan)
@@ -215,8 +224,12 @@ class ReconstructPass(Pass):
         if self.config.holdout and len(chunks) < 2:
             raise ConfigError(f"reconstruct holdout needs at least 2 runs of {batch} samples; "
                               "give more calibration samples or holdout=0.")
+        if recurrent:
+            changes = refit_recurrent(graph, model, context.original, chunks, self.config.damp, self.config.holdout,
+                                      context.device, recurrent)
+            report.changes.extend(changes)
         limit = self.config.rows_per_sample * batch
-        stages = self.config.stages or len(jobs)
+        stages = self.config.stages or max(len(jobs), 1)
         groups = stat_groups([(n, stat_bytes(j.pairs[0][0])) for n, j in jobs.items()], stages, STATS_BYTES)
         branches: dict[str, dict[str, bool] | None] = {"current": None, "teacher": None}
         progress = iter(context.track(range(len(jobs)), "reconstruct", total=len(jobs)))
@@ -258,6 +271,8 @@ class ReconstructPass(Pass):
         jobs: dict[str, _Job | _FloatJob] = {}
         floats = float_candidates(graph, teacher_graph)
         for name, entry in plan.layers.items():
+            if entry.get("refit") == RECURRENT_REFIT and entry.get("reconstruct"):
+                continue  # refit by refit_recurrent before the other jobs
             if not entry.get("reconstruct"):
                 report.skip(name, "", entry.get("reason", "not planned"))
                 continue
@@ -674,3 +689,174 @@ def _bias_delta(node: gs.Node, twin: gs.Node, rows: np.ndarray, width: int) -> n
         value = constant_value(other)
         return None if value is None else _vector(value, kept)
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruned recurrent layers: the kept units' W and R rows refit to the teacher's gate inputs
+
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+RECURRENT_REFIT = "pruned recurrent units"
+HELD_ROWS = 4096
+
+
+def pruned_recurrent(graph: gs.Graph, teacher_graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, np.ndarray] | tuple[gs.Node, str]]:
+    """(node, original node, kept unit indices) per LSTM/GRU/RNN whose hidden units or inputs
+    were pruned (the original is the node of the same name), or (node, why it is not refit)."""
+    twins = {n.name: n for n in teacher_graph.nodes if n.name}
+    found: list[tuple[gs.Node, gs.Node, np.ndarray] | tuple[gs.Node, str]] = []
+    for node in graph.nodes:
+        twin = twins.get(node.name)
+        if node.op not in RECURRENT_GATES or twin is None or twin.op != node.op:
+            continue
+        w, r = _float_weight(node, 1), _float_weight(node, 2)
+        w0, r0 = constant_value(twin.inputs[1]), constant_value(twin.inputs[2])
+        if w is None or r is None or w0 is None or r0 is None:
+            found.append((node, "weights that are not float constants (clustered?)"))
+            continue
+        if w.shape == w0.shape and r.shape == r0.shape:
+            continue
+        if not node.outputs or not node.outputs[0].name or not twin.outputs[0].name:
+            found.append((node, "its hidden sequence Y is not an output of the node"))
+            continue
+        hidden = r.shape[-1]
+        rows = _kept_rows(np.concatenate([w.values[0, :hidden], r.values[0, :hidden]], axis=1),
+                          np.concatenate([w0[0, : r0.shape[-1]], r0[0, : r0.shape[-1]]], axis=1))
+        if rows is None or len(rows) != hidden:
+            found.append((node, "its units could not be matched to the original's"))
+            continue
+        found.append((node, twin, rows))
+    return found
+
+
+def _recurrent_rows(x: np.ndarray, y: np.ndarray, h0: np.ndarray | None, node: gs.Node) -> list[np.ndarray]:
+    """Per direction, the rows [x_t; h_{t-1}] a recurrent node multiplies by [W; R]ᵀ:
+    x [T, B, I], y [T, D, B, H] (layout 0; layout 1 is moved), h0 [D, B, H] or None (zeros)."""
+    if int(node.attrs.get("layout", 0)) == 1:
+        x, y = np.swapaxes(x, 0, 1), np.moveaxis(y, (0, 1, 2), (2, 0, 1))
+        h0 = None if h0 is None else np.swapaxes(h0, 0, 1)
+    steps, directions, batch, hidden = y.shape
+    direction = node.attrs.get("direction", "forward")
+    direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+    out = []
+    for d in range(directions):
+        start = np.zeros((batch, hidden), np.float32) if h0 is None else h0[d]
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        states = y[:, d]
+        previous = (np.concatenate([states[1:], start[None]]) if reverse else np.concatenate([start[None], states[:-1]]))
+        out.append(np.concatenate([x, previous], axis=2).reshape(steps * batch, -1).astype(np.float64))
+    return out
+
+
+def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.ModelProto, chunks: list[dict[str, np.ndarray]],
+                    damp: float, holdout: float, device: str, selected: set[str]) -> list[LayerChange]:
+    """Refit each pruned LSTM/GRU/RNN (graph order, the compressed model re-run before each): per
+    direction and gate, the kept units' rows [W'_g R'_g] by ridge least squares from the pruned
+    layer's own rows [x̃_t; h̃_{t-1}] to the original's gate inputs W_g x_t + R_g h_{t-1} (its
+    inputs and states). A GRU's candidate gate multiplies R_n h by the reset gate: with
+    ``linear_before_reset`` W_n and R_n are fitted apart (x̃ → W_n x, h̃ → R_n h), without it only
+    W_n. Kept when the held-back relative error of the gate inputs goes down."""
+    from onnxzip.runtime import make_session, run_session
+
+    changes: list[LayerChange] = []
+    teacher_graph = import_graph(original)
+    every = int(1 / holdout) if holdout > 0 else 0
+    for entry in pruned_recurrent(graph, teacher_graph):
+        if len(entry) == 2 or entry[0].name not in selected:
+            continue  # the plan reports why
+        node, twin, kept = entry
+        names = [node.inputs[0].name, node.outputs[0].name]
+        twin_names = [twin.inputs[0].name, twin.outputs[0].name]
+        state = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
+        twin_state = twin.inputs[5] if len(twin.inputs) > 5 and twin.inputs[5].name else None
+        names += [state.name] if state is not None else []
+        twin_names += [twin_state.name] if twin_state is not None else []
+        sessions = []
+        for source, wanted in ((export_model(graph, model), names), (original, twin_names)):
+            probe = onnx.ModelProto()
+            probe.CopyFrom(source)
+            known = {o.name for o in probe.graph.output}
+            probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in known and n not in
+                                      {i.name for i in probe.graph.input})
+            sessions.append(make_session(probe, device, optimization="disabled"))
+        gates = RECURRENT_GATES[node.op]
+        w, r = node.inputs[1], node.inputs[2]
+        w_now, r_now = np.asarray(w.values, np.float64), np.asarray(r.values, np.float64)
+        w0, r0 = constant_value(twin.inputs[1]).astype(np.float64), constant_value(twin.inputs[2]).astype(np.float64)
+        hidden, full = r_now.shape[-1], r0.shape[-1]
+        inputs, full_inputs = w_now.shape[2], w0.shape[2]
+        directions = w_now.shape[0]
+        size, size0 = inputs + hidden, full_inputs + full
+        gram = np.zeros((directions, size, size))
+        cross = np.zeros((directions, size, size0))
+        held: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(directions)]
+        held_count = 0
+        for index, chunk in enumerate(chunks):
+            values = [run_session(session, {k: v for k, v in chunk.items() if k in {i.name for i in session.get_inputs()}})
+                      for session in sessions]
+            ours = _recurrent_rows(values[0][names[0]] if names[0] in values[0] else chunk[names[0]], values[0][names[1]],
+                                   (values[0].get(names[2], chunk.get(names[2])) if state is not None else None), node)
+            theirs = _recurrent_rows(values[1][twin_names[0]] if twin_names[0] in values[1] else chunk[twin_names[0]],
+                                     values[1][twin_names[1]],
+                                     (values[1].get(twin_names[2], chunk.get(twin_names[2])) if twin_state is not None else None),
+                                     twin)
+            hold = every and index % every == min(1, every - 1)
+            for d in range(directions):
+                if hold:
+                    if held_count < HELD_ROWS:
+                        held[d].append((ours[d], theirs[d]))
+                else:
+                    gram[d] += ours[d].T @ ours[d]
+                    cross[d] += ours[d].T @ theirs[d]
+            if hold:
+                held_count += ours[0].shape[0]
+        new_w, new_r = w_now.copy(), r_now.copy()
+        lbr = int(node.attrs.get("linear_before_reset", 0))
+        x_part, h_part = slice(0, inputs), slice(inputs, size)
+        x0_part, h0_part = slice(0, full_inputs), slice(full_inputs, size0)
+        for d in range(directions):
+            for g in range(gates):
+                rows = slice(g * hidden, (g + 1) * hidden)
+                target_rows = g * full + kept
+                target = np.concatenate([w0[d, target_rows], r0[d, target_rows]], axis=1)  # [H', I + H]
+                if node.op == "GRU" and g == 2:  # the candidate gate: r ⊙ (R_n h) or R_n (r ⊙ h)
+                    new_w[d, rows] = ridge_target(w0[d, target_rows], gram[d][x_part, x_part], cross[d][x_part, x0_part],
+                                                  damp, prior=w_now[d, rows])[0]
+                    if lbr:
+                        new_r[d, rows] = ridge_target(r0[d, target_rows], gram[d][h_part, h_part],
+                                                      cross[d][h_part, h0_part], damp, prior=r_now[d, rows])[0]
+                    continue
+                prior = np.concatenate([w_now[d, rows], r_now[d, rows]], axis=1)
+                fitted = ridge_target(target, gram[d], cross[d], damp, prior=prior)[0]
+                new_w[d, rows], new_r[d, rows] = fitted[:, x_part], fitted[:, h_part]
+
+        def error(wm: np.ndarray, rm: np.ndarray) -> float:
+            num = den = 0.0
+            for d in range(directions):
+                for ours, theirs in held[d]:
+                    for g in range(gates):
+                        rows = slice(g * hidden, (g + 1) * hidden)
+                        target_rows = g * full + kept
+                        mine = ours @ np.concatenate([wm[d, rows], rm[d, rows]], axis=1).T
+                        want = theirs @ np.concatenate([w0[d, target_rows], r0[d, target_rows]], axis=1).T
+                        num += float(np.sum((mine - want) ** 2))
+                        den += float(np.sum(want ** 2))
+            return num / den if den else float("nan")
+
+        params = w_now.size + r_now.size
+        details: dict[str, Any] = {"refit": "pruned recurrent units", "hidden": [hidden, full], "inputs": [inputs, full_inputs]}
+        if any(held):
+            before, after = error(w_now, r_now), error(new_w, new_r)
+            details.update(error_before=round(before, 6), error_after=round(after, 6))
+            if not after < before:
+                changes.append(LayerChange(node.name, node.op, "skipped", "the refit did not lower the held-back gate-input "
+                                           f"error ({before:.4g} → {after:.4g}); kept as it was",
+                                           params_before=params, params_after=params, details=details))
+                continue
+            text = f"held-back gate-input error {before:.4g} → {after:.4g}"
+        else:
+            text = "no held-back rows"
+        w.values = np.ascontiguousarray(new_w.astype(np.asarray(w.values).dtype))
+        r.values = np.ascontiguousarray(new_r.astype(np.asarray(r.values).dtype))
+        changes.append(LayerChange(node.name, node.op, f"refit pruned recurrent units: {text}",
+                                   params_before=params, params_after=params, details=details))
+    return changes
