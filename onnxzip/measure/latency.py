@@ -217,6 +217,10 @@ class Timing:
             best = [min(b, float(np.median(t))) for b, t in zip(best, times)]
         return best[0], best[1]
 
+    def feeds_for(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The batch-1 inputs ``model`` is timed on (generated from its signature without feeds)."""
+        return self._feeds(model)
+
     def _feeds(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if self.feeds is not None:
             names = {i.name for i in model.graph.input}

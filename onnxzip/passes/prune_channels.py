@@ -86,6 +86,9 @@ class PruneChannelsConfig:
     reward: Literal["exp", "linear"] = option("exp", "ddpg: accuracy term exp(-dacc/b) or 1 - dacc/b")
     reward_b: float = option(0.05, "ddpg: b, the accuracy drop the reward term scales by")
     reward_samples: int = option(1000, "ddpg: items of --data measured per reward")
+    reward_cost: Literal["params", "latency"] = option(
+        "params", "ddpg: the cost term of the reward, -log of the share kept: params, or latency (each "
+        "episode's pruned model timed at batch 1 on one onnxruntime thread, taking turns with the original)")
     workers: int = option(0, "ddpg: Ray workers of a local instance (0: evaluate in this process)")
     ray_address: str | None = option(None, "ddpg: join this Ray cluster (auto or ray://host:port)")
     seed: int = option(0, "ddpg: seed of the agent and its exploration")

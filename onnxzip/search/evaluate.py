@@ -39,12 +39,17 @@ class RewardTask:
     compensation_feeds: dict[str, np.ndarray] | None
     selection: dict[str, Any] = field(default_factory=dict)  # importance, aggregate, min_channels, round_to, compensate
     batch_size: int = 256
+    # reward_cost=latency: batch-1 inputs each pruned model is timed on against the original
+    # (None: not timed), and an optional model timer (ms of a model; tests inject one)
+    latency_feeds: dict[str, np.ndarray] | None = None
+    model_timer: Any = None
 
 
 @dataclass
 class Measurement:
     accuracy: float
     original_accuracy: float
+    latency_kept: float | None = None  # the pruned model's batch-1 time / the original's (when timed)
 
 
 class Measurer:
@@ -85,8 +90,16 @@ class Measurer:
         return export_model(analysis.graph, self.model)
 
     def measure(self, ratios: dict[str, float]) -> Measurement:
-        session = make_session(self.pruned_model(ratios), "cpu", intra_op_threads=self.threads)
-        return Measurement(self._score(self._predict(session)), self.original_accuracy)
+        pruned = self.pruned_model(ratios)
+        session = make_session(pruned, "cpu", intra_op_threads=self.threads)
+        measurement = Measurement(self._score(self._predict(session)), self.original_accuracy)
+        if self.task.latency_feeds is not None:
+            from onnxzip.measure.latency import Timing
+
+            timing = Timing(feeds=self.task.latency_feeds, model_timer=self.task.model_timer)
+            before, after = timing.compare(self.model, pruned, rounds=1)
+            measurement.latency_kept = after / before if before > 0 else 1.0
+        return measurement
 
 
 class LocalEvaluator:

@@ -8,7 +8,11 @@ ordinary plan (kept channel indices per group) that ``--plan`` replays without s
 Reward of an episode (method 2): ``R = A(Δacc; b) · (−log η_params)`` with ``η_params`` the
 share of params kept and ``Δacc`` the original's minus the candidate's accuracy on the reward
 split (``A = exp(−Δacc / b)`` or ``A = 1 − Δacc / b``); without labels accuracy is agreement
-with the original's argmax.
+with the original's argmax. ``reward_cost=latency`` replaces ``η_params`` by the share of the
+batch-1 latency kept, measured per episode in onnxruntime on one thread, the pruned model and the
+original taking turns (:meth:`onnxzip.measure.latency.Timing.compare`): under the same params or
+FLOPs wall, the agent is paid for the configurations that actually run faster (odd channel
+counts, layers whose time is not their FLOPs).
 """
 from __future__ import annotations
 
@@ -46,10 +50,14 @@ def accuracy_term(delta: float, kind: str, b: float) -> float:
     raise ConfigError(f"Unknown reward shape {kind!r}; choose exp or linear.")
 
 
-def reward(measurement: Measurement, params_kept: float, kind: str, b: float) -> float:
-    """``A(Δacc; b) · (−log η_params)``."""
+def reward(measurement: Measurement, params_kept: float, kind: str, b: float, cost: str = "params") -> float:
+    """``A(Δacc; b) · (−log η)``, η the share of params kept (``cost="params"``) or of the
+    measured batch-1 latency (``cost="latency"``; a model no faster than the original gets 0)."""
     delta = measurement.original_accuracy - measurement.accuracy
-    return accuracy_term(delta, kind, b) * -math.log(max(min(params_kept, 1.0 - 1e-12), 1e-12))
+    kept = params_kept if cost == "params" else measurement.latency_kept
+    if kept is None:
+        raise ConfigError("reward_cost=latency needs each episode timed (the measurement has no latency).")
+    return accuracy_term(delta, kind, b) * -math.log(max(min(kept, 1.0 - 1e-12), 1e-12))
 
 
 @dataclass
@@ -61,6 +69,7 @@ class EpisodeRecord:
     flops: int
     accuracy: float
     reward: float
+    latency_kept: float | None = None  # reward_cost=latency: measured batch-1 time / the original's
 
 
 @dataclass
@@ -94,6 +103,7 @@ class SearchResult:
             "original_accuracy": self.original_accuracy, "params_kept": self.best.params / self.params_before,
             "flops_kept": self.best.flops / max(self.flops_before, 1), "episodes": len(self.history),
             "seconds": round(self.seconds, 2), "accuracy": "labels" if self.labels else "agreement with the original",
+            **({} if self.best.latency_kept is None else {"latency_kept": self.best.latency_kept}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,35 +147,43 @@ class Search:
                  labels: np.ndarray | None, *, budget: Budget, ddpg: DdpgConfig, selection: dict[str, Any],
                  selected=lambda group: True, max_ratio: float = 0.8,  # noqa: ANN001
                  reward_shape: str = "exp", reward_b: float = 0.05, workers: int = 0,
-                 ray_address: str | None = None, evaluator: Any = None) -> None:
+                 ray_address: str | None = None, evaluator: Any = None, reward_cost: str = "params") -> None:
         shapes = context.shapes(model)
         analysis = analyze_channels(model, shapes=shapes)
         self.env = PruningEnv(analysis, context.cost(model), prunable_groups(analysis, selected), budget,
                               max_ratio=max_ratio, min_channels=selection.get("min_channels", 1),
                               round_to=selection.get("round_to", 1), compensate=selection.get("compensate", True))
         self.agent = DdpgAgent(self.env, ddpg)
-        self.reward_shape, self.reward_b = reward_shape, reward_b
+        self.reward_shape, self.reward_b, self.reward_cost = reward_shape, reward_b, reward_cost
         accuracy_term(0.0, reward_shape, reward_b)  # checks the options before any worker starts
         self.labels = labels is not None
         self.owns_evaluator = evaluator is None
         self.evaluator = evaluator or make_evaluator(
-            self.task(model, context, inputs, labels, selection), workers=workers, address=ray_address)
+            self.task(model, context, inputs, labels, selection, timed=reward_cost == "latency"),
+            workers=workers, address=ray_address)
         self.history: list[EpisodeRecord] = []
 
     @staticmethod
     def task(model: onnx.ModelProto, context: PassContext, inputs: dict[str, np.ndarray], labels: np.ndarray | None,
-             selection: dict[str, Any]) -> RewardTask:
-        """The measurement task (share one evaluator between searches by passing ``evaluator``)."""
-        return RewardTask(model.SerializeToString(), context.shapes(model), inputs, labels, context.feeds, selection)
+             selection: dict[str, Any], timed: bool = False) -> RewardTask:
+        """The measurement task (share one evaluator between searches by passing ``evaluator``);
+        ``timed``: each pruned model is timed at batch 1 against the original (the context's timer)."""
+        task = RewardTask(model.SerializeToString(), context.shapes(model), inputs, labels, context.feeds, selection)
+        if timed:
+            timing = context.timer()
+            task.latency_feeds = timing.feeds if timing.feeds is not None else timing.feeds_for(model)
+            task.model_timer = timing.model_timer
+        return task
 
     def measure(self, episodes: list[Episode]) -> list[EpisodeRecord]:
         """Rewards of ``episodes`` (measured together, recorded in order)."""
         results = self.evaluator.map([e.ratios for e in episodes])
         records = []
         for episode, result in zip(episodes, results):
-            value = reward(result, episode.params / self.env.cost.params0, self.reward_shape, self.reward_b)
+            value = reward(result, episode.params / self.env.cost.params0, self.reward_shape, self.reward_b,
+                           self.reward_cost)
             records.append(EpisodeRecord(len(self.history) + len(records), episode.ratios, episode.counts,
-                                         episode.params, episode.flops, result.accuracy, value))
+                                         episode.params, episode.flops, result.accuracy, value, result.latency_kept))
             self.original_accuracy = result.original_accuracy
         self.history.extend(records)
         return records
@@ -218,7 +236,7 @@ def resolve_step(step: Pass, model: onnx.ModelProto, context: PassContext, data:
     search = Search(model, context, inputs, labels, budget=Budget(config.params_budget, config.flops_budget),
                     ddpg=ddpg, selection=selection, selected=step.selects, max_ratio=config.max_ratio,
                     reward_shape=config.reward, reward_b=config.reward_b, workers=config.workers,
-                    ray_address=config.ray_address)
+                    ray_address=config.ray_address, reward_cost=config.reward_cost)
     result = search.run(progress=context.progress)
     options = {**asdict(config), "layer_ratios": result.ratios, "ratio": None, "threshold": None}
     return type(step)(options), result

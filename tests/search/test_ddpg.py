@@ -291,3 +291,30 @@ def test_costs_are_exact_on_blocks_and_when_nothing_is_pruned():
         pruned = get_pass("prune-channels")(layer_ratios=episode.ratios).run(model, PassContext())
         actual = model_cost(pruned.model)
         assert (episode.params, episode.flops) == (actual.params, actual.flops)
+
+
+def test_latency_reward_pays_for_measured_time():
+    """reward_cost=latency: each episode's pruned model is timed against the original (here by an
+    injected timer that counts the Conv weights' output channels) and the reward's cost term is
+    -log of that share, not of the params; the report's episodes carry it."""
+    from onnxzip.measure.latency import Timing
+
+    def conv_channels(model):
+        return float(sum(onnx.numpy_helper.to_array(i).shape[0] for i in model.graph.initializer
+                         if any(n.op_type == "Conv" and n.input[1] == i.name for n in model.graph.node)))
+
+    model = mixed_graph()
+    data = _labelled(model, 16)
+    context = PassContext(feeds={k: v for k, v in data.items() if k != "labels"},
+                          timing=Timing(model_timer=conv_channels))
+    step = get_pass("prune-channels")(_ddpg(episodes=6, warmup=3, proposals=2, reward_cost="latency"))
+    _, result = resolve_step(step, model, context, data)
+    total = conv_channels(model)
+    for record in result.history:
+        assert record.latency_kept is not None and 0 < record.latency_kept < 1
+        expected = search_policy.accuracy_term(result.original_accuracy - record.accuracy, "exp", 0.05) * -np.log(
+            record.latency_kept)
+        assert record.reward == pytest.approx(expected)
+    # the timer saw the pruned models: a channel count the wall allows, not the original's
+    assert {round(r.latency_kept * total) for r in result.history} != {int(total)}
+    assert result.summary()["latency_kept"] == result.best.latency_kept
