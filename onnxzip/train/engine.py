@@ -70,8 +70,8 @@ AUTO_MATCH_SAMPLES = 1024
 # match=auto keeps the teacher's matched activations within this many float32 values (train + val).
 _MATCH_BUDGET = 2**26
 # lr=auto: the peak learning rate by what trains (measured on the corpus: see the README).
-LR_CODEBOOK = 1e-4
-LR_DENSE = 1e-4
+LR_CODEBOOK = 3e-4
+LR_DENSE = 1e-3
 
 DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 
@@ -80,8 +80,8 @@ DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 class FinetuneConfig:
     epochs: int = option(3, "training epochs over --data")
     lr: float | Literal["auto"] = option(
-        "auto", "peak learning rate; auto: 1e-4 when codebook centroids train, else 1e-4 (SVD factors, pruned or "
-        "plain layers); measured on the corpus, see the README")
+        "auto", "peak learning rate; auto: 3e-4 when codebook centroids train (each moves many weights), else "
+        "1e-3 (SVD factors, pruned or plain layers); measured on the corpus, see the README")
     optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
     weight_decay: float = option(0.0, "AdamW weight decay")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warm-up")
@@ -446,7 +446,7 @@ def compressed_layer_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
     (and is not a graph output), and whose weights differ from the teacher's layer of that output
     (a decoded codebook, an SVD factor, a refit or narrower weight, another input tensor)."""
     s_derived, s_values = _constant_derived(student)
-    t_derived, t_values = _constant_derived(teacher)
+    _, t_values = _constant_derived(teacher)
     t_producer = {o: node for node in teacher.graph.node for o in node.output if o}
     outputs = {o.name for o in student.graph.output}
     found: list[str] = []
@@ -505,6 +505,19 @@ def _within_budget(names: list[str], sizes: dict[str, int], budget: int) -> list
     return []
 
 
+def _variance(values: NDArray[Any], chunk: int = 2**22) -> float:
+    """The variance of all of ``values`` in float64 (its mean square when that is 0), a chunk at a time."""
+    flat = values.reshape(-1)
+    total = squares = 0.0
+    for start in range(0, flat.size, chunk):
+        part = flat[start : start + chunk].astype(np.float64)
+        total += float(part.sum())
+        squares += float(np.dot(part, part))
+    count = max(flat.size, 1)
+    mean_square = squares / count
+    return max(mean_square - (total / count) ** 2, 0.0) or mean_square
+
+
 def _relative(terms: list[LossTerm], targets: dict[str, NDArray[Any]]) -> list[LossTerm]:
     """Each MSE term against a teacher target divided by that target's variance (its mean square
     when the variance is 0), so that no tensor dominates by its scale."""
@@ -512,8 +525,7 @@ def _relative(terms: list[LossTerm], targets: dict[str, NDArray[Any]]) -> list[L
     for term in terms:
         target = targets.get(term.target)
         if term.kind == "mse" and term.target.startswith(("onnxzip_teacher_", "onnxzip_match_")) and target is not None:
-            values = target.astype(np.float64)
-            scale = float(np.var(values)) or float(np.mean(values * values))
+            scale = _variance(target)
             if scale > 0 and np.isfinite(scale):
                 term = dataclasses.replace(term, weight=term.weight / scale)
         result.append(term)
@@ -564,7 +576,7 @@ def finetune(
     named = [m for m in config.match if m.lower() not in ("auto", "none")]
     if named and len(named) != len(config.match):
         raise ConfigError("match: give tensor names, or auto, or none (not a mix).")
-    auto_match = (config.match and config.match[0].lower() == "auto" and needs_teacher and not config.sparsity
+    auto_match = bool(config.match and config.match[0].lower() == "auto" and needs_teacher and not config.sparsity
                   and not config.loss_model and len(train) < AUTO_MATCH_SAMPLES)
     if named:
         if teacher_model is None:

@@ -108,7 +108,7 @@ def test_default_batch_gives_an_epoch_at_least_eight_steps_and_lr_auto_follows_w
     rows = [row for row in result.history if row["epoch"] > 0]
     assert rows and all(row["steps"] >= 8 for row in rows)
     assert any("batch size 4 (auto: at least 8 steps per epoch on 32 samples)" in n for n in result.notes)
-    assert any("learning rate 0.0001 (auto: 1 codebooks train)" in n for n in result.notes)
+    assert any("learning rate 0.0003 (auto: 1 codebooks train)" in n for n in result.notes)
     # a batch given by the user wins: 32 samples in one step
     given = finetune(student, {"x": x}, teacher=teacher, device="cpu", progress=False,
                      config={"epochs": 1, "patience": 0, "batch_size": 32, "lr": 1e-3})
