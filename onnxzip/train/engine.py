@@ -17,6 +17,7 @@ stops at zero (:class:`_SparseGammas`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections import Counter
 import math
@@ -61,6 +62,16 @@ _MAX_HALVINGS = 3
 _HOLDOUT = 0.2
 _MIN_HOLDOUT_SAMPLES = 10
 _NO_BUILDER = re.compile(r"gradient builder has not been registered: (\w+)")
+# batch_size=auto: at most _MAX_AUTO_BATCH items, fewer so that an epoch has at least _MIN_STEPS steps.
+_MAX_AUTO_BATCH = 32
+_MIN_STEPS = 8
+# match=auto matches the compressed layers' outputs with fewer training samples than this.
+AUTO_MATCH_SAMPLES = 1024
+# match=auto keeps the teacher's matched activations within this many float32 values (train + val).
+_MATCH_BUDGET = 2**26
+# lr=auto: the peak learning rate by what trains (measured on the corpus: see the README).
+LR_CODEBOOK = 3e-4
+LR_DENSE = 1e-3
 
 DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 
@@ -68,12 +79,16 @@ DataSource = str | os.PathLike[str] | dict[str, NDArray[Any]]
 @dataclass
 class FinetuneConfig:
     epochs: int = option(3, "training epochs over --data")
-    lr: float = option(1e-3, "peak learning rate")
+    lr: float | Literal["auto"] = option(
+        "auto", "peak learning rate; auto: 3e-4 when codebook centroids train (each moves many weights), else "
+        "1e-3 (SVD factors, pruned or plain layers); measured on the corpus, see the README")
     optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
     weight_decay: float = option(0.0, "AdamW weight decay")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warm-up")
     warmup: float = option(0.05, "fraction of the steps with a linear warm-up")
-    batch_size: int = option(32, "items per step (a model with a fixed batch dimension uses that size)")
+    batch_size: int | Literal["auto"] = option(
+        "auto", "items per step; auto: 32, or fewer so that an epoch has at least 8 steps (a model with a fixed "
+        "batch dimension uses that size)")
     loss: Literal["auto", "mse", "l1", "kl", "cross_entropy"] = option(
         "auto", "auto: cross_entropy with labels, mse against references, else distillation (mse) "
         "from the teacher; kl distills class scores")
@@ -83,9 +98,12 @@ class FinetuneConfig:
                                    "(without weight decay), so that unimportant γ can reach zero")
     loss_model: str | None = option(None, "ONNX file of a user loss: inputs (prediction, target) -> one float "
                                     "scalar; target: the data's references, else labels, else the teacher's output")
-    match: list[str] = option([], "inner tensor names whose activations also match the teacher's (MSE; "
-                              "same shapes in both models, e.g. block outputs after SVD or codebooks)")
-    match_weight: float = option(1.0, "weight of each matched activation's MSE in the loss")
+    match: list[str] = option(["auto"], "inner tensor names whose activations also match the teacher's (MSE; "
+                              "same shapes in both models, e.g. block outputs after SVD or codebooks); auto: in "
+                              "label-free distillation from fewer than 1024 samples, the outputs of the compressed "
+                              "layers, every term divided by the teacher's variance of its tensor; none: no matching")
+    match_weight: float = option(1.0, "weight of each matched activation's MSE in the loss (match=auto: shared by "
+                                 "the matched tensors)")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
     keep: Literal["best", "last"] = option("best", "the epoch whose weights are returned: best on --val (else the "
@@ -99,7 +117,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
-        if self.lr <= 0 or self.batch_size < 1 or self.sparsity < 0 or not 0 <= self.warmup < 1:
+        if (self.lr != "auto" and self.lr <= 0) or (self.batch_size != "auto" and self.batch_size < 1) \
+                or self.sparsity < 0 or not 0 <= self.warmup < 1:
             raise ValueError("lr and batch_size must be positive, sparsity >= 0 and 0 <= warmup < 1")
         if self.gamma_lr_scale <= 0:
             raise ValueError("gamma_lr_scale must be positive")
@@ -120,6 +139,7 @@ class FinetuneResult:
     device: str = "cpu"
     gammas: int = 0
     gammas_below_threshold: int = 0
+    matched: list[str] = field(default_factory=list)  # inner tensors matched by match=auto
     float_weights: dict[str, int] = field(default_factory=dict)  # every float initializer: its size
     trained_fraction: float = 0.0  # of the float parameters
 
@@ -170,6 +190,19 @@ def _load_data(model: onnx.ModelProto, source: DataSource, what: str,
             raise DataError(f"The {what} labels must be class indices (integers), got {labels.dtype}.")
     references = None if samples.references is None else np.asarray(samples.references, np.float32)
     return _Data(samples, None if labels is None else labels.astype(np.int64), references)
+
+
+def auto_batch_size(batch_size: int | str, count: int) -> int:
+    """``batch_size``, or for ``auto`` the largest size up to :data:`_MAX_AUTO_BATCH` that gives an
+    epoch over ``count`` samples at least :data:`_MIN_STEPS` steps."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return max(1, min(_MAX_AUTO_BATCH, count // _MIN_STEPS))
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", … {len(names) - most} more" if len(names) > most else "")
 
 
 def _hold_back(data: _Data, seed: int) -> tuple[_Data, _Data]:
@@ -384,6 +417,121 @@ def _check_matched(names: list[str], student_shapes: dict[str, tuple[int, ...]],
                               f"{student_shapes.get(name)} in the student (pruned channels cannot be matched).")
 
 
+_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Gather"})
+
+
+def _constant_derived(model: onnx.ModelProto) -> tuple[set[str], dict[str, NDArray[Any]]]:
+    """(names computed from constants only, {initializer / Constant-node output: its value})."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    derived = set(values)
+    for node in model.graph.node:
+        if node.op_type != "Constant" and all(not name or name in derived for name in node.input) \
+                and not _node_reads_subgraph(node):
+            derived.update(o for o in node.output if o)
+    return derived, values
+
+
+def _node_reads_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def compressed_layer_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
+                             student_shapes: dict[str, tuple[int, ...]],
+                             teacher_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The outputs of the student's compressed layers, in graph order: a Conv / MatMul / Gemm /
+    LSTM / GRU / RNN / embedding Gather whose first output the teacher computes with the same shape
+    (and is not a graph output), and whose weights differ from the teacher's layer of that output
+    (a decoded codebook, an SVD factor, a refit or narrower weight, another input tensor)."""
+    s_derived, s_values = _constant_derived(student)
+    _, t_values = _constant_derived(teacher)
+    t_producer = {o: node for node in teacher.graph.node for o in node.output if o}
+    outputs = {o.name for o in student.graph.output}
+    found: list[str] = []
+    for node in student.graph.node:
+        if node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Gather" and (len(node.input) < 2 or node.input[1] in s_derived
+                                         or node.input[0] not in s_derived):
+            continue  # a codebook being decoded, or data moved around: not an embedding lookup
+        out = next((o for o in node.output if o), None)
+        other = t_producer.get(out) if out else None
+        if other is None or out in outputs or student_shapes.get(out) is None \
+                or student_shapes.get(out) != teacher_shapes.get(out):
+            continue
+        theirs = list(other.input) + [""] * max(0, len(node.input) - len(other.input))
+        changed = len(other.input) > len(node.input)
+        for mine, their in zip(node.input, theirs):
+            if mine in s_values and their in t_values:
+                a, b = s_values[mine], t_values[their]
+                changed |= a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b)
+            elif mine in s_derived:
+                changed = True  # decoded in the graph (a codebook) or a constant the teacher lacks
+            else:
+                changed |= mine != their
+        if changed:
+            found.append(out)
+    return found
+
+
+def _auto_matched(model: onnx.ModelProto, teacher: onnx.ModelProto, training_copy: onnx.ModelProto,
+                  shapes: dict[str, tuple[int, ...]], probe: Samples, samples: int) -> list[str]:
+    """match=auto: the compressed layers' outputs that the training copy computes, evenly thinned
+    out when the teacher's activations of all of them on ``samples`` samples would not fit
+    :data:`_MATCH_BUDGET`."""
+    teacher_shapes = observed_shapes(teacher, probe)
+    produced = {o for n in training_copy.graph.node for o in n.output}
+    names = [n for n in compressed_layer_outputs(model, teacher, shapes, teacher_shapes) if n in produced]
+    probe_count = max(1, probe.count) if isinstance(probe, Samples) else 1
+    sizes = {n: int(np.prod(shapes[n])) * samples // probe_count for n in names}
+    return _within_budget(names, sizes, _MATCH_BUDGET)
+
+
+def _codebooks(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Those of ``names`` that are codebooks: the table of a Gather whose indices are constants."""
+    derived, _ = _constant_derived(model)
+    return sorted({n.input[0] for n in model.graph.node
+                   if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in derived and n.input[0] in names})
+
+
+def _within_budget(names: list[str], sizes: dict[str, int], budget: int) -> list[str]:
+    """The most of ``names`` (evenly spaced in their order) whose ``sizes`` sum to at most ``budget``."""
+    for count in range(len(names), 0, -1):
+        picked = [names[int(i)] for i in np.unique(np.round(np.linspace(0, len(names) - 1, count)).astype(int))]
+        if sum(sizes[n] for n in picked) <= budget:
+            return picked
+    return []
+
+
+def _variance(values: NDArray[Any], chunk: int = 2**22) -> float:
+    """The variance of all of ``values`` in float64 (its mean square when that is 0), a chunk at a time."""
+    flat = values.reshape(-1)
+    total = squares = 0.0
+    for start in range(0, flat.size, chunk):
+        part = flat[start : start + chunk].astype(np.float64)
+        total += float(part.sum())
+        squares += float(np.dot(part, part))
+    count = max(flat.size, 1)
+    mean_square = squares / count
+    return max(mean_square - (total / count) ** 2, 0.0) or mean_square
+
+
+def _relative(terms: list[LossTerm], targets: dict[str, NDArray[Any]]) -> list[LossTerm]:
+    """Each MSE term against a teacher target divided by that target's variance (its mean square
+    when the variance is 0), so that no tensor dominates by its scale."""
+    result = []
+    for term in terms:
+        target = targets.get(term.target)
+        if term.kind == "mse" and term.target.startswith(("onnxzip_teacher_", "onnxzip_match_")) and target is not None:
+            scale = _variance(target)
+            if scale > 0 and np.isfinite(scale):
+                term = dataclasses.replace(term, weight=term.weight / scale)
+        result.append(term)
+    return result
+
+
 def finetune(
     model: onnx.ModelProto | str | os.PathLike[str],
     data: DataSource,
@@ -421,12 +569,19 @@ def finetune(
     else:
         notes = []
     fixed = fixed_batch(model, train.inputs)
-    batch = fixed or config.batch_size
+    batch = fixed or auto_batch_size(config.batch_size, len(train))
+    if not fixed and config.batch_size == "auto" and batch < _MAX_AUTO_BATCH:
+        notes.append(f"batch size {batch} (auto: at least {_MIN_STEPS} steps per epoch on {len(train)} samples)")
     terms, needs_teacher = _loss_terms(model, config, train, teacher_model is not None)
-    if config.match:
+    named = [m for m in config.match if m.lower() not in ("auto", "none")]
+    if named and len(named) != len(config.match):
+        raise ConfigError("match: give tensor names, or auto, or none (not a mix).")
+    auto_match = bool(config.match and config.match[0].lower() == "auto" and needs_teacher and not config.sparsity
+                  and not config.loss_model and len(train) < AUTO_MATCH_SAMPLES)
+    if named:
         if teacher_model is None:
             raise ConfigError("Matching intermediate activations (match=) needs a teacher model (--teacher).")
-        terms += [LossTerm(name, "mse", f"onnxzip_match_{i}", config.match_weight) for i, name in enumerate(config.match)]
+        terms += [LossTerm(name, "mse", f"onnxzip_match_{i}", config.match_weight) for i, name in enumerate(named)]
         needs_teacher = True
 
     probe = train.inputs.take(slice(0, fixed or 1))
@@ -442,15 +597,37 @@ def finetune(
     if not trainable:
         return _untrained(result)
 
-    if config.match:
-        _check_matched(config.match, shapes, teacher_model, training_copy, probe)
-    teacher_train = _teacher_outputs(teacher_model, model, train, batch, device, config.match) if needs_teacher else None
-    teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device, config.match)
+    if named:
+        _check_matched(named, shapes, teacher_model, training_copy, probe)
+    if auto_match:
+        named = _auto_matched(model, teacher_model, training_copy, shapes, probe,
+                              len(train) + (len(held_out) if held_out is not None else 0))
+        terms += [LossTerm(name, "mse", f"onnxzip_match_{i}", config.match_weight / len(named))
+                  for i, name in enumerate(named)]
+        result.matched = named
+        result.notes.append(f"match=auto ({len(train)} samples < {AUTO_MATCH_SAMPLES}): every term is relative to the "
+                            f"teacher's variance; matched the outputs of {len(named)} compressed layers"
+                            + (f" ({_listed(named)})" if named else ""))
+    teacher_train = _teacher_outputs(teacher_model, model, train, batch, device, named) if needs_teacher else None
+    teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device, named)
                    if needs_teacher and held_out is not None else None)
     train_targets, target_axes = _targets(terms, train, teacher_train)
+    if auto_match:  # one scale per term, from the training targets, for training and the held-out loss alike
+        terms = _relative(terms, train_targets)
+        result.losses = [f"{t.kind}({t.output})" + "/var" * (t.kind == "mse") for t in terms
+                         if not t.target.startswith("onnxzip_match_")]
+        if named:
+            result.losses.append(f"{config.match_weight:g}·mean of mse/var over {len(named)} compressed-layer outputs")
     val_targets = _targets(terms, held_out, teacher_val)[0] if held_out is not None else None
     add_loss(training_copy, terms, {k: _with_symbol(v.shape, target_axes[k]) for k, v in train_targets.items()})
     training_copy.ir_version = compatible_ir_version(training_copy)
+
+    if config.lr == "auto":
+        codebooks = _codebooks(training_copy, trainable)
+        lr = LR_CODEBOOK if codebooks else LR_DENSE
+        result.notes.append(f"learning rate {lr:g} (auto: " + (f"{len(codebooks)} codebooks train)" if codebooks
+                                                               else "no codebook trains)"))
+        config = dataclasses.replace(config, lr=lr)
 
     with tempfile.TemporaryDirectory(prefix="onnxzip-train-") as folder:
         work = Path(folder)
@@ -640,7 +817,7 @@ def _train(
                 losses.append(float(np.asarray(loss)))
                 bar.set_postfix(loss=f"{np.mean(losses):.4g}")
                 step += 1
-        row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate,
+        row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate, "steps": len(chunks),
                                  "seconds": time.perf_counter() - began}
         score = held_out_score(row) if val_arrays is not None else -row["loss"]
         result.history.append(row)

@@ -443,10 +443,15 @@ def _recurrent(node: onnx.NodeProto, nodes: Nodes, ctx: Context) -> str | None:
     direction = attr(node, "direction", "forward")
     count = 2 if direction == "bidirectional" else 1
     activations = attr(node, "activations", None)
+    # sequence_lens and clip that change nothing on the training data were dropped before
+    # (trainable.drop_inert_recurrent_options); onnxruntime-training's kernels refuse them.
     if inputs[4]:
-        return "it has sequence_lens"
-    if attr(node, "clip", None) is not None or attr(node, "layout", 0) or attr(node, "input_forget", 0):
-        return "it has clip, a batch-first layout or input_forget"
+        return ("its sequence_lens shortens sequences of the training data, and onnxruntime-training's "
+                f"{op}Training takes none")
+    if attr(node, "clip", None) is not None:
+        return f"its clip binds on the training data, and onnxruntime-training's {op}Training has no clip"
+    if attr(node, "layout", 0) or attr(node, "input_forget", 0):
+        return "it has a batch-first layout or input_forget"
     if activations and [a.decode().lower() if isinstance(a, bytes) else a.lower() for a in activations] \
             != _DEFAULT_ACTIVATIONS[op] * count:
         return f"its activations are {activations}"

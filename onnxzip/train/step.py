@@ -75,6 +75,8 @@ class FinetunePass(Pass):
             report.notes.append(skipped_val)
         report.modified = bool(result.trained)
         report.details.update(trained_fraction=round(result.trained_fraction, 6), best_epoch=result.best_epoch)
+        if result.matched:
+            report.details["matched"] = result.matched  # match=auto: the compressed layers' outputs
         for name in result.trained:
             report.changes.append(LayerChange(name, _op_of(model, name), "trained"))
         for name, reason in result.frozen.items():

@@ -272,6 +272,14 @@ def select_weights(
                 continue
             if tensor_name in producer:
                 stack.extend(producer[tensor_name].input)
+    # onnxruntime-training turns every LSTM/GRU of the graph into its training kernel, which
+    # refuses sequence_lens and clip whether a gradient passes through the node or not.
+    for node in graph.node:
+        if node.op_type in ("LSTM", "GRU") and node.name in (kept or {}) and (
+                (len(node.input) > 4 and node.input[4]) or any(a.name == "clip" for a in node.attribute)):
+            for name in candidates:
+                frozen.setdefault(name, f"onnxruntime-training runs every LSTM/GRU in its training kernel, which "
+                                        f"refuses {kept[node.name]}")
     trainable = [name for name in candidates if name not in frozen]
     return trainable, frozen
 
@@ -360,6 +368,83 @@ def _fixed_conditions(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> di
             if seen.size == 1:
                 fixed[index] = bool(seen[0])
     return fixed
+
+
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def _without_inert_options(node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """``node`` without its ``sequence_lens`` input and ``clip`` attribute (None when it has neither)."""
+    if node.op_type not in _RECURRENT or node.domain not in ("", "ai.onnx"):
+        return None
+    has_lens = len(node.input) > 4 and bool(node.input[4])
+    has_clip = any(a.name == "clip" for a in node.attribute)
+    if not (has_lens or has_clip):
+        return None
+    plain = copy.deepcopy(node)
+    if has_lens:
+        plain.input[4] = ""
+    kept = [a for a in plain.attribute if a.name != "clip"]
+    del plain.attribute[:]
+    plain.attribute.extend(kept)
+    return plain
+
+
+def drop_inert_recurrent_options(model: onnx.ModelProto, data: dict[str, np.ndarray] | None
+                                 ) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` (a copy when changed) whose LSTM/GRU/RNN nodes lose ``sequence_lens`` and ``clip``
+    where that changes none of their outputs on ``data``, and one note per such node.
+
+    onnxruntime-training's LSTMTraining/GRUTraining refuse both ("Sequence lengths input tensor
+    ... is not supported", "Clip is not supported ... yet"), even for values that do nothing: a
+    ``sequence_lens`` equal to the sequence length of every sample, a ``clip`` the gate
+    pre-activations never reach. Such a node trains without them in the training copy (the
+    exported model keeps them, written back by weight name). Where they matter on the data,
+    the node keeps them and its weights stay frozen."""
+    graph = model.graph
+    candidates = {i: plain for i, node in enumerate(graph.node) if (plain := _without_inert_options(node)) is not None}
+    if not candidates or data is None:
+        return model, []
+    from onnxzip.runtime import make_session, run_batched
+
+    def run(changed: set[int]) -> dict[str, np.ndarray] | None:
+        probe = copy.deepcopy(model)
+        for index in changed:
+            probe.graph.node[index].CopyFrom(candidates[index])
+        declared = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                  for index in candidates for name in graph.node[index].output
+                                  if name and name not in declared)
+        try:
+            return run_batched(make_session(probe, "cpu"), data, 32)
+        except Exception:  # noqa: BLE001 - a model we cannot run here keeps its options
+            log.debug("running without sequence_lens / clip failed", exc_info=True)
+            return None
+
+    reference = run(set())
+    accepted = set(candidates)
+    while accepted and reference is not None:
+        trial = run(accepted)
+        if trial is None:
+            accepted = set()
+            break
+        same = {index for index in accepted
+                if all(np.array_equal(reference[name], trial[name]) for name in graph.node[index].output if name)}
+        if same == accepted:
+            break
+        accepted = same
+    if not accepted or reference is None:
+        return model, []
+    model = copy.deepcopy(model)
+    notes = []
+    for index in sorted(accepted):
+        node = graph.node[index]
+        what = " and ".join(w for w, has in (("sequence_lens", len(node.input) > 4 and node.input[4]),
+                                             ("clip", any(a.name == "clip" for a in node.attribute))) if has)
+        model.graph.node[index].CopyFrom(candidates[index])
+        notes.append(f"{node.op_type} '{node.name or index}': its {what} change{'s' * (' and ' not in what)} "
+                     "nothing on the training data, so it trains without (the written model keeps it)")
+    return model, notes
 
 
 def inline_fixed_branches(
@@ -461,6 +546,8 @@ def prepare(
         from onnxzip.measure.cost import observed_shapes
 
         shapes = {**shapes, **observed_shapes(inlined, probe)}
+    inlined, dropped = drop_inert_recurrent_options(inlined, data)  # the same shapes
+    notes = [*notes, *dropped]
     training_copy, rewrites, gammas, statistics, kept = rewrite_for_training(inlined, shapes)
     trainable, frozen = select_weights(training_copy, include, exclude, kept)
     trainable, frozen = complete_frozen(inlined, trainable, frozen, statistics)
