@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 DAMP = 0.01
 COLUMN_BLOCK = 128
@@ -76,20 +77,24 @@ def refit_centroids(
     weighted = target @ gram_d  # W* H_λ
     b = np.bincount((flat_rows * k + indices).reshape(-1), weights=weighted.reshape(-1),
                     minlength=rows * k).reshape(rows, k)
-    a = np.zeros((rows, k, k))
+    a = np.zeros((rows * k, k))
     step = max(1, ONEHOT_BYTES // (n * k * 8))
-    eye = np.eye(k)
     for g in range(blocks):
         for start in range(0, m, step):
-            onehot = eye[indices[g, start:start + step]]  # P_r: [r, n, K]
-            count = onehot.shape[0]
-            # H_λ P_r for all rows of the chunk as one product: [n, n] @ [n, r·K]
-            product = (gram_d[g] @ onehot.transpose(1, 0, 2).reshape(n, count * k)).reshape(n, count, k)
-            if rows == 1:
-                a[0] += onehot.transpose(2, 0, 1).reshape(k, count * n) @ product.transpose(1, 0, 2).reshape(count * n, k)
-            else:
-                np.add.at(a, channels[g, start:start + step],
-                          np.swapaxes(onehot, 1, 2) @ product.transpose(1, 0, 2))
+            chunk = indices[g, start:start + step]  # [r, n]
+            count = chunk.shape[0]
+            positions = np.tile(np.arange(n), count)
+            # P_rᵀ H_λ for every row r of the chunk, as one sparse product: row (r, k) sums the
+            # rows j of H_λ with idx_rj = k (n² adds per weight row instead of n²·K multiplies)
+            select = sparse.csr_matrix((np.ones(count * n), ((np.arange(count)[:, None] * k + chunk).reshape(-1),
+                                                             positions)), shape=(count * k, n))
+            left = np.asarray(select @ gram_d[g]).reshape(count, k, n)  # [r, K, n]
+            # (P_rᵀ H_λ) P_r summed into the codebook row of each r: entry (row of r, idx_rj)
+            owner = (channels[g, start:start + step, None] * k + chunk).reshape(-1)
+            gather = sparse.csr_matrix((np.ones(count * n), (owner, np.arange(count * n))),
+                                       shape=(rows * k, count * n))
+            a += gather @ left.transpose(0, 2, 1).reshape(count * n, k)
+    a = a.reshape(rows, k, k)
     fitted = codebook.astype(np.float64).copy()
     free = np.diagonal(a, axis1=1, axis2=2) > 0
     if pinned is not None:
