@@ -110,6 +110,7 @@ LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops
 MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrapolated (see _allocate)
 SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
+SWEEP_GPTQ_ITERATIONS = 1  # the same in the sensitivity sweep of method=gptq
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
 INT8_MAX_ERROR = 1e-3  # execute=int8: default budget of the relative output distortion
@@ -358,7 +359,17 @@ class ClusterPass(Pass):
         feeds = first_samples(feeds, self._sweep_count(model, context, len(candidates)), model)
         energies = self._energies(model, uses, context)
         probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
+        # method=gptq: each width is measured as apply will store it (GPTQ-fitted), not as plain
+        # k-means; GPTQ lowers some layers' error far more than others', which moves the widths
+        second_order = None
+        if self.config.method == "gptq" and context.feeds:
+            names = {c[0]: {} for c in candidates}
+            second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
+            self._second_cache = (model, second_order)
         self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
+        if second_order is not None:
+            self._sweep_note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
+                                 f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -380,6 +391,9 @@ class ClusterPass(Pass):
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
+                fitted = second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS) if second_order else None
+                if fitted is not None:
+                    stored = fitted[0]
                 curve[stored.bits] = probe.distortion(name, stored.decode())
                 if curve[stored.bits] <= LOSSLESS or stored.bits < bits:
                     break  # wider codebooks cannot do better (or the tensor has < 2**bits values)
@@ -677,7 +691,11 @@ class ClusterPass(Pass):
     def _second_order(
         self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext
     ) -> SecondOrder:
-        """method=gptq: the layer input statistics of the planned weights, on the data."""
+        """method=gptq: the layer input statistics of the planned weights, on the data (those the
+        sensitivity sweep of the same model gathered, when it covers every planned weight)."""
+        cached = getattr(self, "_second_cache", None)
+        if cached is not None and cached[0] is model and set(plan.layers) <= cached[1].planned:
+            return cached[1]
         if not context.feeds:
             raise ConfigError("cluster method=gptq needs calibration inputs (--data).")
         sites: dict[str, list[LayerSite]] = {}
@@ -691,7 +709,9 @@ class ClusterPass(Pass):
             if found and all(isinstance(f, LayerSite) for f in found):
                 if len({f.view(np.empty(shape, np.uint8)).shape for f in found}) == 1:
                     sites[name] = found
-        return SecondOrder(model, sites, context, self.config.keep_zero)
+        found = SecondOrder(model, sites, context, self.config.keep_zero)
+        found.planned = set(plan.layers)
+        return found
 
 
 def _weight_quality(values: np.ndarray, stored: Codebook) -> dict[str, float]:
@@ -716,8 +736,10 @@ class SecondOrder:
         self.groups = stat_groups(sizes, 1, STATS_BYTES)
         self.stats: dict[str, LayerStats] = {}
         self.branches: dict[str, bool] | None = None
+        self.planned: set[str] = set(sites)  # the weights asked for (those without a site too)
 
-    def refit(self, name: str, stored: Codebook, values: np.ndarray) -> tuple[Codebook, CodebookFit] | None:
+    def refit(self, name: str, stored: Codebook, values: np.ndarray,
+              iterations: int = GPTQ_ITERATIONS) -> tuple[Codebook, CodebookFit] | None:
         if name not in self.sites:
             return None
         if name not in self.stats:
@@ -731,7 +753,7 @@ class SecondOrder:
         if name not in self.stats:
             return None
         return refit_codebook(stored, values, self.sites[name][0], self.stats[name],
-                              iterations=GPTQ_ITERATIONS, keep_zero=self.keep_zero)
+                              iterations=iterations, keep_zero=self.keep_zero)
 
 
 def _planned_k(name: str, entry: dict[str, Any]) -> int:
