@@ -177,14 +177,28 @@ class CodebookFit:
     step: str
 
 
-def fit_codebook(
-    weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
-    gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
-    act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
-) -> CodebookFit:
-    """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
-    closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
-    refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s."""
+@dataclass
+class LayerProblem:
+    """What :func:`fit_codebook` derives from one layer's weight and statistics, whatever the
+    codebook: H_λ, W*, E(0) and the GPTQ column order with its Cholesky factor (computed on first
+    use). Build it once with :func:`layer_problem` to fit several codebooks (widths) of a layer."""
+
+    gram_d: np.ndarray
+    target: np.ndarray
+    scale: float
+    act_order: bool
+    ordered: tuple[np.ndarray, np.ndarray] | None = None
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.ordered is None:
+            self.ordered = column_order(self.gram_d, self.act_order)
+        return self.ordered
+
+
+def layer_problem(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, damp: float = DAMP,
+                  act_order: bool = True) -> LayerProblem:
+    """The :class:`LayerProblem` of ``weight`` [G, m, n]; ``gram``/``cross`` may have one block
+    broadcast to all of ``weight``'s."""
     weight = weight.astype(np.float64)
     blocks = weight.shape[0]
     gram = np.broadcast_to(gram, (blocks, *gram.shape[1:]))
@@ -192,14 +206,29 @@ def fit_codebook(
     gram_d = damped(gram, damp)[0]
     target = target_weight(weight, gram, cross, damp)
     scale = max(objective(np.zeros_like(target), target, gram_d), 1e-30)
+    return LayerProblem(gram_d, target, scale, act_order)
+
+
+def fit_codebook(
+    weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
+    gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
+    act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
+    problem: LayerProblem | None = None,
+) -> CodebookFit:
+    """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
+    closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
+    refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s; ``problem``
+    (:func:`layer_problem` of the same arguments) skips deriving them again."""
+    if problem is None:
+        problem = layer_problem(weight, gram, cross, damp=damp, act_order=act_order)
+    gram_d, target, scale = problem.gram_d, problem.target, problem.scale
     current = codebook.astype(np.float64)
     best = CodebookFit(current, indices, 0.0, 0.0, "unchanged")
     best.before = best.after = objective(decode(current, indices, channels), target, gram_d) / scale
     fitted = refit_centroids(indices, current, channels, target, gram_d, pinned)
     candidates = [(fitted, indices, "centroid refit")]
-    ordered = column_order(gram_d, act_order) if assign and iterations else None
     for round_ in range(iterations if assign else 0):
-        assigned = gptq_assign(target, ordered, candidates[-1][0], channels)
+        assigned = gptq_assign(target, problem.order(), candidates[-1][0], channels)
         candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned),
                            assigned, f"gptq assignment + refit ×{round_ + 1}"))
     for values, chosen, step in candidates:

@@ -45,7 +45,9 @@ onnxruntime) and :func:`onnxzip.cluster.allocate_bits` minimise the summed disto
 of B index bits per clustered weight. ``bits=search`` bisects B (steps of ``search_step``) for
 the smallest model that meets the ``--metric`` conditions. Leaving a tensor raw is one more
 point of every curve (no error, 32 bits per float32 value counted in the budget), so a small
-sensitive tensor stays raw. The plan records each weight's k and bits (replayable) and its
+sensitive tensor stays raw. With ``method=gptq`` each width's codebook is GPTQ-fitted before it
+is measured (one round; apply runs three), so the curves describe what the file will store, and
+apply reuses the sweep's layer statistics. The plan records each weight's k and bits (replayable) and its
 curve; weights outside the main graph get ⌈B⌉ bits.
 
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
@@ -78,7 +80,7 @@ from onnxzip.cluster import (
     unpack_indices,
     unpack_planes,
 )
-from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
+from onnxzip.cluster.gptq import DAMP, CodebookFit, LayerProblem, fit_codebook, layer_problem
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
@@ -737,6 +739,7 @@ class SecondOrder:
         self.stats: dict[str, LayerStats] = {}
         self.branches: dict[str, bool] | None = None
         self.planned: set[str] = set(sites)  # the weights asked for (those without a site too)
+        self.problem: tuple[str, LayerProblem] | None = None  # the last layer's, reused across widths
 
     def refit(self, name: str, stored: Codebook, values: np.ndarray,
               iterations: int = GPTQ_ITERATIONS) -> tuple[Codebook, CodebookFit] | None:
@@ -752,8 +755,12 @@ class SecondOrder:
             self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit)
         if name not in self.stats:
             return None
-        return refit_codebook(stored, values, self.sites[name][0], self.stats[name],
-                              iterations=iterations, keep_zero=self.keep_zero)
+        site = self.sites[name][0]
+        if self.problem is None or self.problem[0] != name:  # one layer's at a time: a sweep's widths
+            stats = self.stats[name]
+            self.problem = (name, layer_problem(site.view(values), stats.gram, stats.cross_term))
+        return refit_codebook(stored, values, site, self.stats[name], iterations=iterations,
+                              keep_zero=self.keep_zero, problem=self.problem[1])
 
 
 def _planned_k(name: str, entry: dict[str, Any]) -> int:
@@ -1164,10 +1171,12 @@ def codebook_channels(stored: Codebook, site: LayerSite) -> np.ndarray | None:
 def refit_codebook(
     stored: Codebook, weight: np.ndarray, site: LayerSite, stats: LayerStats, *,
     iterations: int, damp: float = DAMP, keep_zero: bool = True, act_order: bool = True,
+    problem: LayerProblem | None = None,
 ) -> tuple[Codebook, CodebookFit] | None:
     """``stored`` refit to reproduce ``weight`` on the layer inputs of ``stats``
     (:func:`onnxzip.cluster.gptq.fit_codebook`: GPTQ assignment and closed-form centroids; same
-    K, width and shape). None when the codebook's channels do not follow the layer's rows."""
+    K, width and shape). None when the codebook's channels do not follow the layer's rows.
+    ``problem``: the layer's :func:`~onnxzip.cluster.gptq.layer_problem` from an earlier call."""
     channels = codebook_channels(stored, site)
     if channels is None:
         return None
@@ -1175,7 +1184,7 @@ def refit_codebook(
     pinned = (codebook == 0) if keep_zero and not np.all(weight) else None
     fit = fit_codebook(site.view(weight), codebook, site.view(stored.indices).astype(np.int64), channels,
                        stats.gram, stats.cross_term, iterations=iterations, damp=damp,
-                       act_order=act_order, pinned=pinned)
+                       act_order=act_order, pinned=pinned, problem=problem)
     values = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
     indices = site.unview(fit.indices).astype(np.uint8)
     return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits), fit
