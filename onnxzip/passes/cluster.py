@@ -175,6 +175,10 @@ class ClusterConfig:
         "gptq: with data, the k-means codebook's indices are assigned column by column with error "
         "feedback through the layer's input Gram matrix (GPTQ), centroids refit in closed form",
     )
+    sweep_gptq: bool = option(
+        True, "method=gptq with avg_bits/bits=search: the sensitivity sweep measures each width on its "
+              "GPTQ-fitted codebook, as apply stores it (false: on plain k-means codebooks; faster)",
+    )
     execute: Literal["float", "int8"] = option(
         "float",
         "int8: codebooks of MatMul/Gemm/Conv weights stored as int8 + scale behind DequantizeLinear, "
@@ -364,7 +368,7 @@ class ClusterPass(Pass):
         # method=gptq: each width is measured as apply will store it (GPTQ-fitted), not as plain
         # k-means; GPTQ lowers some layers' error far more than others', which moves the widths
         second_order = None
-        if self.config.method == "gptq" and context.feeds:
+        if self.config.method == "gptq" and self.config.sweep_gptq and context.feeds:
             names = {c[0]: {} for c in candidates}
             second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
             self._second_cache = (model, second_order)

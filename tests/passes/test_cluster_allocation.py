@@ -199,6 +199,9 @@ def test_avg_bits_with_gptq_measures_each_width_as_gptq_stores_it():
     plain = ClusterPass(avg_bits=3.0).run(model, context)
     assert any("GPTQ-fitted" in note for note in gptq.report.notes)
     assert not any("GPTQ-fitted" in note for note in plain.report.notes)
+    unfitted = ClusterPass(avg_bits=3.0, method="gptq", sweep_gptq=False).run(model, context)
+    assert not any("GPTQ-fitted" in note for note in unfitted.report.notes)
+    assert unfitted.plan.layers["w1"]["sensitivity"] == plain.plan.layers["w1"]["sensitivity"]
     curve = {int(b): d for b, d in gptq.plan.layers["w1"]["sensitivity"].items()}
     kmeans = {int(b): d for b, d in plain.plan.layers["w1"]["sensitivity"].items()}
     y0 = outputs(model, x)
