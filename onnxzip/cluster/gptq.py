@@ -66,16 +66,12 @@ def objective(q: np.ndarray, target: np.ndarray, gram_d: np.ndarray) -> float:
 
 def refit_centroids(
     indices: np.ndarray, codebook: np.ndarray, channels: np.ndarray, target: np.ndarray,
-    gram_d: np.ndarray, pinned: np.ndarray | None = None, max_rows: int | None = None,
+    gram_d: np.ndarray, pinned: np.ndarray | None = None,
 ) -> np.ndarray:
     """Centroids minimising E for fixed ``indices`` (normal equations of size K per codebook
     row, see the module docstring). Entries no row uses, and ``pinned`` ones (e.g. an exact 0
     kept for pruned weights), keep their values."""
     rows, k = codebook.shape
-    if max_rows is not None and rows == 1 and indices.shape[1] > max_rows:
-        # one codebook: K unknowns from max_rows evenly spaced weight rows of every block
-        kept = np.linspace(0, indices.shape[1] - 1, max_rows).round().astype(np.int64)
-        indices, channels, target = indices[:, kept], channels[:, kept], target[:, kept]
     blocks, m, n = indices.shape
     flat_rows = np.broadcast_to(channels[..., None], indices.shape)
     weighted = target @ gram_d  # W* H_λ
@@ -217,25 +213,23 @@ def fit_codebook(
     weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
     gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
     act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
-    problem: LayerProblem | None = None, refit_rows: int | None = None,
+    problem: LayerProblem | None = None,
 ) -> CodebookFit:
     """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
     closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
     refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s; ``problem``
-    (:func:`layer_problem` of the same arguments) skips deriving them again; ``refit_rows``
-    bounds the rows a single codebook's refit sums (see :func:`refit_centroids`)."""
+    (:func:`layer_problem` of the same arguments) skips deriving them again."""
     if problem is None:
         problem = layer_problem(weight, gram, cross, damp=damp, act_order=act_order)
     gram_d, target, scale = problem.gram_d, problem.target, problem.scale
     current = codebook.astype(np.float64)
     best = CodebookFit(current, indices, 0.0, 0.0, "unchanged")
     best.before = best.after = objective(decode(current, indices, channels), target, gram_d) / scale
-    fitted = refit_centroids(indices, current, channels, target, gram_d, pinned, refit_rows)
+    fitted = refit_centroids(indices, current, channels, target, gram_d, pinned)
     candidates = [(fitted, indices, "centroid refit")]
     for round_ in range(iterations if assign else 0):
         assigned = gptq_assign(target, problem.order(), candidates[-1][0], channels)
-        candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned,
-                                           refit_rows),
+        candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned),
                            assigned, f"gptq assignment + refit ×{round_ + 1}"))
     for values, chosen, step in candidates:
         error = objective(decode(values, chosen, channels), target, gram_d) / scale

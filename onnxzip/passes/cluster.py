@@ -113,7 +113,6 @@ MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrap
 SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
 SWEEP_GPTQ_ITERATIONS = 1  # the same in the sensitivity sweep of method=gptq
-SWEEP_REFIT_ROWS = 64  # weight rows per block a sweep's per-tensor centroid refit sums
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
 INT8_MAX_ERROR = 1e-3  # execute=int8: default budget of the relative output distortion
@@ -398,7 +397,7 @@ class ClusterPass(Pass):
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
-                fitted = second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS, SWEEP_REFIT_ROWS) if second_order else None
+                fitted = second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS) if second_order else None
                 if fitted is not None:
                     stored = fitted[0]
                 curve[stored.bits] = probe.distortion(name, stored.decode())
@@ -746,8 +745,8 @@ class SecondOrder:
         self.planned: set[str] = set(sites)  # the weights asked for (those without a site too)
         self.problem: tuple[str, LayerProblem] | None = None  # the last layer's, reused across widths
 
-    def refit(self, name: str, stored: Codebook, values: np.ndarray, iterations: int = GPTQ_ITERATIONS,
-              refit_rows: int | None = None) -> tuple[Codebook, CodebookFit] | None:
+    def refit(self, name: str, stored: Codebook, values: np.ndarray,
+              iterations: int = GPTQ_ITERATIONS) -> tuple[Codebook, CodebookFit] | None:
         if name not in self.sites:
             return None
         if name not in self.stats:
@@ -765,7 +764,7 @@ class SecondOrder:
             stats = self.stats[name]
             self.problem = (name, layer_problem(site.view(values), stats.gram, stats.cross_term))
         return refit_codebook(stored, values, site, self.stats[name], iterations=iterations,
-                              keep_zero=self.keep_zero, problem=self.problem[1], refit_rows=refit_rows)
+                              keep_zero=self.keep_zero, problem=self.problem[1])
 
 
 def _planned_k(name: str, entry: dict[str, Any]) -> int:
@@ -1176,7 +1175,7 @@ def codebook_channels(stored: Codebook, site: LayerSite) -> np.ndarray | None:
 def refit_codebook(
     stored: Codebook, weight: np.ndarray, site: LayerSite, stats: LayerStats, *,
     iterations: int, damp: float = DAMP, keep_zero: bool = True, act_order: bool = True,
-    problem: LayerProblem | None = None, refit_rows: int | None = None,
+    problem: LayerProblem | None = None,
 ) -> tuple[Codebook, CodebookFit] | None:
     """``stored`` refit to reproduce ``weight`` on the layer inputs of ``stats``
     (:func:`onnxzip.cluster.gptq.fit_codebook`: GPTQ assignment and closed-form centroids; same
@@ -1189,7 +1188,7 @@ def refit_codebook(
     pinned = (codebook == 0) if keep_zero and not np.all(weight) else None
     fit = fit_codebook(site.view(weight), codebook, site.view(stored.indices).astype(np.int64), channels,
                        stats.gram, stats.cross_term, iterations=iterations, damp=damp,
-                       act_order=act_order, pinned=pinned, problem=problem, refit_rows=refit_rows)
+                       act_order=act_order, pinned=pinned, problem=problem)
     values = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
     indices = site.unview(fit.indices).astype(np.uint8)
     return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits), fit

@@ -84,23 +84,3 @@ def test_cluster_method_gptq_lowers_the_output_error_on_held_back_rows(per_chann
         assert ("gptq_error_after" in change.details) == (method == "gptq")
     assert len(errors["bytes"]) == 1  # same K and width: the same file size
     assert errors["gptq"] < 0.85 * errors["kmeans"]
-
-
-def test_refit_on_a_subset_of_rows_is_close_to_the_full_refit():
-    # one codebook of K = 4 entries: 16 of 96 weight rows determine it about as well as all rows
-    rng = np.random.default_rng(5)
-    m, n, k = 96, 20, 4
-    weight = rng.standard_normal((1, m, n))
-    inputs = rng.standard_normal((300, n)) @ (np.eye(n) + 0.3 * rng.standard_normal((n, n)))
-    gram = (inputs.T @ inputs)[None]
-    codebook = np.linspace(-1.5, 1.5, k)[None]
-    nearest = np.argmin(np.abs(weight[..., None] - codebook[0]), axis=-1)
-    channels = np.zeros((1, m), dtype=np.int64)
-    for iterations in (0, 1):
-        full = fit_codebook(weight, codebook, nearest, channels, gram, gram, iterations=iterations)
-        subset = fit_codebook(weight, codebook, nearest, channels, gram, gram, iterations=iterations,
-                              refit_rows=16)
-        assert not np.allclose(subset.codebook, full.codebook)  # a different fit ...
-        assert subset.after <= 1.1 * full.after  # ... nearly as good on all rows
-        if not iterations:  # the refit on all rows is their least-squares optimum
-            assert full.after <= subset.after < subset.before
