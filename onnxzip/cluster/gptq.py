@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 DAMP = 0.01
 COLUMN_BLOCK = 128
@@ -76,20 +77,24 @@ def refit_centroids(
     weighted = target @ gram_d  # W* H_λ
     b = np.bincount((flat_rows * k + indices).reshape(-1), weights=weighted.reshape(-1),
                     minlength=rows * k).reshape(rows, k)
-    a = np.zeros((rows, k, k))
+    a = np.zeros((rows * k, k))
     step = max(1, ONEHOT_BYTES // (n * k * 8))
-    eye = np.eye(k)
     for g in range(blocks):
         for start in range(0, m, step):
-            onehot = eye[indices[g, start:start + step]]  # P_r: [r, n, K]
-            count = onehot.shape[0]
-            # H_λ P_r for all rows of the chunk as one product: [n, n] @ [n, r·K]
-            product = (gram_d[g] @ onehot.transpose(1, 0, 2).reshape(n, count * k)).reshape(n, count, k)
-            if rows == 1:
-                a[0] += onehot.transpose(2, 0, 1).reshape(k, count * n) @ product.transpose(1, 0, 2).reshape(count * n, k)
-            else:
-                np.add.at(a, channels[g, start:start + step],
-                          np.swapaxes(onehot, 1, 2) @ product.transpose(1, 0, 2))
+            chunk = indices[g, start:start + step]  # [r, n]
+            count = chunk.shape[0]
+            positions = np.tile(np.arange(n), count)
+            # P_rᵀ H_λ for every row r of the chunk, as one sparse product: row (r, k) sums the
+            # rows j of H_λ with idx_rj = k (n² adds per weight row instead of n²·K multiplies)
+            select = sparse.csr_matrix((np.ones(count * n), ((np.arange(count)[:, None] * k + chunk).reshape(-1),
+                                                             positions)), shape=(count * k, n))
+            left = np.asarray(select @ gram_d[g]).reshape(count, k, n)  # [r, K, n]
+            # (P_rᵀ H_λ) P_r summed into the codebook row of each r: entry (row of r, idx_rj)
+            owner = (channels[g, start:start + step, None] * k + chunk).reshape(-1)
+            gather = sparse.csr_matrix((np.ones(count * n), (owner, np.arange(count * n))),
+                                       shape=(rows * k, count * n))
+            a += gather @ left.transpose(0, 2, 1).reshape(count * n, k)
+    a = a.reshape(rows, k, k)
     fitted = codebook.astype(np.float64).copy()
     free = np.diagonal(a, axis1=1, axis2=2) > 0
     if pinned is not None:
@@ -172,14 +177,28 @@ class CodebookFit:
     step: str
 
 
-def fit_codebook(
-    weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
-    gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
-    act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
-) -> CodebookFit:
-    """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
-    closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
-    refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s."""
+@dataclass
+class LayerProblem:
+    """What :func:`fit_codebook` derives from one layer's weight and statistics, whatever the
+    codebook: H_λ, W*, E(0) and the GPTQ column order with its Cholesky factor (computed on first
+    use). Build it once with :func:`layer_problem` to fit several codebooks (widths) of a layer."""
+
+    gram_d: np.ndarray
+    target: np.ndarray
+    scale: float
+    act_order: bool
+    ordered: tuple[np.ndarray, np.ndarray] | None = None
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.ordered is None:
+            self.ordered = column_order(self.gram_d, self.act_order)
+        return self.ordered
+
+
+def layer_problem(weight: np.ndarray, gram: np.ndarray, cross: np.ndarray, *, damp: float = DAMP,
+                  act_order: bool = True) -> LayerProblem:
+    """The :class:`LayerProblem` of ``weight`` [G, m, n]; ``gram``/``cross`` may have one block
+    broadcast to all of ``weight``'s."""
     weight = weight.astype(np.float64)
     blocks = weight.shape[0]
     gram = np.broadcast_to(gram, (blocks, *gram.shape[1:]))
@@ -187,14 +206,29 @@ def fit_codebook(
     gram_d = damped(gram, damp)[0]
     target = target_weight(weight, gram, cross, damp)
     scale = max(objective(np.zeros_like(target), target, gram_d), 1e-30)
+    return LayerProblem(gram_d, target, scale, act_order)
+
+
+def fit_codebook(
+    weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
+    gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
+    act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
+    problem: LayerProblem | None = None,
+) -> CodebookFit:
+    """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
+    closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
+    refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s; ``problem``
+    (:func:`layer_problem` of the same arguments) skips deriving them again."""
+    if problem is None:
+        problem = layer_problem(weight, gram, cross, damp=damp, act_order=act_order)
+    gram_d, target, scale = problem.gram_d, problem.target, problem.scale
     current = codebook.astype(np.float64)
     best = CodebookFit(current, indices, 0.0, 0.0, "unchanged")
     best.before = best.after = objective(decode(current, indices, channels), target, gram_d) / scale
     fitted = refit_centroids(indices, current, channels, target, gram_d, pinned)
     candidates = [(fitted, indices, "centroid refit")]
-    ordered = column_order(gram_d, act_order) if assign and iterations else None
     for round_ in range(iterations if assign else 0):
-        assigned = gptq_assign(target, ordered, candidates[-1][0], channels)
+        assigned = gptq_assign(target, problem.order(), candidates[-1][0], channels)
         candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned),
                            assigned, f"gptq assignment + refit ×{round_ + 1}"))
     for values, chosen, step in candidates:

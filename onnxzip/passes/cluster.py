@@ -45,7 +45,9 @@ onnxruntime) and :func:`onnxzip.cluster.allocate_bits` minimise the summed disto
 of B index bits per clustered weight. ``bits=search`` bisects B (steps of ``search_step``) for
 the smallest model that meets the ``--metric`` conditions. Leaving a tensor raw is one more
 point of every curve (no error, 32 bits per float32 value counted in the budget), so a small
-sensitive tensor stays raw. The plan records each weight's k and bits (replayable) and its
+sensitive tensor stays raw. With ``method=gptq`` each width's codebook is GPTQ-fitted before it
+is measured (one round; apply runs three), so the curves describe what the file will store, and
+apply reuses the sweep's layer statistics. The plan records each weight's k and bits (replayable) and its
 curve; weights outside the main graph get ⌈B⌉ bits.
 
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
@@ -78,7 +80,7 @@ from onnxzip.cluster import (
     unpack_indices,
     unpack_planes,
 )
-from onnxzip.cluster.gptq import DAMP, CodebookFit, fit_codebook
+from onnxzip.cluster.gptq import DAMP, CodebookFit, LayerProblem, fit_codebook, layer_problem
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
 from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
@@ -110,6 +112,7 @@ LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops
 MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrapolated (see _allocate)
 SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
+SWEEP_GPTQ_ITERATIONS = 1  # the same in the sensitivity sweep of method=gptq
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
 INT8_MAX_ERROR = 1e-3  # execute=int8: default budget of the relative output distortion
@@ -171,6 +174,10 @@ class ClusterConfig:
         "kmeans",
         "gptq: with data, the k-means codebook's indices are assigned column by column with error "
         "feedback through the layer's input Gram matrix (GPTQ), centroids refit in closed form",
+    )
+    sweep_gptq: bool = option(
+        True, "method=gptq with avg_bits/bits=search: the sensitivity sweep measures each width on its "
+              "GPTQ-fitted codebook, as apply stores it (false: on plain k-means codebooks; faster)",
     )
     execute: Literal["float", "int8"] = option(
         "float",
@@ -358,7 +365,17 @@ class ClusterPass(Pass):
         feeds = first_samples(feeds, self._sweep_count(model, context, len(candidates)), model)
         energies = self._energies(model, uses, context)
         probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
+        # method=gptq: each width is measured as apply will store it (GPTQ-fitted), not as plain
+        # k-means; GPTQ lowers some layers' error far more than others', which moves the widths
+        second_order = None
+        if self.config.method == "gptq" and self.config.sweep_gptq and context.feeds:
+            names = {c[0]: {} for c in candidates}
+            second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
+            self._second_cache = (model, second_order)
         self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
+        if second_order is not None:
+            self._sweep_note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
+                                 f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -380,6 +397,9 @@ class ClusterPass(Pass):
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
+                fitted = second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS) if second_order else None
+                if fitted is not None:
+                    stored = fitted[0]
                 curve[stored.bits] = probe.distortion(name, stored.decode())
                 if curve[stored.bits] <= LOSSLESS or stored.bits < bits:
                     break  # wider codebooks cannot do better (or the tensor has < 2**bits values)
@@ -678,7 +698,11 @@ class ClusterPass(Pass):
     def _second_order(
         self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext
     ) -> SecondOrder:
-        """method=gptq: the layer input statistics of the planned weights, on the data."""
+        """method=gptq: the layer input statistics of the planned weights, on the data (those the
+        sensitivity sweep of the same model gathered, when it covers every planned weight)."""
+        cached = getattr(self, "_second_cache", None)
+        if cached is not None and cached[0] is model and set(plan.layers) <= cached[1].planned:
+            return cached[1]
         if not context.feeds:
             raise ConfigError("cluster method=gptq needs calibration inputs (--data).")
         sites: dict[str, list[LayerSite]] = {}
@@ -692,7 +716,9 @@ class ClusterPass(Pass):
             if found and all(isinstance(f, LayerSite) for f in found):
                 if len({f.view(np.empty(shape, np.uint8)).shape for f in found}) == 1:
                     sites[name] = found
-        return SecondOrder(model, sites, context, self.config.keep_zero)
+        found = SecondOrder(model, sites, context, self.config.keep_zero)
+        found.planned = set(plan.layers)
+        return found
 
 
 def _weight_quality(values: np.ndarray, stored: Codebook) -> dict[str, float]:
@@ -717,8 +743,11 @@ class SecondOrder:
         self.groups = stat_groups(sizes, 1, STATS_BYTES)
         self.stats: dict[str, LayerStats] = {}
         self.branches: dict[str, bool] | None = None
+        self.planned: set[str] = set(sites)  # the weights asked for (those without a site too)
+        self.problem: tuple[str, LayerProblem] | None = None  # the last layer's, reused across widths
 
-    def refit(self, name: str, stored: Codebook, values: np.ndarray) -> tuple[Codebook, CodebookFit] | None:
+    def refit(self, name: str, stored: Codebook, values: np.ndarray,
+              iterations: int = GPTQ_ITERATIONS) -> tuple[Codebook, CodebookFit] | None:
         if name not in self.sites:
             return None
         if name not in self.stats:
@@ -731,8 +760,12 @@ class SecondOrder:
             self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit)
         if name not in self.stats:
             return None
-        return refit_codebook(stored, values, self.sites[name][0], self.stats[name],
-                              iterations=GPTQ_ITERATIONS, keep_zero=self.keep_zero)
+        site = self.sites[name][0]
+        if self.problem is None or self.problem[0] != name:  # one layer's at a time: a sweep's widths
+            stats = self.stats[name]
+            self.problem = (name, layer_problem(site.view(values), stats.gram, stats.cross_term))
+        return refit_codebook(stored, values, site, self.stats[name], iterations=iterations,
+                              keep_zero=self.keep_zero, problem=self.problem[1])
 
 
 def _planned_k(name: str, entry: dict[str, Any]) -> int:
@@ -1143,10 +1176,12 @@ def codebook_channels(stored: Codebook, site: LayerSite) -> np.ndarray | None:
 def refit_codebook(
     stored: Codebook, weight: np.ndarray, site: LayerSite, stats: LayerStats, *,
     iterations: int, damp: float = DAMP, keep_zero: bool = True, act_order: bool = True,
+    problem: LayerProblem | None = None,
 ) -> tuple[Codebook, CodebookFit] | None:
     """``stored`` refit to reproduce ``weight`` on the layer inputs of ``stats``
     (:func:`onnxzip.cluster.gptq.fit_codebook`: GPTQ assignment and closed-form centroids; same
-    K, width and shape). None when the codebook's channels do not follow the layer's rows."""
+    K, width and shape). None when the codebook's channels do not follow the layer's rows.
+    ``problem``: the layer's :func:`~onnxzip.cluster.gptq.layer_problem` from an earlier call."""
     channels = codebook_channels(stored, site)
     if channels is None:
         return None
@@ -1154,7 +1189,7 @@ def refit_codebook(
     pinned = (codebook == 0) if keep_zero and not np.all(weight) else None
     fit = fit_codebook(site.view(weight), codebook, site.view(stored.indices).astype(np.int64), channels,
                        stats.gram, stats.cross_term, iterations=iterations, damp=damp,
-                       act_order=act_order, pinned=pinned)
+                       act_order=act_order, pinned=pinned, problem=problem)
     values = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
     indices = site.unview(fit.indices).astype(np.uint8)
     return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits), fit

@@ -185,3 +185,31 @@ def test_api_avg_bits_and_bad_options():
         ClusterPass(k=4, avg_bits=3)
     with pytest.raises(ConfigError, match="avg_bits must be from 1"):
         ClusterPass(avg_bits=0.5)
+
+
+def test_avg_bits_with_gptq_measures_each_width_as_gptq_stores_it():
+    # correlated inputs (H far from diagonal): GPTQ's error feedback lowers the output error a lot,
+    # so curves measured on plain k-means codebooks would misstate what apply stores
+    rng = np.random.default_rng(11)
+    mixing = np.eye(48) + 0.6 * rng.standard_normal((48, 48))
+    x = (rng.standard_normal((64, 48)) @ mixing).astype(np.float32)
+    model = mlp(W1, W2)
+    context = PassContext(feeds={"x": x})
+    gptq = ClusterPass(avg_bits=3.0, method="gptq").run(model, context)
+    plain = ClusterPass(avg_bits=3.0).run(model, context)
+    assert any("GPTQ-fitted" in note for note in gptq.report.notes)
+    assert not any("GPTQ-fitted" in note for note in plain.report.notes)
+    unfitted = ClusterPass(avg_bits=3.0, method="gptq", sweep_gptq=False).run(model, context)
+    assert not any("GPTQ-fitted" in note for note in unfitted.report.notes)
+    assert unfitted.plan.layers["w1"]["sensitivity"] == plain.plan.layers["w1"]["sensitivity"]
+    curve = {int(b): d for b, d in gptq.plan.layers["w1"]["sensitivity"].items()}
+    kmeans = {int(b): d for b, d in plain.plan.layers["w1"]["sensitivity"].items()}
+    y0 = outputs(model, x)
+    for bits in (2, 3):
+        assert curve[bits] < 0.8 * kmeans[bits]
+        # the curve is the output distortion of w1 alone stored by apply at that width (apply runs
+        # more GPTQ rounds than the sweep; k-means' curve is far off)
+        alone = ClusterPass(bits=bits, method="gptq", include=["w1"]).run(model, context).model
+        y = outputs(alone, x)
+        measured = float(np.sum((y - y0) ** 2) / np.sum(y0 ** 2))
+        assert curve[bits] / 1.3 <= measured <= curve[bits] * 1.3 < kmeans[bits]
