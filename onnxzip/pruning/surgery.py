@@ -377,15 +377,17 @@ def _sums(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def ridge_intercept(xx: np.ndarray, xy: np.ndarray, x_sum: np.ndarray, y_sum: np.ndarray, count: int,
-                    damp: float) -> tuple[np.ndarray, np.ndarray]:
+                    damp: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, b) of the ridge fit with intercept ``y ≈ x M + b`` from the sums Σxxᵀ, Σxyᵀ, Σx, Σy
-    over ``count`` rows (λ = ``damp`` · mean diagonal of the centred Σxxᵀ; the intercept is not
-    damped)."""
+    over ``count`` rows, damped toward ``prior`` (default zero) by λ = ``damp`` · mean diagonal
+    of the centred Σxxᵀ; the intercept is not damped."""
     mean_x, mean_y = x_sum / count, y_sum / count
     gram = xx - count * np.outer(mean_x, mean_x)
     cross = xy - count * np.outer(mean_x, mean_y)
     lam = damp * max(float(np.mean(np.diag(gram))), 1e-12)
     gram = gram + lam * np.eye(len(gram))
+    if prior is not None:
+        cross = cross + lam * prior
     try:
         weight = np.linalg.solve(gram, cross)
     except np.linalg.LinAlgError:

@@ -880,6 +880,7 @@ def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Mode
 # Linear restores of pruned units (prune-channels restore=linear): M, b refit to the original tensor
 
 RESTORE_REFIT = "linear restore"
+PRIOR_DAMPS = (3.0, 10.0, 30.0)  # also damped this strongly toward the restore as it was
 
 
 @dataclass
@@ -931,9 +932,11 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
                    chunks: list[dict[str, np.ndarray]], holdout: float, device: str,
                    selected: set[str]) -> list[LayerChange]:
     """Refit each selected linear restore (``x_P ≈ x̃_K M + b``) by ridge least squares with
-    intercept: inputs the current model's kept units x̃_K, targets the original model's tensor at
-    the pruned units x_P, on the calibration runs (one run of both models for all restores). Kept
-    when the held-back relative error ‖x̃_K M + b − x_P‖² / ‖x_P‖² goes down."""
+    intercept, damped toward the restore as it was (M₀, the pass's fit or zeros): inputs the
+    current model's kept units x̃_K, targets the original model's tensor at the pruned units x_P,
+    on the calibration runs (one run of both models for all restores). λ is the one of lowest
+    held-back relative error ‖x̃_K M + b − x_P‖² / ‖x_P‖²; kept when that error goes down, then
+    fitted on every run."""
     from onnxzip.runtime import make_session, run_session
 
     restores = [r for r in find_restores(graph) if isinstance(r, _Restore) and r.node.name in selected]
@@ -989,7 +992,8 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
             return num / den if den else float("nan")
 
         if held[i]:
-            fits = [(error(*fit), damp, fit) for damp in RESTORE_DAMPS for fit in [ridge_intercept(*sums[i], damp)]]
+            fits = [(error(*fit), damp, fit) for damp in RESTORE_DAMPS + PRIOR_DAMPS
+                    for fit in [ridge_intercept(*sums[i], damp, old_w)]]
             after, damp, _fit = min(fits, key=lambda item: item[0])
             before = error(old_w, old_b)
             details.update(error_before=round(before, 6), error_after=round(after, 6), damp=damp)
@@ -998,10 +1002,10 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
                                            f"error of the pruned units ({before:.4g} → {after:.4g}); kept as it was",
                                            params_before=params, params_after=params, details=details))
                 continue
-            new_w, new_b = ridge_intercept(*(tuple(a + b for a, b in zip(sums[i], held_sums[i]))), damp)  # all rows
+            new_w, new_b = ridge_intercept(*(tuple(a + b for a, b in zip(sums[i], held_sums[i]))), damp, old_w)  # all rows
             text = f"held-back relative error of the pruned units {before:.4g} → {after:.4g} (λ {damp:g}·mean H)"
         else:
-            new_w, new_b = ridge_intercept(*sums[i], RESTORE_DAMPS[len(RESTORE_DAMPS) // 2])
+            new_w, new_b = ridge_intercept(*sums[i], RESTORE_DAMPS[len(RESTORE_DAMPS) // 2], old_w)
             text = "no held-back rows"
         weight.values = np.ascontiguousarray(new_w.astype(np.asarray(weight.values).dtype))
         bias.values = np.ascontiguousarray(new_b.astype(np.asarray(bias.values).dtype))
