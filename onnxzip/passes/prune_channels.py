@@ -191,7 +191,11 @@ class PruneChannelsPass(Pass):
         if cached is not None and cached[0] is model:
             return cached[1]
         tensors = [name for name, kind in restore_kinds(analysis, self.config.restore).items() if kind == "linear"]
-        rows = tensor_rows(model, analysis, tensors, context.feeds, RESTORE_ROWS)
+        feeds = None if context.generated else context.feeds  # generated inputs say nothing about real activations
+        rows = tensor_rows(model, analysis, tensors, feeds, RESTORE_ROWS)
+        if tensors and not rows:
+            log.warning("prune-channels restore=linear: no calibration data, so the pruned units of %s start at zero "
+                        "until the reconstruct step fits their restore", ", ".join(repr(t) for t in tensors))
         self._restore_cache = (model, rows)
         return rows
 
