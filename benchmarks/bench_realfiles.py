@@ -32,9 +32,9 @@ also with ``+ft`` (``--finetune epochs=3`` appended), ``+gptq`` (``method=gptq``
 (``method=gptq,execute=int8``: MatMul/Gemm/Conv codebooks run by onnxruntime's int8 kernels);
 ``svd_lat=0.7+bits=4+gptq`` and ``prune_lat=0.7+bits=4+gptq`` first cut the measured batch-1 latency
 to 0.7 (``--svd`` / ``--prune-channels latency_budget=0.7``), then cluster at 4 bits with GPTQ;
-``prune_lat=0.5+rec+avg_bits=3+gptq`` (also ``0.7`` and ``+int8``) prunes channels and LSTM/GRU/RNN
+``prune_lat=0.5+rec+avg_bits=3+gptq`` (also ``0.7``, ``0.8`` and ``+int8``) prunes channels and LSTM/GRU/RNN
 hidden units to 0.5 of the latency, refits the pruned layers' consumers (``--reconstruct``), then
-clusters at a mean of 3 bits.
+clusters at a mean of 3 bits; ``prune_lat=0.5+rec`` (``0.7``, ``0.8``) stops before the clustering.
 ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
@@ -135,7 +135,10 @@ MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE
          # channel / recurrent-unit pruning to a measured latency, consumers refit, then codebooks
          **{f"prune_lat={budget}+rec+avg_bits=3+gptq{tail}": [
              "--prune-channels", f"latency_budget={budget}", "--reconstruct", "--cluster", f"avg_bits=3,method=gptq{extra}"]
-            for budget in (0.5, 0.7) for tail, extra in (("", ""), ("+int8", ",execute=int8"))}}
+            for budget in (0.5, 0.7, 0.8) for tail, extra in (("", ""), ("+int8", ",execute=int8"))},
+         # the pruning alone (float), its consumers and restores refit
+         **{f"prune_lat={budget}+rec": ["--prune-channels", f"latency_budget={budget}", "--reconstruct"]
+            for budget in (0.5, 0.7, 0.8)}}
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]
 LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "speed", "method1", "method2")}

@@ -48,8 +48,8 @@ from onnxzip.measure.latency import (
     useful_candidates,
 )
 from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
-from onnxzip.pruning.recurrent import recurrent_groups, unit_importance
-from onnxzip.pruning.surgery import NodeEdit, prune_channels
+from onnxzip.pruning.recurrent import recurrent_groups, tensor_rows, unit_importance
+from onnxzip.pruning.surgery import RESTORE_ROWS, NodeEdit, prune_channels, restore_kinds
 from onnxzip.report import LayerChange, PassReport
 from onnxzip.schema import option
 
@@ -74,6 +74,10 @@ class PruneChannelsConfig:
     min_channels: int = option(1, "channels every group keeps at least")
     round_to: int = option(1, "kept channel counts are rounded up to a multiple of this")
     compensate: bool = option(True, "fold what removed channels still carry into the next layer's bias")
+    restore: Literal["linear", "zeros"] = option(
+        "linear", "where pruned recurrent units must come back at full width (a graph output, an op the rules do not "
+                  "follow): linear: predicted from the kept units by a least-squares MatMul (fitted on --data, refit "
+                  "by --reconstruct); zeros: left zero. States fed back stay zero")
     include: list[str] = option([], "source layer globs or op types whose groups may be pruned (empty: all)")
     exclude: list[str] = option([], "source layer globs or op types whose groups are left alone")
     policy: Literal["importance", "ddpg"] = option("importance", "ddpg: search per-group ratios with DDPG first (compress/CLI/recipes; needs a budget)")
@@ -166,11 +170,14 @@ class PruneChannelsPass(Pass):
         analysis = analyze_channels(model, shapes=context.shapes(model))
         keep = _plan_keep(plan, analysis)
         report = self.new_report()
-        edits = prune_channels(model, analysis, keep, context.feeds, compensate=self.config.compensate) if keep else []
+        energies = self._energies(model, context, analysis)  # before the surgery edits the analysed graph
+        rows = self._restore_rows(model, context, analysis) if keep else {}
+        edits = prune_channels(model, analysis, keep, context.feeds, compensate=self.config.compensate,
+                               restore=self.config.restore, restore_rows=rows) if keep else []
         new_model = export_model(analysis.graph, model) if keep else model
         report.modified = bool(keep)
         _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config,
-                self._energies(model, context, analysis))
+                energies)
         latency = getattr(self, "_latency", {})
         if self.config.latency_budget is not None and not latency.get("planning"):
             measured = None
@@ -179,6 +186,21 @@ class PruneChannelsPass(Pass):
                 measured = latency.get("measured")
             report_latency(report, model, new_model, context.timer, self.config.latency_budget, measured)
         return PassResult(new_model, report, plan)
+
+    def _restore_rows(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
+        """Calibration rows of the original's widened tensors a linear restore is fitted on (once
+        per model; {} without --data)."""
+        cached = getattr(self, "_restore_cache", None)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        tensors = [name for name, kind in restore_kinds(analysis, self.config.restore).items() if kind == "linear"]
+        feeds = None if context.generated else context.feeds  # generated inputs say nothing about real activations
+        rows = tensor_rows(model, analysis, tensors, feeds, RESTORE_ROWS)
+        if tensors and not rows:
+            log.warning("prune-channels restore=linear: no calibration data, so the pruned units of %s start at zero "
+                        "until the reconstruct step fits their restore", ", ".join(repr(t) for t in tensors))
+        self._restore_cache = (model, rows)
+        return rows
 
     def _energies(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
         """Measured importance of recurrent hidden units per group (once per model)."""
@@ -330,7 +352,7 @@ def _report(report: PassReport, analysis: ChannelAnalysis, plan: Plan, keep: dic
         report.notes.append("channel importance: " + ", ".join(
             f"{names[kind]} in {count} group{'s' if count > 1 else ''}" for kind, count in sorted(kinds.items())))
     if analysis.restored:
-        report.notes.append("pruned recurrent units are zero where a tensor is restored to full width (state "
+        report.notes.append("pruned recurrent units come back where a tensor is restored to full width (state "
                             "inputs are read at the kept units; state and sequence outputs keep their shapes): "
                             + "; ".join(analysis.restored))
     for edit in edits:

@@ -118,3 +118,26 @@ def unit_importance(model: onnx.ModelProto, analysis: ChannelAnalysis, groups: l
     groups = recurrent_groups(groups)
     energies = unit_energies(model, analysis, groups, feeds)
     return {g.id: energies[g.id] * unit_readers(analysis, g) for g in groups if g.id in energies}
+
+
+def tensor_rows(model: onnx.ModelProto, analysis: ChannelAnalysis, tensors: list[str],
+                feeds: Mapping[str, np.ndarray] | None, limit: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows [N, C] (channel axis last, at most ``limit``, a fixed random subset) of each of
+    ``tensors`` in ``model`` over (at most ``MAX_SAMPLES`` of) ``feeds``; {} without feeds."""
+    from onnxzip.inputs import first_samples
+    from onnxzip.runtime import make_session, run_samples
+
+    if not feeds or not tensors:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in known)
+    values, _ = run_samples(make_session(probe, "cpu", optimization="disabled"), first_samples(feeds, MAX_SAMPLES, model))
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name in tensors:
+        value = np.moveaxis(np.asarray(values[name], dtype=np.float64), analysis.maps[name].axis, -1)
+        flat = value.reshape(-1, value.shape[-1])
+        rows[name] = flat[np.sort(rng.choice(len(flat), limit, replace=False))] if len(flat) > limit else flat
+    return rows

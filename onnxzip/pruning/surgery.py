@@ -21,9 +21,19 @@ Recurrent layers (LSTM/GRU/RNN). Keeping hidden units ``J`` of a node with ``G``
 rows ``g·H + j`` (every gate ``g``, ``j ∈ J``) of ``W``, ``R`` and both halves of ``B`` (and
 of the peepholes ``P``), columns ``J`` of ``R``, and sets ``hidden_size``; an initial state is
 read at the kept units (``Gather`` on its unit axis), so a state input keeps its shape. Pruned
-units are zero: they carry nothing into a consumer (no compensation), and wherever the analysis
-widens a tensor (a graph output, a consumer it does not follow) a ``Pad`` with one zero and a
-``Gather`` restore it to full width with zeros in the pruned units.
+units are zero: they carry nothing into a consumer (no compensation). Wherever the analysis
+widens a tensor (a graph output, a consumer it does not follow) it is restored to full width:
+
+* ``restore="zeros"``: a ``Pad`` with one zero and a ``Gather`` (zeros in the pruned units);
+* ``restore="linear"``: the pruned units are predicted from the kept ones,
+  ``x_P ≈ x_K·M + b`` (one ``MatMul`` named ``<tensor>/restore`` and an ``Add``, on the kept
+  units moved to the last axis), then ``Concat`` [kept, predicted] and a ``Gather`` put every
+  unit back in place. ``M, b`` are the ridge least-squares fit (with intercept, λ chosen by
+  cross-validation) from the kept to the pruned units of the *original* tensor on calibration
+  rows when the caller gives them (``restore_rows``), else zeros; the reconstruct step refits them to the original tensor from
+  the pruned model's own kept units (:mod:`onnxzip.train.reconstruct`). A recurrent state that
+  the caller feeds back (``Y_h``/``Y_c`` of a node with an initial-state input) stays zeros: the
+  next call reads it only at the kept units.
 """
 from __future__ import annotations
 
@@ -45,6 +55,11 @@ from onnxzip.runtime import make_session, run_session
 log = logging.getLogger(__name__)
 
 COMPENSATED = frozenset({"Conv", "Gemm", "MatMul"})
+RESTORES = ("zeros", "linear")
+RESTORE_SUFFIX = "/restore"  # name of the MatMul predicting pruned units (found by the reconstruct step)
+RESTORE_ROWS = 65536  # calibration rows a linear restore is fitted on
+RESTORE_DAMPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0)  # ridge λ / mean(diag H), chosen by validation
+RESTORE_FOLDS = 4
 
 
 @dataclass
@@ -300,17 +315,84 @@ def prune_recurrent(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
     editor.set_input(node, 2, r)
 
 
-def widen(editor: _Editor, tensor: gs.Variable, mask: np.ndarray, axis: int, rank: int) -> gs.Variable:
-    """``tensor`` (kept channels ``mask`` on ``axis``) at full width, zeros where removed:
-    one zero padded at the end of the axis, then a Gather placing each kept channel."""
-    pads = np.zeros(2 * rank, dtype=np.int64)
-    pads[rank + axis] = 1
-    if int(editor.graph.opset) >= 11:
-        padded = editor.add_node("Pad", [tensor, editor.constant(f"{tensor.name}_pads", pads)], f"{tensor.name}_padded", tensor.dtype)
-    else:
-        padded = editor.add_node("Pad", [tensor], f"{tensor.name}_padded", tensor.dtype, pads=[int(p) for p in pads])
-    index = np.where(mask, np.cumsum(mask) - 1, int(mask.sum())).astype(np.int64)
-    return editor.add_node("Gather", [padded, editor.constant(f"{tensor.name}_full_index", index)], f"{tensor.name}_full", tensor.dtype, axis=axis)
+def widen(editor: _Editor, tensor: gs.Variable, mask: np.ndarray, axis: int, rank: int,
+          linear: tuple[np.ndarray, np.ndarray, str] | None = None) -> gs.Variable:
+    """``tensor`` (kept channels ``mask`` on ``axis``) at full width: zeros where removed (one
+    zero padded at the end of the axis, then a Gather placing each kept channel), or with
+    ``linear`` = (M [K, P], b [P], name) the removed channels predicted as ``x_K·M + b``
+    (concatenated after the kept ones, then a Gather placing every channel)."""
+    kept = int(mask.sum())
+    if linear is None:
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[rank + axis] = 1
+        if int(editor.graph.opset) >= 11:
+            padded = editor.add_node("Pad", [tensor, editor.constant(f"{tensor.name}_pads", pads)], f"{tensor.name}_padded", tensor.dtype)
+        else:
+            padded = editor.add_node("Pad", [tensor], f"{tensor.name}_padded", tensor.dtype, pads=[int(p) for p in pads])
+        index = np.where(mask, np.cumsum(mask) - 1, kept).astype(np.int64)
+        return editor.add_node("Gather", [padded, editor.constant(f"{tensor.name}_full_index", index)], f"{tensor.name}_full", tensor.dtype, axis=axis)
+    weight, bias, name = linear
+    last = axis == rank - 1
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    rows = tensor if last else editor.add_node("Transpose", [tensor], f"{name}_units_last", tensor.dtype, perm=perm)
+    product = gs.Variable(editor.names.fresh(f"{name}_predicted"), dtype=tensor.dtype)
+    editor.graph.nodes.append(gs.Node("MatMul", editor.names.fresh(f"{name}{RESTORE_SUFFIX}"),
+                                      inputs=[rows, editor.constant(f"{name}_restore_weight", weight)], outputs=[product]))
+    predicted = editor.add_node("Add", [product, editor.constant(f"{name}_restore_bias", bias)], f"{name}_predicted_b", tensor.dtype)
+    if not last:
+        predicted = editor.add_node("Transpose", [predicted], f"{name}_predicted_t", tensor.dtype, perm=list(np.argsort(perm)))
+    both = editor.add_node("Concat", [tensor, predicted], f"{name}_kept_predicted", tensor.dtype, axis=axis)
+    index = np.where(mask, np.cumsum(mask) - 1, kept + np.cumsum(~mask) - 1).astype(np.int64)
+    return editor.add_node("Gather", [both, editor.constant(f"{tensor.name}_full_index", index)], f"{tensor.name}_full", tensor.dtype, axis=axis)
+
+
+def linear_restore(rows: np.ndarray | None, mask: np.ndarray, folds: int = RESTORE_FOLDS) -> tuple[np.ndarray, np.ndarray]:
+    """(M [K, P], b [P]) minimising ``Σ‖x_K M + b − x_P‖² + λ‖M‖²`` over ``rows`` [N, C] of the
+    full-width tensor (channel last), K the kept channels ``mask``, P the others; λ chosen among
+    :data:`RESTORE_DAMPS` by ``folds``-fold cross-validation over contiguous blocks of rows (rows
+    of one sample stay together), then fitted on every row. Zeros without rows."""
+    kept, pruned = np.flatnonzero(mask), np.flatnonzero(~mask)
+    if rows is None or len(rows) < 2:
+        return np.zeros((len(kept), len(pruned))), np.zeros(len(pruned))
+    rows = np.asarray(rows, np.float64)
+    x, y = rows[:, kept], rows[:, pruned]
+    blocks = [b for b in np.array_split(np.arange(len(rows)), min(folds, len(rows) // 2)) if len(b)]
+    parts = [_sums(x[b], y[b]) for b in blocks]
+    total = tuple(sum(p[i] for p in parts) for i in range(5))
+    damp = RESTORE_DAMPS[0]
+    if len(blocks) > 1:
+        errors = np.zeros(len(RESTORE_DAMPS))
+        for block, part in zip(blocks, parts):
+            train = tuple(t - p for t, p in zip(total, part))
+            for i, candidate in enumerate(RESTORE_DAMPS):
+                weight, bias = ridge_intercept(*train, candidate)
+                errors[i] += float(np.sum((x[block] @ weight + bias - y[block]) ** 2))
+        damp = RESTORE_DAMPS[int(np.argmin(errors))]
+    return ridge_intercept(*total, damp)
+
+
+def _sums(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Σxxᵀ, Σxyᵀ, Σx, Σy and the row count of ``x`` [N, K], ``y`` [N, P]."""
+    return x.T @ x, x.T @ y, x.sum(axis=0), y.sum(axis=0), len(x)
+
+
+def ridge_intercept(xx: np.ndarray, xy: np.ndarray, x_sum: np.ndarray, y_sum: np.ndarray, count: int,
+                    damp: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(M, b) of the ridge fit with intercept ``y ≈ x M + b`` from the sums Σxxᵀ, Σxyᵀ, Σx, Σy
+    over ``count`` rows, damped toward ``prior`` (default zero) by λ = ``damp`` · mean diagonal
+    of the centred Σxxᵀ; the intercept is not damped."""
+    mean_x, mean_y = x_sum / count, y_sum / count
+    gram = xx - count * np.outer(mean_x, mean_x)
+    cross = xy - count * np.outer(mean_x, mean_y)
+    lam = damp * max(float(np.mean(np.diag(gram))), 1e-12)
+    gram = gram + lam * np.eye(len(gram))
+    if prior is not None:
+        cross = cross + lam * prior
+    try:
+        weight = np.linalg.solve(gram, cross)
+    except np.linalg.LinAlgError:
+        weight = np.linalg.lstsq(gram, cross, rcond=None)[0]
+    return weight, mean_y - mean_x @ weight
 
 
 def _replace(tensors: list[gs.Tensor], old: gs.Tensor, new: gs.Tensor) -> None:
@@ -319,7 +401,52 @@ def _replace(tensors: list[gs.Tensor], old: gs.Tensor, new: gs.Tensor) -> None:
             tensors[index] = new
 
 
-def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool) -> list[str]:
+def fed_back_state(analysis: ChannelAnalysis, tensor_name: str) -> bool:
+    """Whether ``tensor_name`` carries only recurrent states a caller feeds back: walking up
+    through the ops that carry its channels, every recurrent node reached is reached at its
+    ``Y_h``/``Y_c`` output and has that initial-state input (which reads the kept units only)."""
+    tensors = analysis.graph.tensors()
+    seen: set[str] = set()
+    todo, found = [tensor_name], False
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tensor = tensors.get(name)
+        if tensor is None or not tensor.inputs:
+            return False
+        node = tensor.inputs[0]
+        if node.op in RECURRENT:
+            index = next(i for i, out in enumerate(node.outputs) if out is tensor)
+            state = 4 + index  # Y_h → initial_h (5), Y_c → initial_c (6)
+            if index == 0 or len(node.inputs) <= state or not node.inputs[state].name:
+                return False
+            found = True
+            continue
+        todo.extend(t.name for t in node.inputs if t.name in analysis.maps)
+    return found
+
+
+def restore_kinds(analysis: ChannelAnalysis, restore: str) -> dict[str, str]:
+    """Per widened tensor: "linear" (predicted) or "zeros" (``restore`` zeros, or a fed-back
+    state)."""
+    return {tensor: "zeros" if restore == "zeros" or fed_back_state(analysis, tensor) else "linear"
+            for tensor, _consumer, _reason in analysis.widen}
+
+
+def _weight_dtype(analysis: ChannelAnalysis, tensor_name: str) -> np.dtype:
+    """The float type of the recurrent weights whose units ``tensor_name`` carries."""
+    spaces = {p[0] for p in analysis.maps[tensor_name].positions if p is not None}
+    for group in analysis.groups:
+        for space, source in zip(group.spaces, group.sources):
+            if space in spaces and isinstance(source.node.inputs[1], gs.Constant):
+                return np.asarray(source.node.inputs[1].values).dtype
+    return np.dtype(np.float32)
+
+
+def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool, restore: str = "zeros",
+               restore_rows: dict[str, np.ndarray] | None = None) -> list[str]:
     """Insert the full-width restores the analysis asked for: for consumers (before the prune
     functions, which then see the consumer's full-width input), or for graph outputs (after
     them: the producer's output is renamed, the restore writes the output's name). Returns one
@@ -327,6 +454,7 @@ def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool) -> lis
     analysis = editor.analysis
     tensors = analysis.graph.tensors()
     nodes = {node.name: node for node in analysis.graph.nodes}
+    kinds = restore_kinds(analysis, restore)
     done = []
     for tensor_name, consumer, reason in analysis.widen:
         mask = analysis.keep_mask(tensor_name, keep)
@@ -334,16 +462,27 @@ def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool) -> lis
             continue
         tensor = tensors[tensor_name]
         axis, rank = analysis.maps[tensor_name].axis, len(analysis.shapes[tensor_name])
+        linear, how = None, "pruned units zero"
+        if kinds[tensor_name] == "linear":
+            rows = (restore_rows or {}).get(tensor_name)
+            weight, bias = linear_restore(rows, mask)
+            dtype = _weight_dtype(analysis, tensor_name)
+            linear = (weight.astype(dtype), bias.astype(dtype), tensor_name)
+            how = ("pruned units predicted linearly from the kept ones, "
+                   + (f"fitted on {len(rows)} calibration rows" if rows is not None and len(rows) >= 2
+                      else "zero until the reconstruct step fits them"))
+        elif restore == "linear":
+            how = "pruned units zero: a state fed back, read at the kept units"
         if consumer is not None:
-            _replace(nodes[consumer].inputs, tensor, widen(editor, tensor, mask, axis, rank))
+            _replace(nodes[consumer].inputs, tensor, widen(editor, tensor, mask, axis, rank, linear))
         else:
             pruned = gs.Variable(editor.names.fresh(f"{tensor.name}_pruned"), dtype=tensor.dtype)
             for node in list(tensor.outputs):
                 _replace(node.inputs, tensor, pruned)
             _replace(tensor.inputs[0].outputs, tensor, pruned)
-            full = widen(editor, pruned, mask, axis, rank)
+            full = widen(editor, pruned, mask, axis, rank, linear)
             full.inputs[0].outputs[0] = tensor
-        done.append(f"'{tensor_name}' restored to full width ({int(mask.sum())} of {len(mask)} kept, pruned units zero) "
+        done.append(f"'{tensor_name}' restored to full width ({int(mask.sum())} of {len(mask)} kept, {how}) "
                     f"for {reason if consumer is None else repr(consumer)}")
     return done
 
@@ -427,9 +566,14 @@ def prune_channels(
     feeds: dict[str, np.ndarray] | None = None,
     *,
     compensate: bool = True,
+    restore: str = "zeros",
+    restore_rows: dict[str, np.ndarray] | None = None,
 ) -> list[NodeEdit]:
     """Remove from ``analysis.graph`` every channel not kept (``keep``: group id → kept indices);
-    ``model`` is the model the analysis was made from. Returns one edit per changed node."""
+    ``model`` is the model the analysis was made from. ``restore`` says how widened tensors get
+    their pruned units back ("zeros" or "linear", see the module docstring); ``restore_rows``:
+    per widened tensor, rows [N, C] of the original's values (channel last) a linear restore is
+    fitted on. Returns one edit per changed node."""
     keep_sets = {gid: set(indices) for gid, indices in keep.items()}
     editor = _Editor(analysis, keep_sets)
     widened = analysis.widened()
@@ -449,7 +593,7 @@ def prune_channels(
         if node.op in COMPENSATED and masks.inputs[0] is not None and int(node.attrs.get("group", 1)) == 1
     ]
     carried = _carried_values(model, analysis, keep_sets, consumers, feeds) if compensate else {}
-    analysis.restored = _widen_all(editor, keep_sets, outputs=False)
+    analysis.restored = _widen_all(editor, keep_sets, False, restore, restore_rows)
     edits = []
     for node, masks in plans:
         masks.carried = carried.get(node.inputs[0].name) if node.inputs else None
@@ -458,7 +602,7 @@ def prune_channels(
             function(node, masks, editor)
         edits.append(NodeEdit(node.name, node.op, _counts(masks.inputs[0] if masks.inputs else None, analysis, node.inputs[0].name if node.inputs else ""),
                               _counts(masks.outputs[0], analysis, node.outputs[0].name)))
-    analysis.restored += _widen_all(editor, keep_sets, outputs=True)
+    analysis.restored += _widen_all(editor, keep_sets, True, restore, restore_rows)
     outputs = {t.name for t in analysis.graph.outputs} | {t.name for t in analysis.graph.inputs}
     for tensor in analysis.graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in outputs:

@@ -63,6 +63,7 @@ from onnxzip.graph import constant_value, export_model, import_graph, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster import Codebook, DecodedWeight, find_decodes, refit_codebook
 from onnxzip.passes.cluster_int8 import find_int8_decodes
+from onnxzip.pruning.surgery import RESTORE_DAMPS, RESTORE_SUFFIX, ridge_intercept
 from onnxzip.passes.cluster_calibration import (
     ActivationProbe,
     LayerSite,
@@ -188,6 +189,14 @@ class ReconstructPass(Pass):
                                      else {"reconstruct": selected, "refit": RECURRENT_REFIT}
                                      if selected else {"reconstruct": False, "refit": RECURRENT_REFIT,
                                                        "reason": "not selected by include/exclude"})
+            for entry in find_restores(graph):
+                node = entry[0] if isinstance(entry, tuple) else entry.node
+                if isinstance(entry, tuple):
+                    layers[node.name] = {"reconstruct": False, "refit": RESTORE_REFIT, "reason": entry[1]}
+                elif matches(node.name, node.op, self.config.include, self.config.exclude):
+                    layers[node.name] = {"reconstruct": True, "refit": RESTORE_REFIT, "target": entry.target}
+                else:
+                    layers[node.name] = {"reconstruct": False, "refit": RESTORE_REFIT, "reason": "not selected by include/exclude"}
             for name, job in float_candidates(graph, import_graph(context.original)).items():
                 if isinstance(job, tuple):
                     layers[name] = {"reconstruct": False, "refit": "float", "reason": job[1]}
@@ -212,7 +221,9 @@ class ReconstructPass(Pass):
         jobs = self._jobs(graph, decodes, plan, context.original, report)
         recurrent = {name for name, entry in plan.layers.items()
                      if entry.get("refit") == RECURRENT_REFIT and entry.get("reconstruct")}
-        if not jobs and not recurrent:
+        restores = {name for name, entry in plan.layers.items()
+                    if entry.get("refit") == RESTORE_REFIT and entry.get("reconstruct")}
+        if not jobs and not recurrent and not restores:
             report.notes.append("no codebook weight, SVD factor pair or pruned layer to reconstruct "
                                 "(run the cluster, svd or prune-channels pass first)")
             return PassResult(model, report, plan)
@@ -253,6 +264,9 @@ class ReconstructPass(Pass):
                     report.changes.append(self._refit_float(name, job, stats[name], decodes))
                 else:
                     report.changes.append(self._reconstruct(name, job, stats[name], decodes))
+        if restores:
+            report.changes.extend(refit_restores(graph, model, context.original, chunks, self.config.holdout,
+                                                 context.device, restores))
         report.modified = any(not c.skipped for c in report.changes)
         fitted = [c.details for c in report.changes if not c.skipped and "error_after" in c.details]
         if fitted:
@@ -271,8 +285,8 @@ class ReconstructPass(Pass):
         jobs: dict[str, _Job | _FloatJob] = {}
         floats = float_candidates(graph, teacher_graph)
         for name, entry in plan.layers.items():
-            if entry.get("refit") == RECURRENT_REFIT and entry.get("reconstruct"):
-                continue  # refit by refit_recurrent before the other jobs
+            if entry.get("refit") in (RECURRENT_REFIT, RESTORE_REFIT) and entry.get("reconstruct"):
+                continue  # refit by refit_recurrent before the other jobs, refit_restores after them
             if not entry.get("reconstruct"):
                 report.skip(name, "", entry.get("reason", "not planned"))
                 continue
@@ -858,5 +872,143 @@ def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Mode
         w.values = np.ascontiguousarray(new_w.astype(np.asarray(w.values).dtype))
         r.values = np.ascontiguousarray(new_r.astype(np.asarray(r.values).dtype))
         changes.append(LayerChange(node.name, node.op, f"refit pruned recurrent units: {text}",
+                                   params_before=params, params_after=params, details=details))
+    return changes
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear restores of pruned units (prune-channels restore=linear): M, b refit to the original tensor
+
+RESTORE_REFIT = "linear restore"
+PRIOR_DAMPS = (3.0, 10.0, 30.0)  # also damped this strongly toward the restore as it was
+
+
+@dataclass
+class _Restore:
+    """One linear restore: ``MatMul`` (kept units, channel last) → ``Add`` bias → [Transpose] →
+    ``Concat`` [kept, predicted] → ``Gather`` to full width."""
+
+    node: gs.Node
+    weight: gs.Constant
+    bias: gs.Constant
+    axis: int
+    pruned: np.ndarray  # positions on the full-width axis of the predicted columns, in order
+    target: str  # the original model's full-width tensor
+
+
+def find_restores(graph: gs.Graph) -> list[_Restore | tuple[gs.Node, str]]:
+    """Every linear restore the prune-channels surgery wrote, or (node, why it cannot be refit)."""
+    outputs = {t.name for t in graph.outputs}
+    found: list[_Restore | tuple[gs.Node, str]] = []
+    for node in graph.nodes:
+        if node.op != "MatMul" or RESTORE_SUFFIX not in (node.name or ""):
+            continue
+        weight = _float_weight(node)
+        users = node.outputs[0].outputs
+        add = users[0] if len(users) == 1 and users[0].op == "Add" else None
+        bias = _float_weight(add, 1) if add is not None and len(add.inputs) > 1 else None
+        if weight is None or bias is None:
+            found.append((node, "its weight or bias is not a float constant (clustered?)"))
+            continue
+        after = add.outputs[0].outputs
+        if len(after) == 1 and after[0].op == "Transpose":
+            after = after[0].outputs[0].outputs
+        concat = after[0] if len(after) == 1 and after[0].op == "Concat" else None
+        gather = concat.outputs[0].outputs if concat is not None else []
+        gather = gather[0] if len(gather) == 1 and gather[0].op == "Gather" else None
+        index = constant_value(gather.inputs[1]) if gather is not None else None
+        if index is None:
+            found.append((node, "not followed by the Concat and Gather of a restore"))
+            continue
+        kept = weight.shape[0]
+        order = np.argsort(np.asarray(index).reshape(-1), kind="stable")
+        full = gather.outputs[0]
+        target = full.name if full.name in outputs else concat.inputs[0].name
+        found.append(_Restore(node, weight, bias, int(gather.attrs.get("axis", 0)), order[kept:], target))
+    return found
+
+
+def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.ModelProto,
+                   chunks: list[dict[str, np.ndarray]], holdout: float, device: str,
+                   selected: set[str]) -> list[LayerChange]:
+    """Refit each selected linear restore (``x_P ≈ x̃_K M + b``) by ridge least squares with
+    intercept, damped toward the restore as it was (M₀, the pass's fit or zeros): inputs the
+    current model's kept units x̃_K, targets the original model's tensor at the pruned units x_P,
+    on the calibration runs (one run of both models for all restores). λ is the one of lowest
+    held-back relative error ‖x̃_K M + b − x_P‖² / ‖x_P‖²; kept when that error goes down, then
+    fitted on every run."""
+    from onnxzip.runtime import make_session, run_session
+
+    restores = [r for r in find_restores(graph) if isinstance(r, _Restore) and r.node.name in selected]
+    if not restores:
+        return []
+    sessions = []
+    for source, wanted in ((export_model(graph, model), [r.node.inputs[0].name for r in restores]),
+                           (original, [r.target for r in restores])):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(source)
+        known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(wanted) if n not in known)
+        sessions.append(make_session(probe, device, optimization="disabled"))
+    every = int(1 / holdout) if holdout > 0 else 0
+    sums: list[Any] = [None] * len(restores)
+    held_sums: list[Any] = [None] * len(restores)
+    held: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in restores]
+    mismatch: dict[int, str] = {}
+    for index, chunk in enumerate(chunks):
+        values = [run_session(s, {k: v for k, v in chunk.items() if k in {i.name for i in s.get_inputs()}})
+                  for s in sessions]
+        hold = every and index % every == min(1, every - 1)
+        for i, restore in enumerate(restores):
+            kept = restore.weight.shape[0]
+            x = np.asarray(values[0][restore.node.inputs[0].name], np.float64).reshape(-1, kept)
+            target = np.moveaxis(np.asarray(values[1][restore.target], np.float64), restore.axis, -1)
+            y = target.reshape(-1, target.shape[-1])[:, restore.pruned]
+            if len(x) != len(y):
+                mismatch[i] = f"{len(x)} rows of kept units against {len(y)} of the original"
+                continue
+            part = (x.T @ x, x.T @ y, x.sum(axis=0), y.sum(axis=0), len(x))
+            if hold:
+                if sum(len(h[0]) for h in held[i]) < HELD_ROWS:
+                    held[i].append((x, y))
+                held_sums[i] = part if held_sums[i] is None else tuple(a + b for a, b in zip(held_sums[i], part))
+            else:
+                sums[i] = part if sums[i] is None else tuple(a + b for a, b in zip(sums[i], part))
+    changes = []
+    for i, restore in enumerate(restores):
+        weight, bias = restore.weight, restore.bias
+        params = int(np.size(weight.values) + np.size(bias.values))
+        details: dict[str, Any] = {"refit": RESTORE_REFIT, "target": restore.target,
+                                   "units": [int(weight.shape[0]), int(weight.shape[1])]}
+        if i in mismatch or sums[i] is None:
+            changes.append(LayerChange(restore.node.name, "MatMul", "skipped", mismatch.get(i, "no calibration rows"),
+                                       params_before=params, params_after=params, details=details))
+            continue
+        old_w, old_b = np.asarray(weight.values, np.float64), np.asarray(bias.values, np.float64)
+
+        def error(m: np.ndarray, b: np.ndarray) -> float:
+            num = sum(float(np.sum((x @ m + b - y) ** 2)) for x, y in held[i])
+            den = sum(float(np.sum(y ** 2)) for _, y in held[i])
+            return num / den if den else float("nan")
+
+        if held[i]:
+            fits = [(error(*fit), damp, fit) for damp in RESTORE_DAMPS + PRIOR_DAMPS
+                    for fit in [ridge_intercept(*sums[i], damp, old_w)]]
+            after, damp, _fit = min(fits, key=lambda item: item[0])
+            before = error(old_w, old_b)
+            details.update(error_before=round(before, 6), error_after=round(after, 6), damp=damp)
+            if not after < before:
+                changes.append(LayerChange(restore.node.name, "MatMul", "skipped", "the refit did not lower the held-back "
+                                           f"error of the pruned units ({before:.4g} → {after:.4g}); kept as it was",
+                                           params_before=params, params_after=params, details=details))
+                continue
+            new_w, new_b = ridge_intercept(*(tuple(a + b for a, b in zip(sums[i], held_sums[i]))), damp, old_w)  # all rows
+            text = f"held-back relative error of the pruned units {before:.4g} → {after:.4g} (λ {damp:g}·mean H)"
+        else:
+            new_w, new_b = ridge_intercept(*sums[i], RESTORE_DAMPS[len(RESTORE_DAMPS) // 2], old_w)
+            text = "no held-back rows"
+        weight.values = np.ascontiguousarray(new_w.astype(np.asarray(weight.values).dtype))
+        bias.values = np.ascontiguousarray(new_b.astype(np.asarray(bias.values).dtype))
+        changes.append(LayerChange(restore.node.name, "MatMul", f"refit linear restore of '{restore.target}': {text}",
                                    params_before=params, params_after=params, details=details))
     return changes

@@ -139,3 +139,32 @@ def dead_state(shape: tuple[int, ...], axis: int, dead: list[int], rng: np.rando
     index[axis] = list(dead)
     state[tuple(index)] = 0
     return state
+
+
+def linear_units(hidden: int = 64, inputs: int = 32, initial_state: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """A forward RNN whose units ``hidden/2 + j`` are exactly ``±`` unit ``j`` (rows of ``W``,
+    ``R`` and ``B`` copied with the sign; ``R`` reads only the first half, so dropping the
+    second half changes nothing else): x [N, T, I] → Y → ``seq`` [N, H, T] (units on axis 1,
+    not last) and Y_h → ``h_last`` [1, N, H]; with ``initial_state`` an input ``h0`` [N, 1, H]
+    (transposed) is its initial state (so ``h_last`` is a state fed back)."""
+    rng = np.random.default_rng(seed)
+    half = hidden // 2
+    signs = np.where(np.arange(half) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    w_half = rng.standard_normal((half, inputs)).astype(np.float32) * 0.2
+    r_half = np.concatenate([rng.standard_normal((half, half)).astype(np.float32) * 0.1,
+                             np.zeros((half, hidden - half), np.float32)], axis=1)
+    b_half = rng.standard_normal((2, half)).astype(np.float32) * 0.2
+    w = np.concatenate([w_half, signs[:, None] * w_half])[None]
+    r = np.concatenate([r_half, signs[:, None] * r_half])[None]
+    b = np.concatenate([np.concatenate([b_half[k], signs * b_half[k]]) for k in range(2)])[None]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="to_time"),
+             helper.make_node("Transpose", ["h0" if initial_state else "x"], ["h0t"], perm=[1, 0, 2], name="state_t"),
+             helper.make_node("RNN", ["xt", "W", "R", "B", "", "h0t" if initial_state else ""], ["Y", "h_last"],
+                              name="rnn", hidden_size=hidden),
+             helper.make_node("Squeeze", ["Y", "one"], ["Ys"], name="squeeze"),
+             helper.make_node("Transpose", ["Ys"], ["seq"], perm=[1, 2, 0], name="units_middle")]
+    inits = [init("W", w), init("R", r), init("B", b), init("one", np.array([1], np.int64))]
+    inputs_ = [tensor("x", ["N", "T", inputs])] + ([tensor("h0", ["N", 1, hidden])] if initial_state else [])
+    if not initial_state:
+        nodes.pop(1)
+    return make_model(nodes, inputs_, [tensor("seq", ["N", hidden, "T"]), tensor("h_last", [1, "N", hidden])], inits, opset=14)

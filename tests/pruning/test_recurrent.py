@@ -9,12 +9,12 @@ import onnx
 import pytest
 from helpers import init, make_model, tensor
 from onnx import helper
-from rnn_graphs import bidirectional, dead_state, recurrent_weights, stacked_lstm
+from rnn_graphs import bidirectional, dead_state, linear_units, recurrent_weights, stacked_lstm
 
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 from onnxzip.api import compress
 from onnxzip.measure.latency import Factor, LayerForm, Timing
-from onnxzip.passes import PassContext, get_pass
+from onnxzip.passes import PassContext, Plan, get_pass
 from onnxzip.pruning.groups import analyze_channels
 from onnxzip.runtime import make_session, run_session
 
@@ -59,11 +59,12 @@ def test_stacked_lstm_with_state_keeps_its_interface_and_outputs():
 
 @pytest.mark.parametrize("op", ["GRU", "LSTM", "RNN"])
 def test_bidirectional_sequence_and_state_outputs_keep_full_width(op):
+    """restore=zeros: the pruned (dead) units come back as zeros."""
     rng = np.random.default_rng(2)
     dead = [0, 3, 9, 12, 17, 20, 26, 30]
     model = bidirectional(op, dead=dead, hidden=32)
     feeds = {"x": rng.standard_normal((3, 7, 5)).astype(np.float32), "h0": dead_state((3, 2, 32), 2, dead, rng)}
-    result = get_pass("prune-channels")(ratio=0.25, scope="layer").run(model, PassContext(feeds=feeds))
+    result = get_pass("prune-channels")(ratio=0.25, scope="layer", restore="zeros").run(model, PassContext(feeds=feeds))
     assert _hidden_sizes(result.model) == {"rnn": 24}
     assert result.plan.layers["rnn"]["keep"] == [u for u in range(32) if u not in dead]
     weights = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
@@ -173,3 +174,58 @@ def test_reconstruct_refits_a_pruned_gru_and_its_consumer():
     assert error(consumer.model) < 0.8 * error(pruned.model)
     assert error(rebuilt.model) < error(consumer.model)  # the GRU's own refit adds to the consumer's
     assert rebuilt.model.ByteSize() == pruned.model.ByteSize()
+
+
+def _linear_feeds(rng: np.random.Generator, count: int, steps: int, state: bool = False) -> dict[str, np.ndarray]:
+    feeds = {"x": rng.standard_normal((count, steps, 32)).astype(np.float32)}
+    if state:
+        feeds["h0"] = rng.standard_normal((count, 1, 64)).astype(np.float32) * 0.5
+    return feeds
+
+
+def _copies_pruned(restore: str = "linear") -> tuple[object, Plan]:
+    """The prune-channels pass and a plan that drops the copies (units 32-63; R reads only 0-31)."""
+    return (get_pass("prune-channels")(ratio=0.5, scope="layer", restore=restore),
+            Plan("prune-channels", {}, {"rnn": {"channels": 64, "keep": list(range(32))}}))
+
+
+def test_linear_restore_predicts_pruned_units_that_are_linear_in_the_kept_ones():
+    model = linear_units()
+    rng = np.random.default_rng(8)
+    pass_, plan = _copies_pruned()
+    result = pass_.run(model, PassContext(feeds=_linear_feeds(rng, 128, 4)), plan)
+    assert _hidden_sizes(result.model) == {"rnn": 32}
+    held = _linear_feeds(np.random.default_rng(9), 3, 11)  # samples and a length the pass never saw
+    before, after = _run(model, held), _run(result.model, held)
+    assert after["seq"].shape == (3, 64, 11)
+    for name in ("seq", "h_last"):  # the units axis is not last in seq: moved for the MatMul and back
+        np.testing.assert_allclose(after[name], before[name], atol=1e-4)
+    zeros_pass, plan = _copies_pruned("zeros")
+    zeros = zeros_pass.run(model, PassContext(feeds=held), plan)
+    assert np.abs(_run(zeros.model, held)["seq"][:, 32:]).max() == 0  # the other way: zeros
+    notes = " ".join(result.report.notes)
+    assert "'seq' restored to full width (32 of 64 kept, pruned units predicted linearly" in notes
+    assert "'h_last' restored to full width (32 of 64 kept, pruned units predicted linearly" in notes
+
+
+def test_a_state_fed_back_stays_zero_and_reconstruct_refits_a_restore_from_zeros():
+    model = linear_units(initial_state=True)
+    rng = np.random.default_rng(10)
+    fit = _linear_feeds(rng, 48, 8, state=True)
+    pass_, plan = _copies_pruned()
+    no_data = pass_.run(model, PassContext(feeds=None), plan)  # nothing to fit on: the restore starts at zeros
+    notes = " ".join(no_data.report.notes)
+    assert "'seq' restored to full width (32 of 64 kept, pruned units predicted linearly from the kept ones, zero until" in notes
+    assert "'h_last' restored to full width (32 of 64 kept, pruned units zero: a state fed back" in notes
+    held = _linear_feeds(np.random.default_rng(11), 4, 9, state=True)
+    before, start = _run(model, held), _run(no_data.model, held)
+    assert np.abs(start["seq"][:, 32:]).max() == 0 and np.abs(start["h_last"][..., 32:]).max() == 0
+    reconstruct = get_pass("reconstruct")()
+    context = PassContext(feeds=fit, original=model)
+    rebuilt = reconstruct.run(no_data.model, context)
+    change = next(c for c in rebuilt.report.changes if c.details.get("refit") == "linear restore")
+    assert change.details["target"] == "seq" and change.details["error_after"] < 1e-6 < change.details["error_before"]
+    after = _run(rebuilt.model, held)
+    np.testing.assert_allclose(after["seq"], before["seq"], atol=1e-4)
+    np.testing.assert_allclose(after["h_last"][..., :32], before["h_last"][..., :32], atol=1e-5)
+    assert np.abs(after["h_last"][..., 32:]).max() == 0
