@@ -179,6 +179,11 @@ class ClusterConfig:
         True, "method=gptq with avg_bits/bits=search: the sensitivity sweep measures each width on its "
               "GPTQ-fitted codebook, as apply stores it (false: on plain k-means codebooks; faster)",
     )
+    sweep_gptq_flops: float = option(
+        3e10, "sweep_gptq: arithmetic its GPTQ fits may cost, estimated per weight as 5·m·n² + n³ for an "
+              "m×n layer (n inputs); weights are admitted cheapest first, the rest are measured on k-means "
+              "codebooks (measured: ~1e11 is ~100 s on one core). 0: no limit",
+    )
     execute: Literal["float", "int8"] = option(
         "float",
         "int8: codebooks of MatMul/Gemm/Conv weights stored as int8 + scale behind DequantizeLinear, "
@@ -208,6 +213,8 @@ class ClusterConfig:
             raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
         if self.sweep_flops < 0:
             raise ValueError(f"sweep_flops must be 0 (no limit) or positive, got {self.sweep_flops}")
+        if self.sweep_gptq_flops < 0:
+            raise ValueError(f"sweep_gptq_flops must be 0 (no limit) or positive, got {self.sweep_gptq_flops}")
         if self.search_step <= 0:
             raise ValueError(f"search_step must be positive, got {self.search_step}")
         if isinstance(self.k, int) and not 1 <= self.k <= MAX_K:
@@ -373,9 +380,15 @@ class ClusterPass(Pass):
             second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
             self._second_cache = (model, second_order)
         self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
+        fitted_in_sweep: set[str] = set()
         if second_order is not None:
+            fitted_in_sweep, left = second_order.affordable(
+                {name: values for name, values, _axis in candidates}, self.config.sweep_gptq_flops)
             self._sweep_note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
                                  f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
+            if left:
+                self._sweep_note += (f" ({len(left)} of {len(left) + len(fitted_in_sweep)} weights, the costliest, "
+                                     f"on k-means codebooks: sweep_gptq_flops {self.config.sweep_gptq_flops:g})")
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -397,7 +410,8 @@ class ClusterPass(Pass):
                 stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
                 if _decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
-                fitted = second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS) if second_order else None
+                fitted = (second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS)
+                          if second_order and name in fitted_in_sweep else None)
                 if fitted is not None:
                     stored = fitted[0]
                 curve[stored.bits] = probe.distortion(name, stored.decode())
@@ -745,6 +759,25 @@ class SecondOrder:
         self.branches: dict[str, bool] | None = None
         self.planned: set[str] = set(sites)  # the weights asked for (those without a site too)
         self.problem: tuple[str, LayerProblem] | None = None  # the last layer's, reused across widths
+
+    def affordable(self, weights: dict[str, np.ndarray], budget: float) -> tuple[set[str], list[str]]:
+        """(the weights whose sweep fits fit ``budget``, cheapest first; the others that have a
+        layer site). A fit's arithmetic is estimated from the layer's [G, m, n] view: the centroid
+        refit's Σ_r P_rᵀ H P_r costs m·n² per block and width (MEASURED_WIDTHS of them), the
+        column order's Cholesky n³ once. 0: no limit."""
+        costs = {}
+        for name, values in weights.items():
+            if name in self.sites:
+                blocks, rows, cols = self.sites[name][0].view(values).shape
+                costs[name] = MEASURED_WIDTHS * blocks * rows * cols**2 + cols**3
+        admitted: set[str] = set()
+        spent = 0.0
+        for name in sorted(costs, key=lambda n: (costs[n], n)):
+            if budget and spent + costs[name] > budget:
+                break
+            admitted.add(name)
+            spent += costs[name]
+        return admitted, sorted(set(costs) - admitted)
 
     def refit(self, name: str, stored: Codebook, values: np.ndarray,
               iterations: int = GPTQ_ITERATIONS) -> tuple[Codebook, CodebookFit] | None:

@@ -213,3 +213,25 @@ def test_avg_bits_with_gptq_measures_each_width_as_gptq_stores_it():
         y = outputs(alone, x)
         measured = float(np.sum((y - y0) ** 2) / np.sum(y0 ** 2))
         assert curve[bits] / 1.3 <= measured <= curve[bits] * 1.3 < kmeans[bits]
+
+
+def test_sweep_gptq_flops_fits_the_cheapest_weights_and_says_which_were_left():
+    """The GPTQ-fitted sweep is bounded in estimated arithmetic (5·m·n² + n³ per weight, no
+    seconds): with a budget that affords only w2 (10 outputs × 64 inputs) the costlier w1 (64 × 48)
+    is measured on its plain k-means codebooks, and the report says so."""
+    rng = np.random.default_rng(11)
+    mixing = np.eye(48) + 0.6 * rng.standard_normal((48, 48))
+    x = (rng.standard_normal((64, 48)) @ mixing).astype(np.float32)
+    model = mlp(W1, W2)
+    context = PassContext(feeds={"x": x})
+    cost_w2 = 5 * 10 * 64**2 + 64**3
+    cost_w1 = 5 * 64 * 48**2 + 48**3
+    assert cost_w2 < cost_w1
+    bounded = ClusterPass(avg_bits=3.0, method="gptq", sweep_gptq_flops=cost_w2).run(model, context)
+    fitted = ClusterPass(avg_bits=3.0, method="gptq").run(model, context)
+    plain = ClusterPass(avg_bits=3.0).run(model, context)
+    assert any("1 of 2 weights, the costliest, on k-means codebooks" in n for n in bounded.report.notes)
+    sensitivity = {run: {name: entry["sensitivity"] for name, entry in r.plan.layers.items()}
+                   for run, r in (("bounded", bounded), ("fitted", fitted), ("plain", plain))}
+    assert sensitivity["bounded"]["w1"] == sensitivity["plain"]["w1"] != sensitivity["fitted"]["w1"]
+    assert sensitivity["bounded"]["w2"] == sensitivity["fitted"]["w2"] != sensitivity["plain"]["w2"]
