@@ -143,14 +143,13 @@ class PruneChannelsPass(Pass):
             for g in candidates
         }
         if self.config.latency_budget is not None:
-            self._latency = {"notes": []}
-            keep = self._latency_keep(model, context, analysis, candidates, importances)
+            found: dict[str, Any] = {}
+            keep = self._latency_keep(model, context, analysis, candidates, importances, found)
             layers = {g.id: {"channels": g.size, "keep": keep[g.id]} for g in candidates}
+            entries = found.pop("entries", {})
             for gid, entry in layers.items():
-                entry.update(self._latency["entries"].get(gid, {}))
-            plan = Plan(self.name, self.config_dict(), layers)
-            self._latency["plan"] = plan
-            return plan
+                entry.update(entries.get(gid, {}))
+            return Plan(self.name, self.config_dict(), layers, found=found)
         ratios = {}
         for pattern, fraction in self.config.layer_ratios.items():
             ratios.update({g.id: float(fraction) for g in candidates if matches(g.id, "", [pattern], [])})
@@ -167,6 +166,11 @@ class PruneChannelsPass(Pass):
         return Plan(self.name, self.config_dict(), layers)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext) -> PassResult:
+        return self._apply(model, plan, context)
+
+    def _apply(self, model: onnx.ModelProto, plan: Plan, context: PassContext, trial: bool = False) -> PassResult:
+        """``apply``; a ``trial`` (a model built while planning, to be measured) skips the
+        before/after latency the final report gives."""
         analysis = analyze_channels(model, shapes=context.shapes(model))
         keep = _plan_keep(plan, analysis)
         report = self.new_report()
@@ -178,13 +182,10 @@ class PruneChannelsPass(Pass):
         report.modified = bool(keep)
         _report(report, analysis, plan, keep, edits, context.cost(model), context.cost(new_model), self.config,
                 energies)
-        latency = getattr(self, "_latency", {})
-        if self.config.latency_budget is not None and not latency.get("planning"):
-            measured = None
-            if latency.get("plan") is plan:
-                report.notes.extend(latency["notes"])
-                measured = latency.get("measured")
-            report_latency(report, model, new_model, context.timer, self.config.latency_budget, measured)
+        if self.config.latency_budget is not None and not trial:
+            report.notes.extend(plan.found.get("latency_notes", []))
+            report_latency(report, model, new_model, context.timer, self.config.latency_budget,
+                           plan.found.get("latency_ms"))
         return PassResult(new_model, report, plan)
 
     def _restore_rows(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
@@ -215,9 +216,11 @@ class PruneChannelsPass(Pass):
         return energies
 
     def _latency_keep(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis,
-                      groups: list[ChannelGroup], importances: dict[str, np.ndarray]) -> dict[str, list[int]]:
-        """Kept channels per group meeting ``latency_budget`` (see the module docstring)."""
-        state = self._latency
+                      groups: list[ChannelGroup], importances: dict[str, np.ndarray],
+                      findings: dict[str, Any]) -> dict[str, list[int]]:
+        """Kept channels per group meeting ``latency_budget`` (see the module docstring); what
+        the timing found goes into ``findings`` (the plan's ``found``): latency_notes,
+        latency_ms, entries."""
         timing = context.timer()
         budget = self.config.latency_budget
         original = timing.model(model)
@@ -257,11 +260,7 @@ class PruneChannelsPass(Pass):
         def build(chosen: dict[str, Candidate | None]) -> onnx.ModelProto:
             keep = keep_of(chosen)
             trial = Plan(self.name, self.config_dict(), {g.id: {"channels": g.size, "keep": keep[g.id]} for g in groups})
-            state["planning"] = True
-            try:
-                return self.apply(model, trial, context).model
-            finally:
-                state["planning"] = False
+            return self._apply(model, trial, context, trial=True).model
 
         outcome = meet_budget(options, budget, model, original, build, timing)
         keep = keep_of(outcome.chosen)
@@ -270,15 +269,15 @@ class PruneChannelsPass(Pass):
             entries[gid]["latency_ms"] = [round(dense, 4), round(candidate.ms if candidate else dense, 4)]
             if candidate is None:
                 entries[gid]["reason"] = "kept whole by the latency allocation"
-        state["notes"] = outcome.notes
-        state["measured"] = (outcome.before_ms, outcome.after_ms)
+        notes = findings["latency_notes"] = list(outcome.notes)
+        findings["latency_ms"] = (outcome.before_ms, outcome.after_ms)
         if not outcome.reached:
             message = (f"prune-channels latency_budget {budget:g} not reached: measured {outcome.after_ms:.3g} ms of "
                        f"{outcome.before_ms:.3g} ms ({outcome.after_ms / outcome.before_ms:.2f}); no choice of the "
                        "channel counts that save time measured faster")
-            state["notes"].append(message)
+            notes.append(message)
             log.warning("%s", message)
-        state["entries"] = entries
+        findings["entries"] = entries
         return keep
 
     def applies_to(self, weight: Any) -> bool:
