@@ -13,7 +13,10 @@ Prints, side by side with the untuned result measured in the same run:
    fine-tuning by label-free distillation from the original on noisy training crops: STOI and
    PESQ on the held-out utterances, against the original (targets: within 0.01 / 0.1).
 4. One training epoch of the reference CNN in onnxruntime vs the same epoch in PyTorch (same
-   data, batch 32, AdamW, learning rate): the time ratio.
+   data, batch 32, AdamW, learning rate): the time ratio. Measured 2026-12-06 on the idle 2-core
+   machine, four runs: 1.46x, 1.54x, 1.47x and one of 2.53x (onnxruntime 2.7-3.1 s, 6.1 s in the
+   outlier; PyTorch 1.9-2.4 s); at load ~12 PyTorch's two-thread epoch took 154 s, so only idle
+   runs say anything.
 
 Usage: ``python benchmarks/bench_finetune.py [--epochs 6] [--bits 4] [--sparsity 0.01] [--skip prune,codebook,speech,speed]``.
 """
