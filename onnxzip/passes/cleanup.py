@@ -25,6 +25,10 @@ class CleanupConfig:
     fold_weights: bool = option(True, "turn Constant nodes and constant chains feeding weights into initializers")
     fix_output_shapes: bool = option(True, "correct declared output shapes that onnxruntime contradicts")
     shape_inference: bool = option(False, "store inferred intermediate shapes that onnxruntime confirms")
+    short_names: bool = option(
+        False, "rename nodes, initializers and intermediate tensors to short names (n12, t34); the graph's "
+               "inputs and outputs keep theirs. Saves the bytes long exported names take (captcha_crnn at 3 bits: "
+               "12% of the file), but the report's layer names no longer appear in the output")
 
 
 @register_pass
@@ -52,6 +56,10 @@ class CleanupPass(Pass):
             report.notes.extend(_fix_output_shapes(new_model, shapes))
         if self.config.shape_inference:
             report.notes.append(_confirmed_shape_inference(new_model, shapes))
+        if self.config.short_names:
+            before = new_model.ByteSize()
+            renamed = shorten_names(new_model)
+            report.notes.append(f"short_names: {renamed} names shortened, {before - new_model.ByteSize():,} bytes saved")
         removed = nodes_before - _count_nodes(new_model)
         unused = len(model.graph.initializer) - len(new_model.graph.initializer)
         if removed or unused:
@@ -59,6 +67,66 @@ class CleanupPass(Pass):
         report.modified = new_model.SerializeToString() != model.SerializeToString() if model.ByteSize() < 2**28 else True
         return PassResult(new_model, report, plan)
 
+
+
+def shorten_names(model: onnx.ModelProto) -> int:
+    """Give every node a short name, and every tensor a graph defines that is not one of its
+    inputs or outputs (initializers included) a short one, everywhere it is read: in its graph and,
+    by outer-scope reference, in nested bodies (If/Loop/Scan). The main graph's inputs and outputs
+    keep their names; new names are unique across all graphs. Returns how many names changed."""
+    taken = {name for g in iter_graphs(model.graph) for name in _all_names(g)}
+    counter = iter(range(1 << 62))
+
+    def fresh(prefix: str) -> str:
+        while True:
+            name = f"{prefix}{next(counter)}"
+            if name not in taken:
+                taken.add(name)
+                return name
+
+    def scope(graph: onnx.GraphProto, outer: dict[str, str]) -> int:
+        interface = {i.name for i in graph.input} | {o.name for o in graph.output}
+        own = _own_names(graph)
+        local = sorted(({t.name for t in graph.initializer} | {o for n in graph.node for o in n.output})
+                       - interface - {""})
+        mapping = {k: v for k, v in outer.items() if k not in own}
+        mapping.update({name: fresh("t") for name in local})
+        changed = len(local)
+        for tensor in graph.initializer:
+            tensor.name = mapping.get(tensor.name, tensor.name)
+        for info in graph.value_info:
+            info.name = mapping.get(info.name, info.name)
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                node.input[index] = mapping.get(name, name)
+            for index, name in enumerate(node.output):
+                node.output[index] = mapping.get(name, name)
+            if node.name:
+                node.name = fresh("n")
+                changed += 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    changed += scope(attribute.g, mapping)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    changed += sum(scope(sub, mapping) for sub in attribute.graphs)
+        return changed
+
+    return scope(model.graph, {})
+
+
+def _own_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph defines itself (its inputs, initializers and node outputs), which shadow
+    an outer tensor of the same name."""
+    return ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+            | {o for n in graph.node for o in n.output})
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = _own_names(graph) | {o.name for o in graph.output} | {v.name for v in graph.value_info}
+    for node in graph.node:
+        names.update(node.input)
+        names.add(node.name)
+    return names
 
 
 def _count_nodes(model: onnx.ModelProto) -> int:
