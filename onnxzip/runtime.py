@@ -79,6 +79,16 @@ def _providers(device: str) -> list[str]:
     ]
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph also outputs the tensors ``names`` (untyped, each
+    once; those already outputs are left as they are), to read inner activations in one run."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in known)
+    return probe
+
+
 def make_session(
     model: onnx.ModelProto | str | os.PathLike[str] | bytes,
     device: str = "auto",

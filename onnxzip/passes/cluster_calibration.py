@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxzip.inputs import Samples
-from onnxzip.runtime import make_session, run_batched
+from onnxzip.runtime import make_session, run_batched, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,7 @@ def run_outputs(
     """Run ``model`` on the samples in ``feeds`` (in chunks a fixed batch accepts); with
     ``names``, those tensors are made outputs first."""
     if names:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        known = {o.name for o in probe.graph.output}
-        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-        model = probe
+        model = with_outputs(model, names)
     return run_batched(make_session(model, device, optimization="disabled"), feeds)
 
 

@@ -83,7 +83,7 @@ def unit_energies(model: onnx.ModelProto, analysis: ChannelAnalysis, groups: lis
     """``Σ_sources mean h_j²`` per group, from one onnxruntime pass over (at most
     ``MAX_SAMPLES`` of) ``feeds`` (generated inputs when None)."""
     from onnxzip.inputs import first_samples
-    from onnxzip.runtime import make_session, run_samples
+    from onnxzip.runtime import make_session, run_samples, with_outputs
     from onnxzip.shapes import generated_feeds
 
     watched: dict[str, tuple[str, int]] = {}  # tensor → (group id, hidden axis)
@@ -95,10 +95,7 @@ def unit_energies(model: onnx.ModelProto, analysis: ChannelAnalysis, groups: lis
                 watched[outputs[0][0]] = (group.id, outputs[0][1])
     if not watched:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in watched if name not in known)
+    probe = with_outputs(model, list(watched))
     if feeds:
         samples = first_samples(feeds, MAX_SAMPLES, model)
     else:
@@ -125,14 +122,11 @@ def tensor_rows(model: onnx.ModelProto, analysis: ChannelAnalysis, tensors: list
     """Rows [N, C] (channel axis last, at most ``limit``, a fixed random subset) of each of
     ``tensors`` in ``model`` over (at most ``MAX_SAMPLES`` of) ``feeds``; {} without feeds."""
     from onnxzip.inputs import first_samples
-    from onnxzip.runtime import make_session, run_samples
+    from onnxzip.runtime import make_session, run_samples, with_outputs
 
     if not feeds or not tensors:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in known)
+    probe = with_outputs(model, tensors)
     values, _ = run_samples(make_session(probe, "cpu", optimization="disabled"), first_samples(feeds, MAX_SAMPLES, model))
     rng = np.random.default_rng(seed)
     rows = {}

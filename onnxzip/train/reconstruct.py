@@ -769,7 +769,7 @@ def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Mode
     inputs and states). A GRU's candidate gate multiplies R_n h by the reset gate: with
     ``linear_before_reset`` W_n and R_n are fitted apart (x̃ → W_n x, h̃ → R_n h), without it only
     W_n. Kept when the held-back relative error of the gate inputs goes down."""
-    from onnxzip.runtime import make_session, run_session
+    from onnxzip.runtime import make_session, run_session, with_outputs
 
     changes: list[LayerChange] = []
     teacher_graph = import_graph(original)
@@ -786,11 +786,8 @@ def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Mode
         twin_names += [twin_state.name] if twin_state is not None else []
         sessions = []
         for source, wanted in ((export_model(graph, model), names), (original, twin_names)):
-            probe = onnx.ModelProto()
-            probe.CopyFrom(source)
-            known = {o.name for o in probe.graph.output}
-            probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in known and n not in
-                                      {i.name for i in probe.graph.input})
+            inputs = {i.name for i in source.graph.input}
+            probe = with_outputs(source, [n for n in wanted if n not in inputs])
             sessions.append(make_session(probe, device, optimization="disabled"))
         gates = RECURRENT_GATES[node.op]
         w, r = node.inputs[1], node.inputs[2]
@@ -937,7 +934,7 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
     on the calibration runs (one run of both models for all restores). λ is the one of lowest
     held-back relative error ‖x̃_K M + b − x_P‖² / ‖x_P‖²; kept when that error goes down, then
     fitted on every run."""
-    from onnxzip.runtime import make_session, run_session
+    from onnxzip.runtime import make_session, run_session, with_outputs
 
     restores = [r for r in find_restores(graph) if isinstance(r, _Restore) and r.node.name in selected]
     if not restores:
@@ -945,10 +942,8 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
     sessions = []
     for source, wanted in ((export_model(graph, model), [r.node.inputs[0].name for r in restores]),
                            (original, [r.target for r in restores])):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(source)
-        known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
-        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(wanted) if n not in known)
+        inputs = {i.name for i in source.graph.input}
+        probe = with_outputs(source, [n for n in wanted if n not in inputs])
         sessions.append(make_session(probe, device, optimization="disabled"))
     every = int(1 / holdout) if holdout > 0 else 0
     sums: list[Any] = [None] * len(restores)
