@@ -86,7 +86,7 @@ def shorten_names(model: onnx.ModelProto) -> int:
 
     def scope(graph: onnx.GraphProto, outer: dict[str, str]) -> int:
         interface = {i.name for i in graph.input} | {o.name for o in graph.output}
-        own = _own_names(graph)
+        own = _tensor_names(graph)  # its own names shadow an outer tensor of the same name
         local = sorted(({t.name for t in graph.initializer} | {o for n in graph.node for o in n.output})
                        - interface - {""})
         mapping = {k: v for k, v in outer.items() if k not in own}
@@ -114,15 +114,8 @@ def shorten_names(model: onnx.ModelProto) -> int:
     return scope(model.graph, {})
 
 
-def _own_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a (sub)graph defines itself (its inputs, initializers and node outputs), which shadow
-    an outer tensor of the same name."""
-    return ({i.name for i in graph.input} | {t.name for t in graph.initializer}
-            | {o for n in graph.node for o in n.output})
-
-
 def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = _own_names(graph) | {o.name for o in graph.output} | {v.name for v in graph.value_info}
+    names = _tensor_names(graph) | {o.name for o in graph.output} | {v.name for v in graph.value_info}
     for node in graph.node:
         names.update(node.input)
         names.add(node.name)
