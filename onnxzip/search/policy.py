@@ -171,7 +171,7 @@ class Search:
         task = RewardTask(model.SerializeToString(), context.shapes(model), inputs, labels, context.feeds, selection)
         if timed:
             timing = context.timer()
-            task.latency_feeds = timing.feeds if timing.feeds is not None else timing.feeds_for(model)
+            task.latency_feeds = timing.feeds_for(model)
             task.model_timer = timing.model_timer
         return task
 
