@@ -201,3 +201,34 @@ def test_each_layer_form_is_timed_once():
     timing.layer(LayerForm("MatMul", (1, 4, 32), (Factor((32, 16)),)))
     timing.layer(LayerForm("MatMul", (1, 8, 32), (Factor((32, 16)),)))
     assert len(calls) == 2
+
+
+def test_time_session_counts_the_calling_threads_cpu_time_not_waiting():
+    """The planner's times are CPU time of the thread that runs the session: time another
+    process holds the CPU (here: a sleep) is not counted, work is."""
+    import time
+
+    from onnxzip.measure.latency import time_session
+
+    class Waits:
+        def run(self, _outputs, _feeds):
+            time.sleep(0.02)
+
+    class Works:
+        def run(self, _outputs, _feeds):
+            start = time.thread_time()
+            while time.thread_time() - start < 0.01:
+                pass
+
+    waited = time_session(Waits(), {}, repeats=3, warmup=0)
+    worked = time_session(Works(), {}, repeats=3, warmup=0)
+    assert max(waited) < 5.0  # 20 ms of wall time each, almost no CPU
+    assert min(worked) >= 9.0
+
+    form = LayerForm("MatMul", (1, 256), (Factor((256, 256)),))
+    model, feeds = form.model()
+    session = make_session(model, "cpu", intra_op_threads=1)
+    began = time.perf_counter()
+    times = time_session(session, feeds, repeats=5, warmup=1)
+    wall_ms = (time.perf_counter() - began) * 1000.0
+    assert 0.0 < sum(times) <= wall_ms
