@@ -1,7 +1,10 @@
 """What a deployment engineer measures of an ONNX file, in onnxruntime on the CPU.
 
 * batch-1 latency at one intra-op thread: the original and the candidate alternate in one process
-  (load on the shared cores hits both alike), the least median of three rounds of fresh sessions;
+  (load on the shared cores hits both alike), the least median of three rounds of fresh sessions.
+  Each run is timed as the CPU time of the calling thread (one intra-op thread runs every kernel
+  on it: on an idle core that is the wall time; on a shared one, the time other processes hold
+  the core is left out);
 * batch-N latency the same way, where every input's first axis is symbolic;
 * session load time: median of ``InferenceSession`` constructions, the original's and the
   candidate's alternating;
@@ -83,7 +86,8 @@ def batch_is_dynamic(path: str | Path) -> bool:
 
 def paired_latency(original: str | Path, candidate: str | Path, feeds: Feeds, repeats: int,
                    rounds: int = 3, warmup: int = 3) -> tuple[float, float]:
-    """Seconds per run of the original and the candidate, alternating run by run.
+    """Seconds per run (CPU time of this thread) of the original and the candidate, alternating
+    run by run.
 
     In each of ``rounds`` rounds both get fresh sessions, ``warmup`` runs, then ``repeats /
     rounds`` timed runs each; a model's time is the least of its per-round medians (on shared
@@ -98,9 +102,9 @@ def paired_latency(original: str | Path, candidate: str | Path, feeds: Feeds, re
         times: list[list[float]] = [[], []]
         for _ in range(max(1, repeats // rounds)):
             for index, item in enumerate(sessions):
-                start = time.perf_counter()
+                start = time.thread_time()
                 item.run(None, feeds)
-                times[index].append(time.perf_counter() - start)
+                times[index].append(time.thread_time() - start)
         best = [min(value, statistics.median(samples)) for value, samples in zip(best, times)]
     return best[0], best[1]
 
