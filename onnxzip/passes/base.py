@@ -198,6 +198,15 @@ class Pass:
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    def per_model(self, kind: str, model: onnx.ModelProto, compute: Callable[[], T]) -> T:
+        """``compute()`` once per model object and ``kind`` for this pass (its plan and apply read
+        the same calibration statistics; the last model's value is kept)."""
+        memo: dict[str, tuple[onnx.ModelProto, Any]] = self.__dict__.setdefault("_per_model", {})
+        cached = memo.get(kind)
+        if cached is None or cached[0] is not model:
+            cached = memo[kind] = (model, compute())
+        return cached[1]
+
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         """Decide per layer. The default plan has no per-layer decisions."""
         return Plan(self.name, self.config_dict())

@@ -191,29 +191,24 @@ class PruneChannelsPass(Pass):
     def _restore_rows(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
         """Calibration rows of the original's widened tensors a linear restore is fitted on (once
         per model; {} without --data)."""
-        cached = getattr(self, "_restore_cache", None)
-        if cached is not None and cached[0] is model:
-            return cached[1]
-        tensors = [name for name, kind in restore_kinds(analysis, self.config.restore).items() if kind == "linear"]
-        feeds = None if context.generated else context.feeds  # generated inputs say nothing about real activations
-        rows = tensor_rows(model, analysis, tensors, feeds, RESTORE_ROWS)
-        if tensors and not rows:
-            log.warning("prune-channels restore=linear: no calibration data, so the pruned units of %s start at zero "
-                        "until the reconstruct step fits their restore", ", ".join(repr(t) for t in tensors))
-        self._restore_cache = (model, rows)
-        return rows
+        def compute() -> dict[str, np.ndarray]:
+            tensors = [name for name, kind in restore_kinds(analysis, self.config.restore).items() if kind == "linear"]
+            feeds = None if context.generated else context.feeds  # generated inputs say nothing about real activations
+            rows = tensor_rows(model, analysis, tensors, feeds, RESTORE_ROWS)
+            if tensors and not rows:
+                log.warning("prune-channels restore=linear: no calibration data, so the pruned units of %s start at "
+                            "zero until the reconstruct step fits their restore", ", ".join(repr(t) for t in tensors))
+            return rows
+
+        return self.per_model("restore_rows", model, compute)
 
     def _energies(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
         """Measured importance of recurrent hidden units per group (once per model)."""
         if self.config.importance not in ("auto", "energy"):
             return {}
-        cached = getattr(self, "_energy_cache", None)
-        if cached is not None and cached[0] is model:
-            return cached[1]
         groups = [g for g in analysis.groups if not g.reasons and g.size > 1]
-        energies = unit_importance(model, analysis, groups, context.feeds) if recurrent_groups(groups) else {}
-        self._energy_cache = (model, energies)
-        return energies
+        return self.per_model("unit_energies", model, lambda: unit_importance(model, analysis, groups, context.feeds)
+                              if recurrent_groups(groups) else {})
 
     def _latency_keep(self, model: onnx.ModelProto, context: PassContext, analysis: ChannelAnalysis,
                       groups: list[ChannelGroup], importances: dict[str, np.ndarray],
