@@ -51,6 +51,7 @@ from onnxzip.graph import NameScope, constant_value
 from onnxzip.shapes import generated_feeds
 from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, slice_window
 from onnxzip.runtime import make_session, run_session
+from onnxzip.svd.whiten import centered, ridge, solve_psd
 
 log = logging.getLogger(__name__)
 
@@ -380,19 +381,11 @@ def ridge_intercept(xx: np.ndarray, xy: np.ndarray, x_sum: np.ndarray, y_sum: np
                     damp: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(M, b) of the ridge fit with intercept ``y ≈ x M + b`` from the sums Σxxᵀ, Σxyᵀ, Σx, Σy
     over ``count`` rows, damped toward ``prior`` (default zero) by λ = ``damp`` · mean diagonal
-    of the centred Σxxᵀ; the intercept is not damped."""
-    mean_x, mean_y = x_sum / count, y_sum / count
-    gram = xx - count * np.outer(mean_x, mean_x)
-    cross = xy - count * np.outer(mean_x, mean_y)
-    lam = damp * max(float(np.mean(np.diag(gram))), 1e-12)
-    gram = gram + lam * np.eye(len(gram))
-    if prior is not None:
-        cross = cross + lam * prior
-    try:
-        weight = np.linalg.solve(gram, cross)
-    except np.linalg.LinAlgError:
-        weight = np.linalg.lstsq(gram, cross, rcond=None)[0]
-    return weight, mean_y - mean_x @ weight
+    of the centred Σxxᵀ (:func:`onnxzip.svd.whiten.ridge`); the intercept is not damped."""
+    gram, cross = centered(xx, xy, x_sum, y_sum, count)
+    gram, lam = ridge(gram, damp)
+    weight = solve_psd(gram, cross if prior is None else cross + lam * prior)
+    return weight, (y_sum - x_sum @ weight) / count
 
 
 def _replace(tensors: list[gs.Tensor], old: gs.Tensor, new: gs.Tensor) -> None:

@@ -56,10 +56,10 @@ def ridge_target(
         prior = weight
     gram_d, lam = ridge(np.asarray(gram, np.float64), damp)
     rhs = np.asarray(cross, np.float64) @ weight.T + lam * np.asarray(prior, np.float64).T  # [n', m]
-    return _solve_psd(gram_d, rhs).T, gram_d
+    return solve_psd(gram_d, rhs).T, gram_d
 
 
-def _solve_psd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def solve_psd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """matrix⁻¹ rhs for a symmetric positive semi-definite ``matrix`` (least squares if singular)."""
     try:
         return np.linalg.solve(matrix, rhs)
