@@ -107,7 +107,8 @@ romanizer_encoder  10.04x avg_bits=3+gptq (1.01x, 0.53x)        1.01x (prune_lat
 dtln_stage2        none kept (avg_bits=3+gptq 9.58x, -0.59 dB)  -                                         none kept
 =================  =========================================  ========================================  ==============
 
-The targets section at the end of a run says, per file, which run meets issue 22's targets or why
+The targets sections at the end of a run say, per file, whether issue 21's ratio targets are met
+(>= 10x kept, the geometric mean, >= 2.5x the best peer) and which run meets issue 22's targets or why
 not: captcha_crnn and nsnet2_16k are >= 8x smaller and >= 2x faster within tolerance; the RNN
 files whose time is per-node overhead (dtln, ~0.3 ms a frame) or whose pruned units feed another
 file (romanizer_encoder's memory_out) are not. romanizer_encoder at avg_bits=2.5+gptq scored 62.25
@@ -118,6 +119,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -671,6 +673,39 @@ def speed_targets(results: list[FileResult]) -> list[str]:
     return lines
 
 
+RATIO_TARGET, GEOMEAN_TARGET, PEER_MULTIPLE = 10.0, 12.0, 2.5  # issue 21's targets
+
+
+def ratio_targets(results: list[FileResult]) -> list[str]:
+    """Issue 21's targets: every file within its tolerance at >= 10x, the geometric mean of the
+    best kept ratios >= 12x (over the files with a kept onnxzip file; the others are named), and
+    per file >= 2.5x the best peer's kept ratio measured in the same run."""
+    lines = ["", f"== targets (issue 21): >= {RATIO_TARGET:g}x within tolerance on every file, geometric mean "
+             f">= {GEOMEAN_TARGET:g}x, >= {PEER_MULTIPLE:g}x the best peer"]
+    best_ratios = []
+    for result in results:
+        best = best_within_tolerance(run for run in result.runs if run.family == "onnxzip")
+        if best is None:
+            lines.append(f"{result.name}: no kept onnxzip file")
+            continue
+        best_ratios.append(best.ratio)
+        peer = best_within_tolerance(run for run in result.runs if run.family != "onnxzip")
+        peers_run = any(run.family != "onnxzip" for run in result.runs)
+        cells = [f"{best.ratio:.2f}x {best.method}: " + ("met" if best.ratio >= RATIO_TARGET else "not met")]
+        if peer is not None:
+            multiple = best.ratio / peer.ratio
+            cells.append(f"{multiple:.2f}x the best peer ({peer.family} {peer.method} {peer.ratio:.2f}x): "
+                         + ("met" if multiple >= PEER_MULTIPLE else "not met"))
+        else:
+            cells.append("no peer keeps the tolerance" if peers_run else "peers not run")
+        lines.append(f"{result.name}: " + "; ".join(cells))
+    if best_ratios:
+        geomean = math.exp(sum(math.log(ratio) for ratio in best_ratios) / len(best_ratios))
+        lines.append(f"geometric mean over {len(best_ratios)} of {len(results)} files with a kept file: {geomean:.2f}x "
+                     f"({'met' if geomean >= GEOMEAN_TARGET and len(best_ratios) == len(results) else 'not met'})")
+    return lines
+
+
 def failure_line(run: Run) -> str:
     """Why a run has no judged file (or no measures): exit code, time and the tool's last line."""
     ended = (f"exit {run.exit_code}, " if run.exit_code is not None else "") + (
@@ -758,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(to_json(results), indent=1, default=str))
     if results:
-        print("\n".join(summary_table(results) + speed_targets(results)))
+        print("\n".join(summary_table(results) + speed_targets(results) + ratio_targets(results)))
     return 0
 
 

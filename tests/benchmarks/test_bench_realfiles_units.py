@@ -124,3 +124,18 @@ def test_speed_targets_name_the_run_that_meets_them_or_say_why_not():
     assert "at >= 8x the fastest is svd+rec (1.41x faster)" in nsnet and "memory not met" in nsnet
     assert "vs static int8 (1.27x, 1.12x faster) met by svd+rec" in nsnet
     assert lines[-1].startswith("1 of 2 files")
+
+
+def test_ratio_targets_judge_each_file_against_10x_and_the_best_peer_and_give_the_geomean():
+    original = run("original", 1.0, True, family="original")
+    first = bench.FileResult("captcha_crnn", original, [
+        run("avg_bits=3+gptq", 13.2, True), run("avg_bits=2.5+gptq", 16.0, False),
+        run("quantize_static", 3.5, True, family="ort static QDQ")])
+    second = bench.FileResult("dtln_stage2", original, [
+        run("avg_bits=3.25+gptq", 9.0, True), run("nncf int8", 4.0, True, family="nncf")])
+    third = bench.FileResult("open_nsfw", original, [run("bits=4", 7.8, False)])
+    lines = bench.ratio_targets([first, second, third])
+    assert "captcha_crnn: 13.20x avg_bits=3+gptq: met; 3.77x the best peer (ort static QDQ quantize_static 3.50x): met" in lines
+    assert "dtln_stage2: 9.00x avg_bits=3.25+gptq: not met; 2.25x the best peer (nncf nncf int8 4.00x): not met" in lines
+    assert "open_nsfw: no kept onnxzip file" in lines
+    assert lines[-1] == "geometric mean over 2 of 3 files with a kept file: 10.90x (not met)"
