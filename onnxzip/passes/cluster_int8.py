@@ -107,18 +107,12 @@ class Int8Result:
 
 
 def find_int8_decodes(graph: gs.Graph) -> list[str]:
-    """Names of the int8 codebooks (``Gather`` of an int8 constant feeding a DequantizeLinear)
-    in ``graph``: weights this module converted, which float-codebook steps leave alone."""
-    found = []
-    for node, _owner, _path in walk_nodes(graph):
-        if node.op != "Gather" or not isinstance(node.inputs[0], gs.Constant):
-            continue
-        if np.asarray(node.inputs[0].values).dtype != np.int8:
-            continue
-        if any(user.op == "DequantizeLinear" for user in node.outputs[0].outputs):
-            name = node.inputs[0].name
-            found.append(name[: -len("_codebook")] if name.endswith("_codebook") else name)
-    return found
+    """Names of the int8 codebooks (a decode of an int8 codebook feeding a DequantizeLinear) in
+    ``graph``: weights this module converted, which float-codebook steps leave alone."""
+    from onnxzip.passes.cluster import find_decodes  # cluster.py imports this module
+
+    return [decoded.name for decoded in find_decodes(graph, dtypes=frozenset({"int8"}))
+            if any(user.op == "DequantizeLinear" for user in decoded.output.outputs)]
 
 
 def require_data(feeds: Any, generated: bool = False) -> None:
