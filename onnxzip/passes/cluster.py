@@ -83,7 +83,7 @@ from onnxzip.cluster import (
 from onnxzip.cluster.gptq import DAMP, CodebookFit, LayerProblem, fit_codebook, layer_problem
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
+from onnxzip.inputs import as_samples, declared_shapes, first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster_int8 import convert_int8, require_data
@@ -184,6 +184,17 @@ class ClusterConfig:
               "m×n layer (n inputs); weights are admitted cheapest first, the rest are measured on k-means "
               "codebooks (measured: ~1e11 is ~100 s on one core). 0: no limit",
     )
+    sweep_heldout: bool = option(
+        False, "sweep_gptq: fit each width's GPTQ codebook on the data items the sweep does not run, so the "
+              "curves measure how the fit generalises (a layer fed few distinct inputs, such as token "
+              "embeddings, fits them exactly and moves its error to inputs the data lacks); false: fit on all",
+    )
+    sweep_state_steps: int = option(
+        1, "avg_bits/bits=search on a streaming model (an output fed back as an input, detected on the data): "
+           "the sensitivity sweep runs this many calls, feeding back each call's state, and averages the "
+           "distortion over them, so recurrent weights are measured with the error their state accumulates "
+           "(1: one call)",
+    )
     execute: Literal["float", "int8"] = option(
         "float",
         "int8: codebooks of MatMul/Gemm/Conv weights stored as int8 + scale behind DequantizeLinear, "
@@ -213,6 +224,8 @@ class ClusterConfig:
             raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
         if self.sweep_flops < 0:
             raise ValueError(f"sweep_flops must be 0 (no limit) or positive, got {self.sweep_flops}")
+        if self.sweep_state_steps < 1:
+            raise ValueError(f"sweep_state_steps must be at least 1, got {self.sweep_state_steps}")
         if self.sweep_gptq_flops < 0:
             raise ValueError(f"sweep_gptq_flops must be 0 (no limit) or positive, got {self.sweep_gptq_flops}")
         if self.search_step <= 0:
@@ -371,21 +384,38 @@ class ClusterPass(Pass):
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
         feeds = first_samples(feeds, self._sweep_count(model, context, len(candidates)), model)
         energies = self._energies(model, uses, context)
-        probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
+        probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates],
+                                 state_steps=self.config.sweep_state_steps)
         # method=gptq: each width is measured as apply will store it (GPTQ-fitted), not as plain
         # k-means; GPTQ lowers some layers' error far more than others', which moves the widths
         second_order = None
+        held_out = False
         if self.config.method == "gptq" and self.config.sweep_gptq and context.feeds:
             names = {c[0]: {} for c in candidates}
-            second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
-            self._second_cache = (model, second_order)
+            everything = as_samples(context.feeds, declared_shapes(model))
+            if self.config.sweep_heldout and everything.count - feeds.count >= SWEEP_MIN_SAMPLES:
+                # fitted on the items the probe does not run: the curves measure how a fit
+                # generalises (a layer fed few distinct inputs, e.g. token embeddings, is fitted
+                # exactly on them and pushes its error into the inputs the data lacks)
+                fit = everything.take(slice(feeds.count, everything.count))
+                second_order = self._second_order(model, uses, Plan(self.name, {}, names), context, fit)
+                held_out = True
+            else:
+                second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
+                self._second_cache = (model, second_order)
         self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
+        if probe.steps > 1:
+            self._sweep_note += (f", {probe.steps} calls each feeding back the state ("
+                                 + ", ".join(f"{o} → {i}" for i, o in probe.pairs.items()) + ")")
         fitted_in_sweep: set[str] = set()
         if second_order is not None:
             fitted_in_sweep, left = second_order.affordable(
                 {name: values for name, values, _axis in candidates}, self.config.sweep_gptq_flops)
             self._sweep_note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
                                  f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
+            if held_out:
+                fitted_on = as_samples(context.feeds, declared_shapes(model)).count - feeds.count
+                self._sweep_note += f" (fitted on the {fitted_on} data items the sweep does not run)"
             if left:
                 self._sweep_note += (f" ({len(left)} of {len(left) + len(fitted_in_sweep)} weights, the costliest, "
                                      f"on k-means codebooks: sweep_gptq_flops {self.config.sweep_gptq_flops:g})")
@@ -710,7 +740,8 @@ class ClusterPass(Pass):
         return stored, {**quality, "entropy_bits": round(entropy, 4)}
 
     def _second_order(
-        self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext
+        self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext,
+        feeds: Any = None,
     ) -> SecondOrder:
         """method=gptq: the layer input statistics of the planned weights, on the data (those the
         sensitivity sweep of the same model gathered, when it covers every planned weight)."""
@@ -730,7 +761,7 @@ class ClusterPass(Pass):
             if found and all(isinstance(f, LayerSite) for f in found):
                 if len({f.view(np.empty(shape, np.uint8)).shape for f in found}) == 1:
                     sites[name] = found
-        found = SecondOrder(model, sites, context, self.config.keep_zero)
+        found = SecondOrder(model, sites, context, self.config.keep_zero, feeds)
         found.planned = set(plan.layers)
         return found
 
@@ -748,10 +779,10 @@ class SecondOrder:
     onnxruntime pass over the data per group, so only one group's Gram matrices are held)."""
 
     def __init__(self, model: onnx.ModelProto, sites: dict[str, list[LayerSite]], context: PassContext,
-                 keep_zero: bool) -> None:
+                 keep_zero: bool, feeds: Any = None) -> None:
         self.model, self.sites, self.device, self.keep_zero = model, sites, context.device, keep_zero
         batch = fixed_batch(model)
-        self.chunks = sample_chunks(context.feeds, batch or 8)
+        self.chunks = sample_chunks(context.feeds if feeds is None else feeds, batch or 8)
         self.limit = GPTQ_ROWS_PER_SAMPLE * (batch or 8)
         sizes = [(name, stat_bytes(found[0])) for name, found in sites.items()]
         self.groups = stat_groups(sizes, 1, STATS_BYTES)
