@@ -139,7 +139,8 @@ class SensitivityProbe:
     call, found by :func:`feedback_pairs`) is measured over ``state_steps`` calls: from the
     calibrated states, each call feeds back the state the same model returned at the previous
     one (the other inputs taken from the next data items), and the distortion is the mean over
-    the calls against the original model's own trajectory. One call would miss the error a
+    the calls against the original model's own trajectory, of the outputs that are not fed back
+    (a state's error is counted where it surfaces: in the next calls' outputs). One call would miss the error a
     recurrent weight adds to the state every step, which the stream accumulates."""
 
     def __init__(
@@ -188,7 +189,13 @@ class SensitivityProbe:
                     first: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
         """The float outputs of each call (one without feedback pairs)."""
         outputs = first if first is not None else self._run_step(weights, self.feeds)[0]
-        steps = [float_outputs(outputs)]
+        fed_back = set(self.pairs.values())  # their error shows in the later calls' other outputs
+
+        def scored(results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            kept = float_outputs({k: v for k, v in results.items() if k not in fed_back})
+            return kept or float_outputs(results)
+
+        steps = [scored(outputs)]
         for step in range(1, self.steps):
             count = self.feeds.count
             following = self.feeds.take((np.arange(count) + step) % count)  # the next items' inputs
@@ -196,7 +203,7 @@ class SensitivityProbe:
             for state, output in self.pairs.items():
                 arrays[state] = _to_axis(outputs[output], self.out_axes[output], self.feeds.axes[state])
             outputs = self._run_step(weights, Samples(arrays, self.feeds.axes, count))[0]
-            steps.append(float_outputs(outputs))
+            steps.append(scored(outputs))
         return steps
 
     def covers(self, name: str) -> bool:
