@@ -47,8 +47,11 @@ the smallest model that meets the ``--metric`` conditions. Leaving a tensor raw 
 point of every curve (no error, 32 bits per float32 value counted in the budget), so a small
 sensitive tensor stays raw. With ``method=gptq`` each width's codebook is GPTQ-fitted before it
 is measured (one round; apply runs three), so the curves describe what the file will store, and
-apply reuses the sweep's layer statistics. The plan records each weight's k and bits (replayable) and its
-curve; weights outside the main graph get ⌈B⌉ bits.
+apply reuses the sweep's layer statistics (``sweep_heldout``: those fits use the items the sweep
+does not run, and apply gathers its own). ``sweep_state_steps`` measures a streaming model (a
+state output fed back as an input) over several calls that feed back its own state. ``damp=auto``
+chooses each GPTQ fit's damping by the error on held-back items. The plan records each weight's k
+and bits (replayable) and its curve; weights outside the main graph get ⌈B⌉ bits.
 
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
 when that shrinks the file: a tensor is kept raw unless its codebook, packed indices and decode
