@@ -71,8 +71,11 @@ the smallest model that meets the ``--metric`` conditions. Leaving a tensor raw 
 point of every curve (no error, 32 bits per float32 value counted in the budget), so a small
 sensitive tensor stays raw. With ``method=gptq`` each width's codebook is GPTQ-fitted before it
 is measured (one round; apply runs three), so the curves describe what the file will store, and
-apply reuses the sweep's layer statistics. The plan records each weight's k and bits (replayable) and its
-curve; weights outside the main graph get ⌈B⌉ bits.
+apply reuses the sweep's layer statistics (``sweep_heldout``: those fits use the items the sweep
+does not run, and apply gathers its own). ``sweep_state_steps`` measures a streaming model (a
+state output fed back as an input) over several calls that feed back its own state. ``damp=auto``
+chooses each GPTQ fit's damping by the error on held-back items. The plan records each weight's k
+and bits (replayable) and its curve; weights outside the main graph get ⌈B⌉ bits.
 
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
 when that shrinks the file: a tensor is kept raw unless its codebook, packed indices and decode
@@ -107,7 +110,7 @@ from onnxzip.cluster import (
 from onnxzip.cluster.gptq import DAMP, CodebookFit, LayerProblem, fit_codebook, layer_problem
 from onnxzip.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import first_samples, fixed_batch, generate_inputs
+from onnxzip.inputs import as_samples, declared_shapes, first_samples, fixed_batch, generate_inputs
 from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster_int8 import convert_int8, require_data
@@ -119,6 +122,7 @@ from onnxzip.passes.cluster_calibration import (
     collect_stats,
     input_energies,
     layer_site,
+    relative_error,
     sample_chunks,
     stat_bytes,
     stat_groups,
@@ -137,6 +141,8 @@ MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrap
 SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
 SWEEP_GPTQ_ITERATIONS = 1  # the same in the sensitivity sweep of method=gptq
+AUTO_DAMPS = (0.01, 0.03, 0.1, 0.3, 1.0)  # damp=auto: the GPTQ dampings compared on held-back rows
+AUTO_DAMP_HOLDOUT = 0.25  # damp=auto: share of the data chunks held back to compare them
 GPTQ_ROWS_PER_SAMPLE = 256  # input rows (Conv: patch positions) per sample a layer's Gram matrix sums
 STATS_BYTES = 1 << 30  # Gram matrices held at once
 INT8_MAX_ERROR = 1e-3  # execute=int8: default budget of the relative output distortion
@@ -208,6 +214,22 @@ class ClusterConfig:
               "m×n layer (n inputs); weights are admitted cheapest first, the rest are measured on k-means "
               "codebooks (measured: ~1e11 is ~100 s on one core). 0: no limit",
     )
+    damp: float | Literal["auto"] = option(
+        DAMP, "method=gptq: ridge λ = damp·mean(diag H) pulling each fit toward the weight where the data says "
+              "nothing; auto: per weight and width the one of 0.01-1 whose fit on 3/4 of the data items has the "
+              "lowest output error on the other 1/4, then refit on all (5 fits more per weight)",
+    )
+    sweep_heldout: bool = option(
+        False, "sweep_gptq: fit each width's GPTQ codebook on the data items the sweep does not run, so the "
+              "curves measure how the fit generalises (a layer fed few distinct inputs, such as token "
+              "embeddings, fits them exactly and moves its error to inputs the data lacks); false: fit on all",
+    )
+    sweep_state_steps: int = option(
+        1, "avg_bits/bits=search on a streaming model (an output fed back as an input, detected on the data): "
+           "the sensitivity sweep runs this many calls, feeding back each call's state, and averages the "
+           "distortion over them, so recurrent weights are measured with the error their state accumulates "
+           "(1: one call)",
+    )
     execute: Literal["float", "int8"] = option(
         "float",
         "int8: codebooks of MatMul/Gemm/Conv weights stored as int8 + scale behind DequantizeLinear, "
@@ -237,6 +259,10 @@ class ClusterConfig:
             raise ValueError(f"sweep_samples must be at least 1, got {self.sweep_samples}")
         if self.sweep_flops < 0:
             raise ValueError(f"sweep_flops must be 0 (no limit) or positive, got {self.sweep_flops}")
+        if self.damp != "auto" and not (isinstance(self.damp, (int, float)) and self.damp > 0):
+            raise ValueError(f"damp must be positive or 'auto', got {self.damp!r}")
+        if self.sweep_state_steps < 1:
+            raise ValueError(f"sweep_state_steps must be at least 1, got {self.sweep_state_steps}")
         if self.sweep_gptq_flops < 0:
             raise ValueError(f"sweep_gptq_flops must be 0 (no limit) or positive, got {self.sweep_gptq_flops}")
         if self.search_step <= 0:
@@ -395,21 +421,38 @@ class ClusterPass(Pass):
         feeds = context.feeds or generate_inputs(model, batch=8, dims=context.dims, seed=seed)
         feeds = first_samples(feeds, self._sweep_count(model, context, len(candidates)), model)
         energies = self._energies(model, uses, context)
-        probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates])
+        probe = SensitivityProbe(model, feeds, context.device, [c[0] for c in candidates],
+                                 state_steps=self.config.sweep_state_steps)
         # method=gptq: each width is measured as apply will store it (GPTQ-fitted), not as plain
         # k-means; GPTQ lowers some layers' error far more than others', which moves the widths
         second_order = None
+        held_out = False
         if self.config.method == "gptq" and self.config.sweep_gptq and context.feeds:
             names = {c[0]: {} for c in candidates}
-            second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
-            self._second_cache = (model, second_order)
+            everything = as_samples(context.feeds, declared_shapes(model))
+            if self.config.sweep_heldout and everything.count - feeds.count >= SWEEP_MIN_SAMPLES:
+                # fitted on the items the probe does not run: the curves measure how a fit
+                # generalises (a layer fed few distinct inputs, e.g. token embeddings, is fitted
+                # exactly on them and pushes its error into the inputs the data lacks)
+                fit = everything.take(slice(feeds.count, everything.count))
+                second_order = self._second_order(model, uses, Plan(self.name, {}, names), context, fit)
+                held_out = True
+            else:
+                second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
+                self._second_cache = (model, second_order)
         self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
+        if probe.steps > 1:
+            self._sweep_note += (f", {probe.steps} calls each feeding back the state ("
+                                 + ", ".join(f"{o} → {i}" for i, o in probe.pairs.items()) + ")")
         fitted_in_sweep: set[str] = set()
         if second_order is not None:
             fitted_in_sweep, left = second_order.affordable(
                 {name: values for name, values, _axis in candidates}, self.config.sweep_gptq_flops)
             self._sweep_note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
                                  f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
+            if held_out:
+                fitted_on = as_samples(context.feeds, declared_shapes(model)).count - feeds.count
+                self._sweep_note += f" (fitted on the {fitted_on} data items the sweep does not run)"
             if left:
                 self._sweep_note += (f" ({len(left)} of {len(left) + len(fitted_in_sweep)} weights, the costliest, "
                                      f"on k-means codebooks: sweep_gptq_flops {self.config.sweep_gptq_flops:g})")
@@ -734,7 +777,8 @@ class ClusterPass(Pass):
         return stored, {**quality, "entropy_bits": round(entropy, 4)}
 
     def _second_order(
-        self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext
+        self, model: onnx.ModelProto, uses: dict[str, Any], plan: Plan, context: PassContext,
+        feeds: Any = None,
     ) -> SecondOrder:
         """method=gptq: the layer input statistics of the planned weights, on the data (those the
         sensitivity sweep of the same model gathered, when it covers every planned weight)."""
@@ -754,7 +798,7 @@ class ClusterPass(Pass):
             if found and all(isinstance(f, LayerSite) for f in found):
                 if len({f.view(np.empty(shape, np.uint8)).shape for f in found}) == 1:
                     sites[name] = found
-        found = SecondOrder(model, sites, context, self.config.keep_zero)
+        found = SecondOrder(model, sites, context, self.config.keep_zero, feeds, self.config.damp)
         found.planned = set(plan.layers)
         return found
 
@@ -772,17 +816,19 @@ class SecondOrder:
     onnxruntime pass over the data per group, so only one group's Gram matrices are held)."""
 
     def __init__(self, model: onnx.ModelProto, sites: dict[str, list[LayerSite]], context: PassContext,
-                 keep_zero: bool) -> None:
+                 keep_zero: bool, feeds: Any = None, damp: float | str = DAMP) -> None:
         self.model, self.sites, self.device, self.keep_zero = model, sites, context.device, keep_zero
+        self.damp = damp
+        self.chosen: dict[tuple[str, int], float] = {}  # damp=auto: the damp picked per (weight, bits)
         batch = fixed_batch(model)
-        self.chunks = sample_chunks(context.feeds, batch or 8)
+        self.chunks = sample_chunks(context.feeds if feeds is None else feeds, batch or 8)
         self.limit = GPTQ_ROWS_PER_SAMPLE * (batch or 8)
         sizes = [(name, stat_bytes(found[0])) for name, found in sites.items()]
         self.groups = stat_groups(sizes, 1, STATS_BYTES)
         self.stats: dict[str, LayerStats] = {}
         self.branches: dict[str, bool] | None = None
         self.planned: set[str] = set(sites)  # the weights asked for (those without a site too)
-        self.problem: tuple[str, LayerProblem] | None = None  # the last layer's, reused across widths
+        self.problem: tuple[str, float, LayerProblem] | None = None  # the last layer's, reused across widths
 
     def affordable(self, weights: dict[str, np.ndarray], budget: float) -> tuple[set[str], list[str]]:
         """(the weights whose sweep fits fit ``budget``, cheapest first; the others that have a
@@ -814,15 +860,50 @@ class SecondOrder:
             self.branches = probe.branches
             pairs = {n: [(s, s) for s in self.sites[n]] for n in group
                      if all(s.key in probe.available for s in self.sites[n])}
-            self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit)
+            holdout = AUTO_DAMP_HOLDOUT if self.damp == "auto" and len(self.chunks) >= 4 else 0.0
+            self.stats = collect_stats(pairs, probe, None, self.chunks, limit=self.limit, holdout=holdout)
         if name not in self.stats:
             return None
         site = self.sites[name][0]
-        if self.problem is None or self.problem[0] != name:  # one layer's at a time: a sweep's widths
-            stats = self.stats[name]
-            self.problem = (name, layer_problem(site.view(values), stats.gram, stats.cross_term))
-        return refit_codebook(stored, values, site, self.stats[name], iterations=iterations,
-                              keep_zero=self.keep_zero, problem=self.problem[1])
+        stats = self.stats[name]
+        damp = self._damp(name, stored, values, site, stats, iterations)
+        if self.problem is None or self.problem[:2] != (name, damp):  # one layer's at a time: a sweep's widths
+            gram = _with_held(stats)
+            self.problem = (name, damp, layer_problem(site.view(values), gram, gram, damp=damp))
+        return refit_codebook(stored, values, site, stats, iterations=iterations, damp=damp,
+                              keep_zero=self.keep_zero, problem=self.problem[2])
+
+    def _damp(self, name: str, stored: Codebook, values: np.ndarray, site: LayerSite, stats: LayerStats,
+              iterations: int) -> float:
+        """The configured damp, or (damp=auto) the one of :data:`AUTO_DAMPS` whose fit on the
+        statistics without the held-back rows has the lowest relative output error on them."""
+        if self.damp != "auto":
+            return float(self.damp)
+        held = stats.held()
+        if held is None:
+            return DAMP
+        key = (name, stored.bits)
+        if key not in self.chosen:
+            view = site.view(values).astype(np.float64)
+            errors = []
+            for damp in AUTO_DAMPS:
+                fit = refit_codebook(stored, values, site, stats, iterations=iterations, damp=damp,
+                                     keep_zero=self.keep_zero)
+                errors.append(np.inf if fit is None else
+                              relative_error(held, site.view(fit[0].decode()).astype(np.float64), view))
+            self.chosen[key] = AUTO_DAMPS[int(np.argmin(errors))]
+            log.debug("cluster damp=auto: %s at %d bits: held-back errors %s", name, stored.bits,
+                      dict(zip(AUTO_DAMPS, np.round(errors, 6))))
+        return self.chosen[key]
+
+
+def _with_held(stats: LayerStats) -> np.ndarray:
+    """H over every row: the fitted rows' Gram matrix plus the held-back rows' (x = x̃)."""
+    held = stats.held()
+    if held is None:
+        return stats.gram
+    rows = np.swapaxes(held[0].astype(np.float64), 0, 1)  # [G, R, n]
+    return stats.gram + np.swapaxes(rows, 1, 2) @ rows
 
 
 def _planned_k(name: str, entry: dict[str, Any]) -> int:

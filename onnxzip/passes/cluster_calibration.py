@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxzip.inputs import Samples
-from onnxzip.runtime import make_session, run_batched, with_outputs
+from onnxzip.runtime import make_session, run_batched, run_samples, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,23 @@ def _main_tensors(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return list(model.graph.input) + outputs
 
 
+STATE_MATCH = 0.05  # feedback detection: per-element mean and std of a state output vs its input,
+STATE_NOISE = 0.25  # ... plus this / √items for the sampling noise of the estimates
+
+
 class SensitivityProbe:
     """Output distortion of ``model`` on ``feeds`` when one main-graph initializer is replaced.
 
     The probed initializers become graph inputs of one session, fed their original values, so
-    a probe is one run (no session per probe): a sweep of L weights × 8 widths stays seconds."""
+    a probe is one run (no session per probe): a sweep of L weights × 8 widths stays seconds.
+
+    A streaming model that carries recurrent state (an output fed back as an input at the next
+    call, found by :func:`feedback_pairs`) is measured over ``state_steps`` calls: from the
+    calibrated states, each call feeds back the state the same model returned at the previous
+    one (the other inputs taken from the next data items), and the distortion is the mean over
+    the calls against the original model's own trajectory, of the outputs that are not fed back
+    (a state's error is counted where it surfaces: in the next calls' outputs). One call would miss the error a
+    recurrent weight adds to the state every step, which the stream accumulates."""
 
     def __init__(
         self,
@@ -137,6 +149,7 @@ class SensitivityProbe:
         feeds: dict[str, np.ndarray],
         device: str,
         names: list[str],
+        state_steps: int = 1,
     ) -> None:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
@@ -156,21 +169,95 @@ class SensitivityProbe:
         graph.initializer.extend(kept)
         self.session = make_session(probe, device)
         self.feeds = feeds
-        self.reference = float_outputs(self._run(self.values))
+        self.steps = 1
+        self.pairs: dict[str, str] = {}
+        first, axes = self._run_step(self.values, feeds)
+        if state_steps > 1 and isinstance(feeds, Samples) and feeds.count > 1:
+            self.pairs = feedback_pairs(feeds, first, axes)
+            self.steps = state_steps if self.pairs else 1
+        self.out_axes = axes
+        self.reference = self._trajectory(self.values, first)
 
-    def _run(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The probe's outputs with the probed weights fed as inputs shared by every sample."""
-        if isinstance(self.feeds, Samples):
-            return run_batched(self.session, self.feeds.with_shared(weights))
-        return run_batched(self.session, {**self.feeds, **weights}, sample_axes=dict.fromkeys(weights))
+    def _run_step(self, weights: dict[str, np.ndarray], feeds: Any) -> tuple[dict[str, np.ndarray], dict]:
+        if isinstance(feeds, Samples):
+            outputs, axes = run_samples(self.session, feeds.with_shared(weights))
+        else:
+            outputs, axes = run_samples(self.session, {**feeds, **weights}, sample_axes=dict.fromkeys(weights))
+        return outputs, axes
+
+    def _trajectory(self, weights: dict[str, np.ndarray],
+                    first: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+        """The float outputs of each call (one without feedback pairs)."""
+        outputs = first if first is not None else self._run_step(weights, self.feeds)[0]
+        fed_back = set(self.pairs.values())  # their error shows in the later calls' other outputs
+
+        def scored(results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            kept = float_outputs({k: v for k, v in results.items() if k not in fed_back})
+            return kept or float_outputs(results)
+
+        steps = [scored(outputs)]
+        for step in range(1, self.steps):
+            count = self.feeds.count
+            following = self.feeds.take((np.arange(count) + step) % count)  # the next items' inputs
+            arrays = {name: following[name] for name in following}
+            for state, output in self.pairs.items():
+                arrays[state] = _to_axis(outputs[output], self.out_axes[output], self.feeds.axes[state])
+            outputs = self._run_step(weights, Samples(arrays, self.feeds.axes, count))[0]
+            steps.append(scored(outputs))
+        return steps
 
     def covers(self, name: str) -> bool:
         return name in self.values
 
     def distortion(self, name: str, value: np.ndarray) -> float:
-        """mean over float outputs of ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
+        """mean over float outputs (and over the calls of a stateful model's trajectory) of
+        ‖y − y₀‖² / ‖y₀‖² with initializer ``name`` = ``value``."""
         value = value.astype(self.values[name].dtype)
-        return output_distortion(self._run({**self.values, name: value}), self.reference)
+        got = self._trajectory({**self.values, name: value})
+        return float(np.mean([output_distortion(g, r) for g, r in zip(got, self.reference)]))
+
+
+def feedback_pairs(feeds: Samples, outputs: dict[str, np.ndarray],
+                   axes: dict[str, int | None]) -> dict[str, str]:
+    """Recurrent state a caller feeds back: input → the output of the same per-sample shape whose
+    per-element mean and standard deviation over the data match the input's (within
+    :data:`STATE_MATCH` + :data:`STATE_NOISE`/√items of the input's RMS). The calibrated state of a streaming model is what an
+    earlier call returned, so the two follow one distribution, element by element; a data input
+    and an output of the same shape (a frame in, a frame out) do not. An input with more than one
+    such output, or an output matched by several inputs, is left out."""
+    found: dict[str, list[str]] = {}
+    tolerance = STATE_MATCH + STATE_NOISE / np.sqrt(feeds.count)
+    for name in feeds:
+        axis = feeds.axes.get(name)
+        values = np.asarray(feeds[name])
+        if axis is None or not np.issubdtype(values.dtype, np.floating):
+            continue
+        given = np.moveaxis(values, axis, 0).reshape(feeds.count, -1).astype(np.float64)
+        rms = float(np.sqrt(np.mean(given * given)))
+        if rms == 0:
+            continue
+        for out, result in outputs.items():
+            out_axis = axes.get(out)
+            result = np.asarray(result)
+            if out_axis is None or not np.issubdtype(result.dtype, np.floating):
+                continue
+            moved = np.moveaxis(result, out_axis, 0)
+            if moved.shape != np.moveaxis(values, axis, 0).shape:
+                continue
+            moved = moved.reshape(feeds.count, -1).astype(np.float64)
+            mean_gap = np.sqrt(np.mean((given.mean(0) - moved.mean(0)) ** 2)) / rms
+            std_gap = np.sqrt(np.mean((given.std(0) - moved.std(0)) ** 2)) / rms
+            if mean_gap <= tolerance and std_gap <= tolerance:
+                found.setdefault(name, []).append(out)
+    chosen = {name: outs[0] for name, outs in found.items() if len(outs) == 1}
+    targets = [out for out in chosen.values()]
+    return {name: out for name, out in chosen.items() if targets.count(out) == 1}
+
+
+def _to_axis(values: np.ndarray, source: int | None, target: int | None) -> np.ndarray:
+    if source is None or target is None or source == target:
+        return values
+    return np.moveaxis(values, source, target)
 
 
 def float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -82,6 +82,7 @@ from onnxzip.svd.whiten import centered, refit_second_factor, ridge_target, whit
 
 CHUNK = 4  # samples per onnxruntime run (a model with a fixed batch runs its own)
 STATS_BYTES = 1 << 30  # Gram and cross matrices held at once
+HELD_DAMPS = (0.1, 1.0)  # codebook refits: dampings tried besides the configured one (held-back rows pick)
 
 
 @dataclass
@@ -415,18 +416,39 @@ class ReconstructPass(Pass):
             matrix = factors[0].reshape(view_shape)
         out.values = np.ascontiguousarray(job.site.unview(matrix).astype(np.asarray(out.values).dtype))
 
+    def _tries(self, held: bool) -> list[tuple[int, float]]:
+        """(GPTQ rounds, damp) of the codebook fits compared on the held-back rows: the configured
+        fit, the centroids alone for the stored indices (K unknowns per codebook row: it cannot
+        overfit the way a reassignment of every index can when the layer sees few rows), and
+        the configured rounds under more damping. Without held-back rows, the configured fit."""
+        tries = [(self.config.iterations, self.config.damp)]
+        if held:
+            tries += [(0, self.config.damp)] + [(self.config.iterations, d) for d in HELD_DAMPS if d > self.config.damp]
+        return tries
+
     def _reconstruct(self, name: str, job: _Job, stats: LayerStats, decodes: dict[str, DecodedWeight]) -> LayerChange:
         """Fit one weight, correct its bias, keep the result unless the held-back error grows."""
         op = "/".join(sorted({n.op for n in job.nodes}))
         stored = job.decoded.stored()
         site = job.pairs[0][0]
-        fitted = refit_codebook(stored, job.weight.astype(np.float64), site, stats,
-                                iterations=self.config.iterations, damp=self.config.damp)
+        weight_view = site.view(job.weight.astype(np.float64))
+        held = stats.held()
+        fitted = None
+        for iterations, damp in self._tries(held is not None):
+            candidate = refit_codebook(stored, job.weight.astype(np.float64), site, stats,
+                                       iterations=iterations, damp=damp)
+            if candidate is None:
+                break
+            error = 0.0
+            if held is not None:  # the try that generalises, not the one that fits the fit rows best
+                error = _finite(relative_error(held, site.view(candidate[0].decode().astype(np.float64)), weight_view))
+            candidate = (*candidate, error, damp)
+            if fitted is None or (held is not None and candidate[2] < fitted[2]):
+                fitted = candidate
         if fitted is None:
             return LayerChange(name, op, "skipped", "per-channel codebook along an axis that is not the layer's output",
                                params_before=stored.indices.size, params_after=stored.indices.size)
-        new, fit = fitted
-        weight_view = site.view(job.weight.astype(np.float64))
+        new, fit, _error, damp = fitted
         before_view = site.view(stored.decode().astype(np.float64))
         after_view = site.view(new.decode().astype(np.float64))
         shift, bias = None, None
@@ -437,10 +459,9 @@ class ReconstructPass(Pass):
                 mean_original = stats.sum_original / stats.count
                 shift = (np.einsum("gmn,gn->gm", after_view, np.broadcast_to(mean_current, after_view.shape[::2]))
                          - np.einsum("gmn,gn->gm", weight_view, np.broadcast_to(mean_original, weight_view.shape[::2])))
-        details: dict[str, Any] = {"k": stored.k, "bits": stored.bits, "step": fit.step,
+        details: dict[str, Any] = {"k": stored.k, "bits": stored.bits, "step": fit.step, "damp": damp,
                                    "fit_error_before": round(fit.before, 6), "fit_error_after": round(fit.after, 6),
                                    "rows": stats.count}
-        held = stats.held()
         if held is not None:
             details["error_before"] = round(relative_error(held, before_view, weight_view), 6)
             details["error_after"] = round(relative_error(held, after_view, weight_view, shift), 6)
