@@ -71,6 +71,7 @@ from onnxzip.errors import ConfigError
 from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
 from onnxzip.inputs import first_samples, fixed_batch
 from onnxzip.passes.cluster_calibration import float_outputs, output_distortion, run_outputs, sample_chunks
+from onnxzip.passes.cluster_decode import find_decodes
 from onnxzip.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ class Int8Result:
 def find_int8_decodes(graph: gs.Graph) -> list[str]:
     """Names of the int8 codebooks (a decode of an int8 codebook feeding a DequantizeLinear) in
     ``graph``: weights this module converted, which float-codebook steps leave alone."""
-    from onnxzip.passes.cluster import find_decodes  # cluster.py imports this module
-
     return [decoded.name for decoded in find_decodes(graph, dtypes=frozenset({"int8"}))
             if any(user.op == "DequantizeLinear" for user in decoded.output.outputs)]
 
@@ -134,8 +133,6 @@ def convert_int8(
     timing: Any = None,
 ) -> Int8Result:
     """The clustered ``model`` with the codebook weights the gate allows running int8."""
-    from onnxzip.passes.cluster import find_decodes  # cluster.py imports this module
-
     require_data(feeds)
     notes: list[str] = []
     original = model
@@ -395,8 +392,6 @@ class _Builder:
         self.levels = 63 if reduce_range else 127
 
     def build(self, chosen: list[str]) -> onnx.ModelProto:
-        from onnxzip.passes.cluster import find_decodes
-
         graph = import_graph(self.model)
         names = NameScope(graph)
         decodes = find_decodes(graph)

@@ -61,7 +61,8 @@ from onnxzip.errors import ConfigError
 from onnxzip.inputs import fixed_batch
 from onnxzip.graph import constant_value, export_model, import_graph, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
-from onnxzip.passes.cluster import Codebook, DecodedWeight, find_decodes, refit_codebook
+from onnxzip.passes.cluster import refit_codebook
+from onnxzip.passes.cluster_decode import Codebook, DecodedWeight, find_decodes
 from onnxzip.passes.cluster_int8 import find_int8_decodes
 from onnxzip.pruning.surgery import RESTORE_DAMPS, RESTORE_SUFFIX, ridge_intercept
 from onnxzip.passes.cluster_calibration import (

@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxzip.graph import NameScope, export_model, import_graph
-from onnxzip.passes.cluster import (
+from onnxzip.passes.cluster_decode import (
     Codebook,
     DecodeShared,
-    _insert_decode,
+    insert_decode,
     decode_numpy,
     find_decodes,
     decode_layout,
@@ -45,7 +45,7 @@ def _decode_model(items: list[tuple[str, Codebook]], opset: int = 13, in_if: boo
         out = gs.Variable(f"{name}_out", stored.codebook.dtype, list(stored.indices.shape))
         node = gs.Node("Identity", f"{name}_id", inputs=[weight], outputs=[out])
         body.nodes.append(node)
-        _insert_decode(body, weight, [(node, body)], stored, names, shared, opset)
+        insert_decode(body, weight, [(node, body)], stored, names, shared, opset)
         outputs.append(out)
     body.outputs = outputs
     body.toposort()
@@ -157,7 +157,7 @@ def test_load_time_intermediates_are_bounded(bits, shape, axis, monkeypatch):
     assert abs(load_bytes(bits, shape, axis, 4, layout) - extra) <= 0.1 * extra
     if bits < 8:  # the index form computes several int32 copies of the weight's size
         assert layout is not None
-        monkeypatch.setattr("onnxzip.passes.cluster.decode_layout", lambda *args: None)
+        monkeypatch.setattr("onnxzip.passes.cluster_decode.decode_layout", lambda *args: None)
         index_form = _intermediate_bytes(_decode_model([("w", stored)]))
         assert abs(load_bytes(bits, shape, axis, 4, None) - index_form) <= 0.1 * index_form
         assert extra < 0.7 * index_form

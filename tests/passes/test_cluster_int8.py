@@ -15,7 +15,8 @@ import onnxzip
 from onnxzip.cli import main
 from onnxzip.errors import ConfigError
 from onnxzip.passes import PassContext
-from onnxzip.passes.cluster import ClusterPass, find_decodes
+from onnxzip.passes.cluster import ClusterPass
+from onnxzip.passes.cluster_decode import find_decodes
 from onnxzip.passes.cluster_int8 import find_int8_decodes
 from onnxzip.graph import import_graph
 from onnxzip.runtime import make_session, run_session

@@ -22,7 +22,8 @@ from onnxzip.cluster import (
 from onnxzip.errors import ConfigError
 from onnxzip.io import save_model
 from onnxzip.passes import PassContext, PipelinePlan, Plan, get_pass
-from onnxzip.passes.cluster import ClusterPass, decode_numpy
+from onnxzip.passes.cluster import ClusterPass
+from onnxzip.passes.cluster_decode import decode_numpy
 from onnxzip.runtime import make_session, run_session
 from onnxzip.schema import parse_flag_value
 
