@@ -311,9 +311,10 @@ class ClusterPass(Pass):
                     k = 2 ** storage_bits(k)
             entry = {"k": k, "bits": storage_bits(k), "per_channel": axis is not None}
             layers[weight.name] = entry if birch_k is None else {**entry, "birch_k": birch_k}
+        found: dict[str, Any] = {}
         if candidates:
-            layers.update(self._allocate(model, uses, candidates, context, seed))
-        return Plan(self.name, self.config_dict(), layers)
+            layers.update(self._allocate(model, uses, candidates, context, seed, found))
+        return Plan(self.name, self.config_dict(), layers, found)
 
     def _energies(
         self, model: onnx.ModelProto, uses: dict[str, Any], context: PassContext
@@ -321,12 +322,9 @@ class ClusterPass(Pass):
         """Activation-aware element weights (see :func:`input_energies`), once per model."""
         if not (self.config.activation_aware and context.feeds):
             return {}
-        cached = getattr(self, "_energy_cache", None)
-        if cached is None or cached[0] is not model:
-            names = [n for n, (c, _) in uses.items() if np.asarray(c.values).ndim >= 2]
-            energies = input_energies(model, uses, names, context.feeds, context.device)
-            self._energy_cache = (model, energies)
-        return self._energy_cache[1]
+        names = [n for n, (c, _) in uses.items() if np.asarray(c.values).ndim >= 2]
+        return self.per_model("input_energies", model,
+                              lambda: input_energies(model, uses, names, context.feeds, context.device))
 
     def _allocate(
         self,
@@ -335,9 +333,11 @@ class ClusterPass(Pass):
         candidates: list[tuple[str, np.ndarray, int | None]],
         context: PassContext,
         seed: int,
+        found: dict[str, Any],
     ) -> dict[str, dict[str, Any]]:
         """Per-weight widths from measured sensitivity curves: at ``avg_bits``, or the smallest
-        mean width whose model ``context.accept`` takes (``bits=search``)."""
+        mean width whose model ``context.accept`` takes (``bits=search``). What apply reuses goes
+        into ``found`` (the plan's): the sweep's note and its layer statistics."""
         search = self.config.bits == "search"
         if search and context.accept is None:
             raise ConfigError(
@@ -365,23 +365,24 @@ class ClusterPass(Pass):
                 held_out = True
             else:
                 second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
-                self._second_cache = (model, second_order)
-        self._sweep_note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
+                found["second_order"] = (model, second_order)
+        note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
         if probe.steps > 1:
-            self._sweep_note += (f", {probe.steps} calls each feeding back the state ("
+            note += (f", {probe.steps} calls each feeding back the state ("
                                  + ", ".join(f"{o} → {i}" for i, o in probe.pairs.items()) + ")")
         fitted_in_sweep: set[str] = set()
         if second_order is not None:
             fitted_in_sweep, left = second_order.affordable(
                 {name: values for name, values, _axis in candidates}, self.config.sweep_gptq_flops)
-            self._sweep_note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
+            note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
                                  f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
             if held_out:
                 fitted_on = as_samples(context.feeds, declared_shapes(model)).count - feeds.count
-                self._sweep_note += f" (fitted on the {fitted_on} data items the sweep does not run)"
+                note += f" (fitted on the {fitted_on} data items the sweep does not run)"
             if left:
-                self._sweep_note += (f" ({len(left)} of {len(left) + len(fitted_in_sweep)} weights, the costliest, "
+                note += (f" ({len(left)} of {len(left) + len(fitted_in_sweep)} weights, the costliest, "
                                      f"on k-means codebooks: sweep_gptq_flops {self.config.sweep_gptq_flops:g})")
+        found["sweep_note"] = note
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
         curves: dict[str, dict[int, float]] = {}
@@ -434,7 +435,7 @@ class ClusterPass(Pass):
         if not search:
             layers = layers_at(float(self.config.avg_bits))
         else:
-            layers = self._search(model, context, layers_at)
+            layers = self._search(model, context, layers_at, found)
         log.info("cluster widths: mean %.3f bits over %d weights",
                  mean_bits({n: e["bits"] for n, e in layers.items()}, shapes), len(layers))
         return layers
@@ -457,7 +458,7 @@ class ClusterPass(Pass):
         return max(SWEEP_MIN_SAMPLES, min(wanted, affordable))
 
     def _search(
-        self, model: onnx.ModelProto, context: PassContext, layers_at: Any
+        self, model: onnx.ModelProto, context: PassContext, layers_at: Any, found: dict[str, Any]
     ) -> dict[str, dict[str, Any]]:
         """Bisection over avg_bits ∈ {1, 1 + step, ..., max_bits} for the smallest mean width
         whose clustered model meets the metric conditions (assumed monotone in the width)."""
@@ -466,7 +467,7 @@ class ClusterPass(Pass):
         config = self.config_dict()
 
         def accepted(avg: float) -> bool:
-            plan = Plan(self.name, config, layers_at(avg))
+            plan = Plan(self.name, config, layers_at(avg), found)  # the sweep's statistics reused
             ok = bool(context.accept(self.apply(model, plan, context).model))
             log.info("bits=search: avg_bits=%.3g %s", avg, "meets the metrics" if ok else "fails")
             return ok
@@ -580,7 +581,7 @@ class ClusterPass(Pass):
             report.notes.append(f"packed indices unpack through shared tables: {', '.join(sizes)}")
         for name in sorted(set(plan.layers) - {w.name for w in table.weights}):
             report.notes.append(f"plan entry '{name}' matches no weight of the model; ignored")
-        sweep = getattr(self, "_sweep_note", None)
+        sweep = plan.found.get("sweep_note")
         if sweep and any("sensitivity" in entry for entry in plan.layers.values()):
             report.notes.append(f"{sweep}; per weight, widths 1-{MEASURED_WIDTHS} measured, wider ones "
                                 "extrapolated from the last two")
@@ -708,7 +709,7 @@ class ClusterPass(Pass):
     ) -> SecondOrder:
         """method=gptq: the layer input statistics of the planned weights, on the data (those the
         sensitivity sweep of the same model gathered, when it covers every planned weight)."""
-        cached = getattr(self, "_second_cache", None)
+        cached = plan.found.get("second_order")
         if cached is not None and cached[0] is model and set(plan.layers) <= cached[1].planned:
             return cached[1]
         if not context.feeds:
