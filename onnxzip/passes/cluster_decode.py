@@ -450,6 +450,20 @@ class DecodedWeight:
     def output(self) -> gs.Variable:
         return self.node.outputs[0]
 
+    def value_tensors(self) -> list[gs.Variable]:
+        """The decode's tensors that carry codebook values (the value table, the gathered values,
+        their reshapes, the output): their dtype is the codebook's."""
+        found: list[gs.Variable] = []
+        frontier = [tensor for node in self.codebook.outputs for tensor in node.outputs]
+        while frontier:
+            tensor = frontier.pop()
+            if any(tensor is seen for seen in found):
+                continue
+            found.append(tensor)
+            if tensor is not self.output:
+                frontier += [out for node in tensor.outputs for out in node.outputs]
+        return found
+
     def stored(self) -> Codebook:
         count = int(np.prod(self.shape, dtype=np.int64))
         indices = unpack_planes([(w, s, np.asarray(c.values)) for c, w, s in self.planes], count)

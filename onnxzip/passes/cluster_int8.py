@@ -449,7 +449,8 @@ class _Builder:
         codebook, w_scale = weight_params(values, rows, self.levels)
         decoded.codebook.values = codebook
         weight_q = decoded.output
-        weight_q.dtype, weight_q.shape = None, None  # int8 now; no value_info stored
+        for tensor in decoded.value_tensors():  # int8 now (typed float where the opset was raised)
+            tensor.dtype, tensor.shape = None, None
         weight = gs.Variable(names.fresh(f"{layer.name}_dequantized"))
         attrs = {"axis": int(layer.axis)} if layer.axis is not None else {}
         zero = np.zeros(w_scale.shape, np.int8)

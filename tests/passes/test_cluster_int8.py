@@ -30,9 +30,9 @@ CONV_X = {"x": RNG.standard_normal((24, 6, 9, 9)).astype(np.float32)}
 INT8_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "QLinearConv", "ConvInteger", "MatMulInteger"}
 
 
-def matmul_model() -> onnx.ModelProto:
+def matmul_model(opset: int = 17) -> onnx.ModelProto:
     return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-                      [tensor("x", ["N", 48])], [tensor("y", ["N", 32])], [init("w", FC_W)])
+                      [tensor("x", ["N", 48])], [tensor("y", ["N", 32])], [init("w", FC_W)], opset=opset)
 
 
 def conv_model(opset: int = 17) -> onnx.ModelProto:
@@ -122,6 +122,21 @@ def test_conv_runs_qlinearconv_within_the_quantization_error(opset, tmp_path):
     assert error.max() > 0.1 * y_scale  # not the float path
     relative = np.linalg.norm(actual - decoded) / np.linalg.norm(decoded)
     assert 1e-4 < relative < 0.05
+
+
+def test_value_table_decodes_turn_int8_where_the_opset_is_raised():
+    """Raising opset 9 to 13 types every decode tensor float; the value table of a decode (not
+    only its output) carries the codebook's values and must become int8 with it."""
+    context = PassContext(feeds=FC_X)
+    float_model = ClusterPass(bits=4).run(matmul_model(9), context).model
+    (decoded,) = find_decodes(import_graph(float_model))
+    assert decoded.node.op == "Reshape" and len(decoded.value_tensors()) == 3  # values, gathered, reshaped
+    result = ClusterPass(bits=4, execute="int8", int8_min_speedup=0).run(matmul_model(9), context)
+    assert result.report.changes[0].details["execute"] == "int8"
+    assert any("opset raised from 9" in note for note in result.report.notes)
+    expected = run_session(make_session(float_model, "cpu"), FC_X)["y"]
+    actual = run_session(make_session(result.model, "cpu"), FC_X)["y"]
+    assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.05
 
 
 def outlier_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
