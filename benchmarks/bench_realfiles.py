@@ -480,8 +480,10 @@ def finetune_summary(report: Path) -> dict | None:
     details, notes = step.get("details", {}), step.get("notes", [])
     history = details.get("history", [])
     epoch = details.get("best_epoch")
-    input_loss = [row["val_loss"] for row in history if row.get("epoch") == 0 and "val_loss" in row]
-    best_loss = [row["val_loss"] for row in history if row.get("epoch") == epoch and "val_loss" in row]
+    # the epoch is selected on the outputs' loss when inner activations are matched too
+    key = "val_output_loss" if any("val_output_loss" in row for row in history) else "val_loss"
+    input_loss = [row[key] for row in history if row.get("epoch") == 0 and key in row]
+    best_loss = [row[key] for row in history if row.get("epoch") == epoch and key in row]
     frozen = sum(1 for change in step.get("changes", []) if change.get("decision") == "skipped")
     kept = [note for note in notes if "returned" in note or "stopped early" in note or "nothing" in note.lower()
             or "undone" in note]

@@ -673,9 +673,12 @@ def finetune(
             result.trained = []
         if not result.trained:
             return _untrained(result)
+        # With matched inner activations the epoch is selected on the model's outputs alone: the
+        # matched terms only add signal, and can dominate a loss whose outputs improve.
+        output_terms = [t for t in terms if t.target.startswith("onnxzip_teacher_")] if named else []
         best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
                       fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
-                      held_back=bool(notes))
+                      held_back=bool(notes), output_terms=output_terms)
     result.model = with_weights(model, best, plan.locations)
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
@@ -757,7 +760,7 @@ def _train(
     train_targets: tuple[dict[str, NDArray[Any]], dict[str, int | None]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
     plan: TrainingCopy, model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
-    held_back: bool = False,
+    held_back: bool = False, output_terms: list[LossTerm] = (),
 ) -> dict[str, NDArray[Any]]:
     """The training loop (on data ``held_back`` from the training data, the epoch is selected on
     the loss unless a metric is named); returns the best epoch's weights, or the input's when no epoch beats
@@ -783,9 +786,12 @@ def _train(
         val_losses = [float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
                       for c in _batches(len(held_out), batch, fixed, None)]
         row["val_loss"] = float(np.mean(val_losses))
-        if metric is None:
+        if metric is None and not output_terms:
             return -row["val_loss"]
         current = with_weights(model, _snapshot(state, result.trained), plan.locations)
+        if metric is None:
+            row["val_output_loss"] = _output_loss(current, output_terms, held_out, val_targets, batch, result.device)
+            return -row["val_output_loss"]
         value, higher = _evaluate(current, metric, held_out, teacher_val, result.device)
         row[metric] = value
         return value if higher else -value
@@ -847,6 +853,27 @@ def _train(
         result.gammas = int(values.size)
         result.gammas_below_threshold = int(np.sum(np.abs(values) < config.gamma_threshold))
     return best_weights
+
+
+def _output_loss(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targets: dict[str, NDArray[Any]],
+                 batch: int, device: str) -> float:
+    """The loss terms on the model's outputs (mse / l1 / kl against the teacher's, weighted as in
+    the training graph) of ``model`` run by onnxruntime on ``data``, in float64."""
+    outputs, _ = run_samples(make_session(model, device), data.inputs, batch)
+    total = 0.0
+    for term in terms:
+        y = outputs[term.output].astype(np.float64)
+        t = targets[term.target].astype(np.float64)
+        if term.kind == "mse":
+            value = np.mean((y - t) ** 2)
+        elif term.kind == "l1":
+            value = np.mean(np.abs(y - t))
+        else:  # kl against the teacher's probabilities: -classes · mean(p · log softmax(y))
+            shifted = y - y.max(axis=-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            value = -y.shape[-1] * np.mean(t * logp)
+        total += term.weight * float(value)
+    return total
 
 
 def _restore(state: Any, weights: dict[str, NDArray[Any]]) -> None:
