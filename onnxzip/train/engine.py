@@ -798,9 +798,9 @@ def _train(
     def held_out_score(row: dict[str, float]) -> tuple[float, NDArray[np.float64] | None]:
         """(the score, higher is better; the per-batch or per-sample losses it is the mean of, or
         None for a metric)"""
-        module.eval()
+        module.eval()  # one sample a step (a fixed batch: its size), so the paired test sees every sample
         val_losses = np.array([float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
-                               for c in _batches(len(held_out), batch, fixed, None)])
+                               for c in _batches(len(held_out), batch if fixed else 1, fixed, None)])
         row["val_loss"] = float(np.mean(val_losses))
         if metric is None and not output_terms:
             return -row["val_loss"], val_losses
