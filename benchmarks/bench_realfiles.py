@@ -769,7 +769,7 @@ def finetune_rows(results: list[FileResult]) -> list[str]:
         return []
     lines = ["", f"== fine-tuning (issue 20): >= {FT_TRAINED_TARGET:g}% of the float parameters trained, no exit 3, "
              "never worse than its input, within tolerance or the gap and why",
-             f"{'file':<18} {'mode':<22} {'trained':>8}  {'before ft':<26} {'after ft':<26} {'ft kept':<14} tolerance"]
+             f"{'file':<18} {'mode':<22} {'trained':>8}  {'before ft':<38} {'after ft':<38} {'ft kept':<14} tolerance"]
     for result, run in ft_runs:
         before = next((r for r in result.runs if r.family == "onnxzip" and r.method == run.method[:-3]), None)
         summary = run.finetune or {}
@@ -778,12 +778,12 @@ def finetune_rows(results: list[FileResult]) -> list[str]:
         step = ("-" if not summary else "input" if epoch == 0 else "nothing" if not summary["trained_percent"]
                 else f"epoch {epoch}")
         if run.failed:
-            lines.append(f"{run.file:<18} {run.method:<22} {trained:>8}  {'-':<26} {'-':<26} {step:<14} "
+            lines.append(f"{run.file:<18} {run.method:<22} {trained:>8}  {'-':<38} {'-':<38} {step:<14} "
                          f"failed: {failure_line(run)}")
             continue
         verdict = "kept" if run.quality_kept else f"not kept: {task_gap(run)}"
-        lines.append(f"{run.file:<18} {run.method:<22} {trained:>8}  {task_error(before) if before else '-':<26} "
-                     f"{task_error(run):<26} {step:<14} {verdict}")
+        lines.append(f"{run.file:<18} {run.method:<22} {trained:>8}  {task_error(before) if before else '-':<38} "
+                     f"{task_error(run):<38} {step:<14} {verdict}")
         problems = []
         if summary and summary["trained_percent"] < FT_TRAINED_TARGET:
             problems.append(f"only {summary['trained_percent']:.1f}% trained ({summary['frozen_tensors']} frozen "
@@ -807,7 +807,7 @@ def finetune_why(run: Run, before: Run | None, summary: dict) -> str:
         return "; ".join(summary["kept"]) or "nothing trained"
     held = summary.get("held_back") or "no held-out part"
     if summary.get("best_epoch") == 0:
-        return (f"no epoch lowered the held-out distillation loss ({held}), so the untuned file is returned "
+        return (f"no epoch lowered the held-out distillation loss beyond its noise ({held}), so the untuned file is returned "
                 "and keeps its gap")
     loss0, loss1 = summary.get("input_val_loss"), summary.get("best_val_loss")
     loss = (f"the held-out distillation loss fell {100 * (loss0 - loss1) / loss0:.0f}% ({loss0:.3g} -> {loss1:.3g})"
