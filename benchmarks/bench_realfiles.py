@@ -130,7 +130,7 @@ dtln_stage1        100%    8.63 = 8.63 (input)         100%    8.89 = 8.89 (inpu
 dtln_stage2        99.9%   7.22 -> 7.25 dB (2) out     99.9%   8.07 = 8.07 (input) out
 romanizer_encoder  100%    63.0 = 63.0 (3)             100%    62.5 = 62.5 (input)
 romanizer_decoder  100%    62.5 -> 62.75 (1)           100%    62.5 = 62.5 (input)
-open_nsfw          100%    |dP| mean 0.063 -> 0.034,   see the run
+open_nsfw          100%    |dP| mean 0.063 -> 0.034,   100%    = (input; 425 s under load) out
                            max 0.41 -> 0.37 (1) out
 =================  ======  =========================  ======  =========================
 
