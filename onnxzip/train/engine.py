@@ -61,6 +61,9 @@ _MAX_HALVINGS = 3
 # epoch and to stop early, when there are at least _MIN_HOLDOUT_SAMPLES samples.
 _HOLDOUT = 0.2
 _MIN_HOLDOUT_SAMPLES = 10
+# An epoch replaces the best weights only when its held-out losses are lower by more than this many
+# standard errors of the paired per-batch differences (a one-sided test at about 2.5%).
+_NOISE_SE = 2.0
 _NO_BUILDER = re.compile(r"gradient builder has not been registered: (\w+)")
 # batch_size=auto: at most _MAX_AUTO_BATCH items, fewer so that an epoch has at least _MIN_STEPS steps.
 _MAX_AUTO_BATCH = 32
@@ -673,9 +676,12 @@ def finetune(
             result.trained = []
         if not result.trained:
             return _untrained(result)
+        # With matched inner activations the epoch is selected on the model's outputs alone: the
+        # matched terms only add signal, and can dominate a loss whose outputs improve.
+        output_terms = [t for t in terms if t.target.startswith("onnxzip_teacher_")] if named else []
         best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
                       fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
-                      held_back=bool(notes))
+                      held_back=bool(notes), output_terms=output_terms)
     result.model = with_weights(model, best, plan.locations)
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
@@ -746,10 +752,21 @@ def _open(work: Path, device: str) -> tuple[Any, Any, Any]:
     try:
         state = api.CheckpointState.load_checkpoint(str(work / "checkpoint"))
         module = api.Module(str(work / "training_model.onnx"), state, str(work / "eval_model.onnx"),
-                            device=device)
+                            device=device, session_options=_session_options())
         return state, module, api.Optimizer(str(work / "optimizer_model.onnx"), module)
     finally:
         ort.set_default_logger_severity(2)
+
+
+def _session_options() -> Any:
+    """The training session's options: one intra-op thread per CPU this process may run on
+    (onnxruntime's default counts physical cores, which a VM or a CPU mask can misreport)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return options
 
 
 def _train(
@@ -757,7 +774,7 @@ def _train(
     train_targets: tuple[dict[str, NDArray[Any]], dict[str, int | None]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
     plan: TrainingCopy, model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
-    held_back: bool = False,
+    held_back: bool = False, output_terms: list[LossTerm] = (),
 ) -> dict[str, NDArray[Any]]:
     """The training loop (on data ``held_back`` from the training data, the epoch is selected on
     the loss unless a metric is named); returns the best epoch's weights, or the input's when no epoch beats
@@ -778,57 +795,77 @@ def _train(
     steps_per_epoch = len(_batches(len(train), batch, fixed, None))
     total = steps_per_epoch * config.epochs
 
-    def held_out_score(row: dict[str, float]) -> float:
-        module.eval()
-        val_losses = [float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
-                      for c in _batches(len(held_out), batch, fixed, None)]
+    def held_out_score(row: dict[str, float]) -> tuple[float, NDArray[np.float64] | None]:
+        """(the score, higher is better; the per-batch or per-sample losses it is the mean of, or
+        None for a metric)"""
+        module.eval()  # one sample a step (a fixed batch: its size), so the paired test sees every sample
+        val_losses = np.array([float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
+                               for c in _batches(len(held_out), batch if fixed else 1, fixed, None)])
         row["val_loss"] = float(np.mean(val_losses))
-        if metric is None:
-            return -row["val_loss"]
+        if metric is None and not output_terms:
+            return -row["val_loss"], val_losses
         current = with_weights(model, _snapshot(state, result.trained), plan.locations)
+        if metric is None:
+            per_sample = _output_loss(current, output_terms, held_out, val_targets, batch, result.device)
+            row["val_output_loss"] = float(np.mean(per_sample))
+            return -row["val_output_loss"], per_sample
         value, higher = _evaluate(current, metric, held_out, teacher_val, result.device)
         row[metric] = value
-        return value if higher else -value
+        return (value if higher else -value), None
 
     best_score, best_weights, stale, halvings, scale = -math.inf, _snapshot(state, result.trained), 0, 0, 1.0
+    best_losses: NDArray[np.float64] | None = None
     if val_arrays is not None and selecting:  # the input itself is the first candidate
         start: dict[str, float] = {"epoch": 0}
-        best_score = held_out_score(start)
+        best_score, best_losses = held_out_score(start)
         result.history.append(start)
     epoch = 0
     while epoch < config.epochs:
         epoch += 1
         module.train()
         losses = []
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         chunks = _batches(len(train), batch, fixed, rng)
         step = (epoch - 1) * steps_per_epoch
-        with tqdm(chunks, desc=f"finetune epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
-                  leave=False) as bar:
-            for chunk in bar:
-                rate = scale * lr_at(step, total, config)
+        bar = tqdm(total=len(chunks), desc=f"finetune epoch {epoch}/{config.epochs}", unit="batch",
+                   leave=False) if progress else None
+        rate = None
+        for chunk in chunks:
+            new_rate = scale * lr_at(step, total, config)
+            if new_rate != rate:  # a constant schedule sets it once
+                rate = new_rate
                 optimizer.set_learning_rate(rate)
-                loss = module(*[take(arrays[name], chunk, axes.get(name, 0)) for name in names])
-                before = slimming.before(state) if sparse else None
-                optimizer.step()
-                if before is not None:
-                    slimming.after(state, before, rate)
-                module.lazy_reset_grad()
-                losses.append(float(np.asarray(loss)))
+            loss = module(*[take(arrays[name], chunk, axes.get(name, 0)) for name in names])
+            before = slimming.before(state) if sparse else None
+            optimizer.step()
+            if before is not None:
+                slimming.after(state, before, rate)
+            module.lazy_reset_grad()
+            losses.append(float(loss))
+            if bar is not None:
+                bar.update()
                 bar.set_postfix(loss=f"{np.mean(losses):.4g}")
-                step += 1
+            step += 1
+        if bar is not None:
+            bar.close()
+        # the training steps alone (the held-out scoring below is not counted): wall and CPU seconds
         row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate, "steps": len(chunks),
-                                 "seconds": time.perf_counter() - began}
-        score = held_out_score(row) if val_arrays is not None else -row["loss"]
+                                 "seconds": time.perf_counter() - began,
+                                 "cpu_seconds": time.process_time() - began_cpu}
+        score, losses_now = held_out_score(row) if val_arrays is not None else (-row["loss"], None)
         result.history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         if progress:
             tqdm.write("finetune " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()))
-        if score > best_score or not selecting:
+        noise = _within_noise(best_losses, losses_now) if selecting and score > best_score else None
+        if (score > best_score and noise is None) or not selecting:
             best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
+            best_losses = losses_now
             continue
-        if val_arrays is not None and halvings < _MAX_HALVINGS:  # undo the epoch, retry it slower
+        if noise is not None:  # lower, but not by more than the held-out loss's own spread: not kept, not undone
+            result.notes.append(f"epoch {epoch} {noise}: not kept")
+        elif val_arrays is not None and halvings < _MAX_HALVINGS:  # undo the epoch, retry it slower
             halvings += 1
             scale /= 2
             _restore(state, best_weights)
@@ -847,6 +884,47 @@ def _train(
         result.gammas = int(values.size)
         result.gammas_below_threshold = int(np.sum(np.abs(values) < config.gamma_threshold))
     return best_weights
+
+
+def _within_noise(best: NDArray[np.float64] | None, now: NDArray[np.float64] | None) -> str | None:
+    """Why a lower held-out loss does not count (one phrase), or None when it does: the paired
+    differences of the per-batch (or per-sample) losses must have a mean above
+    :data:`_NOISE_SE` standard errors, else the epoch only fits the noise of a small held-out part."""
+    if best is None or now is None or len(best) != len(now) or len(best) < 2:
+        return None
+    gain = best - now
+    error = float(np.std(gain, ddof=1)) / math.sqrt(len(gain))
+    if float(np.mean(gain)) > _NOISE_SE * error:
+        return None
+    return (f"lowered the held-out loss by {100 * float(np.mean(gain)) / max(float(np.mean(best)), 1e-30):.1f}%, "
+            f"within its noise ({float(np.mean(gain)) / error if error else 0.0:.1f} of the {_NOISE_SE:g} standard "
+            f"errors over {len(gain)} paired held-out losses needed)")
+
+
+def _output_loss(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targets: dict[str, NDArray[Any]],
+                 batch: int, device: str) -> NDArray[np.float64]:
+    """Per sample, the loss terms on the model's outputs (mse / l1 / kl against the teacher's,
+    weighted as in the training graph) of ``model`` run by onnxruntime on ``data``, in float64;
+    their mean is the loss of the whole set."""
+    outputs, axes = run_samples(make_session(model, device), data.inputs, batch)
+    total = np.zeros(len(data))
+    for term in terms:
+        y = outputs[term.output].astype(np.float64)
+        t = targets[term.target].astype(np.float64)
+        if term.kind == "mse":
+            error = (y - t) ** 2
+        elif term.kind == "l1":
+            error = np.abs(y - t)
+        else:  # kl against the teacher's probabilities: -classes · mean(p · log softmax(y))
+            shifted = y - y.max(axis=-1, keepdims=True)
+            error = -y.shape[-1] * t * (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
+        axis = axes.get(term.output, 0)
+        if axis is None:  # the same for every sample
+            total += term.weight * float(np.mean(error))
+            continue
+        error = np.moveaxis(error, axis, 0)
+        total += term.weight * error.reshape(error.shape[0], -1).mean(axis=1)
+    return total
 
 
 def _restore(state: Any, weights: dict[str, NDArray[Any]]) -> None:

@@ -74,7 +74,8 @@ class FinetunePass(Pass):
         if skipped_val:
             report.notes.append(skipped_val)
         report.modified = bool(result.trained)
-        report.details.update(trained_fraction=round(result.trained_fraction, 6), best_epoch=result.best_epoch)
+        report.details.update(trained_fraction=round(result.trained_fraction, 6), best_epoch=result.best_epoch,
+                              history=result.history)  # row epoch 0: the input, scored on the held-out data
         if result.matched:
             report.details["matched"] = result.matched  # match=auto: the compressed layers' outputs
         for name in result.trained:
@@ -85,8 +86,8 @@ class FinetunePass(Pass):
         if result.trained:
             report.notes.append(f"trained {len(result.trained)} weights, {result.trained_fraction:.0%} of the "
                                 "float parameters")
-        report.notes += ["epoch " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-                         for row in result.history]
+        report.notes += [f"epoch {row['epoch']:g}" + (" (the input)" if row["epoch"] == 0 else "") + ": "
+                         + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch") for row in result.history]
         if result.gammas:
             report.notes.append(f"{result.gammas_below_threshold} of {result.gammas} normalization γ below "
                                 f"{self.config.gamma_threshold:g} (prunable)")

@@ -8,10 +8,10 @@ on export by construction and names/shapes of trainable tensors never change:
   newer ops: a Gemm without C, LessOrEqual);
 * an ``If`` whose condition is the same on every training sample is replaced by the branch that
   runs (:func:`inline_fixed_branches`); the branch's weights train and go back into that branch;
-* ``BatchNormalization`` → ``(x − μ)·(1/√(σ² + ε))·γ + β`` with μ and 1/√(σ² + ε) frozen
+* ``BatchNormalization`` → ``x·a + (β − μ·a)``, ``a = γ·(1/√(σ² + ε))``, with μ and 1/√(σ² + ε) frozen
   constants and γ, β reshaped to ``[C, 1, …]``: onnxruntime would otherwise train with batch
   statistics and overwrite the running ones. Statistics computed in the graph (decoded from a
-  codebook) get the same form with ``(x − μ) / √(σ² + ε)`` as nodes;
+  codebook) get the same form with 1/√(σ² + ε) computed by nodes;
 * ``LayerNormalization`` declares its optional Mean / InvStdDev outputs (its gradient needs them);
 * the op rewrites of :mod:`onnxzip.train.rewrites` (HardSigmoid, GlobalMaxPool, Resize,
   ConvTranspose, bidirectional LSTM/GRU, ...).
@@ -75,7 +75,7 @@ def _rewrite_batchnorm(node, index, inits, shapes, new_inits) -> list[onnx.NodeP
     rank = len(shapes.get(x, (0,) * 4))
     eps = float(attr(node, "epsilon", 1e-5))
     shape = [-1] + [1] * max(rank - 2, 0)  # per channel, broadcast over the spatial axes
-    names = {k: _unique(node, index, k) for k in ("mean", "inv_std", "shape", "eps", "var", "ve", "sd", "g", "b", "c", "n", "s")}
+    names = {k: _unique(node, index, k) for k in ("mean", "inv_std", "shape", "eps", "var", "ve", "sd", "g", "b", "c", "n", "s", "a")}
     new_inits.append(numpy_helper.from_array(np.asarray(shape, np.int64), names["shape"]))
     if mean in inits and var in inits:  # μ and 1/√(σ² + ε) as constants
         mu = numpy_helper.to_array(inits[mean]).astype(np.float32).reshape(shape)
@@ -91,13 +91,16 @@ def _rewrite_batchnorm(node, index, inits, shapes, new_inits) -> list[onnx.NodeP
             helper.make_node("Sqrt", [names["ve"]], [names["sd"]]),
             helper.make_node("Reciprocal", [names["sd"]], [names["inv_std"]]),
         ]
+    # x·a + c with a = γ/√(σ² + ε) and c = β − μ·a per channel: two ops on the activations (and
+    # three in the backward pass) where (x − μ)·(1/√(σ² + ε))·γ + β takes four.
     return statistics + [
         helper.make_node("Reshape", [scale, names["shape"]], [names["g"]]),
         helper.make_node("Reshape", [bias, names["shape"]], [names["b"]]),
-        helper.make_node("Sub", [x, names["mean"]], [names["c"]]),
-        helper.make_node("Mul", [names["c"], names["inv_std"]], [names["n"]]),
-        helper.make_node("Mul", [names["n"], names["g"]], [names["s"]]),
-        helper.make_node("Add", [names["s"], names["b"]], [node.output[0]], name=node.name),
+        helper.make_node("Mul", [names["g"], names["inv_std"]], [names["n"]]),
+        helper.make_node("Mul", [names["mean"], names["n"]], [names["c"]]),
+        helper.make_node("Sub", [names["b"], names["c"]], [names["s"]]),
+        helper.make_node("Mul", [x, names["n"]], [names["a"]]),
+        helper.make_node("Add", [names["a"], names["s"]], [node.output[0]], name=node.name),
     ]
 
 

@@ -139,3 +139,50 @@ def test_ratio_targets_judge_each_file_against_10x_and_the_best_peer_and_give_th
     assert "dtln_stage2: 9.00x avg_bits=3.25+gptq: not met; 2.25x the best peer (nncf nncf int8 4.00x): not met" in lines
     assert "open_nsfw: no kept onnxzip file" in lines
     assert lines[-1] == "geometric mean over 2 of 3 files with a kept file: 10.90x (not met)"
+
+
+def test_ft_modes_exist_for_the_gptq_modes():
+    assert bench.MODES["bits=3+gptq+ft"] == ["--cluster", "bits=3,method=gptq", "--finetune", "epochs=3"]
+    assert bench.MODES["avg_bits=3+gptq+ft"][-2:] == ["--finetune", "epochs=3"]
+
+
+def test_finetune_summary_reads_the_epoch_kept_and_its_held_out_loss(tmp_path):
+    report = tmp_path / "r.json"
+    history = [{"epoch": 0, "val_loss": 0.2}, {"epoch": 1, "loss": 0.3, "seconds": 2.0, "val_loss": 0.25},
+               {"epoch": 1, "loss": 0.2, "seconds": 2.5, "val_loss": 0.1}, {"epoch": 2, "seconds": 2.0, "val_loss": 0.15}]
+    report.write_text(bench.json.dumps({"passes": [{"pass_name": "cluster"}, {
+        "pass_name": "finetune", "details": {"trained_fraction": 0.987, "best_epoch": 1, "history": history},
+        "changes": [{"decision": "trained"}, {"decision": "skipped"}],
+        "notes": ["held back 7 of 36 training samples (seed 0) to select the epoch",
+                  "epoch 1 made the held-out score worse: undone and retried at half the learning rate (0.5× the schedule)"]}]}))
+    summary = bench.finetune_summary(report)
+    assert summary["trained_percent"] == pytest.approx(98.7) and summary["frozen_tensors"] == 1
+    assert summary["input_val_loss"] == 0.2 and summary["best_val_loss"] == 0.1  # the retried epoch 1
+    assert summary["epoch_seconds"] == [2.0, 2.5, 2.0] and summary["held_back"].startswith("held back 7")
+    line = bench.finetune_line(summary)
+    assert "98.7% of the float parameters; epoch 1 kept (held-out loss 0.2 -> 0.1, -50%)" in line
+
+
+def test_finetune_rows_give_before_after_and_the_gap_when_out_of_tolerance():
+    original = run("original", 1.0, True, family="original")
+
+    def scored(method, drop, kept, stoi=0.0, finetune=None):
+        r = bench.Run("nsnet2_16k", "onnxzip", method, ratio=10.0, quality_kept=kept,
+                      score={"score": 9.62 - drop, "drop": drop, "stoi_drop": stoi}, finetune=finetune)
+        return r
+
+    summary = {"trained_percent": 99.2, "frozen_tensors": 0, "kept": [], "best_epoch": 3, "input_val_loss": 0.04,
+               "best_val_loss": 0.03, "held_back": "held back 6 of 32 training samples (seed 0) to select the epoch"}
+    result = bench.FileResult("nsnet2_16k", original, [
+        scored("bits=3+gptq", 1.8, False, 0.02), scored("bits=3+gptq+ft", 1.2, False, 0.012, summary),
+        scored("bits=4+gptq", 0.2, False), scored("bits=4+gptq+ft", 0.3, True, 0.0, {**summary, "best_epoch": 0})])
+    lines = bench.finetune_rows([result])
+    b3 = next(i for i, line in enumerate(lines) if "bits=3+gptq+ft" in line)
+    assert "99.2%" in lines[b3] and "7.82 (drop 1.8, stoi_drop 0.02)" in lines[b3] and "epoch 3" in lines[b3]
+    assert "not kept: drop 1.2 > 0.5 (+0.7), stoi_drop 0.012 > 0.01 (+0.002)" in lines[b3]
+    assert "why: the held-out distillation loss fell 25% (0.04 -> 0.03); the task drop went 1.8 -> 1.2 (33% of it " \
+           "closed)" in lines[b3 + 1]
+    b4 = next(i for i, line in enumerate(lines) if "bits=4+gptq+ft" in line)
+    assert "input" in lines[b4] and lines[b4].endswith("kept")
+    assert "WORSE than its input: drop 0.2 -> 0.3" in lines[b4 + 1]
+    assert bench.finetune_rows([bench.FileResult("nsnet2_16k", original, result.runs[:1])]) == []

@@ -50,7 +50,7 @@ def test_recipe_step_and_cli_flag_parse():
 def test_finetune_command(tmp_path, capsys):
     rng = np.random.default_rng(5)
     model = _bn_cnn(rng)
-    x, labels = _digit_data(rng)
+    x, labels = _digit_data(rng, 320)
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, source)
     np.savez(tmp_path / "train.npz", x=x, labels=labels)

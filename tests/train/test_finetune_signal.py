@@ -87,6 +87,12 @@ def test_match_auto_adds_the_compressed_layers_outputs_relative_to_the_teachers_
     expected = rel["y"] + 0.5 * (rel["h1"] + rel["h3"])
     assert result.history[0]["epoch"] == 0
     np.testing.assert_allclose(result.history[0]["val_loss"], expected, rtol=1e-4)
+    # The epoch is selected on the outputs' term alone, the student run in onnxruntime.
+    np.testing.assert_allclose(result.history[0]["val_output_loss"], rel["y"], rtol=1e-4)
+    trained = _activations(result.model, ["y"], x[held])["y"]
+    kept = next(row for row in result.history if row["epoch"] == result.best_epoch)
+    np.testing.assert_allclose(kept["val_output_loss"], np.mean((trained - t_held["y"]) ** 2)
+                               / np.var(t_train["y"].astype(np.float64)), rtol=1e-4)
     # match=none: the plain MSE on the outputs only
     plain = finetune(student, {"x": x}, teacher=teacher, device="cpu", progress=False,
                      config={**config, "match": ["none"]})
@@ -160,3 +166,15 @@ def test_sequence_lens_and_clip_that_change_nothing_on_the_data_train_and_stay_i
     binding = finetune(_recurrent(op, rng, clip=0.05), {"x": x, "references": references}, device="cpu",
                        progress=False, config=config)
     assert "W" in binding.frozen and "clip binds on the training data" in binding.frozen["W"]
+
+
+def test_an_epoch_whose_held_out_gain_is_within_its_noise_is_not_kept():
+    from onnxzip.train.engine import _within_noise
+
+    best = np.array([1.0, 2.0, 3.0, 4.0])
+    assert _within_noise(best, best - 0.1) is None  # every held-out loss lower: kept
+    noisy = best + np.array([-0.5, 0.45, -0.5, 0.5]) - 0.01  # lower on average, by less than its spread
+    assert noisy.mean() < best.mean()
+    why = _within_noise(best, noisy)
+    assert why.startswith("lowered the held-out loss by 0.9%, within its noise") and "over 4 paired" in why
+    assert _within_noise(None, best) is None and _within_noise(best[:1], best[:1] - 1) is None
