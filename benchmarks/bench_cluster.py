@@ -86,7 +86,7 @@ def graph_pass(size: int) -> None:
 
     from onnxzip.passes import PassContext
     from onnxzip.passes.cluster import ClusterPass
-    from onnxzip.runtime import make_session
+    from onnxzip.core.runtime import make_session
 
     width = int(np.sqrt(size / 4))
     layers = [trained_like_weights(width * width, seed=s).reshape(width, width) for s in range(4)]

@@ -31,8 +31,8 @@ import onnx
 
 import onnxzip
 from onnxzip.evaluators import evaluate, load_dataset
-from onnxzip.quality import fidelity_feeds
-from onnxzip.runtime import make_session
+from onnxzip.evaluators.quality import fidelity_feeds
+from onnxzip.core.runtime import make_session
 
 TOLERANCES = {"accuracy": 0.005, "stoi": 0.02, "pesq": 0.2, "psnr": 0.5}
 

@@ -47,7 +47,7 @@ import numpy as np
 
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 from onnxzip.api import prepare_model
-from onnxzip.io import load_model
+from onnxzip.core.io import load_model
 from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext
 from onnxzip.pruning import analyze_channels, select_channels

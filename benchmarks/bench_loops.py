@@ -38,9 +38,9 @@ from bench_prune import median_latencies  # noqa: E402
 
 import onnxzip  # noqa: E402
 from onnxzip.cli import _print_trajectory  # noqa: E402
-from onnxzip.io import load_model  # noqa: E402
+from onnxzip.core.io import load_model  # noqa: E402
 from onnxzip.models.zoo import get_reference_model  # noqa: E402
-from onnxzip.runtime import make_session  # noqa: E402
+from onnxzip.core.runtime import make_session  # noqa: E402
 
 RECIPES = {"cnn": "method2", "cnn-sparse": "method2", "transformer": "method1", "speech": "method1"}
 TARGETS = {"cnn": "≥ 30× smaller file, ≤ 1 point test-accuracy drop, ≥ 2× faster at batch 1, ≤ 10 min",

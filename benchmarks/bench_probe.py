@@ -15,9 +15,9 @@ import time
 import onnx
 
 import onnxzip.api
-from onnxzip.inputs import generate_inputs
+from onnxzip.core.inputs import generate_inputs
 from onnxzip.models.zoo import get_reference_model
-from onnxzip.measure.sanity import probe_feeds, probe_in_child
+from onnxzip.core.sanity import probe_feeds, probe_in_child
 
 
 def timed_compress(path: str) -> float:

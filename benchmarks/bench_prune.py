@@ -19,7 +19,7 @@ import onnx
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, get_pass
-from onnxzip.runtime import make_session
+from onnxzip.core.runtime import make_session
 
 
 def median_latencies(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], repeats: int) -> dict[str, float]:

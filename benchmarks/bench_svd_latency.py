@@ -26,8 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext
 from onnxzip.passes.svd import SvdPass
-from onnxzip.runtime import make_session, run_session
-from onnxzip.fidelity import compare_arrays
+from onnxzip.core.runtime import make_session, run_session
+from onnxzip.evaluators.fidelity import compare_arrays
 
 
 def interleaved_medians(sessions: list, feeds: dict[str, np.ndarray], repeats: int) -> list[float]:

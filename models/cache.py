@@ -12,7 +12,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from onnxzip.io import write_atomically
+from onnxzip.core.io import write_atomically
 
 METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"

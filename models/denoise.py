@@ -29,7 +29,7 @@ import onnxzip.torch_export
 from onnxzip.errors import RuntimeUnavailableError
 from onnxzip.evaluators import ArrayDataset, Predictions
 from onnxzip.torch_export import export
-from onnxzip.io import write_atomically
+from onnxzip.core.io import write_atomically
 from onnxzip.models.cache import build_once, reference_folder
 from onnxzip.models.speech import measure
 from onnxzip.models.train import deterministic

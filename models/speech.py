@@ -46,7 +46,7 @@ from onnxzip.evaluators import (
 )
 from onnxzip.evaluators.base import fit_length
 from onnxzip.torch_export import export
-from onnxzip.io import write_atomically
+from onnxzip.core.io import write_atomically
 from onnxzip.models import speech_data
 from onnxzip.models.cache import build_once, reference_folder
 from onnxzip.models.speech_data import (

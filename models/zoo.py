@@ -30,12 +30,12 @@ from torch import nn
 import onnxzip.torch_export
 from onnxzip.errors import ConfigError
 from onnxzip.torch_export import export
-from onnxzip.io import write_atomically
+from onnxzip.core.io import write_atomically
 from onnxzip.models import cnn, transformer
 from onnxzip.models.cache import LOCK_FILE, build_once, cache_root
 from onnxzip.models.data import Splits, digits_images, digits_rows
 from onnxzip.models.train import TrainConfig, fit_classifier
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 log = logging.getLogger(__name__)
 

@@ -17,20 +17,20 @@ from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError, QualityGateError
 from onnxzip.evaluators import QualityGate
-from onnxzip.graph import dedupe_initializers, export_model, import_graph, tidy
-from onnxzip.inputs import data_notes, parse_sample_axes
-from onnxzip.io import load_model, save_model
+from onnxzip.core.graph import dedupe_initializers, export_model, import_graph, tidy
+from onnxzip.core.inputs import data_notes, parse_sample_axes
+from onnxzip.core.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
-from onnxzip.quality import check_metric_data, fidelity_feeds, quality_gate
+from onnxzip.evaluators.quality import check_metric_data, fidelity_feeds, quality_gate
 from onnxzip.recipe import PassStep, Recipe
-from onnxzip.report import CompressionReport, ModelSummary
-from onnxzip.runtime import resolve_device
+from onnxzip.core.report import CompressionReport, ModelSummary
+from onnxzip.core.runtime import resolve_device
 from onnxzip.search import resolve_step
-from onnxzip.measure.sanity import probe_feeds, probe_in_child
-from onnxzip.shapes import UnresolvedShapesError, generated_feeds
-from onnxzip.fidelity import FidelityGate, ValidationReport
-from onnxzip.fidelity import validate as _validate
-from onnxzip.weights import materialize_weights
+from onnxzip.core.sanity import probe_feeds, probe_in_child
+from onnxzip.core.shapes import UnresolvedShapesError, generated_feeds
+from onnxzip.evaluators.fidelity import FidelityGate, ValidationReport
+from onnxzip.evaluators.fidelity import validate as _validate
+from onnxzip.core.weights import materialize_weights
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def finetune(
 
 
 def _document_finetune_options() -> None:
-    from onnxzip.schema import describe_config
+    from onnxzip.core.schema import describe_config
     from onnxzip.train import FinetuneConfig
 
     finetune.__doc__ += "\n" + "\n".join(f"    {line}" for line in describe_config(FinetuneConfig).splitlines()) + "\n"

@@ -16,7 +16,7 @@ from typing import Any
 
 from onnxzip import __version__
 from onnxzip.errors import ConfigError, OnnxzipError, QualityGateError, UnsupportedModelError
-from onnxzip.io import write_json
+from onnxzip.core.io import write_json
 
 log = logging.getLogger("onnxzip")
 
@@ -52,7 +52,7 @@ def _dims(values: list[str] | None) -> dict[str, int]:
 
 
 def _input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
-    from onnxzip.shapes import parse_input_shape
+    from onnxzip.core.shapes import parse_input_shape
 
     return dict(parse_input_shape(item) for item in values or [])
 
@@ -72,7 +72,7 @@ def _add_sample_axis_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _sample_axes(values: list[str] | None) -> dict[str, int | None]:
-    from onnxzip.inputs import parse_sample_axes
+    from onnxzip.core.inputs import parse_sample_axes
 
     return parse_sample_axes(",".join(values or []))
 
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     import onnxzip.train.step  # noqa: F401 - registers the finetune step
     from onnxzip.passes import PASSES
     from onnxzip.recipe import RECIPE_KEYS
-    from onnxzip.schema import describe_config, option_rows
+    from onnxzip.core.schema import describe_config, option_rows
 
     parser = _Parser(
         prog="onnxzip",
@@ -249,10 +249,10 @@ def _print_result(result: Any, quiet: bool) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from onnxzip.api import compress
-    from onnxzip.io import same_file
+    from onnxzip.core.io import same_file
     from onnxzip.passes import get_pass
     from onnxzip.recipe import PassStep, Recipe
-    from onnxzip.schema import parse_flag_value
+    from onnxzip.core.schema import parse_flag_value
 
     if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
         raise ConfigError("The output path is the input file; onnxzip never overwrites its input.")
@@ -307,7 +307,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from onnxzip.api import validate
-    from onnxzip.fidelity import FidelityGate
+    from onnxzip.evaluators.fidelity import FidelityGate
 
     report = validate(
         args.original, args.candidate, args.data, metrics=args.metric, dims=_dims(args.dim),
@@ -328,9 +328,9 @@ def _finetune_config() -> type:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from onnxzip.io import same_file, save_model
-    from onnxzip.report import render_table
-    from onnxzip.schema import parse_flag_value
+    from onnxzip.core.io import same_file, save_model
+    from onnxzip.core.report import render_table
+    from onnxzip.core.schema import parse_flag_value
     from onnxzip.train import finetune
 
     if Path(args.input).exists() and Path(args.output).exists() and same_file(args.input, args.output):
@@ -374,7 +374,7 @@ def _write_plots(report: dict[str, Any], out_dir: str) -> int:
 
 
 def _print_trajectory(trajectory: list[dict[str, Any]]) -> None:
-    from onnxzip.report import trajectory_table
+    from onnxzip.core.report import trajectory_table
 
     print(trajectory_table(trajectory))
 
@@ -412,7 +412,7 @@ def options_reference() -> str:
     that it is up to date)."""
     from onnxzip.passes import PASSES
     from onnxzip.recipe import RECIPE_KEYS
-    from onnxzip.schema import option_rows
+    from onnxzip.core.schema import option_rows
 
     def cell(text: Any) -> str:
         return " ".join(str(text).split()).replace("|", "\\|")

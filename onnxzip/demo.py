@@ -94,7 +94,7 @@ def run_demo(name: str, output_dir: Path, *, quiet: bool = False, recipe: str | 
     result.save(compressed_path)
     print(f"{name}: {len(reference.test_labels)} held-back digits, {described}")
     if result.report.trajectory:
-        from onnxzip.report import trajectory_table
+        from onnxzip.core.report import trajectory_table
 
         print(trajectory_table(result.report.trajectory))
     print(result.report.table())

@@ -9,14 +9,14 @@ from typing import Any
 import onnx
 
 from onnxzip.measure.cost import model_cost, observed_shapes
-from onnxzip.graph import import_graph, walk_nodes
+from onnxzip.core.graph import import_graph, walk_nodes
 from onnxzip.errors import DataError, InvalidModelError, NativeCrashError
-from onnxzip.io import load_model
+from onnxzip.core.io import load_model
 from onnxzip.passes import PASSES
-from onnxzip.measure.sanity import probe_in_child
-from onnxzip.report import human_bytes, human_count, render_table
-from onnxzip.shapes import generated_feeds
-from onnxzip.weights import discover_weights
+from onnxzip.core.sanity import probe_in_child
+from onnxzip.core.report import human_bytes, human_count, render_table
+from onnxzip.core.shapes import generated_feeds
+from onnxzip.core.weights import discover_weights
 
 
 def _signature(values: Any) -> list[dict[str, Any]]:
@@ -88,7 +88,7 @@ def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto, *, dims: dic
                   input_shapes: dict[str, Any] | None = None, top: int = 10) -> Inspection:
     """What ``onnxzip inspect`` shows: opsets, signature, op histogram, parameters (weights
     wherever they live: initializers, Constant nodes, constant chains, subgraphs), FLOPs per
-    sample at sizes onnxruntime accepts (:func:`onnxzip.shapes.resolve_input_shapes` at batch 1;
+    sample at sizes onnxruntime accepts (:func:`onnxzip.core.shapes.resolve_input_shapes` at batch 1;
     ``dims`` [``--dim``], ``input_shapes`` [``--input-shape``]) and the ``top`` [``--top``]
     largest weights with the passes that apply to them. Returns an :class:`Inspection`
     (``.text()``, ``.to_dict()`` [``--json``])."""

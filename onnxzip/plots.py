@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from onnxzip.errors import ConfigError
-from onnxzip.report import LAYER_DECISION_KEYS
+from onnxzip.core.report import LAYER_DECISION_KEYS
 
 _ACCEPTED = ("original", "accepted")
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import parse_sample_axes
+from onnxzip.core.inputs import parse_sample_axes
 import onnxzip.train.reconstruct  # noqa: F401 - registers the reconstruct step beside the passes
 import onnxzip.train.step  # noqa: F401 - registers the finetune step beside the passes
 from onnxzip.passes import Pass, get_pass
-from onnxzip.schema import build_config
-from onnxzip.fidelity import FidelityGate
+from onnxzip.core.schema import build_config
+from onnxzip.evaluators.fidelity import FidelityGate
 
 DEFAULT_PASSES: list[tuple[str, dict[str, Any]]] = [("cleanup", {})]
 #: Every key a recipe accepts, with what it means: the one list for the parser, --help and the README.

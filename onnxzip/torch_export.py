@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 import onnx
 import torch
 
-from onnxzip.compat import make_compatible
+from onnxzip.core.compat import make_compatible
 from onnxzip.errors import ConfigError, UnsupportedModelError
-from onnxzip.io import write_atomically
+from onnxzip.core.io import write_atomically
 
 log = logging.getLogger(__name__)
 

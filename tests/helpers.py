@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxzip.inputs import generate_inputs
+from onnxzip.core.inputs import generate_inputs
 
 FUZZ_PATH = Path(__file__).resolve().parents[1] / "tools" / "fuzz.py"
 
@@ -23,7 +23,7 @@ def load_fuzz() -> ModuleType:
         sys.modules["onnxzip_fuzz"] = module
         spec.loader.exec_module(module)
     return sys.modules["onnxzip_fuzz"]
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 
 def assert_same_outputs(

@@ -56,7 +56,7 @@ def test_readme_example_scorer_works_in_both_forms(tmp_path, monkeypatch):
     from helpers import make_model, tensor
     from onnx import helper
 
-    from onnxzip.quality import quality_gate
+    from onnxzip.evaluators.quality import quality_gate
 
     monkeypatch.chdir(tmp_path)
     section = README.read_text().split("#### Your own metric", 1)[1]
@@ -121,7 +121,7 @@ def test_every_cli_example_in_the_readme_parses():
     from onnxzip.cli import build_parser
     from onnxzip.evaluators import parse_conditions
     from onnxzip.passes import get_pass
-    from onnxzip.schema import parse_flag_value
+    from onnxzip.core.schema import parse_flag_value
 
     examples = _cli_examples()
     assert len(examples) >= 10
@@ -135,7 +135,7 @@ def test_every_cli_example_in_the_readme_parses():
 
 def test_every_flag_the_readme_names_is_accepted_and_inline_pass_examples_build():
     from onnxzip.passes import PASSES, get_pass
-    from onnxzip.schema import parse_flag_value
+    from onnxzip.core.schema import parse_flag_value
 
     text = README.read_text()
     accepted = _accepted_flags()

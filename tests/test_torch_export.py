@@ -12,7 +12,7 @@ from torch import nn
 
 from onnxzip.errors import ConfigError, UnsupportedModelError
 from onnxzip.torch_export import export
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 
 class ConvNet(nn.Module):

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxzip.inputs import generate_inputs  # noqa: E402  (numpy + onnx only)
+from onnxzip.core.inputs import generate_inputs  # noqa: E402  (numpy + onnx only)
 
 
 def check(path: Path) -> str | None:

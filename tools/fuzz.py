@@ -183,7 +183,7 @@ def _parse(data: bytes) -> onnx.ModelProto:
 
 
 def _all_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
-    from onnxzip.compat import iter_graphs
+    from onnxzip.core.compat import iter_graphs
 
     return list(iter_graphs(model.graph))
 
@@ -526,7 +526,7 @@ def _check_written(path: Path) -> str | None:
     """None when the written model loads and runs in onnxruntime, else the problem."""
     import onnxruntime as ort
 
-    from onnxzip.inputs import generate_inputs
+    from onnxzip.core.inputs import generate_inputs
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

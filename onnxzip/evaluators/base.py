@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from onnxzip.errors import ConfigError, DataError
+from onnxzip.measure.compare import same_shape
 
 TARGETS = ("label", "reference", "reference_model")
 
@@ -128,18 +129,6 @@ def per_item(
         return float(reduce(np.asarray(values, dtype=np.float64)))
 
     return score
-
-
-def same_shape(prediction: np.ndarray, target: np.ndarray, metric: str) -> tuple[np.ndarray, ...]:
-    """Both as float64 arrays, refusing a shape mismatch with one sentence."""
-    prediction = np.asarray(prediction, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    if prediction.shape != target.shape:
-        raise DataError(
-            f"{metric} compares arrays of equal shape, got prediction {prediction.shape} and "
-            f"target {target.shape}."
-        )
-    return prediction, target
 
 
 def fit_length(array: np.ndarray, length: int, axis: int = 0) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from onnxzip.errors import DataError, RuntimeUnavailableError
 from onnxzip.evaluators.audio import load_wav_folder
 from onnxzip.evaluators.base import Dataset
-from onnxzip.inputs import Samples, load_npz, samples_from, take
+from onnxzip.core.inputs import Samples, load_npz, samples_from, take
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ArrayDataset(Dataset):
 
     @classmethod
     def from_samples(cls, samples: Samples, *, output: str | None = None) -> ArrayDataset:
-        """Items of :class:`~onnxzip.inputs.Samples`: each input cut on its own sample axis, an
+        """Items of :class:`~onnxzip.core.inputs.Samples`: each input cut on its own sample axis, an
         input that is the same for every sample given whole to every item."""
         dataset = cls({name: _AxisItems(value, samples.axes.get(name), samples.count)
                        for name, value in samples.items()},
@@ -138,8 +138,8 @@ class _AxisItems:
 def model_dataset(model: Any, source: Any, sample_axes: Mapping[str, int | None] | None = None, *,
                   first: int | None = None) -> Dataset:
     """``source`` as a :class:`Dataset` for ``model``: arrays (an ``.npz``, a mapping or
-    :class:`~onnxzip.inputs.Samples`) are laid out by the model's declared shapes
-    (:func:`onnxzip.inputs.infer_sample_axes`), so a state ``[layers, batch, hidden]`` is cut
+    :class:`~onnxzip.core.inputs.Samples`) are laid out by the model's declared shapes
+    (:func:`onnxzip.core.inputs.infer_sample_axes`), so a state ``[layers, batch, hidden]`` is cut
     on axis 1 and a scalar input is the same for every item; other sources as
     :func:`load_dataset` reads them. ``first`` keeps only the first samples of array data."""
     arrays: Mapping[str, Any] | None = None

@@ -13,6 +13,7 @@ import numpy as np
 
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators.base import Metric, per_item, same_shape
+from onnxzip.measure.compare import argmax_share, cosine_similarity, max_abs_difference, relative_l2_error
 
 
 def _top_k_hit(prediction: np.ndarray, label: Any, k: int) -> float:
@@ -44,46 +45,6 @@ def accuracy(k: int = 1) -> Metric:
         raise ConfigError(f"accuracy needs an integer k >= 1, got {k!r}.")
     name = "accuracy" if k == 1 else f"top{k}_accuracy"
     return Metric(name, per_item(_top_k_hit, k=k), higher_is_better=True, target="label")
-
-
-def _quiet_nonfinite() -> np.errstate:
-    """Outputs that overflow (huge inputs) make these numbers NaN or infinite, which fails any
-    limit; numpy's warnings about it would only add lines to the one-sentence result."""
-    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
-
-
-def cosine_similarity(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """cos = ⟨p, r⟩ / (‖p‖·‖r‖) over the flattened arrays; 1 when both are zero."""
-    p, r = same_shape(prediction, reference, "cosine")
-    with _quiet_nonfinite():
-        norms = np.linalg.norm(p) * np.linalg.norm(r)
-        if norms == 0.0:
-            return 1.0 if not p.any() and not r.any() else 0.0
-        return float(np.dot(p.ravel(), r.ravel()) / norms)
-
-
-def relative_l2_error(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """‖p − r‖ / ‖r‖ (0 when both are zero, infinite when only r is)."""
-    p, r = same_shape(prediction, reference, "rel_l2")
-    with _quiet_nonfinite():
-        error = float(np.linalg.norm(p - r))
-    scale = float(np.linalg.norm(r))
-    if scale == 0.0:
-        return 0.0 if error == 0.0 else math.inf
-    return error / scale
-
-
-def max_abs_difference(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """max |p − r| over the item."""
-    p, r = same_shape(prediction, reference, "max_abs_error")
-    with _quiet_nonfinite():
-        return float(np.max(np.abs(p - r))) if p.size else 0.0
-
-
-def argmax_share(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Share of positions whose argmax over the last axis agrees."""
-    p, r = same_shape(prediction, reference, "argmax_agreement")
-    return float(np.mean(p.argmax(axis=-1) == r.argmax(axis=-1)))
 
 
 def cosine() -> Metric:

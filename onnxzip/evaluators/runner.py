@@ -1,6 +1,6 @@
 """Run a model over a dataset in onnxruntime and score its predictions.
 
-Batching follows the model (:func:`onnxzip.runtime.run_samples`): items are stacked on each
+Batching follows the model (:func:`onnxzip.core.runtime.run_samples`): items are stacked on each
 input's declared batch axis (not always axis 0: a state ``[layers, batch, hidden]``); a model
 that fixes its batch runs that many items at a time, a symbolic batch ``batch_size`` at a time;
 an item that is the declared shape exactly (a scalar sample rate) is fed whole. Items whose shapes
@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators.base import Dataset, Metric, MetricResult, fit_length
 from onnxzip.evaluators.data import load_dataset, model_dataset
-from onnxzip.io import load_model
+from onnxzip.core.io import load_model
 from onnxzip.evaluators.registry import resolve_metrics
 from onnxzip.evaluators.user import ModelMetric
-from onnxzip.inputs import BATCH_NAMES, session_shapes, take
-from onnxzip.runtime import make_session, run_samples
+from onnxzip.core.inputs import BATCH_NAMES, session_shapes, take
+from onnxzip.core.runtime import make_session, run_samples
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def score(
     whole_model = [metric.name for metric in resolved if isinstance(metric, ModelMetric)]
     if whole_model:
         raise ConfigError(f"{', '.join(whole_model)} score a whole model file, not predictions; "
-                          "use them in a quality gate (onnxzip.quality.quality_gate).")
+                          "use them in a quality gate (onnxzip.evaluators.quality.quality_gate).")
     for given, name in ((predictions, "predictions"), (reference, "reference predictions")):
         if given is not None and len(given) != len(dataset):
             raise DataError(f"{len(given)} {name} for a dataset of {len(dataset)} items.")

@@ -123,7 +123,7 @@ class ModelMetric:
         if key is not None and key in _original_scores:
             return MetricResult(self.name, _original_scores[key], self.higher_is_better, self.unit)
         if isinstance(model, onnx.ModelProto):
-            from onnxzip.io import save_model
+            from onnxzip.core.io import save_model
 
             with tempfile.TemporaryDirectory(prefix="onnxzip-task-") as folder:
                 path = save_model(model, Path(folder) / "model.onnx")

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.graph import FOLDABLE_OPS, constant_value, import_graph, subgraphs_of, walk_nodes
+from onnxzip.core.graph import FOLDABLE_OPS, constant_value, import_graph, subgraphs_of, walk_nodes
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class ModelCost:
 def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of all main-graph tensors, observed in onnxruntime on ``feeds`` (batch-1 inputs
     generated from the signature when omitted), completed by ONNX shape inference."""
-    from onnxzip.runtime import make_session, run_session
-    from onnxzip.shapes import generated_feeds
+    from onnxzip.core.runtime import make_session, run_session
+    from onnxzip.core.shapes import generated_feeds
 
     shapes: dict[str, tuple[int, ...]] = {}
     try:

@@ -162,7 +162,7 @@ def time_session(session: Any, feeds: Mapping[str, np.ndarray], repeats: int, wa
 
 
 def _session(model: onnx.ModelProto) -> Any:
-    from onnxzip.runtime import make_session
+    from onnxzip.core.runtime import make_session
 
     return make_session(model, "cpu", intra_op_threads=1)
 
@@ -233,7 +233,7 @@ class Timing:
         if self.feeds is not None:
             names = {i.name for i in model.graph.input}
             return {k: v for k, v in self.feeds.items() if k in names}
-        from onnxzip.shapes import generated_feeds
+        from onnxzip.core.shapes import generated_feeds
 
         return generated_feeds(model, batch=1, seed=0, probe=False)[0]
 

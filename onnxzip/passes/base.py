@@ -25,14 +25,14 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import onnx
 
-from onnxzip.inputs import Samples
-from onnxzip.compat import check_opsets, make_compatible
+from onnxzip.core.inputs import Samples
+from onnxzip.core.compat import check_opsets, make_compatible
 from onnxzip.measure.cost import ModelCost, model_cost, observed_shapes
 from onnxzip.errors import ConfigError, OnnxzipError
-from onnxzip.graph import dedupe_initializers
-from onnxzip.io import write_json
-from onnxzip.report import PassReport
-from onnxzip.schema import build_config
+from onnxzip.core.graph import dedupe_initializers
+from onnxzip.core.io import write_json
+from onnxzip.core.report import PassReport
+from onnxzip.core.schema import build_config
 
 PLAN_FORMAT = 1
 T = TypeVar("T")
@@ -136,7 +136,7 @@ class PassContext:
 
     def latency(self, model: onnx.ModelProto) -> float | None:
         """Median onnxruntime latency (ms) at batch 1 on the context's inputs, or None without inputs."""
-        from onnxzip.runtime import measure_latency
+        from onnxzip.core.runtime import measure_latency
 
         feeds = self._batch_one_feeds()
         return None if feeds is None else self._memo("latency", model, lambda m: measure_latency(m, feeds, self.device))
@@ -215,7 +215,7 @@ class Pass:
         raise NotImplementedError
 
     def applies_to(self, weight: Any) -> bool:
-        """Whether this pass could rewrite ``weight`` (a :class:`onnxzip.weights.Weight`); used
+        """Whether this pass could rewrite ``weight`` (a :class:`onnxzip.core.weights.Weight`); used
         by ``onnxzip inspect``."""
         return False
 

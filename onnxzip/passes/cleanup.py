@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxzip.compat import iter_graphs
-from onnxzip.graph import export_model, import_graph, tidy
+from onnxzip.core.compat import iter_graphs
+from onnxzip.core.graph import export_model, import_graph, tidy
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
-from onnxzip.schema import option
-from onnxzip.weights import materialize_weights
+from onnxzip.core.schema import option
+from onnxzip.core.weights import materialize_weights
 
 
 @dataclass
@@ -177,7 +177,7 @@ def _set_dim(dim: onnx.TensorShapeProto.Dimension, output: str, axis: int, size:
 
 def _non_batch_dims_fixed(model: onnx.ModelProto) -> bool:
     """True when every input dim after axis 0 has a fixed size."""
-    from onnxzip.inputs import graph_inputs
+    from onnxzip.core.inputs import graph_inputs
 
     return all(
         d.HasField("dim_value") and d.dim_value > 0

@@ -65,10 +65,10 @@ from onnxzip.cluster import (
     storage_bits,
 )
 from onnxzip.cluster.gptq import DAMP, CodebookFit, LayerProblem, fit_codebook, layer_problem
-from onnxzip.compat import default_opset
+from onnxzip.core.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import as_samples, declared_shapes, first_samples, fixed_batch, generate_inputs
-from onnxzip.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
+from onnxzip.core.inputs import as_samples, declared_shapes, first_samples, fixed_batch, generate_inputs
+from onnxzip.core.graph import NameScope, export_model, import_graph, subgraphs_of, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster_decode import (
     FLOAT_DTYPES,
@@ -91,9 +91,9 @@ from onnxzip.passes.cluster_calibration import (
     stat_bytes,
     stat_groups,
 )
-from onnxzip.report import LayerChange
-from onnxzip.schema import option
-from onnxzip.weights import WEIGHT_ROLES, Weight, constant_uses, discover_weights
+from onnxzip.core.report import LayerChange
+from onnxzip.core.schema import option
+from onnxzip.core.weights import WEIGHT_ROLES, Weight, constant_uses, discover_weights
 
 log = logging.getLogger(__name__)
 

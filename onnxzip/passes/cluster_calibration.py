@@ -9,7 +9,7 @@
 * :class:`SensitivityProbe` — the output distortion when one weight alone is replaced by its
   quantized value: D = mean over float outputs of ‖y − y₀‖² / ‖y₀‖² on the feeds.
 
-Both run the model through :func:`onnxzip.runtime.make_session` on the same feeds
+Both run the model through :func:`onnxzip.core.runtime.make_session` on the same feeds
 (:func:`run_outputs`, the one place the feeds are run).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxzip.inputs import Samples
-from onnxzip.runtime import make_session, run_batched, run_samples, with_outputs
+from onnxzip.core.inputs import Samples
+from onnxzip.core.runtime import make_session, run_batched, run_samples, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +496,7 @@ def relative_error(
 
 
 def sample_chunks(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    """``feeds`` split into runs of ``size`` samples: :class:`~onnxzip.inputs.Samples` on each
+    """``feeds`` split into runs of ``size`` samples: :class:`~onnxzip.core.inputs.Samples` on each
     input's sample axis; plain arrays on axis 0 (inputs with another axis-0 size ride along whole)."""
     if isinstance(feeds, Samples):
         return [feeds.take(slice(start, start + size)) for start in range(0, feeds.count, size)]

@@ -56,7 +56,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxzip.cluster import pack_planes, packed_bytes, plane_widths, unpack_indices, unpack_planes
-from onnxzip.graph import NameScope, walk_nodes
+from onnxzip.core.graph import NameScope, walk_nodes
 
 
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})

@@ -66,13 +66,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from onnxzip.compat import default_opset
+from onnxzip.core.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
-from onnxzip.inputs import first_samples, fixed_batch
+from onnxzip.core.graph import NameScope, export_model, import_graph, walk_nodes
+from onnxzip.core.inputs import first_samples, fixed_batch
 from onnxzip.passes.cluster_calibration import float_outputs, output_distortion, run_outputs, sample_chunks
 from onnxzip.passes.cluster_decode import find_decodes
-from onnxzip.runtime import make_session, run_batched
+from onnxzip.core.runtime import make_session, run_batched
 
 log = logging.getLogger(__name__)
 

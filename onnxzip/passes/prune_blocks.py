@@ -17,12 +17,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxzip.errors import ConfigError
-from onnxzip.graph import NameScope, export_model, import_graph, tidy
+from onnxzip.core.graph import NameScope, export_model, import_graph, tidy
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.pruning.blocks import ResidualBlock, find_blocks, remove_block
 from onnxzip.pruning.surgery import channel_medians
-from onnxzip.report import LayerChange
-from onnxzip.schema import option
+from onnxzip.core.report import LayerChange
+from onnxzip.core.schema import option
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxzip.errors import ConfigError
-from onnxzip.graph import export_model
+from onnxzip.core.graph import export_model
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, ChannelGroup, analyze_channels
 from onnxzip.measure.latency import (
@@ -50,8 +50,8 @@ from onnxzip.measure.latency import (
 from onnxzip.pruning.importance import group_importance, keep_count, select_channels, top_channels
 from onnxzip.pruning.recurrent import recurrent_groups, tensor_rows, unit_importance
 from onnxzip.pruning.surgery import RESTORE_ROWS, NodeEdit, prune_channels, restore_kinds
-from onnxzip.report import LayerChange, PassReport
-from onnxzip.schema import option
+from onnxzip.core.report import LayerChange, PassReport
+from onnxzip.core.schema import option
 
 log = logging.getLogger(__name__)
 

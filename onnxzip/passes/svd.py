@@ -65,9 +65,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.compat import default_opset
+from onnxzip.core.compat import default_opset
 from onnxzip.errors import ConfigError
-from onnxzip.graph import NameScope, export_model, import_graph, walk_nodes
+from onnxzip.core.graph import NameScope, export_model, import_graph, walk_nodes
 from onnxzip.measure.latency import (
     MIN_GAIN,
     Candidate,
@@ -78,11 +78,11 @@ from onnxzip.measure.latency import (
     report_latency,
     useful_candidates,
 )
-from onnxzip.shapes import generated_feeds
+from onnxzip.core.shapes import generated_feeds
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
-from onnxzip.report import LayerChange
-from onnxzip.runtime import make_session, run_batched
-from onnxzip.schema import option
+from onnxzip.core.report import LayerChange
+from onnxzip.core.runtime import make_session, run_batched
+from onnxzip.core.schema import option
 from onnxzip.svd import (
     BudgetLayer,
     RankRule,
@@ -100,8 +100,8 @@ from onnxzip.svd import (
     factorize_recurrent_input,
     is_profitable,
 )
-from onnxzip.fidelity import compare_arrays
-from onnxzip.weights import Weight, constant_uses
+from onnxzip.measure.compare import cosine_similarity
+from onnxzip.core.weights import Weight, constant_uses
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +510,7 @@ class SvdPass(Pass):
             plan = Plan(self.name, self.config_dict(), entries)
             candidate = self._apply(model, plan, context, trial=True).model
             outputs = run_batched(make_session(candidate, context.device), feeds)
-            cosine = min(compare_arrays(k, reference[k], outputs[k]).cosine for k in reference)
+            cosine = min(cosine_similarity(outputs[k], reference[k]) for k in reference)
             passed = cosine >= self.config.min_cosine
             notes.append(
                 f"verify: {rule}={value:g} gives output cosine {cosine:.6f} "

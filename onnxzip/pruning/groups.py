@@ -45,7 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxzip.measure.cost import observed_shapes
-from onnxzip.graph import NameScope, constant_value, import_graph, subgraphs_of, walk_nodes
+from onnxzip.core.graph import NameScope, constant_value, import_graph, subgraphs_of, walk_nodes
 
 log = logging.getLogger(__name__)
 

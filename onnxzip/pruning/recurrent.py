@@ -82,9 +82,9 @@ def unit_energies(model: onnx.ModelProto, analysis: ChannelAnalysis, groups: lis
                   feeds: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """``Σ_sources mean h_j²`` per group, from one onnxruntime pass over (at most
     ``MAX_SAMPLES`` of) ``feeds`` (generated inputs when None)."""
-    from onnxzip.inputs import first_samples
-    from onnxzip.runtime import make_session, run_samples, with_outputs
-    from onnxzip.shapes import generated_feeds
+    from onnxzip.core.inputs import first_samples
+    from onnxzip.core.runtime import make_session, run_samples, with_outputs
+    from onnxzip.core.shapes import generated_feeds
 
     watched: dict[str, tuple[str, int]] = {}  # tensor → (group id, hidden axis)
     for group in groups:
@@ -121,8 +121,8 @@ def tensor_rows(model: onnx.ModelProto, analysis: ChannelAnalysis, tensors: list
                 feeds: Mapping[str, np.ndarray] | None, limit: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Rows [N, C] (channel axis last, at most ``limit``, a fixed random subset) of each of
     ``tensors`` in ``model`` over (at most ``MAX_SAMPLES`` of) ``feeds``; {} without feeds."""
-    from onnxzip.inputs import first_samples
-    from onnxzip.runtime import make_session, run_samples, with_outputs
+    from onnxzip.core.inputs import first_samples
+    from onnxzip.core.runtime import make_session, run_samples, with_outputs
 
     if not feeds or not tensors:
         return {}

@@ -47,10 +47,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxzip.graph import NameScope, constant_value
-from onnxzip.shapes import generated_feeds
+from onnxzip.core.graph import NameScope, constant_value
+from onnxzip.core.shapes import generated_feeds
 from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, slice_window
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.svd.whiten import centered, ridge, solve_psd
 
 log = logging.getLogger(__name__)

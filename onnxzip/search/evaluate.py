@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import ConfigError
-from onnxzip.graph import export_model
+from onnxzip.core.graph import export_model
 from onnxzip.pruning.groups import analyze_channels
 from onnxzip.pruning.importance import group_importance, select_channels
 from onnxzip.pruning.surgery import prune_channels
-from onnxzip.runtime import make_session, run_samples
+from onnxzip.core.runtime import make_session, run_samples
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ from typing import Any
 import onnx
 
 from onnxzip.errors import ConfigError
-from onnxzip.io import load_model, save_model, write_json
+from onnxzip.core.io import load_model, save_model, write_json
 from onnxzip.passes import PassContext, get_pass
 from onnxzip.passes.base import PipelinePlan, Plan
-from onnxzip.report import LAYER_DECISION_KEYS, PassReport
+from onnxzip.core.report import LAYER_DECISION_KEYS, PassReport
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, DataError
-from onnxzip.inputs import samples_from
-from onnxzip.quality import is_dataset_source
+from onnxzip.core.inputs import samples_from
+from onnxzip.evaluators.quality import is_dataset_source
 from onnxzip.evaluators import load_dataset
 from onnxzip.passes.base import Pass, PassContext
 from onnxzip.pruning.groups import analyze_channels

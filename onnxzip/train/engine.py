@@ -35,21 +35,21 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 from tqdm.auto import tqdm
 
-from onnxzip.compat import compatible_ir_version
+from onnxzip.core.compat import compatible_ir_version
 from onnxzip.measure.cost import observed_shapes
 from onnxzip.errors import ConfigError, DataError
-from onnxzip.graph import export_model, import_graph, tidy
-from onnxzip.inputs import Samples, fixed_batch, samples_from, take
-from onnxzip.io import load_model
-from onnxzip.runtime import make_session, resolve_device, run_samples
-from onnxzip.measure.sanity import probe_feeds, probe_in_child
-from onnxzip.schema import build_config, option
+from onnxzip.core.graph import export_model, import_graph, tidy
+from onnxzip.core.inputs import Samples, fixed_batch, samples_from, take
+from onnxzip.core.io import load_model
+from onnxzip.core.runtime import make_session, resolve_device, run_samples
+from onnxzip.core.sanity import probe_feeds, probe_in_child
+from onnxzip.core.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
 from onnxzip.train.rewrites import PREFIX
 from onnxzip.train.trainable import TrainingCopy, prepare, select_weights, with_weights
-from onnxzip.training import require_training
-from onnxzip.weights import materialize_weights
+from onnxzip.train.availability import require_training
+from onnxzip.core.weights import materialize_weights
 
 log = logging.getLogger(__name__)
 # onnxruntime refuses a trainable weight that no output depends on; such weights are frozen and
@@ -548,7 +548,7 @@ def finetune(
     sample_axes: dict[str, int | None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` (an .npz path or arrays by input name, with optional
-    ``labels`` / ``references``, laid out by :func:`onnxzip.inputs.infer_sample_axes`;
+    ``labels`` / ``references``, laid out by :func:`onnxzip.core.inputs.infer_sample_axes`;
     ``sample_axes`` settles an ambiguous input); see the module docstring. Unless ``probed`` (a model onnxzip
     made from an input that already ran), the model and the teacher first run on the data in a
     child process, so that data they cannot run on, or a crash, is one sentence."""

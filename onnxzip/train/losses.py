@@ -29,7 +29,7 @@ def load_loss_model(source: str | os.PathLike[str] | onnx.ModelProto, model: onn
     """A user loss: an ONNX model with inputs (prediction, target) and one float scalar output,
     whose opsets ``model`` can host; refused with one sentence otherwise."""
     from onnxzip.errors import ConfigError
-    from onnxzip.io import load_model
+    from onnxzip.core.io import load_model
 
     loss = source if isinstance(source, onnx.ModelProto) else load_model(source)
     graph = loss.graph

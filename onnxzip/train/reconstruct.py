@@ -58,8 +58,8 @@ import onnx_graphsurgeon as gs
 
 from onnxzip.cluster.gptq import DAMP
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import fixed_batch
-from onnxzip.graph import constant_value, export_model, import_graph, walk_nodes
+from onnxzip.core.inputs import fixed_batch
+from onnxzip.core.graph import constant_value, export_model, import_graph, walk_nodes
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, matches, register_pass
 from onnxzip.passes.cluster import refit_codebook
 from onnxzip.passes.cluster_decode import Codebook, DecodedWeight, find_decodes
@@ -77,8 +77,8 @@ from onnxzip.passes.cluster_calibration import (
     stat_bytes,
     stat_groups,
 )
-from onnxzip.report import LayerChange
-from onnxzip.schema import option
+from onnxzip.core.report import LayerChange
+from onnxzip.core.schema import option
 from onnxzip.svd.whiten import centered, refit_second_factor, ridge_target, whitened_truncation
 
 CHUNK = 4  # samples per onnxruntime run (a model with a fixed batch runs its own)
@@ -791,7 +791,7 @@ def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Mode
     inputs and states). A GRU's candidate gate multiplies R_n h by the reset gate: with
     ``linear_before_reset`` W_n and R_n are fitted apart (x̃ → W_n x, h̃ → R_n h), without it only
     W_n. Kept when the held-back relative error of the gate inputs goes down."""
-    from onnxzip.runtime import make_session, run_session, with_outputs
+    from onnxzip.core.runtime import make_session, run_session, with_outputs
 
     changes: list[LayerChange] = []
     teacher_graph = import_graph(original)
@@ -956,7 +956,7 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
     on the calibration runs (one run of both models for all restores). λ is the one of lowest
     held-back relative error ‖x̃_K M + b − x_P‖² / ‖x_P‖²; kept when that error goes down, then
     fitted on every run."""
-    from onnxzip.runtime import make_session, run_session, with_outputs
+    from onnxzip.core.runtime import make_session, run_session, with_outputs
 
     restores = [r for r in find_restores(graph) if isinstance(r, _Restore) and r.node.name in selected]
     if not restores:

@@ -224,7 +224,7 @@ def _interpolation_matrices(node: onnx.NodeProto, ctx: Context, shape: tuple[int
     """Per spatial axis, the matrix M (out × in) with resize(x) = x ×_axis M, read off onnxruntime's
     Resize with the node's attributes: a batch of unit vectors along the axis (constant along the
     others, whose interpolation weights sum to one) gives M's columns."""
-    from onnxzip.runtime import make_session, run_session
+    from onnxzip.core.runtime import make_session, run_session
 
     matrices = []
     spatial = len(shape) - 2

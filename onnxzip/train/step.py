@@ -18,8 +18,8 @@ import onnx
 
 from onnxzip.errors import ConfigError
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
-from onnxzip.report import LayerChange
-from onnxzip.schema import option
+from onnxzip.core.report import LayerChange
+from onnxzip.core.schema import option
 from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data
 from onnxzip.train.trainable import prepare
 

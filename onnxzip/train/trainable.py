@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from onnxzip.compat import default_opset, iter_graphs
+from onnxzip.core.compat import default_opset, iter_graphs
 from onnxzip.train.rewrites import PREFIX, REWRITES, Context, Nodes, attr
 
 # (op type) -> input slots that hold learnable weights.
@@ -342,7 +342,7 @@ def _ancestors(graph: onnx.GraphProto, names: list[str]) -> list[onnx.NodeProto]
 def _fixed_conditions(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> dict[int, bool]:
     """{index of a main-graph If: its condition} for the Ifs whose condition is the same on
     every sample of ``data`` (each sample run alone)."""
-    from onnxzip.runtime import make_session, run_batched, run_session
+    from onnxzip.core.runtime import make_session, run_batched, run_session
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -408,7 +408,7 @@ def drop_inert_recurrent_options(model: onnx.ModelProto, data: dict[str, np.ndar
     candidates = {i: plain for i, node in enumerate(graph.node) if (plain := _without_inert_options(node)) is not None}
     if not candidates or data is None:
         return model, []
-    from onnxzip.runtime import make_session, run_batched
+    from onnxzip.core.runtime import make_session, run_batched
 
     def run(changed: set[int]) -> dict[str, np.ndarray] | None:
         probe = copy.deepcopy(model)

@@ -10,7 +10,7 @@ from onnx import helper
 from onnxzip.cluster.gptq import damped, fit_codebook, refit_centroids, target_weight
 from onnxzip.passes import PassContext
 from onnxzip.passes.cluster import ClusterPass
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 RNG = np.random.default_rng(3)
 

@@ -17,7 +17,7 @@ import onnxzip.train.step  # noqa: F401 - registers the finetune step (a pass fl
 from onnxzip.cli import build_parser
 from onnxzip.passes import PASSES
 from onnxzip.train import FinetuneConfig
-from onnxzip.training import training_available
+from onnxzip.train.availability import training_available
 
 GATE_FLAGS = {"min_cosine", "max_rel_l2", "max_abs", "min_argmax_agreement"}
 # Flags that are the same thing under another name in Python, or that Python users do with the
@@ -72,7 +72,7 @@ def test_help_lists_the_parameters(command):
 def test_validate_judges_metric_conditions(tmp_path):
     model = mlp()
     x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
-    from onnxzip.runtime import make_session, run_session
+    from onnxzip.core.runtime import make_session, run_session
 
     labels = run_session(make_session(model, "cpu"), {"x": x})["y"].argmax(axis=1)
     data = {"x": x, "labels": labels}

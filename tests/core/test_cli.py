@@ -40,7 +40,7 @@ def _bad_inputs(tmp_path, monkeypatch):
     new.opset_import[0].version = 26
     (tmp_path / "new.onnx").write_bytes(new.SerializeToString())
     cases["opset too new"] = tmp_path / "new.onnx"
-    from onnxzip.io import save_model
+    from onnxzip.core.io import save_model
 
     wide = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", ["N", 64])], [tensor("y", ["N", 64])],
                       [onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])

@@ -15,8 +15,8 @@ from onnxzip.errors import ConfigError, DataError
 from onnxzip.passes import PassContext
 from onnxzip.passes.cleanup import CleanupPass
 from onnxzip.passes.base import Pass
-from onnxzip.runtime import make_session, run_batched, run_session
-from onnxzip.shapes import generated_feeds, parse_input_shape, resolve_input_shapes
+from onnxzip.core.runtime import make_session, run_batched, run_session
+from onnxzip.core.shapes import generated_feeds, parse_input_shape, resolve_input_shapes
 from deployment import speech_model, vision_model
 from helpers import init, make_model, tensor
 
@@ -159,7 +159,7 @@ class _Growing(Pass):
 
     def apply(self, model, plan, context):
         from onnxzip.passes.base import PassResult
-        from onnxzip.report import LayerChange
+        from onnxzip.core.report import LayerChange
 
         grown = onnx.ModelProto()
         grown.CopyFrom(model)
@@ -212,7 +212,7 @@ def test_inspect_counts_constant_node_weights_and_says_what_it_could_not_measure
 
 
 def test_generated_inputs_are_named_in_the_gate_and_class_scores_gate_on_argmax():
-    from onnxzip.fidelity import FidelityGate, OutputFidelity, validate
+    from onnxzip.evaluators.fidelity import FidelityGate, OutputFidelity, validate
 
     report = validate(vision_model(), vision_model())
     assert report.generated and "not real data" in report.table() and "'x' axis 2=32" in report.inputs

@@ -65,7 +65,7 @@ def test_data_cases_are_reproducible_and_cover_every_data_mutation_and_command()
 
 
 def test_data_harness_flags_a_crash_on_data(tmp_path, monkeypatch):
-    from onnxzip import inputs
+    from onnxzip.core import inputs
 
     def crash(*args, **kwargs):  # a data check that raises a plain exception
         raise ValueError("boom")

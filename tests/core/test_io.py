@@ -7,7 +7,7 @@ from helpers import assert_same_outputs, init, make_model, mlp, tensor
 from onnx import helper
 
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
-from onnxzip.io import load_model, save_model
+from onnxzip.core.io import load_model, save_model
 
 
 def test_roundtrip_preserves_metadata_and_lowers_ir(tmp_path):
@@ -94,7 +94,7 @@ def test_int4_weights_need_ir10(tmp_path):
 
 
 def test_large_models_switch_to_external_data_automatically(tmp_path, monkeypatch):
-    import onnxzip.io as io_module
+    import onnxzip.core.io as io_module
 
     monkeypatch.setattr(io_module, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for ~2 GB
     model = _wide_model()  # 16 kB of weights

@@ -14,8 +14,8 @@ from onnx import helper
 
 from onnxzip.errors import DataError
 from onnxzip.evaluators.data import model_dataset
-from onnxzip.inputs import Samples, infer_sample_axes, parse_sample_axes, samples_from
-from onnxzip.runtime import make_session, run_samples, run_session
+from onnxzip.core.inputs import Samples, infer_sample_axes, parse_sample_axes, samples_from
+from onnxzip.core.runtime import make_session, run_samples, run_session
 
 
 def _stateful(batch: int | str = "batch") -> onnx.ModelProto:

@@ -4,7 +4,7 @@ import pytest
 from helpers import mlp
 
 from onnxzip.errors import ConfigError, RuntimeUnavailableError
-from onnxzip.runtime import cuda_usable, make_session, resolve_device
+from onnxzip.core.runtime import cuda_usable, make_session, resolve_device
 
 
 def test_auto_falls_back_to_cpu_and_says_which():

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper
 
 from onnxzip.cli import main
 from onnxzip.errors import InvalidModelError, NativeCrashError
-from onnxzip.io import load_model
-from onnxzip.measure.sanity import probe_feeds, probe_in_child
+from onnxzip.core.io import load_model
+from onnxzip.core.sanity import probe_feeds, probe_in_child
 
 
 def conv(**attributes) -> onnx.ModelProto:

@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 
 from onnxzip.errors import ConfigError
-from onnxzip.schema import build_config, option, parse_flag_value
+from onnxzip.core.schema import build_config, option, parse_flag_value
 
 
 @dataclass
@@ -42,7 +42,7 @@ def test_flag_syntax_error():
 def test_mapping_options_are_written_key_value_pairs_on_the_command_line():
     from onnxzip.errors import ConfigError
     from onnxzip.passes import get_pass
-    from onnxzip.schema import parse_flag_value
+    from onnxzip.core.schema import parse_flag_value
 
     cls = get_pass("prune-channels")
     values = parse_flag_value("layer_ratios=/blocks/blocks.0/*:0.5|/stem/*:0.25", shorthand=cls.shorthand, owner="--prune-channels")

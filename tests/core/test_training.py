@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from onnxzip import training
+from onnxzip.train import availability as training
 from onnxzip.errors import RuntimeUnavailableError
 
 

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import numpy as np
-from onnxzip.compat import iter_graphs
+from onnxzip.core.compat import iter_graphs
 from helpers import assert_same_outputs, init, make_model, tensor
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxzip.api import prepare_model
-from onnxzip.graph import import_graph
-from onnxzip.weights import discover_weights
+from onnxzip.core.graph import import_graph
+from onnxzip.core.weights import discover_weights
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((6, 4)).astype(np.float32)

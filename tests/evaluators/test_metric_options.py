@@ -9,7 +9,7 @@ from helpers import make_model, tensor
 from onnxzip.errors import ConfigError, DataError
 from onnxzip.evaluators import QualityGate, parse_conditions
 from onnxzip.evaluators.data import ArrayDataset
-from onnxzip.quality import quality_gate
+from onnxzip.evaluators.quality import quality_gate
 
 
 def test_condition_keys_other_than_bounds_are_metric_options():

@@ -18,8 +18,8 @@ import onnxzip
 from onnxzip.cli import main
 from onnxzip.errors import ConfigError, UserFunctionError
 from onnxzip.evaluators import QualityGate
-from onnxzip.quality import quality_gate
-from onnxzip.runtime import make_session, run_session
+from onnxzip.evaluators.quality import quality_gate
+from onnxzip.core.runtime import make_session, run_session
 
 sys.path.insert(0, str(Path(__file__).parent))  # user_metrics.py for package.module:function
 

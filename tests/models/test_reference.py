@@ -17,7 +17,7 @@ from onnxzip.errors import ConfigError
 from onnxzip.models import zoo
 from onnxzip.models.data import Splits
 from onnxzip.models.train import TrainConfig, fit_classifier, predict
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 MIN_ACCURACY = {"cnn": 0.95, "transformer": 0.93}
 

@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxzip.passes import PassContext, get_pass
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 LONG = "/model/encoder/layers.0/self_attention/very_long_exported_name"
 

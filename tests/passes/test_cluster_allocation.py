@@ -18,7 +18,7 @@ from onnxzip.cluster import allocate_bits
 from onnxzip.errors import ConfigError
 from onnxzip.passes import PassContext, PipelinePlan
 from onnxzip.passes.cluster import ClusterPass
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 RNG = np.random.default_rng(7)
 SCALES = np.geomspace(0.02, 20, 48).astype(np.float32)  # input channel energies differ 10^6-fold

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
-from onnxzip.graph import NameScope, export_model, import_graph
+from onnxzip.core.graph import NameScope, export_model, import_graph
 from onnxzip.passes.cluster_decode import (
     Codebook,
     DecodeShared,
@@ -20,7 +20,7 @@ from onnxzip.passes.cluster_decode import (
     decode_layout,
     load_bytes,
 )
-from onnxzip.runtime import make_session
+from onnxzip.core.runtime import make_session
 
 RNG = np.random.default_rng(3)
 

@@ -18,8 +18,8 @@ from onnxzip.passes import PassContext
 from onnxzip.passes.cluster import ClusterPass
 from onnxzip.passes.cluster_decode import find_decodes
 from onnxzip.passes.cluster_int8 import find_int8_decodes
-from onnxzip.graph import import_graph
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.graph import import_graph
+from onnxzip.core.runtime import make_session, run_session
 
 RNG = np.random.default_rng(3)
 FC_W = (RNG.standard_normal((48, 32)) * 0.2).astype(np.float32)

@@ -20,12 +20,12 @@ from onnxzip.cluster import (
     unpack_planes,
 )
 from onnxzip.errors import ConfigError
-from onnxzip.io import save_model
+from onnxzip.core.io import save_model
 from onnxzip.passes import PassContext, PipelinePlan, Plan, get_pass
 from onnxzip.passes.cluster import ClusterPass
 from onnxzip.passes.cluster_decode import decode_numpy
-from onnxzip.runtime import make_session, run_session
-from onnxzip.schema import parse_flag_value
+from onnxzip.core.runtime import make_session, run_session
+from onnxzip.core.schema import parse_flag_value
 
 RNG = np.random.default_rng(0)
 CONV_W = RNG.standard_normal((6, 65, 3, 3)).astype(np.float32)  # 3510 weights: 1/2-bit packing pads

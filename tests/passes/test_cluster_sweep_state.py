@@ -7,11 +7,11 @@ import numpy as np
 from helpers import init, make_model, tensor
 from onnx import helper
 
-from onnxzip.inputs import samples_from
+from onnxzip.core.inputs import samples_from
 from onnxzip.passes import PassContext
 from onnxzip.passes.cluster import ClusterPass
 from onnxzip.passes.cluster_calibration import SensitivityProbe, feedback_pairs
-from onnxzip.runtime import make_session, run_samples
+from onnxzip.core.runtime import make_session, run_samples
 
 RNG = np.random.default_rng(3)
 U = (RNG.standard_normal((4, 32)) * 0.2).astype(np.float32)

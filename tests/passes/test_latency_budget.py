@@ -18,7 +18,7 @@ from onnxzip.measure.cost import model_cost
 from onnxzip.measure.latency import Factor, LayerForm, Timing, ort_layer_time
 from onnxzip.models.zoo import get_reference_model
 from onnxzip.passes import PassContext, get_pass
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 
 def decaying(m: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -173,7 +173,7 @@ def test_bad_latency_budgets_exit_2(tmp_path, flag, capsys):
 
 @pytest.mark.parametrize("strides, pads", [((1, 1), (1, 1, 1, 1)), ((2, 1), (0, 2, 1, 0))])
 def test_timed_conv_forms_have_the_layers_output_shape(strides, pads):
-    from onnxzip.graph import import_graph
+    from onnxzip.core.graph import import_graph
     from onnxzip.passes.svd import _find_layers, _layer_form
 
     rng = np.random.default_rng(0)

@@ -15,8 +15,8 @@ from onnxzip.api import compress
 from onnxzip.errors import ConfigError
 from onnxzip.passes import PassContext, Plan, get_pass
 from onnxzip.passes.svd import SvdPass
-from onnxzip.runtime import make_session, run_session
-from onnxzip.schema import parse_flag_value
+from onnxzip.core.runtime import make_session, run_session
+from onnxzip.core.schema import parse_flag_value
 from onnxzip.svd import Spectrum, conv_spectrum
 
 RNG = np.random.default_rng(0)

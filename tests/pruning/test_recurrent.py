@@ -16,7 +16,7 @@ from onnxzip.api import compress
 from onnxzip.measure.latency import Factor, LayerForm, Timing
 from onnxzip.passes import PassContext, Plan, get_pass
 from onnxzip.pruning.groups import analyze_channels
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,9 +7,9 @@ from helpers import assert_same_outputs
 from pruning.graphs import GraphBuilder
 
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
-from onnxzip.inputs import generate_inputs
+from onnxzip.core.inputs import generate_inputs
 from onnxzip.passes import PassContext, get_pass
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 
 def test_constants_fold_exactly_into_pointwise_conv_and_gemm_after_pooling():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxzip.runtime import make_session, run_batched
+from onnxzip.core.runtime import make_session, run_batched
 
 ROOT = Path(__file__).resolve().parents[2]
 SCORER = Path(os.environ.get("ONNXZIP_REALFILES", ROOT.parent / "shared" / "realfiles" / "realfiles.py"))

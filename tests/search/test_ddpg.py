@@ -15,10 +15,10 @@ import onnxzip
 from onnxzip.cli import main
 from onnxzip.measure.cost import model_cost
 from onnxzip.errors import ConfigError
-from onnxzip.inputs import generate_inputs
+from onnxzip.core.inputs import generate_inputs
 from onnxzip.passes import PassContext, get_pass
 from onnxzip.pruning import analyze_channels
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.search import Budget, PruningEnv, resolve_step
 from onnxzip.search import policy as search_policy
 from onnxzip.search.env import prunable_groups

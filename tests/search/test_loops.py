@@ -16,7 +16,7 @@ import onnxzip
 from onnxzip.cli import main
 from onnxzip.errors import ConfigError
 from onnxzip.recipe import Recipe
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.search.loops import CompressionLoop, LoopConfig
 
 

@@ -9,10 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import init, make_model, mlp, tensor
 from onnxzip.errors import ConfigError, DataError
-from onnxzip.inputs import graph_inputs
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.inputs import graph_inputs
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.train import finetune
-from onnxzip.training import training_available
+from onnxzip.train.availability import training_available
 
 pytestmark = pytest.mark.skipif(not training_available(), reason="needs onnxruntime-training")
 

@@ -9,7 +9,7 @@ from onnxzip.api import compress
 from onnxzip.cli import main
 from onnxzip.evaluators.metrics import cosine_similarity
 from onnxzip.recipe import Recipe
-from onnxzip.training import training_available
+from onnxzip.train.availability import training_available
 
 from test_finetune import _bn_cnn, _ce, _digit_data  # noqa: E402 - shared hand-built graph
 

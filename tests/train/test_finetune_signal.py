@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import init, make_model, tensor
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.train import finetune
-from onnxzip.training import training_available
+from onnxzip.train.availability import training_available
 
 pytestmark = pytest.mark.skipif(not training_available(), reason="needs onnxruntime-training")
 f32 = np.float32

@@ -14,12 +14,12 @@ from onnx import TensorProto, helper
 
 from helpers import init, make_model, tensor
 from onnxzip.measure.cost import observed_shapes
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.train import _artifacts
 from onnxzip.train.engine import _open
 from onnxzip.train.losses import LossTerm, add_loss
 from onnxzip.train.trainable import prepare, with_weights
-from onnxzip.training import training_available
+from onnxzip.train.availability import training_available
 
 pytestmark = pytest.mark.skipif(not training_available(), reason="needs onnxruntime-training")
 f32 = np.float32

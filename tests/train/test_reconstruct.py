@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from onnxzip.api import compress
 from onnxzip.cli import main
 from onnxzip.recipe import Recipe
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 
 RNG = np.random.default_rng(7)
 

@@ -12,7 +12,7 @@ from onnx import helper
 
 from onnxzip.api import compress
 from onnxzip.cli import main
-from onnxzip.runtime import make_session, run_session
+from onnxzip.core.runtime import make_session, run_session
 from onnxzip.svd.whiten import refit_second_factor, ridge_target, whitened_truncation
 
 RNG = np.random.default_rng(11)

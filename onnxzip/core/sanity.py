@@ -24,7 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import TensorProto
 
-from onnxzip.compat import iter_graphs
+from onnxzip.core.compat import iter_graphs
 from onnxzip.errors import InvalidModelError, NativeCrashError
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def probe_in_child(
     This is done once per untrusted input (the first time onnxruntime sees it): once the model
     has run there, running it in-process is safe.
     """
-    from onnxzip.runtime import _serialize_compatible
+    from onnxzip.core.runtime import _serialize_compatible
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxzip-probe-") as folder:
@@ -298,9 +298,9 @@ def probe_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[di
     """Feed sets for the probe that cover how the model will be run at a fraction of the cost:
     with a symbolic batch axis, the first sample and the first two (a model may run at batch 1
     and fail or crash at 2, e.g. Flatten(axis=0) feeding a Gemm); with a fixed batch k, the
-    first k samples (a chunk :func:`onnxzip.runtime.run_batched` would feed). Sample axes follow
-    the layout rule (:func:`onnxzip.inputs.infer_sample_axes`)."""
-    from onnxzip.inputs import as_samples, declared_shapes, fixed_batches
+    first k samples (a chunk :func:`onnxzip.core.runtime.run_batched` would feed). Sample axes follow
+    the layout rule (:func:`onnxzip.core.inputs.infer_sample_axes`)."""
+    from onnxzip.core.inputs import as_samples, declared_shapes, fixed_batches
 
     if not feeds:
         return [feeds]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxzip.graph import NameScope, constant_chain, constant_value, walk_nodes
+from onnxzip.core.graph import NameScope, constant_chain, constant_value, walk_nodes
 
 # op type -> [(input index, role)]; the roles later passes look for.
 WEIGHT_INPUTS: dict[str, tuple[tuple[int, str], ...]] = {

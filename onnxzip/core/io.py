@@ -3,7 +3,7 @@
 * ``load_model`` accepts a path, bytes or a ``ModelProto``; external data is loaded from beside
   the file; every failure becomes one clear sentence (:class:`InvalidModelError` /
   :class:`UnsupportedModelError`).
-* ``save_model`` makes the model loadable by onnxruntime 1.19 (see :mod:`onnxzip.compat`), writes
+* ``save_model`` makes the model loadable by onnxruntime 1.19 (see :mod:`onnxzip.core.compat`), writes
   into a temporary folder next to the target and renames into place, so a failure never leaves
   a half-written output. Models over 2 GB (or on request) keep their tensors in one external
   data file beside the model.
@@ -26,9 +26,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxzip.compat import check_opsets, compatible_ir_version, ir_version_as
+from onnxzip.core.compat import check_opsets, compatible_ir_version, ir_version_as
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
-from onnxzip.measure.sanity import check_structure, check_text
+from onnxzip.core.sanity import check_structure, check_text
 
 log = logging.getLogger(__name__)
 

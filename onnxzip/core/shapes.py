@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import ConfigError, DataError
-from onnxzip.inputs import batch_dim_names, generate_inputs, graph_inputs
+from onnxzip.core.inputs import batch_dim_names, generate_inputs, graph_inputs
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def resolve_input_shapes(
     if not probe:
         return result(choices[0], False, 0)
     from onnxzip.errors import InvalidModelError
-    from onnxzip.runtime import make_session, run_session
+    from onnxzip.core.runtime import make_session, run_session
 
     try:
         session = make_session(model, "cpu", optimization="basic")

@@ -94,7 +94,7 @@ def generate_inputs(
     shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random inputs matching the model's signature (see module docstring); ``shapes`` gives
-    concrete shapes by input name (from :func:`onnxzip.shapes.resolve_input_shapes`)."""
+    concrete shapes by input name (from :func:`onnxzip.core.shapes.resolve_input_shapes`)."""
     rng = np.random.default_rng(seed)
     vocab = _vocab_sizes(model)
     batch_names = batch_dim_names(model)
@@ -169,9 +169,9 @@ def model_feeds(
 ) -> dict[str, np.ndarray]:
     """Feeds from a ``.npz`` path or a dict of arrays (as :class:`Samples`, which know each
     input's sample axis), else generated from the signature at sizes onnxruntime accepts
-    (:func:`onnxzip.shapes.generated_feeds`)."""
+    (:func:`onnxzip.core.shapes.generated_feeds`)."""
     if data is None:
-        from onnxzip.shapes import generated_feeds
+        from onnxzip.core.shapes import generated_feeds
 
         return generated_feeds(model, batch=batch, dims=dims, input_shapes=input_shapes, seed=seed)[0]
     return samples_from(model, data, sample_axes)
@@ -351,7 +351,7 @@ class Samples(Mapping[str, np.ndarray]):
     """N samples of a model's inputs, loaded once, with each input's sample axis.
 
     It is a mapping of input name → array (what onnxruntime is fed), so every consumer can use
-    it as plain feeds; :func:`onnxzip.runtime.run_batched` reads its axes and runs it in chunks
+    it as plain feeds; :func:`onnxzip.core.runtime.run_batched` reads its axes and runs it in chunks
     a fixed-batch model accepts. ``labels`` / ``references`` (reserved names in an ``.npz``)
     ride along on axis 0.
     """

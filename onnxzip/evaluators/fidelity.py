@@ -22,8 +22,8 @@ from onnxzip.evaluators.metrics import (
     max_abs_difference,
     relative_l2_error,
 )
-from onnxzip.io import load_model
-from onnxzip.runtime import make_session, resolve_device, run_batched
+from onnxzip.core.io import load_model
+from onnxzip.core.runtime import make_session, resolve_device, run_batched
 
 
 @dataclass
@@ -142,7 +142,7 @@ class ValidationReport:
         }
 
     def table(self) -> str:
-        from onnxzip.report import render_table
+        from onnxzip.core.report import render_table
 
         rows = [
             [
@@ -189,13 +189,13 @@ def validate(
     """Compare ``candidate`` with ``original`` in onnxruntime on the same inputs.
 
     Without ``data`` the inputs are generated at sizes onnxruntime accepts
-    (:func:`onnxzip.shapes.generated_feeds`); ``generated`` describes feeds that a caller
+    (:func:`onnxzip.core.shapes.generated_feeds`); ``generated`` describes feeds that a caller
     generated itself and passes as ``data``. Array data is laid out by the original's declared
-    shapes (:func:`onnxzip.inputs.infer_sample_axes`; ``sample_axes`` settles an ambiguous input)."""
+    shapes (:func:`onnxzip.core.inputs.infer_sample_axes`; ``sample_axes`` settles an ambiguous input)."""
     reference_model = load_model(original)
     candidate_model = load_model(candidate)
-    from onnxzip.quality import fidelity_feeds, is_dataset_source
-    from onnxzip.shapes import generated_feeds
+    from onnxzip.evaluators.quality import fidelity_feeds, is_dataset_source
+    from onnxzip.core.shapes import generated_feeds
 
     gate = gate or FidelityGate()
     if data is None:

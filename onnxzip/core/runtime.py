@@ -143,7 +143,7 @@ def make_session(
 def _serialize_compatible(model: onnx.ModelProto) -> bytes:
     """Serialize with the lowest IR version the model needs (onnx stamps newer IRs than
     onnxruntime 1.19 accepts), leaving the caller's object unchanged."""
-    from onnxzip.compat import MAX_IR_VERSION, ir_version_as, required_ir_version
+    from onnxzip.core.compat import MAX_IR_VERSION, ir_version_as, required_ir_version
 
     ir = model.ir_version if model.ir_version <= MAX_IR_VERSION else max(required_ir_version(model), 3)
     with ir_version_as(model, ir):
@@ -179,8 +179,8 @@ def run_samples(
 ) -> tuple[dict[str, np.ndarray], dict[str, int | None]]:
     """Outputs of ``session`` over the N samples in ``feeds``, and each output's sample axis.
 
-    Each input's sample axis comes from ``feeds.axes`` (:class:`onnxzip.inputs.Samples`), then
-    ``sample_axes``, else the layout rule (:func:`onnxzip.inputs.infer_sample_axes`); an input
+    Each input's sample axis comes from ``feeds.axes`` (:class:`onnxzip.core.inputs.Samples`), then
+    ``sample_axes``, else the layout rule (:func:`onnxzip.core.inputs.infer_sample_axes`); an input
     that is the same for every sample is fed whole to every chunk. A model that fixes its batch
     at k runs k samples at a time (the last chunk is filled up by repeating its last sample and
     the extra outputs dropped), so any N works; a symbolic batch runs ``batch_size`` samples at
@@ -188,7 +188,7 @@ def run_samples(
     input's sample axis (``[20, batch, 37]``), else one named like a batch, else the first axis
     of the chunk's size; an output without one is stacked per chunk (axis None).
     """
-    from onnxzip.inputs import fixed_batches, infer_sample_axes, session_shapes, take
+    from onnxzip.core.inputs import fixed_batches, infer_sample_axes, session_shapes, take
 
     shapes = session_shapes(session)
     arrays = {name: np.asarray(value) for name, value in feeds.items()}
@@ -229,7 +229,7 @@ def run_samples(
 
 def _output_axis(declared: Any, shape: tuple[int, ...], rows: int, symbols: set[str]) -> int | None:
     """The sample axis of one output (see :func:`run_samples`)."""
-    from onnxzip.inputs import BATCH_NAMES
+    from onnxzip.core.inputs import BATCH_NAMES
 
     if declared is not None and len(declared) == len(shape):
         for test in (lambda d: d in symbols, lambda d: isinstance(d, str) and (d in BATCH_NAMES or "batch" in d.lower())):

@@ -14,8 +14,8 @@ from onnxzip.evaluators import GateReport, QualityGate, load_dataset, predict, s
 from onnxzip.evaluators.base import Dataset
 from onnxzip.evaluators.data import model_dataset
 from onnxzip.evaluators.registry import split_model_metrics
-from onnxzip.inputs import model_feeds
-from onnxzip.io import load_model
+from onnxzip.core.inputs import model_feeds
+from onnxzip.core.io import load_model
 
 FIDELITY_ITEMS = 32
 
@@ -35,7 +35,7 @@ def fidelity_feeds(
     sample_axes: dict[str, int | None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Feeds for the fidelity check: from ``data`` (.npz or arrays, as
-    :class:`~onnxzip.inputs.Samples`; or the first items of a dataset, stacked when their
+    :class:`~onnxzip.core.inputs.Samples`; or the first items of a dataset, stacked when their
     shapes agree) or generated from the signature."""
     if not is_dataset_source(data):
         return model_feeds(model, data, batch=batch, dims=dims, seed=seed, sample_axes=sample_axes)
