@@ -114,6 +114,15 @@ files whose time is per-node overhead (dtln, ~0.3 ms a frame) or whose pruned un
 file (romanizer_encoder's memory_out) are not. romanizer_encoder at avg_bits=2.5+gptq scored 62.25
 (12.0x, drop 1.25 > 1.0), where the k-means-measured curves had kept it at 12.1x.
 
+Later run (2026-12-06, with peers, latency as the running thread's CPU time, value-table decodes;
+``--modes avg_bits=2.25+gptq,avg_bits=2.5+gptq,avg_bits=3+gptq`` on the RNN files and the speed
+modes on captcha/nsnet2): captcha_crnn 13.84x svd_lat+rec+avg_bits=3+gptq+int8 (2.82x faster,
+4.90x lighter); nsnet2_16k 21.51x svd_lat+...+int8 (1.46x, 1.06x) and 18.20x
+prune_lat=0.5+rec+avg_bits=3+gptq+int8 (2.40x, 1.06x); dtln_stage1 11.35x avg_bits=2.5+gptq
+(1.00x, 0.84x); romanizer_encoder 13.23x avg_bits=2.25+gptq (1.02x, 0.76x); romanizer_decoder
+11.91x avg_bits=2.5+gptq (1.01x, 0.77x); dtln_stage2 none kept (avg_bits=3+gptq 9.55x, -0.60 dB).
+Issue 21's geometric mean over the five files with a kept file: 13.97x.
+
 Fine-tuning (issue 20): ``+ft`` modes append ``--finetune epochs=3`` (label-free distillation from the
 original on calib.npz); a run with ``+ft`` modes ends with a section giving per ``+ft`` run the share
 of float parameters trained, the task score of the same mode without ``+ft`` (when run) and with it,
