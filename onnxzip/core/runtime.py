@@ -81,10 +81,12 @@ def _providers(device: str) -> list[str]:
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose main graph also outputs the tensors ``names`` (untyped, each
-    once; those already outputs are left as they are), to read inner activations in one run."""
+    once; those already outputs are left as they are), to read inner activations in one run.
+    Graph inputs are left out: the caller has their values, and onnxruntime 1.19 returns a wrong
+    one for an input listed as an output (a Relu of it, when the Relu reads it)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
+    known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in known)
     return probe
 

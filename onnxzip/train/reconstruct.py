@@ -808,9 +808,7 @@ def refit_recurrent(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Mode
         twin_names += [twin_state.name] if twin_state is not None else []
         sessions = []
         for source, wanted in ((export_model(graph, model), names), (original, twin_names)):
-            inputs = {i.name for i in source.graph.input}
-            probe = with_outputs(source, [n for n in wanted if n not in inputs])
-            sessions.append(make_session(probe, device, optimization="disabled"))
+            sessions.append(make_session(with_outputs(source, wanted), device, optimization="disabled"))
         gates = RECURRENT_GATES[node.op]
         w, r = node.inputs[1], node.inputs[2]
         w_now, r_now = np.asarray(w.values, np.float64), np.asarray(r.values, np.float64)
@@ -964,9 +962,7 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
     sessions = []
     for source, wanted in ((export_model(graph, model), [r.node.inputs[0].name for r in restores]),
                            (original, [r.target for r in restores])):
-        inputs = {i.name for i in source.graph.input}
-        probe = with_outputs(source, [n for n in wanted if n not in inputs])
-        sessions.append(make_session(probe, device, optimization="disabled"))
+        sessions.append(make_session(with_outputs(source, wanted), device, optimization="disabled"))
     every = int(1 / holdout) if holdout > 0 else 0
     sums: list[Any] = [None] * len(restores)
     held_sums: list[Any] = [None] * len(restores)
