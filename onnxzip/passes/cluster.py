@@ -352,7 +352,7 @@ class ClusterPass(Pass):
         # method=gptq: each width is measured as apply will store it (GPTQ-fitted), not as plain
         # k-means; GPTQ lowers some layers' error far more than others', which moves the widths
         second_order = None
-        held_out = False
+        fitted_on = None  # sweep_heldout: the data items the sweep's fits use (those the probe does not run)
         if self.config.method == "gptq" and self.config.sweep_gptq and context.feeds:
             names = {c[0]: {} for c in candidates}
             everything = as_samples(context.feeds, declared_shapes(model))
@@ -362,26 +362,25 @@ class ClusterPass(Pass):
                 # exactly on them and pushes its error into the inputs the data lacks)
                 fit = everything.take(slice(feeds.count, everything.count))
                 second_order = self._second_order(model, uses, Plan(self.name, {}, names), context, fit)
-                held_out = True
+                fitted_on = fit.count
             else:
                 second_order = self._second_order(model, uses, Plan(self.name, {}, names), context)
                 found["second_order"] = (model, second_order)
         note = f"sensitivity sweep on {feeds.count} data item{'s' if feeds.count != 1 else ''}"
         if probe.steps > 1:
             note += (f", {probe.steps} calls each feeding back the state ("
-                                 + ", ".join(f"{o} → {i}" for i, o in probe.pairs.items()) + ")")
+                     + ", ".join(f"{o} → {i}" for i, o in probe.pairs.items()) + ")")
         fitted_in_sweep: set[str] = set()
         if second_order is not None:
             fitted_in_sweep, left = second_order.affordable(
                 {name: values for name, values, _axis in candidates}, self.config.sweep_gptq_flops)
             note += (f", each width's codebook GPTQ-fitted ({SWEEP_GPTQ_ITERATIONS} round"
-                                 f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
-            if held_out:
-                fitted_on = as_samples(context.feeds, declared_shapes(model)).count - feeds.count
+                     f"{'s' if SWEEP_GPTQ_ITERATIONS != 1 else ''}) as apply stores it")
+            if fitted_on is not None:
                 note += f" (fitted on the {fitted_on} data items the sweep does not run)"
             if left:
                 note += (f" ({len(left)} of {len(left) + len(fitted_in_sweep)} weights, the costliest, "
-                                     f"on k-means codebooks: sweep_gptq_flops {self.config.sweep_gptq_flops:g})")
+                         f"on k-means codebooks: sweep_gptq_flops {self.config.sweep_gptq_flops:g})")
         found["sweep_note"] = note
         opset = default_opset(model)
         widths = range(1, self.config.max_bits + 1)
