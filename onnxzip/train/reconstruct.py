@@ -432,12 +432,12 @@ class ReconstructPass(Pass):
         op = "/".join(sorted({n.op for n in job.nodes}))
         stored = job.decoded.stored()
         site = job.pairs[0][0]
-        weight_view = site.view(job.weight.astype(np.float64))
+        weight = job.weight.astype(np.float64)
+        weight_view = site.view(weight)
         held = stats.held()
         fitted = None
         for iterations, damp in self._tries(held is not None):
-            candidate = refit_codebook(stored, job.weight.astype(np.float64), site, stats,
-                                       iterations=iterations, damp=damp)
+            candidate = refit_codebook(stored, weight, site, stats, iterations=iterations, damp=damp)
             if candidate is None:
                 break
             error = 0.0
@@ -968,9 +968,9 @@ def refit_restores(graph: gs.Graph, model: onnx.ModelProto, original: onnx.Model
     held_sums: list[Any] = [None] * len(restores)
     held: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in restores]
     mismatch: dict[int, str] = {}
+    inputs = [{i.name for i in session.get_inputs()} for session in sessions]
     for index, chunk in enumerate(chunks):
-        values = [run_session(s, {k: v for k, v in chunk.items() if k in {i.name for i in s.get_inputs()}})
-                  for s in sessions]
+        values = [run_session(s, {k: v for k, v in chunk.items() if k in names}) for s, names in zip(sessions, inputs)]
         hold = every and index % every == min(1, every - 1)
         for i, restore in enumerate(restores):
             kept = restore.weight.shape[0]
