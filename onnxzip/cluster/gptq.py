@@ -24,6 +24,11 @@ minimises this quadratic form, so earlier layers' errors (x̃ ≠ x) are compens
   (H_λ⁻¹ = UᵀU), so later columns absorb it; updates are applied lazily in column blocks.
 * :func:`fit_codebook` — alternate assignment and refit, keep the iterate of lowest E (the
   starting codebook included: the result is never worse on the fit data).
+* Channel-scaled codebooks (q_r = s_r·c[idx_r], one shared codebook row, a scale per output
+  channel): E = Σ_r s_r² (q̃_r − w*_r/s_r)ᵀ H_λ (q̃_r − w*_r/s_r), so GPTQ assigns q̃ against the
+  target W*/s (rows are independent) and the centroid normal equations weigh row r by s_r²; for
+  fixed q̃ each channel's scale has the closed form s_c = Σ_{r∈c} q̃_rᵀ H_λ w*_r / Σ_{r∈c} q̃_rᵀ H_λ q̃_r
+  (:func:`refit_scales`), alternated with the centroids.
 """
 from __future__ import annotations
 
@@ -66,15 +71,18 @@ def objective(q: np.ndarray, target: np.ndarray, gram_d: np.ndarray) -> float:
 
 def refit_centroids(
     indices: np.ndarray, codebook: np.ndarray, channels: np.ndarray, target: np.ndarray,
-    gram_d: np.ndarray, pinned: np.ndarray | None = None,
+    gram_d: np.ndarray, pinned: np.ndarray | None = None, row_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Centroids minimising E for fixed ``indices`` (normal equations of size K per codebook
     row, see the module docstring). Entries no row uses, and ``pinned`` ones (e.g. an exact 0
-    kept for pruned weights), keep their values."""
+    kept for pruned weights), keep their values. ``row_weight`` [G, m]: each block row's weight
+    in E (s_r² of a channel-scaled codebook, with ``target`` = W*/s)."""
     rows, k = codebook.shape
     blocks, m, n = indices.shape
     flat_rows = np.broadcast_to(channels[..., None], indices.shape)
     weighted = target @ gram_d  # W* H_λ
+    if row_weight is not None:
+        weighted = weighted * row_weight[..., None]
     b = np.bincount((flat_rows * k + indices).reshape(-1), weights=weighted.reshape(-1),
                     minlength=rows * k).reshape(rows, k)
     a = np.zeros((rows * k, k))
@@ -89,6 +97,8 @@ def refit_centroids(
             select = sparse.csr_matrix((np.ones(count * n), ((np.arange(count)[:, None] * k + chunk).reshape(-1),
                                                              positions)), shape=(count * k, n))
             left = np.asarray(select @ gram_d[g]).reshape(count, k, n)  # [r, K, n]
+            if row_weight is not None:
+                left = left * row_weight[g, start:start + step, None, None]
             # (P_rᵀ H_λ) P_r summed into the codebook row of each r: entry (row of r, idx_rj)
             owner = (channels[g, start:start + step, None] * k + chunk).reshape(-1)
             gather = sparse.csr_matrix((np.ones(count * n), (owner, np.arange(count * n))),
@@ -110,6 +120,21 @@ def refit_centroids(
             fitted[row, keep] = np.linalg.solve(system, rhs)
         except np.linalg.LinAlgError:
             fitted[row, keep] = np.linalg.lstsq(system, rhs, rcond=None)[0]
+    return fitted
+
+
+def refit_scales(q: np.ndarray, target: np.ndarray, gram_d: np.ndarray, scale_ids: np.ndarray,
+                 scale: np.ndarray) -> np.ndarray:
+    """Channel scales minimising E for a fixed unscaled Q̃ = ``q`` [G, m, n] (block row r scaled by
+    ``scale[scale_ids[g, r]]``): s_c = Σ_{r∈c} q̃_rᵀ H_λ w*_r / Σ_{r∈c} q̃_rᵀ H_λ q̃_r; a channel
+    whose Q̃ rows are all zero keeps its scale."""
+    left = q @ gram_d  # Q̃ H_λ
+    ids = scale_ids.reshape(-1)
+    num = np.bincount(ids, np.sum(left * target, axis=2).reshape(-1), minlength=scale.size)
+    den = np.bincount(ids, np.sum(left * q, axis=2).reshape(-1), minlength=scale.size)
+    fitted = np.asarray(scale, dtype=np.float64).copy()
+    ok = den > 1e-30
+    fitted[ok] = num[ok] / den[ok]
     return fitted
 
 
@@ -175,6 +200,7 @@ class CodebookFit:
     before: float
     after: float
     step: str
+    scale: np.ndarray | None = None  # channel-scaled: the fitted scale per channel
 
 
 @dataclass
@@ -213,26 +239,51 @@ def fit_codebook(
     weight: np.ndarray, codebook: np.ndarray, indices: np.ndarray, channels: np.ndarray,
     gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
     act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
-    problem: LayerProblem | None = None,
+    problem: LayerProblem | None = None, scale: np.ndarray | None = None, scale_ids: np.ndarray | None = None,
 ) -> CodebookFit:
     """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
     closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
     refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s; ``problem``
-    (:func:`layer_problem` of the same arguments) skips deriving them again."""
+    (:func:`layer_problem` of the same arguments) skips deriving them again. A channel-scaled
+    codebook passes its ``scale`` [C] and the channel of each block row, ``scale_ids`` [G, m]:
+    the scales are refit in closed form after each centroid refit (module docstring)."""
     if problem is None:
         problem = layer_problem(weight, gram, cross, damp=damp, act_order=act_order)
-    gram_d, target, scale = problem.gram_d, problem.target, problem.scale
+    gram_d, target, norm = problem.gram_d, problem.target, problem.scale
+    scaled = scale is not None and scale_ids is not None
+
+    def rows(s: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(target W*/s, row weights s²) of scales ``s`` (a zero scale: the row weighs nothing)."""
+        if s is None:
+            return target, None
+        r = s[scale_ids]
+        live = np.abs(r) > 1e-30
+        return target / np.where(live, r, 1.0)[..., None], np.where(live, r * r, 0.0)
+
+    def error(values: np.ndarray, chosen: np.ndarray, s: np.ndarray | None) -> float:
+        q = decode(values, chosen, channels)
+        return objective(q if s is None else q * s[scale_ids][..., None], target, gram_d) / norm
+
+    def refit(chosen: np.ndarray, values: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        goal, weights = rows(s)
+        values = refit_centroids(chosen, values, channels, goal, gram_d, pinned, weights)
+        if s is None:
+            return values, None
+        s = refit_scales(decode(values, chosen, channels), target, gram_d, scale_ids, s)
+        goal, weights = rows(s)
+        return refit_centroids(chosen, values, channels, goal, gram_d, pinned, weights), s
+
     current = codebook.astype(np.float64)
-    best = CodebookFit(current, indices, 0.0, 0.0, "unchanged")
-    best.before = best.after = objective(decode(current, indices, channels), target, gram_d) / scale
-    fitted = refit_centroids(indices, current, channels, target, gram_d, pinned)
-    candidates = [(fitted, indices, "centroid refit")]
+    start = np.asarray(scale, dtype=np.float64) if scaled else None
+    best = CodebookFit(current, indices, 0.0, 0.0, "unchanged", start)
+    best.before = best.after = error(current, indices, start)
+    candidates = [(*refit(indices, current, start), indices, "centroid refit" + (" + scales" if scaled else ""))]
     for round_ in range(iterations if assign else 0):
-        assigned = gptq_assign(target, problem.order(), candidates[-1][0], channels)
-        candidates.append((refit_centroids(assigned, candidates[-1][0], channels, target, gram_d, pinned),
-                           assigned, f"gptq assignment + refit ×{round_ + 1}"))
-    for values, chosen, step in candidates:
-        error = objective(decode(values, chosen, channels), target, gram_d) / scale
-        if error < best.after:
-            best = CodebookFit(values, chosen, best.before, error, step)
+        values, s = candidates[-1][:2]
+        assigned = gptq_assign(rows(s)[0], problem.order(), values, channels)
+        candidates.append((*refit(assigned, values, s), assigned, f"gptq assignment + refit ×{round_ + 1}"))
+    for values, s, chosen, step in candidates:
+        found = error(values, chosen, s)
+        if found < best.after:
+            best = CodebookFit(values, chosen, best.before, found, step, s)
     return best

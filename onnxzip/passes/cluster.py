@@ -76,6 +76,7 @@ from onnxzip.passes.cluster_decode import (
     DecodeShared,
     decode_bytes,
     insert_decode,
+    scale_shape,
 )
 from onnxzip.passes.cluster_int8 import convert_int8, require_data
 from onnxzip.passes.cluster_calibration import (
@@ -144,6 +145,12 @@ class ClusterConfig:
     )
     per_channel: bool = option(
         False, "one codebook per output channel ([C, K]) instead of per tensor"
+    )
+    channel_scale: bool = option(
+        False, "one codebook per tensor for the weight divided by a scale per output channel (its RMS; "
+               "stored as [C] floats, refit with method=gptq): most of per_channel's accuracy on layers "
+               "whose channels differ in range (BatchNorm folded into Conv, gate rows) at the size of a "
+               "per-tensor codebook"
     )
     min_size: int = option(
         1, "cluster only tensors with at least this many elements (all: decided by measured bytes)"
@@ -214,6 +221,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.k, self.bits, self.avg_bits)) > 1:
             raise ValueError("give one of k, bits and avg_bits")
+        if self.per_channel and self.channel_scale:
+            raise ValueError("give one of per_channel (a codebook per channel) and channel_scale (one scaled codebook)")
         if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
             raise ValueError(
                 f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}"
@@ -259,6 +268,11 @@ class ClusterConfig:
             raise ValueError(f"int8_max_error must be positive, got {self.int8_max_error}")
 
     @property
+    def by_channel(self) -> bool:
+        """Codebooks follow the output channels (per_channel or channel_scale)."""
+        return self.per_channel or self.channel_scale
+
+    @property
     def allocated(self) -> bool:
         """Widths chosen per weight from sensitivity curves (avg_bits or bits=search)."""
         return self.avg_bits is not None or self.bits == "search"
@@ -299,7 +313,7 @@ class ClusterPass(Pass):
             values = np.asarray(constant.values)
             if _value_problem(values) is not None:
                 continue  # apply reports it
-            axis = _channel_axis(constant, consumers) if self.config.per_channel else None
+            axis = _channel_axis(constant, consumers) if self.config.by_channel else None
             if self.config.allocated:
                 candidates.append((weight.name, values, axis))
                 continue
@@ -309,7 +323,7 @@ class ClusterPass(Pass):
                 k = int(np.clip(birch_k, self.config.min_k, 2**self.config.max_bits))
                 if self.config.round_k_to_storage:
                     k = 2 ** storage_bits(k)
-            entry = {"k": k, "bits": storage_bits(k), "per_channel": axis is not None}
+            entry = {"k": k, "bits": storage_bits(k), **self._channel_entry(axis)}
             layers[weight.name] = entry if birch_k is None else {**entry, "birch_k": birch_k}
         found: dict[str, Any] = {}
         if candidates:
@@ -396,7 +410,7 @@ class ClusterPass(Pass):
                 if len(curve) >= MEASURED_WIDTHS:  # wider: extrapolated, neither clustered nor run
                     if 2**bits > values.size:
                         break
-                    if decode_bytes(_sized(values, bits, axis), values.shape, opset, name) >= _raw_bytes(name, values):
+                    if decode_bytes(_sized(values, bits, axis, self.config.channel_scale), values.shape, opset, name) >= _raw_bytes(name, values):
                         break
                     curve[bits] = _extrapolate(curve, bits)
                     continue
@@ -423,7 +437,7 @@ class ClusterPass(Pass):
             for name, bits in chosen.items():
                 if bits > 8:
                     continue  # left raw: clustering it costs more accuracy than its bytes
-                entry = {"k": 2**bits, "bits": bits, "per_channel": axes[name] is not None}
+                entry = {"k": 2**bits, "bits": bits, **self._channel_entry(axes[name])}
                 if name in curves:
                     entry["sensitivity"] = {
                         str(b): float(f"{d:.4g}") for b, d in curves[name].items()
@@ -515,7 +529,8 @@ class ClusterPass(Pass):
             k = _planned_k(weight.name, entry)
             constant, consumers = uses[weight.name]
             values = np.asarray(constant.values)
-            axis = _channel_axis(constant, consumers) if entry.get("per_channel") else None
+            by_channel = entry.get("per_channel") or entry.get("channel_scale")
+            axis = _channel_axis(constant, consumers) if by_channel else None
             stored, quality = self._stored(
                 weight.name, values, k, axis, seed, energies.get(weight.name)
             )
@@ -541,7 +556,7 @@ class ClusterPass(Pass):
             details = {
                 "k": stored.k,
                 "bits": stored.bits,
-                "per_channel": axis is not None,
+                **self._channel_entry(axis),
                 "codebook_shape": list(stored.codebook.shape),
                 **quality,
                 "activation_aware": weight.name in energies,
@@ -551,11 +566,12 @@ class ClusterPass(Pass):
             for key in ("birch_k", "sensitivity"):
                 if key in entry:
                     details[key] = entry[key]
-            if (entry.get("per_channel") or self.config.per_channel) and axis is None:
+            if (by_channel or self.config.by_channel) and axis is None:
                 details["note"] = (
                     "no single output-channel axis over its uses; one codebook per tensor"
+                    + (" without channel scales" if self.config.channel_scale else "")
                 )
-            scope = " per channel" if axis is not None else ""
+            scope = "" if axis is None else " with channel scales" if stored.scale is not None else " per channel"
             report.changes.append(
                 LayerChange(
                     weight.name,
@@ -643,6 +659,12 @@ class ClusterPass(Pass):
             return "not selected by include/exclude"
         return None
 
+    def _channel_entry(self, axis: int | None) -> dict[str, bool]:
+        """The plan's per-weight flags of a weight whose channel axis is ``axis`` (None: per tensor)."""
+        if self.config.channel_scale:
+            return {"per_channel": False, "channel_scale": axis is not None}
+        return {"per_channel": axis is not None}
+
     def _birch_k(self, values: np.ndarray, axis: int | None) -> int:
         """BIRCH cluster count; per channel the largest over the channels (one K for all rows)."""
         rows = [values] if axis is None else list(np.moveaxis(values, axis, 0))
@@ -669,7 +691,7 @@ class ClusterPass(Pass):
         digest = hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16)
         if energy is not None:
             digest.update(np.ascontiguousarray(energy).tobytes())
-        key = (name, digest.hexdigest(), k, axis, seed)
+        key = (name, digest.hexdigest(), k, axis, seed, self.config.channel_scale)
         cache = self.__dict__.setdefault("_cluster_cache", {})
         if key not in cache:
             cache[key] = self._cluster(values, k, axis, seed, energy)
@@ -688,6 +710,8 @@ class ClusterPass(Pass):
         when given; the codebook takes the weight's dtype."""
         options = {"init": self.config.init, "keep_zero": self.config.keep_zero, "seed": seed,
                    "sample_weight": energy}
+        if axis is not None and self.config.channel_scale:
+            return _cluster_scaled(values, k, axis, options)
         if axis is None:
             result = cluster_weights(values, k, **options)
             entropy = index_entropy_bits(result.indices, result.k)
@@ -859,11 +883,40 @@ def _extrapolate(curve: dict[int, float], bits: int) -> float:
     return float(d1 * step ** (bits - b1))
 
 
-def _sized(values: np.ndarray, bits: int, axis: int | None) -> Codebook:
+def _sized(values: np.ndarray, bits: int, axis: int | None, scaled: bool = False) -> Codebook:
     """A codebook of ``values``' shape and 2**bits entries whose values do not matter: what a
-    width costs in bytes does not depend on them."""
+    width costs in bytes does not depend on them (``scaled``: with a channel scale along ``axis``)."""
+    if scaled and axis is not None:
+        return Codebook(np.zeros(2**bits, values.dtype), np.zeros(values.shape, np.uint8), None, bits,
+                        np.ones(values.shape[axis], values.dtype), axis)
     rows = () if axis is None else (values.shape[axis],)
     return Codebook(np.zeros((*rows, 2**bits), values.dtype), np.zeros(values.shape, np.uint8), axis, bits)
+
+
+def channel_rms(values: np.ndarray, axis: int) -> np.ndarray:
+    """The RMS of each slice of ``values`` along ``axis`` (1 for an all-zero slice): the scale of a
+    channel-scaled codebook, [C] in ``values``' dtype."""
+    moved = np.moveaxis(values.astype(np.float64), axis, 0).reshape(values.shape[axis], -1)
+    rms = np.sqrt(np.mean(moved * moved, axis=1))
+    return np.where(rms > 0, rms, 1.0).astype(values.dtype)
+
+
+def _cluster_scaled(values: np.ndarray, k: int, axis: int, options: dict[str, Any]) -> tuple[Codebook, dict[str, float]]:
+    """One codebook for ``values`` divided by their channel RMS along ``axis``: k-means on the
+    normalized values, each weighted by its scale² (times the activation energy, when given), as
+    the error of a weight is its scale times the error of its normalized value."""
+    scale = channel_rms(values, axis)
+    shape = scale_shape(values.shape, axis)
+    broadcast = scale.astype(np.float64).reshape(shape)
+    energy = options.get("sample_weight")
+    weight = np.broadcast_to(broadcast * broadcast, values.shape)
+    if energy is not None:
+        weight = weight * np.broadcast_to(np.asarray(energy, np.float64), values.shape)
+    normalized = (values.astype(np.float64) / broadcast).astype(values.dtype)
+    result = cluster_weights(normalized, k, **{**options, "sample_weight": weight})
+    stored = Codebook(result.codebook.astype(values.dtype), result.indices, None, storage_bits(result.k), scale, axis)
+    entropy = index_entropy_bits(result.indices, result.k)
+    return stored, {**_weight_quality(values, stored), "entropy_bits": round(entropy, 4)}
 
 
 def _floor_bits(curves: dict[str, dict[int, float]], sizes: dict[str, int]) -> float:
@@ -963,7 +1016,13 @@ def codebook_channels(stored: Codebook, site: LayerSite) -> np.ndarray | None:
     count = stored.indices.shape
     if stored.axis is None:
         return np.zeros(site.view(np.empty(count, np.uint8)).shape[:2], dtype=np.int64)
-    ids = site.view(np.indices(count)[stored.axis])
+    return _view_rows(count, stored.axis, site)
+
+
+def _view_rows(shape: tuple[int, ...], axis: int, site: LayerSite) -> np.ndarray | None:
+    """The index along ``axis`` of every row of ``site``'s view [G, m], or None when a row spans
+    several."""
+    ids = site.view(np.indices(shape)[axis])
     if np.any(ids.min(axis=2) != ids.max(axis=2)):
         return None
     return ids[:, :, 0].astype(np.int64)
@@ -981,11 +1040,18 @@ def refit_codebook(
     channels = codebook_channels(stored, site)
     if channels is None:
         return None
+    scale_ids = None
+    if stored.scale is not None:
+        scale_ids = _view_rows(stored.indices.shape, stored.scale_axis, site)
+        if scale_ids is None:
+            return None
     codebook = stored.codebook.reshape(1, -1) if stored.axis is None else stored.codebook
     pinned = (codebook == 0) if keep_zero and not np.all(weight) else None
     fit = fit_codebook(site.view(weight), codebook, site.view(stored.indices).astype(np.int64), channels,
                        stats.gram, stats.cross_term, iterations=iterations, damp=damp,
-                       act_order=act_order, pinned=pinned, problem=problem)
+                       act_order=act_order, pinned=pinned, problem=problem, scale=stored.scale,
+                       scale_ids=scale_ids)
     values = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
     indices = site.unview(fit.indices).astype(np.uint8)
-    return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits), fit
+    scale = None if stored.scale is None else fit.scale.astype(stored.scale.dtype)
+    return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits, scale, stored.scale_axis), fit

@@ -40,7 +40,12 @@ the form is the one that computes the fewest bytes (:func:`load_bytes`, from the
 
 :func:`find_decodes` reads both forms (files written before the value-table form included).
 
-Only lookups and integer adds: the decode equals ``codebook[indices]`` bit for bit. Every input
+Channel-scaled codebooks (``channel_scale``: one codebook [K] for the weight divided by a scale
+per output channel) end in ``Mul(decoded, s)`` with s a [1,..,C,..,1] constant named
+``…_channel_scale``; :func:`find_decodes` reads it as part of the decode (``DecodedWeight.scale``).
+
+Only lookups and integer adds: the decode equals ``codebook[indices]`` bit for bit (times s, one
+float32 product per value, with a channel scale). Every input
 is constant, so onnxruntime folds the whole subgraph into one initializer when the session
 loads: inference runs exactly the original graph, with quantized weights. A weight shared by several nodes is clustered once, its decode
 placed in the innermost graph that encloses all its uses (``If``/``Loop`` bodies included).
@@ -70,13 +75,18 @@ class Codebook:
     indices: np.ndarray  # uint8, the weight's shape
     axis: int | None  # channel axis of per-channel codebooks
     bits: int
+    scale: np.ndarray | None = None  # channel-scaled codebooks: [C] along scale_axis (codebook [K])
+    scale_axis: int | None = None
 
     @property
     def k(self) -> int:
         return int(self.codebook.shape[-1])
 
     def decode(self) -> np.ndarray:
-        return decode_numpy(self.codebook, self.indices, self.axis)
+        decoded = decode_numpy(self.codebook, self.indices, self.axis)
+        if self.scale is None:
+            return decoded
+        return decoded * self.scale.reshape(scale_shape(self.indices.shape, self.scale_axis))
 
     def stored_planes(self) -> list[tuple[int, int, np.ndarray]]:
         """(width, shift, bytes) of each stored index plane (width 8: the uint8 indices)."""
@@ -85,7 +95,15 @@ class Codebook:
     @property
     def nbytes(self) -> int:
         """Bytes of the codebook and the stored indices (the decode's small constants aside)."""
-        return int(self.codebook.nbytes + packed_bytes(self.indices.size, self.bits))
+        scale = 0 if self.scale is None else self.scale.nbytes
+        return int(self.codebook.nbytes + scale + packed_bytes(self.indices.size, self.bits))
+
+
+def scale_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """The broadcast shape of a per-channel vector along ``axis`` of a weight of ``shape``."""
+    dims = [1] * len(shape)
+    dims[axis] = shape[axis]
+    return tuple(dims)
 
 
 def decode_numpy(codebook: np.ndarray, indices: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -343,6 +361,10 @@ def insert_decode(
         decoded = _table_decode(build, codebook, stored, shape, layout, opset)
     else:
         decoded = _index_decode(build, codebook, stored, shape, opset)
+    if stored.scale is not None:  # channel-scaled: W = codebook[indices] · s (one Mul, folded at load)
+        scale = build.const("channel_scale", stored.scale.reshape(scale_shape(shape, stored.scale_axis)))
+        decoded.dtype, decoded.shape = stored.codebook.dtype, list(shape)
+        decoded = build.op("Mul", [decoded, scale])
     decoded.name = names.fresh(f"{prefix}_decoded")
     decoded.dtype, decoded.shape = stored.codebook.dtype, list(shape)
     for node, _owner in consumers:
@@ -441,6 +463,13 @@ class DecodedWeight:
     planes: list[tuple[gs.Constant, int, int]]
     axis: int | None
     shape: tuple[int, ...]
+    scale: gs.Constant | None = None  # channel-scaled codebooks: the Mul's [1,..,C,..,1] constant
+    scale_axis: int | None = None
+
+    @property
+    def unscaled(self) -> gs.Tensor:
+        """The decode's output before the channel scale (its output when there is none)."""
+        return self.node.inputs[0] if self.scale is not None else self.output
 
     @property
     def bits(self) -> int:
@@ -452,7 +481,7 @@ class DecodedWeight:
 
     def value_tensors(self) -> list[gs.Variable]:
         """The decode's tensors that carry codebook values (the value table, the gathered values,
-        their reshapes, the output): their dtype is the codebook's."""
+        their reshapes, the output before any channel scale): their dtype is the codebook's."""
         found: list[gs.Variable] = []
         frontier = [tensor for node in self.codebook.outputs for tensor in node.outputs]
         while frontier:
@@ -460,7 +489,7 @@ class DecodedWeight:
             if any(tensor is seen for seen in found):
                 continue
             found.append(tensor)
-            if tensor is not self.output:
+            if tensor is not self.output and tensor is not self.unscaled:
                 frontier += [out for node in tensor.outputs for out in node.outputs]
         return found
 
@@ -470,13 +499,21 @@ class DecodedWeight:
         values = np.asarray(self.codebook.values)
         rows = 1 if self.axis is None else self.shape[self.axis]
         codebook = values if self.axis is None else values.reshape(rows, -1)
-        return Codebook(codebook, indices.reshape(self.shape), self.axis, self.bits)
+        scale = None if self.scale is None else np.asarray(self.scale.values).reshape(-1)
+        return Codebook(codebook, indices.reshape(self.shape), self.axis, self.bits, scale, self.scale_axis)
 
     def store(self, stored: Codebook) -> None:
         old = np.asarray(self.codebook.values)
         if stored.codebook.size != old.size or stored.indices.shape != self.shape or stored.bits != self.bits:
             raise ValueError(f"{self.name}: a stored codebook keeps its K, width and shape")
+        if (stored.scale is None) != (self.scale is None) or (
+                self.scale is not None and (stored.scale.size != np.asarray(self.scale.values).size
+                                            or stored.scale_axis != self.scale_axis)):
+            raise ValueError(f"{self.name}: a stored codebook keeps its channel scale's shape")
         self.codebook.values = np.ascontiguousarray(stored.codebook.reshape(-1).astype(old.dtype))
+        if self.scale is not None:
+            current = np.asarray(self.scale.values)
+            self.scale.values = np.ascontiguousarray(stored.scale.astype(current.dtype).reshape(current.shape))
         planes = {(w, s): data for w, s, data in stored.stored_planes()}
         for constant, width, shift in self.planes:
             constant.values = planes[(width, shift)].reshape(np.asarray(constant.values).shape)
@@ -496,8 +533,25 @@ def find_decodes(graph: gs.Graph, dtypes: frozenset[str] = FLOAT_DTYPES) -> list
         else:
             decoded = _table_form(node, owner, dtypes)
         if decoded is not None:
-            found.append(decoded)
+            found.append(_with_scale(decoded))
     return found
+
+
+def _with_scale(decoded: DecodedWeight) -> DecodedWeight:
+    """``decoded`` extended by the channel scale that follows it (a Mul by a constant named
+    ``…_channel_scale`` of shape [1,..,C,..,1]), when there is one."""
+    mul = _only_user(decoded.output, "Mul")
+    if mul is None or not isinstance(mul.inputs[1], gs.Constant) or not mul.inputs[1].name.endswith("channel_scale"):
+        return decoded
+    dims = np.asarray(mul.inputs[1].values).shape
+    axes = [i for i, d in enumerate(dims) if d != 1]
+    if len(dims) != len(decoded.shape) or len(axes) > 1:
+        return decoded
+    axis = axes[0] if axes else next((i for i, d in enumerate(decoded.shape) if d == 1), None)
+    if axis is None or dims[axis] != decoded.shape[axis]:
+        return decoded
+    decoded.node, decoded.scale, decoded.scale_axis = mul, mul.inputs[1], axis
+    return decoded
 
 
 def _codebook_name(codebook: gs.Constant) -> str:

@@ -12,7 +12,8 @@ int8 kernels are selected from::
     Conv: y (or the Relu after it) ─QuantizeLinear(s_y, z_y)─DequantizeLinear─ consumers of y
 
 The int8 codebook holds round(c / s_w) of the float centroids c, s_w = max|c| / 127 per tensor
-or per codebook row (per-channel codebooks: per output channel, DequantizeLinear ``axis``), so
+or per codebook row (per-channel codebooks: per output channel, DequantizeLinear ``axis``; a
+channel-scaled codebook's s_c multiplies into a per-channel s_w = t·s_c and its Mul goes), so
 the file stays as small as the codebook model (the codebook itself shrinks 4×). After the index
 decode folds at load, W_q is an int8 initializer feeding a DequantizeLinear, which is what the
 QDQ selectors need. What onnxruntime 1.19.2 and 1.32 were seen to fuse (the optimized model
@@ -258,7 +259,14 @@ def _candidates(graph: gs.Graph, decodes: list[Any], opset: int) -> tuple[dict[s
         axes = {_out_axis(n) for n in nodes}
         layer = Int8Layer(decoded.name, ops, None, sorted({n.inputs[0].name for n in nodes}))
         reason = None
-        if decoded.axis is not None:
+        if decoded.scale is not None:  # the channel scale becomes the int8 weight's per-channel scale
+            if axes == {decoded.scale_axis} and opset >= AXIS_OPSET:
+                layer.axis = decoded.scale_axis
+            else:
+                skipped[decoded.name] = ("channel-scaled codebook whose scale is not along the output channels "
+                                         f"at opset >= 13 (opset {opset})")
+                continue
+        elif decoded.axis is not None:
             if axes == {decoded.axis} and opset >= AXIS_OPSET:
                 layer.axis = decoded.axis
             else:
@@ -442,13 +450,15 @@ class _Builder:
 
     def _weight(self, graph: gs.Graph, names: NameScope, layer: Int8Layer, decoded: Any, decodes: list[Any]) -> None:
         uses = [(node, slot) for node, owner, slot in _uses(graph, decoded.output)]
-        rows = decoded.shape[layer.axis] if layer.axis is not None else None
+        rows = decoded.shape[layer.axis] if layer.axis is not None and decoded.scale is None else None
         values = np.asarray(decoded.codebook.values, dtype=np.float32)
         if decoded.axis is not None and rows is None:
             values = values.reshape(-1)
         codebook, w_scale = weight_params(values, rows, self.levels)
+        if decoded.scale is not None:  # W = s_c · t · q: the DequantizeLinear scale per channel is t · s_c
+            w_scale = (np.float64(w_scale) * np.asarray(decoded.scale.values, np.float64).reshape(-1)).astype(np.float32)
         decoded.codebook.values = codebook
-        weight_q = decoded.output
+        weight_q = decoded.unscaled
         for tensor in decoded.value_tensors():  # int8 now (typed float where the opset was raised)
             tensor.dtype, tensor.shape = None, None
         weight = gs.Variable(names.fresh(f"{layer.name}_dequantized"))

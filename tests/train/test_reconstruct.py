@@ -52,11 +52,13 @@ def _if_model() -> onnx.ModelProto:
     ], [tensor("x", ["N", 16])], [tensor("y", ["N", 8])], [init("floor", np.array(-1e30, np.float32))])
 
 
-def test_reconstruct_lowers_the_output_error_of_weights_inside_an_if_branch():
+@pytest.mark.parametrize("channel_scale", [False, True])
+def test_reconstruct_lowers_the_output_error_of_weights_inside_an_if_branch(channel_scale):
     model, mixing = _if_model(), np.eye(16) + 0.5 * RNG.standard_normal((16, 16))
     fit, held = _inputs(512, (16,), mixing), _inputs(512, (16,), mixing)
-    clustered = compress(model, {"passes": [{"cluster": {"bits": 2}}]}, data={"x": fit}, check=False)
-    rebuilt = compress(model, {"passes": [{"cluster": {"bits": 2}}, {"reconstruct": {}}]}, data={"x": fit}, check=False)
+    cluster = {"cluster": {"bits": 2, "channel_scale": channel_scale}}
+    clustered = compress(model, {"passes": [cluster]}, data={"x": fit}, check=False)
+    rebuilt = compress(model, {"passes": [cluster, {"reconstruct": {}}]}, data={"x": fit}, check=False)
     step = rebuilt.report.passes[1]
     done = {c.layer: c for c in step.changes if not c.skipped}
     assert set(done) == {"w1", "w2"}  # the weights of the branch the data takes
@@ -68,7 +70,8 @@ def test_reconstruct_lowers_the_output_error_of_weights_inside_an_if_branch():
     assert rebuilt.model.ByteSize() == clustered.model.ByteSize()
 
 
-def test_reconstruct_refits_gru_input_and_recurrent_weights():
+@pytest.mark.parametrize("channel_scale", [False, True])
+def test_reconstruct_refits_gru_input_and_recurrent_weights(channel_scale):
     hidden, features = 16, 8
     model = make_model([
         helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
@@ -86,7 +89,7 @@ def test_reconstruct_refits_gru_input_and_recurrent_weights():
     ], opset=14)
     mixing = np.eye(features) + 0.5 * RNG.standard_normal((features, features))
     fit, held = _inputs(96, (12, features), mixing), _inputs(96, (12, features), mixing)
-    passes = [{"cluster": {"bits": 2, "small_params": False}}]
+    passes = [{"cluster": {"bits": 2, "small_params": False, "channel_scale": channel_scale}}]
     clustered = compress(model, {"passes": passes}, data={"x": fit}, check=False)
     rebuilt = compress(model, {"passes": [*passes, {"reconstruct": {"holdout": 0}}]}, data={"x": fit}, check=False)
     step = rebuilt.report.passes[1]
