@@ -35,6 +35,9 @@ to 0.7 (``--svd`` / ``--prune-channels latency_budget=0.7``), then cluster at 4 
 ``prune_lat=0.5+rec+avg_bits=3+gptq`` (also ``0.7``, ``0.8`` and ``+int8``) prunes channels and LSTM/GRU/RNN
 hidden units to 0.5 of the latency, refits the pruned layers' consumers (``--reconstruct``), then
 clusters at a mean of 3 bits; ``prune_lat=0.5+rec`` (``0.7``, ``0.8``) stops before the clustering.
+Each ``+gptq`` and ``+gptq+int8`` mode also ends in ``+cs`` (``channel_scale=true``: one codebook for
+the weight divided by each output channel's scale) or ``+pc`` (``per_channel=true``: a codebook per
+output channel), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs``.
 ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
@@ -184,7 +187,12 @@ BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3
 GPTQ_MODES = {f"{name}+gptq": ["--cluster", flags[1] + ",method=gptq"] for name, flags in BASE_MODES.items()}
 # The same codebooks run by onnxruntime's int8 kernels where each layer's error allows (issue 22).
 INT8_MODES = {f"{name}+int8": ["--cluster", flags[1] + ",execute=int8"] for name, flags in GPTQ_MODES.items()}
-MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
+# One codebook per tensor for the weight divided by each output channel's scale (channel_scale),
+# and one codebook per output channel (per_channel), GPTQ-fitted, float or int8.
+CHANNEL_MODES = {f"{name}{tail}+{short}": ["--cluster", flags[1] + f",{option}=true{extra}"]
+                 for name, flags in GPTQ_MODES.items() for short, option in (("cs", "channel_scale"), ("pc", "per_channel"))
+                 for tail, extra in (("", ""), ("+int8", ",execute=int8"))}
+MODES = {**BASE_MODES, **CHANNEL_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
          # GPTQ codebooks then fine-tuning by label-free distillation from the original (issue 20)
          **{f"{name}+ft": flags + FINETUNE for name, flags in GPTQ_MODES.items()},
          **INT8_MODES,
@@ -196,6 +204,8 @@ MODES = {**BASE_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE
          "svd_lat=0.7+rec+bits=4+gptq": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster", "bits=4,method=gptq"],
          "svd_lat=0.7+rec+avg_bits=3+gptq+int8": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster",
                                                   "avg_bits=3,method=gptq,execute=int8"],
+         "svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster",
+                                                     "avg_bits=3,method=gptq,execute=int8,channel_scale=true"],
          # channel / recurrent-unit pruning to a measured latency, consumers refit, then codebooks
          **{f"prune_lat={budget}+rec+avg_bits=3+gptq{tail}": [
              "--prune-channels", f"latency_budget={budget}", "--reconstruct", "--cluster", f"avg_bits=3,method=gptq{extra}"]
