@@ -36,6 +36,7 @@ Usage: ``python benchmarks/bench_finetune.py [--epochs 6] [--bits 4] [--sparsity
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -169,32 +170,71 @@ def _torch_epochs(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fro
     return best
 
 
-def bench_speed() -> None:
+@contextlib.contextmanager
+def _ort_session(setting: str):
+    """onnxruntime's training session with ``setting`` applied on top of onnxzip's options, for
+    this measurement only: ``spin=0`` (the intra-op thread pool sleeps between parallel sections
+    instead of spinning: ``session.intra_op.allow_spinning``), ``threads=N``, or both joined
+    by ``+``. An empty setting changes nothing."""
+    from onnxzip.train import engine
+
+    made = engine._session_options
+
+    def options():
+        value = made()
+        for item in filter(None, setting.split("+")):
+            key, _, number = item.partition("=")
+            if key == "spin":
+                value.add_session_config_entry("session.intra_op.allow_spinning", number)
+            elif key == "threads":
+                value.intra_op_num_threads = int(number)
+            else:
+                raise SystemExit(f"--ort-session: unknown setting {item!r} (spin=0, threads=N)")
+        return value
+
+    engine._session_options = options
+    try:
+        yield
+    finally:
+        engine._session_options = made
+
+
+def _ort_epoch(reference, data, setting: str) -> tuple[float, float, int]:
+    """The best of 2 onnxruntime epochs: (wall, CPU seconds, steps)."""
+    with _ort_session(setting):
+        result = finetune(reference.onnx_path, data, device="cpu", progress=False,
+                          config={"epochs": 2, "lr": 1e-4, "schedule": "constant", "warmup": 0, "patience": 0,
+                                  "keep": "last", "batch_size": 32})
+    rows = [row for row in result.history if "seconds" in row]
+    return (min(row["seconds"] for row in rows), min(row.get("cpu_seconds", math.nan) for row in rows),
+            int(rows[0]["steps"]))
+
+
+def bench_speed(settings: list[str]) -> None:
     """One epoch of the reference CNN: onnxzip's fine-tuning in onnxruntime against PyTorch on the
     same work. Both sides: every training image (onnxruntime with keep=last, so nothing is held
     back for epoch selection), batch 32 in a shuffled order, AdamW at a constant learning rate,
     cross-entropy, the loss read back each step; the per-step input indexing (a numpy / torch
     gather) is counted on both sides, loading, graph building and evaluation on neither. The
     best of 2 epochs, wall and CPU (``time.process_time``) seconds; the machine is shared, so
-    the wall time is noisy and the CPU time says more."""
+    the wall time is noisy and the CPU time says more. ``settings``: onnxruntime session
+    settings measured beside onnxzip's own (see :func:`_ort_session`)."""
     reference = get_reference_model("cnn")
     data = _labelled(reference)
-    result = finetune(reference.onnx_path, data, device="cpu", progress=False,
-                      config={"epochs": 2, "lr": 1e-4, "schedule": "constant", "warmup": 0, "patience": 0,
-                              "keep": "last", "batch_size": 32})
-    rows = [row for row in result.history if "seconds" in row]
-    ort_wall, ort_cpu = min(row["seconds"] for row in rows), min(row.get("cpu_seconds", math.nan) for row in rows)
+    ort_rows = [(label or "onnxzip's options", *_ort_epoch(reference, data, label)) for label in ["", *settings]]
     module = load_reference_module("cnn")
     x = torch.tensor(data[reference.input_name])
     y = torch.tensor(data["labels"])
     frozen = _torch_epochs(module, x, y, frozen_bn=True)
     batch_stats = _torch_epochs(load_reference_module("cnn"), x, y, frozen_bn=False)
-    print(f"\n4. one CPU training epoch of the reference CNN ({len(x)} images, {rows[0]['steps']:g} steps of 32, AdamW; "
-          f"best of 2; {torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} CPUs)")
-    print("                                       wall s    CPU s   ratio wall   ratio CPU")
-    print(f"   onnxruntime (BatchNorm frozen)    {ort_wall:8.2f} {ort_cpu:8.2f}")
+    print(f"\n4. one CPU training epoch of the reference CNN ({len(x)} images, {ort_rows[0][3]} steps of 32, AdamW; "
+          f"best of 2; {torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} CPUs, "
+          f"load {os.getloadavg()[0]:.1f})")
+    print("                                               wall s    CPU s   ratio wall   ratio CPU  (to PyTorch, BN frozen)")
+    for label, wall, cpu, _steps in ort_rows:
+        print(f"   onnxruntime, {label:<32} {wall:8.2f} {cpu:8.2f}   {wall / frozen[0]:9.2f}x  {cpu / frozen[1]:9.2f}x")
     for label, (wall, cpu) in (("PyTorch (BatchNorm frozen)", frozen), ("PyTorch (batch statistics)", batch_stats)):
-        print(f"   {label:<32} {wall:8.2f} {cpu:8.2f}   {ort_wall / wall:9.2f}x  {ort_cpu / cpu:9.2f}x")
+        print(f"   {label:<45} {wall:8.2f} {cpu:8.2f}")
     print("   target: onnxruntime within 1.5x of PyTorch on the same work (BatchNorm frozen)")
 
 
@@ -204,10 +244,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, help="codebook bits of part 2")
     parser.add_argument("--sparsity", type=float, default=0.01, help="λ of the sparsity training in part 1")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: prune, codebook, speech, speed")
+    parser.add_argument("--ort-session", default="",
+                        help="part 4: comma-separated onnxruntime session settings timed beside onnxzip's own, "
+                             "e.g. spin=0,threads=1,spin=0+threads=1")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if "speed" not in skip:
-        bench_speed()
+        bench_speed([v for v in args.ort_session.split(",") if v])
     if "codebook" not in skip:
         bench_codebook("cnn", args.epochs, args.bits)
         bench_codebook("transformer", args.epochs, args.bits)
