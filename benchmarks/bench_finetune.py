@@ -36,10 +36,14 @@ Prints, side by side with the untuned result measured in the same run:
    4.2-5.0 s; one intra-op thread 3.9-4.0 s (all the work there is); graph optimisation level
    (disabled, basic, extended, all) changes nothing (3.9-4.0 s at one thread). With
    ``--ort-session spin=0,threads=1`` at load 7.3: 14.0 s wall / 8.9 s CPU, spin=0 6.4 / 4.4,
-   threads=1 5.8 / 4.0 (PyTorch at that load took 45 s: no ratio is meaningful under load; at idle
-   PyTorch's 3.34 CPU s against onnxruntime's ~4 s of work is ~1.2x). The idle wall time of spin=0
-   is not measured yet (waking the pool costs some wall time; run ``--ort-session spin=0,threads=1``
-   on an idle machine before changing the engine's session options). Conv rewrites of the training
+   threads=1 5.8 / 4.0 (PyTorch at that load took 45 s: no ratio is meaningful under load). Both at
+   one thread, alternated in one process at load 6: onnxruntime 3.87-4.00 CPU s, PyTorch
+   3.15-3.29: **1.22x of work**. So the idle 1.92x is onnxruntime's spinning (CPU) and its poor use
+   of the second core (wall: 3.21 s for ~4 s of work, where PyTorch runs ~3.2 s of work in 1.67 s;
+   ConvGrad's per-image loop of small GEMMs and its single-threaded Im2col split badly over
+   threads). The idle wall time of spin=0 is not measured yet (waking the pool costs some wall
+   time; run ``--ort-session spin=0,threads=1`` on an idle machine before changing the engine's
+   session options). Conv rewrites of the training
    copy, all exact (the same losses to 4 digits) and all slower, CPU s at one thread / spin=0 /
    spinning against 4.0 / 4.2-5.0 / 7.8-8.4 for Conv: im2col in NHWC as Pad + 9 strided Slices +
    Concat and one MatMul [N·OH·OW, 9C]·[9C, M] with the batch folded in: 5.65 / 7.1 / 10.3 (the
@@ -47,8 +51,8 @@ Prints, side by side with the untuned result measured in the same run:
    [C, N·H·W] layout (W·col): 6.6 (spin=0) / 10.1-10.2 (spinning); only convs with OH·OW <= 16
    (stage 3) rewritten: 3.95 / 4.4-4.6 / 8.4, <= 64: 4.4-4.6 / 4.8 / 8.4 (no gain); the batch stacked
    along H into one image (Conv on [1, C, N·(H+2), W], so ConvGrad's loop runs once with big
-   GEMMs): 5.1 / 6.0 / 10.3 (the 9 MB column buffer leaves the cache; ConvGrad's per-image
-   buffer of ~0.3 MB does not). ConvGrad per FLOP is within ~1.3x of onnxruntime's Conv forward.
+   GEMMs): 5.1 / 6.0 / 10.3 (probably the 9 MB column buffer, out of cache where ConvGrad's
+   per-image ~0.3 MB one is not). ConvGrad per FLOP is within ~1.3x of onnxruntime's Conv forward.
 
 Usage: ``python benchmarks/bench_finetune.py [--epochs 6] [--bits 4] [--sparsity 0.01] [--skip prune,codebook,speech,speed]
 [--ort-session spin=0,threads=1]``.
