@@ -28,14 +28,39 @@ Prints, side by side with the untuned result measured in the same run:
    (1.46-1.54x) held back a fifth of the data on the onnxruntime side only. On the idle machine
    (load 0.3), the same work: onnxruntime 3.21 s wall / 6.39 s CPU, PyTorch 1.67 s / 3.34 s:
    **1.92x, the 1.5x target is not met**. onnxruntime's kernel time in that epoch: ConvGrad 66%,
-   Conv 19%, ReluGrad 7% (ConvGrad is onnxruntime's CPU gradient of Conv; a gradient definition
-   through Conv/ConvTranspose kernels is the next thing to try).
+   Conv 19%, ReluGrad 7% (ConvGrad is onnxruntime's CPU gradient of Conv).
+   Where the gap comes from (2026-12-06, same machine at load 4-7, CPU seconds per 45-step epoch,
+   variants alternated in one process, best of 3-5): onnxruntime's intra-op thread pool *spins*
+   between parallel sections, and that spinning, not ConvGrad's arithmetic, doubles the CPU time.
+   onnxzip's options 7.8-8.4 s CPU; the same session with ``session.intra_op.allow_spinning=0``
+   4.2-5.0 s; one intra-op thread 3.9-4.0 s (all the work there is); graph optimisation level
+   (disabled, basic, extended, all) changes nothing (3.9-4.0 s at one thread). With
+   ``--ort-session spin=0,threads=1`` at load 7.3: 14.0 s wall / 8.9 s CPU, spin=0 6.4 / 4.4,
+   threads=1 5.8 / 4.0 (PyTorch at that load took 45 s: no ratio is meaningful under load). Both at
+   one thread, alternated in one process at load 6: onnxruntime 3.87-4.00 CPU s, PyTorch
+   3.15-3.29: **1.22x of work**. So the idle 1.92x is onnxruntime's spinning (CPU) and its poor use
+   of the second core (wall: 3.21 s for ~4 s of work, where PyTorch runs ~3.2 s of work in 1.67 s;
+   ConvGrad's per-image loop of small GEMMs and its single-threaded Im2col split badly over
+   threads). The idle wall time of spin=0 is not measured yet (waking the pool costs some wall
+   time; run ``--ort-session spin=0,threads=1`` on an idle machine before changing the engine's
+   session options). Conv rewrites of the training
+   copy, all exact (the same losses to 4 digits) and all slower, CPU s at one thread / spin=0 /
+   spinning against 4.0 / 4.2-5.0 / 7.8-8.4 for Conv: im2col in NHWC as Pad + 9 strided Slices +
+   Concat and one MatMul [N·OH·OW, 9C]·[9C, M] with the batch folded in: 5.65 / 7.1 / 10.3 (the
+   Slice/SliceGrad/Concat/Split/Sum around the GEMMs cost as much as the GEMMs); the same in
+   [C, N·H·W] layout (W·col): 6.6 (spin=0) / 10.1-10.2 (spinning); only convs with OH·OW <= 16
+   (stage 3) rewritten: 3.95 / 4.4-4.6 / 8.4, <= 64: 4.4-4.6 / 4.8 / 8.4 (no gain); the batch stacked
+   along H into one image (Conv on [1, C, N·(H+2), W], so ConvGrad's loop runs once with big
+   GEMMs): 5.1 / 6.0 / 10.3 (probably the 9 MB column buffer, out of cache where ConvGrad's
+   per-image ~0.3 MB one is not). ConvGrad per FLOP is within ~1.3x of onnxruntime's Conv forward.
 
-Usage: ``python benchmarks/bench_finetune.py [--epochs 6] [--bits 4] [--sparsity 0.01] [--skip prune,codebook,speech,speed]``.
+Usage: ``python benchmarks/bench_finetune.py [--epochs 6] [--bits 4] [--sparsity 0.01] [--skip prune,codebook,speech,speed]
+[--ort-session spin=0,threads=1]``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -169,32 +194,71 @@ def _torch_epochs(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fro
     return best
 
 
-def bench_speed() -> None:
+@contextlib.contextmanager
+def _ort_session(setting: str):
+    """onnxruntime's training session with ``setting`` applied on top of onnxzip's options, for
+    this measurement only: ``spin=0`` (the intra-op thread pool sleeps between parallel sections
+    instead of spinning: ``session.intra_op.allow_spinning``), ``threads=N``, or both joined
+    by ``+``. An empty setting changes nothing."""
+    from onnxzip.train import engine
+
+    made = engine._session_options
+
+    def options():
+        value = made()
+        for item in filter(None, setting.split("+")):
+            key, _, number = item.partition("=")
+            if key == "spin":
+                value.add_session_config_entry("session.intra_op.allow_spinning", number)
+            elif key == "threads":
+                value.intra_op_num_threads = int(number)
+            else:
+                raise SystemExit(f"--ort-session: unknown setting {item!r} (spin=0, threads=N)")
+        return value
+
+    engine._session_options = options
+    try:
+        yield
+    finally:
+        engine._session_options = made
+
+
+def _ort_epoch(reference, data, setting: str) -> tuple[float, float, int]:
+    """The best of 2 onnxruntime epochs: (wall, CPU seconds, steps)."""
+    with _ort_session(setting):
+        result = finetune(reference.onnx_path, data, device="cpu", progress=False,
+                          config={"epochs": 2, "lr": 1e-4, "schedule": "constant", "warmup": 0, "patience": 0,
+                                  "keep": "last", "batch_size": 32})
+    rows = [row for row in result.history if "seconds" in row]
+    return (min(row["seconds"] for row in rows), min(row.get("cpu_seconds", math.nan) for row in rows),
+            int(rows[0]["steps"]))
+
+
+def bench_speed(settings: list[str]) -> None:
     """One epoch of the reference CNN: onnxzip's fine-tuning in onnxruntime against PyTorch on the
     same work. Both sides: every training image (onnxruntime with keep=last, so nothing is held
     back for epoch selection), batch 32 in a shuffled order, AdamW at a constant learning rate,
     cross-entropy, the loss read back each step; the per-step input indexing (a numpy / torch
     gather) is counted on both sides, loading, graph building and evaluation on neither. The
     best of 2 epochs, wall and CPU (``time.process_time``) seconds; the machine is shared, so
-    the wall time is noisy and the CPU time says more."""
+    the wall time is noisy and the CPU time says more. ``settings``: onnxruntime session
+    settings measured beside onnxzip's own (see :func:`_ort_session`)."""
     reference = get_reference_model("cnn")
     data = _labelled(reference)
-    result = finetune(reference.onnx_path, data, device="cpu", progress=False,
-                      config={"epochs": 2, "lr": 1e-4, "schedule": "constant", "warmup": 0, "patience": 0,
-                              "keep": "last", "batch_size": 32})
-    rows = [row for row in result.history if "seconds" in row]
-    ort_wall, ort_cpu = min(row["seconds"] for row in rows), min(row.get("cpu_seconds", math.nan) for row in rows)
+    ort_rows = [(label or "onnxzip's options", *_ort_epoch(reference, data, label)) for label in ["", *settings]]
     module = load_reference_module("cnn")
     x = torch.tensor(data[reference.input_name])
     y = torch.tensor(data["labels"])
     frozen = _torch_epochs(module, x, y, frozen_bn=True)
     batch_stats = _torch_epochs(load_reference_module("cnn"), x, y, frozen_bn=False)
-    print(f"\n4. one CPU training epoch of the reference CNN ({len(x)} images, {rows[0]['steps']:g} steps of 32, AdamW; "
-          f"best of 2; {torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} CPUs)")
-    print("                                       wall s    CPU s   ratio wall   ratio CPU")
-    print(f"   onnxruntime (BatchNorm frozen)    {ort_wall:8.2f} {ort_cpu:8.2f}")
+    print(f"\n4. one CPU training epoch of the reference CNN ({len(x)} images, {ort_rows[0][3]} steps of 32, AdamW; "
+          f"best of 2; {torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} CPUs, "
+          f"load {os.getloadavg()[0]:.1f})")
+    print("                                               wall s    CPU s   ratio wall   ratio CPU  (to PyTorch, BN frozen)")
+    for label, wall, cpu, _steps in ort_rows:
+        print(f"   onnxruntime, {label:<32} {wall:8.2f} {cpu:8.2f}   {wall / frozen[0]:9.2f}x  {cpu / frozen[1]:9.2f}x")
     for label, (wall, cpu) in (("PyTorch (BatchNorm frozen)", frozen), ("PyTorch (batch statistics)", batch_stats)):
-        print(f"   {label:<32} {wall:8.2f} {cpu:8.2f}   {ort_wall / wall:9.2f}x  {ort_cpu / cpu:9.2f}x")
+        print(f"   {label:<45} {wall:8.2f} {cpu:8.2f}")
     print("   target: onnxruntime within 1.5x of PyTorch on the same work (BatchNorm frozen)")
 
 
@@ -204,10 +268,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, help="codebook bits of part 2")
     parser.add_argument("--sparsity", type=float, default=0.01, help="λ of the sparsity training in part 1")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: prune, codebook, speech, speed")
+    parser.add_argument("--ort-session", default="",
+                        help="part 4: comma-separated onnxruntime session settings timed beside onnxzip's own, "
+                             "e.g. spin=0,threads=1,spin=0+threads=1")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if "speed" not in skip:
-        bench_speed()
+        bench_speed([v for v in args.ort_session.split(",") if v])
     if "codebook" not in skip:
         bench_codebook("cnn", args.epochs, args.bits)
         bench_codebook("transformer", args.epochs, args.bits)
