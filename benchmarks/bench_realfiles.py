@@ -126,6 +126,16 @@ prune_lat=0.5+rec+avg_bits=3+gptq+int8 (2.40x, 1.06x); dtln_stage1 11.35x avg_bi
 11.91x avg_bits=2.5+gptq (1.01x, 0.77x); dtln_stage2 none kept (avg_bits=3+gptq 9.55x, -0.60 dB).
 Issue 21's geometric mean over the five files with a kept file: 13.97x.
 
+Channel-scaled codebooks (2026-12-06, ``--modes avg_bits=3+gptq+cs,avg_bits=2.5+gptq+cs --skip-peers``,
+load 5-6; ``channel_scale=true``): captcha_crnn 9.61x (84.38) / 11.29x (85.94, kept); nsnet2_16k
+10.25x (9.71 dB) / 12.19x (9.74 dB, kept); dtln_stage1 9.33x (kept) / 10.72x (not kept: STOI);
+dtln_stage2 9.08x at -0.52 dB / 10.67x at -2.27 dB (not kept). Each weight's sensitivity at a width
+falls with the scales on most layers (dtln_stage2 conv1d_2 at 3 bits 0.0056 -> 0.0049, dense
+0.0024 -> 0.0015), but the [C] scales cost ~4 bytes per channel and the kept ratios are not above the
+plain GPTQ modes'. On open_nsfw (BatchNorm folded into every Conv, CLI runs with score):
+bits=4+gptq max |dP| 0.366 (7.77x); +cs 0.160 (7.62x); +cs --reconstruct 0.102 (mean 0.0097);
++pc 0.062 (6.05x); avg_bits=3+gptq+cs 0.223 (9.98x): none within max |dP| <= 0.05.
+
 Fine-tuning (issue 20): ``+ft`` modes append ``--finetune epochs=3`` (label-free distillation from the
 original on calib.npz); a run with ``+ft`` modes ends with a section giving per ``+ft`` run the share
 of float parameters trained, the task score of the same mode without ``+ft`` (when run) and with it,
