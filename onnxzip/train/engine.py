@@ -693,7 +693,8 @@ def finetune(
                                 f"loss ({' + '.join(result.losses)}) the epoch is selected on the held-out loss")
         best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
                       fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
-                      held_back=bool(notes), output_terms=output_terms, db_terms=db_terms, task=task)
+                      held_back=bool(notes), output_terms=output_terms, db_terms=db_terms, task=task,
+                      reopen=lambda: _open(work, device))
     result.model = with_weights(model, best, plan.locations)
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
@@ -799,14 +800,15 @@ def _train(
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
     plan: TrainingCopy, model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
     held_back: bool = False, output_terms: list[LossTerm] = (), db_terms: list[LossTerm] = (),
-    task: Any = None,
+    task: Any = None, reopen: Any = None,
 ) -> dict[str, NDArray[Any]]:
     """The training loop (on data ``held_back`` from the training data, the epoch is selected on
     the loss unless a metric is named; ``select=db`` on the outputs' per-sample relative error in dB
     against ``db_terms``' targets; a ``task`` metric scores each epoch's whole model instead); returns
     the best epoch's weights, or the input's when no epoch beats them. An epoch that scores worse
-    than the best so far is undone and retried at half the learning rate (at most
-    :data:`_MAX_HALVINGS` times in a run)."""
+    than the best so far is undone (the best weights back in a training session opened again by
+    ``reopen``, so that the optimizer's moments restart too) and retried at half the learning rate
+    (at most :data:`_MAX_HALVINGS` times in a run)."""
     state, module, optimizer = session
     names = module.input_names()
     targets, target_axes = train_targets
@@ -907,6 +909,8 @@ def _train(
         elif scored and halvings < _MAX_HALVINGS:  # undo the epoch, retry it slower
             halvings += 1
             scale /= 2
+            if reopen is not None:  # the undone epoch's Adam moments would steer the retry its way again
+                state, module, optimizer = reopen()
             _restore(state, best_weights)
             result.notes.append(f"epoch {epoch} made the held-out score worse: undone and retried at half the "
                                 f"learning rate ({scale:g}× the schedule)")

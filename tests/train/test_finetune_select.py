@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from helpers import init, make_model, mlp, tensor
 from onnxzip.core.runtime import make_session, run_session
@@ -125,3 +125,24 @@ def test_an_unknown_metric_is_refused_before_anything_trains():
     x = np.random.default_rng(2).standard_normal((40, 8)).astype(np.float32)
     with pytest.raises(ConfigError, match="Unknown metric 'sisdr'"):
         finetune(student, {"x": x}, teacher=student, device="cpu", progress=False, config={"metric": "sisdr"})
+
+
+def test_an_undone_epoch_is_retried_from_the_best_weights_with_fresh_optimizer_moments():
+    teacher, student = mlp(np.random.default_rng(0)), mlp(np.random.default_rng(0))
+    noise = np.random.default_rng(1)
+    for weight in student.graph.initializer:  # the teacher, a little off
+        value = numpy_helper.to_array(weight)
+        weight.CopyFrom(numpy_helper.from_array(value + 0.01 * noise.standard_normal(value.shape).astype(value.dtype),
+                                                weight.name))
+    x = np.random.default_rng(2).standard_normal((48, 8)).astype(np.float32)
+    y = _y(teacher, x)
+    data, val = {"x": x[:32], "references": y[:32]}, {"x": x[32:], "references": y[32:]}
+    # one full-batch step per epoch at a rate far too high: the epoch is undone, retried at half
+    config = {"epochs": 1, "batch_size": 32, "warmup": 0.0, "schedule": "constant", "patience": 0, "match": ["none"]}
+    undone = finetune(student, data, val=val, device="cpu", progress=False, config={**config, "lr": 0.5})
+    assert "undone and retried at half the learning rate (0.5× the schedule)" in undone.notes[0]
+    # the retry is the first step of a fresh run at half the rate: the rejected step's Adam moments
+    # are gone (carried over, they moved the retry elsewhere)
+    fresh = finetune(student, data, val=val, device="cpu", progress=False, config={**config, "lr": 0.25})
+    assert undone.history[0]["val_loss"] == pytest.approx(fresh.history[0]["val_loss"], rel=1e-6)
+    assert undone.history[2]["val_loss"] == pytest.approx(fresh.history[1]["val_loss"], rel=1e-4)
