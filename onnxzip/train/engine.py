@@ -912,7 +912,8 @@ def _train(
             if reopen is not None:  # the undone epoch's Adam moments would steer the retry its way again
                 state, module, optimizer = reopen()
             _restore(state, best_weights)
-            result.notes.append(f"epoch {epoch} made the held-out score worse: undone and retried at half the "
+            result.notes.append(f"epoch {epoch} made the {'task' if task is not None else 'held-out'} score worse: "
+                                "undone and retried at half the "
                                 f"learning rate ({scale:g}× the schedule)")
             epoch -= 1
             continue

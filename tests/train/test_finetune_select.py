@@ -117,6 +117,7 @@ def test_a_task_metric_keeps_the_input_when_every_epoch_scores_worse_on_it(tmp_p
     assert kept_input.best_epoch == 0
     assert all(row[worse] < kept_input.history[0][worse] for row in kept_input.history[1:])
     assert any(f"no epoch beat the input on {worse}" in note for note in kept_input.notes)
+    assert any(note.startswith("epoch 1 made the task score worse: undone") for note in kept_input.notes)
     assert kept_input.model.SerializeToString() == student.SerializeToString()
 
 
