@@ -111,8 +111,13 @@ class FinetuneConfig:
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
     keep: Literal["best", "last"] = option("best", "the epoch whose weights are returned: best on --val (else the "
                                            "lowest training loss), or last (no selection on the validation data)")
-    metric: str | None = option(None, "evaluator metric on --val (default: accuracy with labels, "
-                                "cosine to the teacher without)")
+    metric: str | None = option(None, "evaluator metric that selects the epoch, on --val (default: accuracy with "
+                                "labels, cosine to the teacher without; with no --val, the held-out loss), or a "
+                                "task score of the whole model file, task:FILE.py:function (higher is better)")
+    select: Literal["loss", "db"] = option(
+        "loss", "without a metric, what the held-out epoch selection compares per sample: loss (the outputs' "
+        "loss terms) or db (each output's relative error in dB, 10·log10(error / the target's mean square), "
+        "averaged over the outputs: every sample and output weighs equally, like an SNR)")
     include: list[str] = option([], "weight name globs that train (empty: all float weights)")
     exclude: list[str] = option([], "weight name globs that stay frozen")
     seed: int = option(0, "seed of the shuffling")
@@ -565,7 +570,9 @@ def finetune(
             if checked is not None:
                 probe_in_child(checked, probe_feeds(checked, train.inputs))
     held_out = _load_data(model, val, "validation", sample_axes) if val is not None else None
-    if held_out is None and config.keep == "best" and not config.sparsity and len(train) >= _MIN_HOLDOUT_SAMPLES:
+    task = task_metric_of(config.metric)  # a task score needs no held-back data: it brings its own
+    if held_out is None and task is None and config.keep == "best" and not config.sparsity \
+            and len(train) >= _MIN_HOLDOUT_SAMPLES:
         train, held_out = _hold_back(train, config.seed)
         notes = [f"held back {len(held_out)} of {len(train) + len(held_out)} training samples (seed {config.seed}) "
                  "to select the epoch"]
@@ -679,9 +686,15 @@ def finetune(
         # With matched inner activations the epoch is selected on the model's outputs alone: the
         # matched terms only add signal, and can dominate a loss whose outputs improve.
         output_terms = [t for t in terms if t.target.startswith("onnxzip_teacher_")] if named else []
+        db_terms = [t for t in terms if t.target.startswith(("onnxzip_teacher_", "onnxzip_references"))
+                    and t.kind in ("mse", "l1", "kl")]
+        if config.select == "db" and not db_terms and held_out is not None and config.metric is None:
+            result.notes.append("select=db compares outputs with the teacher's or the references; with this "
+                                f"loss ({' + '.join(result.losses)}) the epoch is selected on the held-out loss")
         best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
                       fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
-                      held_back=bool(notes), output_terms=output_terms)
+                      held_back=bool(notes), output_terms=output_terms, db_terms=db_terms, task=task,
+                      reopen=lambda: _open(work, device))
     result.model = with_weights(model, best, plan.locations)
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
@@ -711,6 +724,18 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     tidy(graph)
     return export_model(graph, model)
+
+
+def task_metric_of(spec: str | None) -> Any:
+    """The :class:`~onnxzip.evaluators.user.ModelMetric` of a ``task:FILE.py:function`` metric, else
+    None; a metric that names no evaluator is refused here, before anything trains."""
+    if not spec:
+        return None
+    from onnxzip.evaluators.registry import resolve_metric
+    from onnxzip.evaluators.user import ModelMetric
+
+    resolved = resolve_metric(spec)
+    return resolved if isinstance(resolved, ModelMetric) else None
 
 
 def _metric_name(config: FinetuneConfig, held_out: _Data | None, model: onnx.ModelProto) -> str | None:
@@ -774,12 +799,16 @@ def _train(
     train_targets: tuple[dict[str, NDArray[Any]], dict[str, int | None]],
     held_out: _Data | None, val_targets: dict[str, NDArray[Any]] | None, batch: int, fixed: bool,
     plan: TrainingCopy, model: onnx.ModelProto, teacher_val: dict[str, NDArray[Any]] | None, progress: bool,
-    held_back: bool = False, output_terms: list[LossTerm] = (),
+    held_back: bool = False, output_terms: list[LossTerm] = (), db_terms: list[LossTerm] = (),
+    task: Any = None, reopen: Any = None,
 ) -> dict[str, NDArray[Any]]:
     """The training loop (on data ``held_back`` from the training data, the epoch is selected on
-    the loss unless a metric is named); returns the best epoch's weights, or the input's when no epoch beats
-    them on the held-out data. An epoch that scores worse than the best so far is undone and
-    retried at half the learning rate (at most :data:`_MAX_HALVINGS` times in a run)."""
+    the loss unless a metric is named; ``select=db`` on the outputs' per-sample relative error in dB
+    against ``db_terms``' targets; a ``task`` metric scores each epoch's whole model instead); returns
+    the best epoch's weights, or the input's when no epoch beats them. An epoch that scores worse
+    than the best so far is undone (the best weights back in a training session opened again by
+    ``reopen``, so that the optimizer's moments restart too) and retried at half the learning rate
+    (at most :data:`_MAX_HALVINGS` times in a run)."""
     state, module, optimizer = session
     names = module.input_names()
     targets, target_axes = train_targets
@@ -789,7 +818,10 @@ def _train(
     gammas = plan.gammas
     sparse = [g for g in gammas if g in result.trained] if config.sparsity > 0 else []
     slimming = _SparseGammas(sparse, config)
-    metric = config.metric if held_back else _metric_name(config, held_out, model)
+    # select=db replaces the default held-out measure (the loss; on --val, cosine), never a named metric
+    in_db = task is None and not config.metric and config.select == "db" and bool(db_terms)
+    metric = None if task is not None or in_db else config.metric if held_back else _metric_name(config, held_out, model)
+    scored = val_arrays is not None or task is not None  # each epoch gets a held-out or task score
     selecting = not sparse and config.keep == "best"  # sparsity training keeps its last (sparsest) epoch
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = len(_batches(len(train), batch, fixed, None))
@@ -798,13 +830,22 @@ def _train(
     def held_out_score(row: dict[str, float]) -> tuple[float, NDArray[np.float64] | None]:
         """(the score, higher is better; the per-batch or per-sample losses it is the mean of, or
         None for a metric)"""
-        module.eval()  # one sample a step (a fixed batch: its size), so the paired test sees every sample
-        val_losses = np.array([float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
-                               for c in _batches(len(held_out), batch if fixed else 1, fixed, None)])
-        row["val_loss"] = float(np.mean(val_losses))
-        if metric is None and not output_terms:
+        if val_arrays is not None:
+            module.eval()  # one sample a step (a fixed batch: its size), so the paired test sees every sample
+            val_losses = np.array([float(np.asarray(module(*[take(val_arrays[n], c, axes.get(n, 0)) for n in names])))
+                                   for c in _batches(len(held_out), batch if fixed else 1, fixed, None)])
+            row["val_loss"] = float(np.mean(val_losses))
+        if task is None and metric is None and not output_terms and not in_db:
             return -row["val_loss"], val_losses
         current = with_weights(model, _snapshot(state, result.trained), plan.locations)
+        if task is not None:  # the user's score of the whole model file: it alone selects
+            value = task.measure(current).value
+            row[task.name] = value
+            return (value if task.higher_is_better else -value), None
+        if in_db:
+            per_sample = _output_db(current, db_terms, held_out, val_targets, batch, result.device)
+            row["val_output_db"] = float(np.mean(per_sample))
+            return -row["val_output_db"], per_sample
         if metric is None:
             per_sample = _output_loss(current, output_terms, held_out, val_targets, batch, result.device)
             row["val_output_loss"] = float(np.mean(per_sample))
@@ -815,7 +856,7 @@ def _train(
 
     best_score, best_weights, stale, halvings, scale = -math.inf, _snapshot(state, result.trained), 0, 0, 1.0
     best_losses: NDArray[np.float64] | None = None
-    if val_arrays is not None and selecting:  # the input itself is the first candidate
+    if scored and selecting:  # the input itself is the first candidate
         start: dict[str, float] = {"epoch": 0}
         best_score, best_losses = held_out_score(start)
         result.history.append(start)
@@ -852,24 +893,27 @@ def _train(
         row: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": rate, "steps": len(chunks),
                                  "seconds": time.perf_counter() - began,
                                  "cpu_seconds": time.process_time() - began_cpu}
-        score, losses_now = held_out_score(row) if val_arrays is not None else (-row["loss"], None)
+        score, losses_now = held_out_score(row) if scored else (-row["loss"], None)
         result.history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         if progress:
             tqdm.write("finetune " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()))
-        noise = _within_noise(best_losses, losses_now) if selecting and score > best_score else None
+        noise = _within_noise(best_losses, losses_now, in_db) if selecting and score > best_score else None
         if (score > best_score and noise is None) or not selecting:
             best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
             best_losses = losses_now
             continue
         if noise is not None:  # lower, but not by more than the held-out loss's own spread: not kept, not undone
             result.notes.append(f"epoch {epoch} {noise}: not kept")
-        elif val_arrays is not None and halvings < _MAX_HALVINGS:  # undo the epoch, retry it slower
+        elif scored and halvings < _MAX_HALVINGS:  # undo the epoch, retry it slower
             halvings += 1
             scale /= 2
+            if reopen is not None:  # the undone epoch's Adam moments would steer the retry its way again
+                state, module, optimizer = reopen()
             _restore(state, best_weights)
-            result.notes.append(f"epoch {epoch} made the held-out score worse: undone and retried at half the "
+            result.notes.append(f"epoch {epoch} made the {'task' if task is not None else 'held-out'} score worse: "
+                                "undone and retried at half the "
                                 f"learning rate ({scale:g}× the schedule)")
             epoch -= 1
             continue
@@ -877,8 +921,9 @@ def _train(
         if config.patience and stale >= config.patience:
             result.notes.append(f"stopped early after epoch {epoch} ({config.patience} epochs without improvement)")
             break
-    if selecting and val_arrays is not None and result.best_epoch == 0:
-        result.notes.append("no epoch beat the input on the held-out data: the input weights are returned")
+    if selecting and scored and result.best_epoch == 0:
+        result.notes.append("no epoch beat the input " + (f"on {task.name}" if task is not None else
+                            "on the held-out data") + ": the input weights are returned")
     if gammas:
         values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(plan.model, g)))) for g in gammas])
         result.gammas = int(values.size)
@@ -886,19 +931,22 @@ def _train(
     return best_weights
 
 
-def _within_noise(best: NDArray[np.float64] | None, now: NDArray[np.float64] | None) -> str | None:
+def _within_noise(best: NDArray[np.float64] | None, now: NDArray[np.float64] | None, db: bool = False) -> str | None:
     """Why a lower held-out loss does not count (one phrase), or None when it does: the paired
-    differences of the per-batch (or per-sample) losses must have a mean above
-    :data:`_NOISE_SE` standard errors, else the epoch only fits the noise of a small held-out part."""
+    differences of the per-batch (or per-sample) losses (``db``: relative errors in dB) must have a
+    mean above :data:`_NOISE_SE` standard errors, else the epoch only fits the noise of a small
+    held-out part."""
     if best is None or now is None or len(best) != len(now) or len(best) < 2:
         return None
     gain = best - now
     error = float(np.std(gain, ddof=1)) / math.sqrt(len(gain))
     if float(np.mean(gain)) > _NOISE_SE * error:
         return None
-    return (f"lowered the held-out loss by {100 * float(np.mean(gain)) / max(float(np.mean(best)), 1e-30):.1f}%, "
+    lowered = (f"lowered the held-out relative error by {float(np.mean(gain)):.2f} dB" if db else
+               f"lowered the held-out loss by {100 * float(np.mean(gain)) / max(float(np.mean(best)), 1e-30):.1f}%")
+    return (f"{lowered}, "
             f"within its noise ({float(np.mean(gain)) / error if error else 0.0:.1f} of the {_NOISE_SE:g} standard "
-            f"errors over {len(gain)} paired held-out losses needed)")
+            f"errors over {len(gain)} paired held-out {'values' if db else 'losses'} needed)")
 
 
 def _output_loss(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targets: dict[str, NDArray[Any]],
@@ -925,6 +973,33 @@ def _output_loss(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, tar
         error = np.moveaxis(error, axis, 0)
         total += term.weight * error.reshape(error.shape[0], -1).mean(axis=1)
     return total
+
+
+def _output_db(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targets: dict[str, NDArray[Any]],
+               batch: int, device: str) -> NDArray[np.float64]:
+    """Per sample, the mean over the ``terms``' outputs of the relative error in dB,
+    ``10·log10(mean((y − t)²) / mean(t²))`` of ``model`` run by onnxruntime on ``data`` (for ``kl``
+    terms on the softmax of the output against the teacher's probabilities), floored at −120 dB
+    below the output's mean power. Unlike the pooled loss, every sample and every output weighs the
+    same, whatever its scale (as in SNR-like task metrics averaged over utterances)."""
+    outputs, axes = run_samples(make_session(model, device), data.inputs, batch)
+    total = np.zeros(len(data))
+    for term in terms:
+        y = outputs[term.output].astype(np.float64)
+        t = targets[term.target].astype(np.float64)
+        if term.kind == "kl":
+            shifted = np.exp(y - y.max(axis=-1, keepdims=True))
+            y = shifted / shifted.sum(axis=-1, keepdims=True)
+        axis = axes.get(term.output, 0)
+        if axis is None:  # the same for every sample
+            y, t = y[None], t[None]
+        else:
+            y, t = np.moveaxis(y, axis, 0), np.moveaxis(t, axis, 0)
+        error = ((y - t) ** 2).reshape(y.shape[0], -1).mean(axis=1)
+        power = (t ** 2).reshape(t.shape[0], -1).mean(axis=1)
+        floor = 1e-12 * max(float(power.mean()), 1e-30)
+        total += 10.0 * np.log10((error + floor) / (power + floor))
+    return total / max(len(terms), 1)
 
 
 def _restore(state: Any, weights: dict[str, NDArray[Any]]) -> None:
