@@ -134,7 +134,8 @@ falls with the scales on most layers (dtln_stage2 conv1d_2 at 3 bits 0.0056 -> 0
 0.0024 -> 0.0015), but the [C] scales cost ~4 bytes per channel and the kept ratios are not above the
 plain GPTQ modes'. On open_nsfw (BatchNorm folded into every Conv, CLI runs with score):
 bits=4+gptq max |dP| 0.366 (7.77x); +cs 0.160 (7.62x); +cs --reconstruct 0.102 (mean 0.0097);
-+pc 0.062 (6.05x); avg_bits=3+gptq+cs 0.223 (9.98x): none within max |dP| <= 0.05.
++pc 0.062 (6.05x), +pc --reconstruct 0.115 (mean 0.0078); avg_bits=3+gptq+cs 0.223 (9.98x): none
+within max |dP| <= 0.05.
 
 Fine-tuning (issue 20): ``+ft`` modes append ``--finetune epochs=3`` (label-free distillation from the
 original on calib.npz); a run with ``+ft`` modes ends with a section giving per ``+ft`` run the share
