@@ -221,6 +221,7 @@ def compress(
                           progress=progress, dims=recipe.dims, original=original, data=data, val=val,
                           sample_axes=recipe.sample_axes, generated=generated is not None)
     if recipe.metrics:  # passes that search for the smallest acceptable model ask this
+        context.metrics = list(recipe.metrics)
         judged_on = val if val is not None else data
         context.accept = lambda candidate: quality_gate(
             original, candidate, judged_on, recipe.metrics, device=recipe.device,

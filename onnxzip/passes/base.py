@@ -115,6 +115,7 @@ class PassContext:
     data: Any = None  # the pipeline's data (.npz path or arrays), for training steps
     val: Any = None  # the pipeline's held-out data (a training step's validation set)
     accept: Callable[[onnx.ModelProto], bool] | None = None
+    metrics: list[Any] = field(default_factory=list)  # the run's --metric conditions (a finetune step's epoch choice)
     sample_axes: dict[str, int | None] = field(default_factory=dict)  # --sample-axis: settles the data layout
     generated: bool = False  # feeds were generated from the signature (no --data): no calibration data
     timing: Any = None  # an onnxzip.measure.latency.Timing for latency_budget (None: onnxruntime, one thread)

@@ -20,7 +20,8 @@ from onnxzip.errors import ConfigError
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.core.report import LayerChange
 from onnxzip.core.schema import option
-from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data
+from onnxzip.evaluators.gate import parse_conditions
+from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data, task_metric_of
 from onnxzip.train.trainable import prepare
 
 
@@ -60,6 +61,10 @@ class FinetunePass(Pass):
         options["include"] = selected or ["\0none"]
         options["exclude"] = []
         teacher = self.config.teacher or context.original
+        from_run = None
+        if options.get("metric") is None:  # the run's own task score (--metric task:...) picks the epoch
+            from_run = next((c.metric for c in parse_conditions(context.metrics) if task_metric_of(c.metric)), None)
+            options["metric"] = from_run
         val, skipped_val = self.config.val or context.val, None
         if val is not None and not is_array_data(val):
             # e.g. a folder of WAVs that the loop's gate scores: epochs are not evaluated on it
@@ -73,6 +78,8 @@ class FinetunePass(Pass):
                   file=sys.stderr)
         if skipped_val:
             report.notes.append(skipped_val)
+        if from_run:
+            report.notes.append(f"epochs selected on the run's task metric {from_run} (--metric)")
         report.modified = bool(result.trained)
         report.details.update(trained_fraction=round(result.trained_fraction, 6), best_epoch=result.best_epoch,
                               history=result.history)  # row epoch 0: the input, scored on the held-out data

@@ -147,3 +147,19 @@ def test_an_undone_epoch_is_retried_from_the_best_weights_with_fresh_optimizer_m
     fresh = finetune(student, data, val=val, device="cpu", progress=False, config={**config, "lr": 0.25})
     assert undone.history[0]["val_loss"] == pytest.approx(fresh.history[0]["val_loss"], rel=1e-6)
     assert undone.history[2]["val_loss"] == pytest.approx(fresh.history[1]["val_loss"], rel=1e-4)
+
+
+def test_compress_metric_task_selects_the_finetune_steps_epoch(tmp_path):
+    from onnxzip.api import compress
+
+    teacher, _student, x, task_x, _config = _task_setup(tmp_path)
+    metric = _scorer(tmp_path, "return -float(np.mean((output(path) - DATA['teacher']) ** 2))")
+    recipe = {"passes": [{"cluster": {"bits": 2, "min_size": 16}},
+                         {"finetune": {"epochs": 2, "lr": 0.01, "patience": 0}}]}
+    result = compress(teacher, recipe, data={"x": x}, metrics=[f"{metric}:min=-1e9"], check=False)
+    step = next(p for p in result.report.passes if p.pass_name == "finetune")
+    assert f"epochs selected on the run's task metric {metric} (--metric)" in step.notes
+    scores = [row[metric] for row in step.details["history"]]
+    kept = [row for row in step.details["history"] if row["epoch"] == step.details["best_epoch"]][-1][metric]
+    assert kept == max(scores)
+    np.testing.assert_allclose(kept, -np.mean((_y(result.model, task_x) - _y(teacher, task_x)) ** 2), rtol=1e-5)
