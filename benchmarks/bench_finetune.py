@@ -41,9 +41,11 @@ Prints, side by side with the untuned result measured in the same run:
    3.15-3.29: **1.22x of work**. So the idle 1.92x is onnxruntime's spinning (CPU) and its poor use
    of the second core (wall: 3.21 s for ~4 s of work, where PyTorch runs ~3.2 s of work in 1.67 s;
    ConvGrad's per-image loop of small GEMMs and its single-threaded Im2col split badly over
-   threads). The idle wall time of spin=0 is not measured yet (waking the pool costs some wall
-   time; run ``--ort-session spin=0,threads=1`` on an idle machine before changing the engine's
-   session options). Conv rewrites of the training
+   threads). On the idle machine (load 1.0 at the end; ``--ort-session spin=0,threads=1,spin=0+threads=1``):
+   onnxzip's options 3.69 s wall / 7.35 s CPU (2.14x PyTorch's 1.72 s wall), spin=0 4.56 / 6.47
+   (2.65x), threads=1 4.03 / 4.03 (2.34x), spin=0+threads=1 4.11 / 4.11: turning the spinning off
+   saves CPU but costs wall time when the machine is idle, so the engine keeps its options.
+   Conv rewrites of the training
    copy, all exact (the same losses to 4 digits) and all slower, CPU s at one thread / spin=0 /
    spinning against 4.0 / 4.2-5.0 / 7.8-8.4 for Conv: im2col in NHWC as Pad + 9 strided Slices +
    Concat and one MatMul [N·OH·OW, 9C]·[9C, M] with the batch folded in: 5.65 / 7.1 / 10.3 (the
