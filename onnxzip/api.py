@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxzip.errors import ConfigError, DataError, QualityGateError
+from onnxzip.errors import ConfigError, QualityGateError
 from onnxzip.evaluators import QualityGate
 from onnxzip.core.graph import dedupe_initializers, export_model, import_graph, tidy
 from onnxzip.core.inputs import data_notes, parse_sample_axes
