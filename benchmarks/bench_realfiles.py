@@ -135,7 +135,10 @@ falls with the scales on most layers (dtln_stage2 conv1d_2 at 3 bits 0.0056 -> 0
 plain GPTQ modes'. On open_nsfw (BatchNorm folded into every Conv, CLI runs with score):
 bits=4+gptq max |dP| 0.366 (7.77x); +cs 0.160 (7.62x); +cs --reconstruct 0.102 (mean 0.0097);
 +pc 0.062 (6.05x), +pc --reconstruct 0.115 (mean 0.0078); avg_bits=3+gptq+cs 0.223 (9.98x): none
-within max |dP| <= 0.05.
+within max |dP| <= 0.05. The int8 speed mode with and without channel scales (idle machine, the
+same run): captcha_crnn svd_lat=0.7+rec+avg_bits=3+gptq+int8 15.10x (83.59, drop 1.95 of 2.0; 2.94x
+faster, 5.59x lighter), +cs 13.64x (85.16; 2.58x, 5.02x); nsnet2_16k 21.07x (9.83 dB; 1.43x, 1.07x),
++cs 19.79x (9.84 dB; 1.41x, 0.94x).
 
 Fine-tuning (issue 20): ``+ft`` modes append ``--finetune epochs=3`` (label-free distillation from the
 original on calib.npz); a run with ``+ft`` modes ends with a section giving per ``+ft`` run the share
