@@ -949,16 +949,23 @@ def _within_noise(best: NDArray[np.float64] | None, now: NDArray[np.float64] | N
             f"errors over {len(gain)} paired held-out {'values' if db else 'losses'} needed)")
 
 
+def _term_outputs(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targets: dict[str, NDArray[Any]],
+                  batch: int, device: str) -> Any:
+    """``model`` run once by onnxruntime on ``data``; per loss term, (term, its output, the
+    teacher's target, both float64, and the output's sample axis: None when it has none)."""
+    outputs, axes = run_samples(make_session(model, device), data.inputs, batch)
+    for term in terms:
+        yield (term, outputs[term.output].astype(np.float64), targets[term.target].astype(np.float64),
+               axes.get(term.output, 0))
+
+
 def _output_loss(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targets: dict[str, NDArray[Any]],
                  batch: int, device: str) -> NDArray[np.float64]:
     """Per sample, the loss terms on the model's outputs (mse / l1 / kl against the teacher's,
     weighted as in the training graph) of ``model`` run by onnxruntime on ``data``, in float64;
     their mean is the loss of the whole set."""
-    outputs, axes = run_samples(make_session(model, device), data.inputs, batch)
     total = np.zeros(len(data))
-    for term in terms:
-        y = outputs[term.output].astype(np.float64)
-        t = targets[term.target].astype(np.float64)
+    for term, y, t, axis in _term_outputs(model, terms, data, targets, batch, device):
         if term.kind == "mse":
             error = (y - t) ** 2
         elif term.kind == "l1":
@@ -966,7 +973,6 @@ def _output_loss(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, tar
         else:  # kl against the teacher's probabilities: -classes · mean(p · log softmax(y))
             shifted = y - y.max(axis=-1, keepdims=True)
             error = -y.shape[-1] * t * (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
-        axis = axes.get(term.output, 0)
         if axis is None:  # the same for every sample
             total += term.weight * float(np.mean(error))
             continue
@@ -982,15 +988,11 @@ def _output_db(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targe
     terms on the softmax of the output against the teacher's probabilities), floored at −120 dB
     below the output's mean power. Unlike the pooled loss, every sample and every output weighs the
     same, whatever its scale (as in SNR-like task metrics averaged over utterances)."""
-    outputs, axes = run_samples(make_session(model, device), data.inputs, batch)
     total = np.zeros(len(data))
-    for term in terms:
-        y = outputs[term.output].astype(np.float64)
-        t = targets[term.target].astype(np.float64)
+    for term, y, t, axis in _term_outputs(model, terms, data, targets, batch, device):
         if term.kind == "kl":
             shifted = np.exp(y - y.max(axis=-1, keepdims=True))
             y = shifted / shifted.sum(axis=-1, keepdims=True)
-        axis = axes.get(term.output, 0)
         if axis is None:  # the same for every sample
             y, t = y[None], t[None]
         else:
