@@ -10,7 +10,8 @@
   candidate's alternating;
 * peak resident memory of a session: the peak resident size of a child process that imports
   onnxruntime, loads the session and runs it once, minus that of a baseline child that stops
-  before the session. The peak is ``VmHWM`` of ``/proc/self/status`` where there is one:
+  before the session; the session floor is the same measure of a model whose one node per input
+  passes it through (what any session costs however small its model). The peak is ``VmHWM`` of ``/proc/self/status`` where there is one:
   ``ru_maxrss`` survives ``exec`` on Linux, so a child spawned by this (large) process would report
   at least this process's size; ``ru_maxrss`` elsewhere.
 """
@@ -60,6 +61,7 @@ class Deployment:
     load_s: float | None = None
     original_load_s: float | None = None
     peak_memory_mb: float | None = None
+    floor_memory_mb: float | None = None
     error: str | None = None
 
 
@@ -140,6 +142,25 @@ def baseline_maxrss_kb(rows: Path, timeout: float = 300) -> int:
     return _child_maxrss_kb("", rows, timeout)
 
 
+def session_floor_mb(original: str | Path, rows: Path, baseline_kb: int, work: Path,
+                     timeout: float = 300) -> float:
+    """Peak resident MB of a session whose model only passes ``original``'s inputs through
+    (Identity nodes): no file, however compressed, loads in less."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(original), load_external_data=False).graph
+    initializers = {item.name for item in graph.initializer}
+    inputs = [item for item in graph.input if item.name not in initializers]
+    nodes = [helper.make_node("Identity", [item.name], [f"floor_out_{index}"]) for index, item in enumerate(inputs)]
+    outputs = [helper.make_value_info(f"floor_out_{index}", item.type) for index, item in enumerate(inputs)]
+    model = helper.make_model(helper.make_graph(nodes, "session_floor", list(inputs), outputs),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path = work / "session_floor.onnx"
+    onnx.save(model, str(path))
+    return peak_memory_mb(path, rows, baseline_kb, timeout)
+
+
 def save_rows(feeds: Feeds, path: Path) -> Path:
     np.savez(path, **feeds)
     return path
@@ -161,6 +182,10 @@ class Bench:
         self.baseline_kb = baseline_maxrss_kb(self.rows_file)
         dynamic = batch_is_dynamic(self.original)
         self.batch = first_rows(self.calib, self.batch_n) if dynamic else None
+        try:
+            self.floor_mb: float | None = session_floor_mb(self.original, self.rows_file, self.baseline_kb, self.work)
+        except Exception:  # noqa: BLE001 - the floor only explains a target; the runs go on without it
+            self.floor_mb = None
 
     def own(self, path: Path) -> Deployment:
         """Load time and peak memory of ``path`` alone (what the original is measured by)."""
@@ -178,6 +203,7 @@ class Bench:
                 result.original_load_s, result.load_s = load_seconds(self.original, candidate)
             else:
                 (result.load_s,) = load_seconds(candidate)
+                result.floor_memory_mb = self.floor_mb
             result.peak_memory_mb = peak_memory_mb(candidate, self.rows_file, self.baseline_kb)
         except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot run is a measured result
             lines = str(exc).strip().splitlines()

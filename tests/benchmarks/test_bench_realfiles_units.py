@@ -186,3 +186,32 @@ def test_finetune_rows_give_before_after_and_the_gap_when_out_of_tolerance():
     assert "input" in lines[b4] and lines[b4].endswith("kept")
     assert "WORSE than its input: drop 0.2 -> 0.3" in lines[b4 + 1]
     assert bench.finetune_rows([bench.FileResult("nsnet2_16k", original, result.runs[:1])]) == []
+
+
+def test_memory_target_says_when_the_session_floor_puts_it_out_of_reach():
+    def file(original_mb, floor_mb):
+        original = run("original", 1.0, True, family="original", peak_memory_mb=original_mb, floor_memory_mb=floor_mb)
+        kept = run("bits=4", 8.0, True, latency_b1_ms=10.0, original_latency_b1_ms=10.0, peak_memory_mb=original_mb)
+        return bench.FileResult("dtln_stage1", original, [kept])
+
+    small = next(line for line in bench.speed_targets([file(13.0, 9.3)]) if line.startswith("dtln_stage1:"))
+    large = next(line for line in bench.speed_targets([file(40.0, 9.3)]) if line.startswith("dtln_stage1:"))
+    assert "out of reach" in small and "needs <= 8.7 MB" in small and "9.3 MB" in small
+    assert "out of reach" not in large and "needs <= 26.7 MB" in large
+
+
+def test_session_floor_is_below_a_model_with_weights(tmp_path):
+    import onnx
+    from _deploy import baseline_maxrss_kb, peak_memory_mb, save_rows, session_floor_mb
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1024, 4096), np.float32), "w")  # 16 MB
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])], [weight])
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(model))
+    rows = save_rows({"x": np.ones((1, 1024), np.float32)}, tmp_path / "rows.npz")
+    baseline = baseline_maxrss_kb(rows)
+    floor = session_floor_mb(model, rows, baseline, tmp_path)
+    assert 0.0 < floor < peak_memory_mb(model, rows, baseline) - 16.0
