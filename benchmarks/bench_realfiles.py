@@ -206,7 +206,9 @@ INT8_MODES = {f"{name}+int8": ["--cluster", flags[1] + ",execute=int8"] for name
 CHANNEL_MODES = {f"{name}{tail}+{short}": ["--cluster", flags[1] + f",{option}=true{extra}"]
                  for name, flags in GPTQ_MODES.items() for short, option in (("cs", "channel_scale"), ("pc", "per_channel"))
                  for tail, extra in (("", ""), ("+int8", ",execute=int8"))}
-MODES = {**BASE_MODES, **CHANNEL_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
+# Vector codebooks: one index per pair of output channels' weights into 4**bits codewords (vector=2).
+VECTOR_MODES = {f"{name}+v2": ["--cluster", flags[1] + ",vector=2"] for name, flags in {**GPTQ_MODES, **INT8_MODES}.items()}
+MODES = {**BASE_MODES, **CHANNEL_MODES, **VECTOR_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
          # GPTQ codebooks then fine-tuning by label-free distillation from the original (issue 20)
          **{f"{name}+ft": flags + FINETUNE for name, flags in GPTQ_MODES.items()},
          **INT8_MODES,
@@ -218,6 +220,8 @@ MODES = {**BASE_MODES, **CHANNEL_MODES, **{f"{name}+ft": flags + FINETUNE for na
          "svd_lat=0.7+rec+bits=4+gptq": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster", "bits=4,method=gptq"],
          "svd_lat=0.7+rec+avg_bits=3+gptq+int8": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster",
                                                   "avg_bits=3,method=gptq,execute=int8"],
+         "svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster",
+                                                     "avg_bits=3,method=gptq,execute=int8,vector=2"],
          "svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs": ["--svd", "latency_budget=0.7", "--reconstruct", "--cluster",
                                                      "avg_bits=3,method=gptq,execute=int8,channel_scale=true"],
          # channel / recurrent-unit pruning to a measured latency, consumers refit, then codebooks

@@ -7,7 +7,9 @@
 * :func:`assign_nearest`, :func:`index_entropy_bits`, :func:`pack_indices`,
   :func:`unpack_indices`, :func:`pack_planes`, :func:`storage_bits` — exact assignment and
   index storage (any width 1-8);
-* :func:`allocate_bits` — per-layer widths under a mean-bits budget from sensitivity curves.
+* :func:`allocate_bits` — per-layer widths under a mean-bits budget from sensitivity curves;
+* :func:`kmeans_pairs`, :func:`pair_split`, :func:`pair_merge` — vector codebooks of weight pairs
+  (:mod:`onnxzip.cluster.vq`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from onnxzip.cluster.kmeans import (
     init_centroids,
     lloyd,
 )
+from onnxzip.cluster.vq import assign_pairs, kmeans_pairs, pair_merge, pair_split, pairable
 from onnxzip.cluster.packing import (
     INDEX_BITS,
     PACK_BITS,
@@ -44,16 +47,21 @@ __all__ = [
     "ImprovedBirch",
     "allocate_bits",
     "assign_nearest",
+    "assign_pairs",
     "cluster_per_channel",
     "cluster_weights",
     "estimate_k_birch",
     "index_entropy_bits",
     "init_centroids",
+    "kmeans_pairs",
     "lloyd",
     "mean_bits",
     "pack_indices",
     "pack_planes",
     "packed_bytes",
+    "pair_merge",
+    "pair_split",
+    "pairable",
     "plane_widths",
     "storage_bits",
     "unpack_indices",

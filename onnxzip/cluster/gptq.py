@@ -29,6 +29,12 @@ minimises this quadratic form, so earlier layers' errors (x̃ ≠ x) are compens
   target W*/s (rows are independent) and the centroid normal equations weigh row r by s_r²; for
   fixed q̃ each channel's scale has the closed form s_c = Σ_{r∈c} q̃_rᵀ H_λ w*_r / Σ_{r∈c} q̃_rᵀ H_λ q̃_r
   (:func:`refit_scales`), alternated with the centroids.
+* Vector codebooks of pairs (:mod:`onnxzip.cluster.vq`, codewords along the output channels):
+  block rows r₀, r₁ (``pair_rows``) share one codeword index per column, so the flat codebook
+  [2K] holds codeword k's two values at 2k and 2k + 1 and element (r_d, j) uses entry 2·idx + d.
+  E separates over the entries exactly as for a scalar codebook of 2K values, so the refit is
+  the same; GPTQ assigns each column's pairs jointly to the nearest codeword (both rows carry
+  the same column weight 1/U_jj², so the metric is Euclidean) and feeds back each row's error.
 """
 from __future__ import annotations
 
@@ -161,13 +167,26 @@ def column_order(gram_d: np.ndarray, act_order: bool = True) -> tuple[np.ndarray
     return order, _inverse_cholesky(gram_d[picked, order[:, :, None], order[:, None, :]])
 
 
+def _pair_nearest(column: np.ndarray, flat: np.ndarray, pair_rows: np.ndarray) -> np.ndarray:
+    """Entries (2k, 2k + 1) of the nearest codeword k of each row pair of ``column`` [G, m]."""
+    first = np.take_along_axis(column, pair_rows[:, :, 0], axis=1)
+    second = np.take_along_axis(column, pair_rows[:, :, 1], axis=1)
+    cost = (first[..., None] - flat[0::2]) ** 2 + (second[..., None] - flat[1::2]) ** 2
+    nearest = np.argmin(cost, axis=-1)
+    index = np.empty(column.shape, dtype=np.int64)
+    np.put_along_axis(index, pair_rows[:, :, 0], 2 * nearest, axis=1)
+    np.put_along_axis(index, pair_rows[:, :, 1], 2 * nearest + 1, axis=1)
+    return index
+
+
 def gptq_assign(
     target: np.ndarray, ordered: tuple[np.ndarray, np.ndarray], codebook: np.ndarray, channels: np.ndarray,
-    *, column_block: int = COLUMN_BLOCK,
+    *, column_block: int = COLUMN_BLOCK, pair_rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices into ``codebook`` rows for the weights ``target`` [G, m, n], assigned column by
     column in the order of ``ordered`` (:func:`column_order`) with error feedback through H_λ⁻¹
-    (see the module docstring)."""
+    (see the module docstring). ``pair_rows`` [G, m/2, 2]: the rows of each pair of a vector
+    codebook (``codebook`` [1, 2K], entries 2k and 2k + 1 the two values of codeword k)."""
     blocks, m, n = target.shape
     order, upper = ordered
     weight = np.take_along_axis(target, order[:, None, :], axis=2).copy()
@@ -178,7 +197,10 @@ def gptq_assign(
         errors = np.empty((blocks, m, stop - start))
         for j in range(start, stop):
             column = weight[:, :, j]
-            index = np.argmin(np.abs(column[..., None] - centroids), axis=-1)
+            if pair_rows is None:
+                index = np.argmin(np.abs(column[..., None] - centroids), axis=-1)
+            else:
+                index = _pair_nearest(column, codebook[0], pair_rows)
             chosen[:, :, j] = index
             quantized = np.take_along_axis(centroids, index[..., None], axis=-1)[..., 0]
             error = (column - quantized) / upper[:, j, j][:, None]
@@ -240,13 +262,15 @@ def fit_codebook(
     gram: np.ndarray, cross: np.ndarray, *, iterations: int = 3, damp: float = DAMP,
     act_order: bool = True, assign: bool = True, pinned: np.ndarray | None = None,
     problem: LayerProblem | None = None, scale: np.ndarray | None = None, scale_ids: np.ndarray | None = None,
+    pair_rows: np.ndarray | None = None,
 ) -> CodebookFit:
     """Minimise E over the centroids and (with ``assign``) the indices of one layer: first the
     closed-form refit for the given indices, then ``iterations`` rounds of GPTQ assignment and
     refit. ``gram``/``cross`` may have one block broadcast to all of ``weight``'s; ``problem``
     (:func:`layer_problem` of the same arguments) skips deriving them again. A channel-scaled
     codebook passes its ``scale`` [C] and the channel of each block row, ``scale_ids`` [G, m]:
-    the scales are refit in closed form after each centroid refit (module docstring)."""
+    the scales are refit in closed form after each centroid refit (module docstring). A vector
+    codebook passes its flat [1, 2K] codebook, element entries as ``indices`` and ``pair_rows``."""
     if problem is None:
         problem = layer_problem(weight, gram, cross, damp=damp, act_order=act_order)
     gram_d, target, norm = problem.gram_d, problem.target, problem.scale
@@ -280,7 +304,7 @@ def fit_codebook(
     candidates = [(*refit(indices, current, start), indices, "centroid refit" + (" + scales" if scaled else ""))]
     for round_ in range(iterations if assign else 0):
         values, s = candidates[-1][:2]
-        assigned = gptq_assign(rows(s)[0], problem.order(), values, channels)
+        assigned = gptq_assign(rows(s)[0], problem.order(), values, channels, pair_rows=pair_rows)
         candidates.append((*refit(assigned, values, s), assigned, f"gptq assignment + refit ×{round_ + 1}"))
     for values, s, chosen, step in candidates:
         found = error(values, chosen, s)

@@ -39,6 +39,14 @@ state output fed back as an input) over several calls that feed back its own sta
 chooses each GPTQ fit's damping by the error on held-back items. The plan records each weight's k
 and bits (replayable) and its curve; weights outside the main graph get ⌈B⌉ bits.
 
+``vector=2`` stores a weight of b ≤ 4 bits per weight as 4**b two-value codewords ([K, 2]) with one
+2b-bit index per pair of neighbouring output channels' weights (elements 2p, 2p+1 of the channel
+axis; :mod:`onnxzip.cluster.vq`): the same bytes of indices, codewords placed where the pairs lie.
+The decode gathers [..., 2] codewords, a Transpose puts each pair along the channel axis (none when
+it is the last) and a Reshape gives the weight. ``method=gptq`` assigns both rows of a pair jointly
+(:func:`onnxzip.cluster.gptq.gptq_assign`); a weight with no even output-channel axis stays scalar,
+and so do widths above 4 bits (256 codewords of 8-bit indices at most).
+
 Biases and normalization parameters (``small_params``) and tensors of any size are clustered
 when that shrinks the file: a tensor is kept raw unless its codebook, packed indices and decode
 nodes, serialized, take fewer bytes than the raw tensor.
@@ -61,6 +69,10 @@ from onnxzip.cluster import (
     cluster_weights,
     estimate_k_birch,
     index_entropy_bits,
+    kmeans_pairs,
+    pair_merge,
+    pair_split,
+    pairable,
     mean_bits,
     storage_bits,
 )
@@ -101,6 +113,7 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 16
 MAX_K = 256
 LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops widening
+PAIR_MAX_K = 16  # vector=2: scalar-equivalent K up to 16 (4 bits per weight, 256 codewords, 8-bit indices)
 MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrapolated (see _allocate)
 SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
 GPTQ_ITERATIONS = 3  # rounds of GPTQ assignment + centroid refit
@@ -200,6 +213,11 @@ class ClusterConfig:
            "distortion over them, so recurrent weights are measured with the error their state accumulates "
            "(1: one call)",
     )
+    vector: int = option(
+        1, "weights per codebook entry: 2 = one index per pair of neighbouring output channels' weights into "
+           "K = 4**bits two-value codewords (same bits per weight as a scalar codebook of 2**bits values, "
+           "about a third less weight error on real layers; widths up to 4 bits, wider ones scalar; per tensor)",
+    )
     execute: Literal["float", "int8"] = option(
         "float",
         "int8: codebooks of MatMul/Gemm/Conv weights stored as int8 + scale behind DequantizeLinear, "
@@ -223,6 +241,10 @@ class ClusterConfig:
             raise ValueError("give one of k, bits and avg_bits")
         if self.per_channel and self.channel_scale:
             raise ValueError("give one of per_channel (a codebook per channel) and channel_scale (one scaled codebook)")
+        if self.vector not in (1, 2):
+            raise ValueError(f"vector must be 1 (scalar codebooks) or 2 (codewords of pairs), got {self.vector}")
+        if self.vector == 2 and self.by_channel:
+            raise ValueError("vector=2 codebooks are per tensor: drop per_channel / channel_scale")
         if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
             raise ValueError(
                 f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}"
@@ -324,6 +346,8 @@ class ClusterPass(Pass):
                 if self.config.round_k_to_storage:
                     k = 2 ** storage_bits(k)
             entry = {"k": k, "bits": storage_bits(k), **self._channel_entry(axis)}
+            if self._pair_axis(constant, consumers, values, k, self.config.vector == 2) is not None:
+                entry["pairs"] = True
             layers[weight.name] = entry if birch_k is None else {**entry, "birch_k": birch_k}
         found: dict[str, Any] = {}
         if candidates:
@@ -401,28 +425,35 @@ class ClusterPass(Pass):
         curves: dict[str, dict[int, float]] = {}
         sizes: dict[str, int] = {}
         fixed: list[str] = []
+        paired: set[str] = set()  # vector=2: weights whose narrow widths are codewords of pairs
         for name, values, axis in context.track(candidates, "sensitivity"):
             if not probe.covers(name):
                 fixed.append(name)
                 continue
+            constant, consumers = uses[name]
             curve: dict[int, float] = {}
             for bits in widths:
+                pair_axis = self._pair_axis(constant, consumers, values, 2**bits, self.config.vector == 2)
+                if pair_axis is not None:
+                    paired.add(name)
                 if len(curve) >= MEASURED_WIDTHS:  # wider: extrapolated, neither clustered nor run
                     if 2**bits > values.size:
                         break
-                    if decode_bytes(_sized(values, bits, axis, self.config.channel_scale), values.shape, opset, name) >= _raw_bytes(name, values):
+                    sized = _sized(values, bits, axis, self.config.channel_scale, pair_axis)
+                    if decode_bytes(sized, values.shape, opset, name) >= _raw_bytes(name, values):
                         break
                     curve[bits] = _extrapolate(curve, bits)
                     continue
-                stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name))[0]
+                stored = self._stored(name, values, 2**bits, axis, seed, energies.get(name), pair_axis)[0]
                 if decode_bytes(stored, values.shape, opset, name) >= _raw_bytes(name, values):
                     continue  # this width would not shrink the tensor
                 fitted = (second_order.refit(name, stored, values, SWEEP_GPTQ_ITERATIONS)
                           if second_order and name in fitted_in_sweep else None)
                 if fitted is not None:
                     stored = fitted[0]
-                curve[stored.bits] = probe.distortion(name, stored.decode())
-                if curve[stored.bits] <= LOSSLESS or stored.bits < bits:
+                width = int(stored.weight_bits)
+                curve[width] = probe.distortion(name, stored.decode())
+                if curve[width] <= LOSSLESS or width < bits:
                     break  # wider codebooks cannot do better (or the tensor has < 2**bits values)
             if curve:  # or left raw: no error, 8·itemsize bits per value in the budget
                 curve[8 * values.dtype.itemsize] = 0.0
@@ -438,6 +469,8 @@ class ClusterPass(Pass):
                 if bits > 8:
                     continue  # left raw: clustering it costs more accuracy than its bytes
                 entry = {"k": 2**bits, "bits": bits, **self._channel_entry(axes[name])}
+                if name in paired and 2**bits <= PAIR_MAX_K:
+                    entry["pairs"] = True
                 if name in curves:
                     entry["sensitivity"] = {
                         str(b): float(f"{d:.4g}") for b, d in curves[name].items()
@@ -531,8 +564,9 @@ class ClusterPass(Pass):
             values = np.asarray(constant.values)
             by_channel = entry.get("per_channel") or entry.get("channel_scale")
             axis = _channel_axis(constant, consumers) if by_channel else None
+            pair_axis = self._pair_axis(constant, consumers, values, k, bool(entry.get("pairs")))
             stored, quality = self._stored(
-                weight.name, values, k, axis, seed, energies.get(weight.name)
+                weight.name, values, k, axis, seed, energies.get(weight.name), pair_axis
             )
             gptq = second_order.refit(weight.name, stored, values) if second_order else None
             if gptq is not None:
@@ -555,8 +589,10 @@ class ClusterPass(Pass):
             added = insert_decode(owner, constant, consumers, stored, names, shared, opset)
             details = {
                 "k": stored.k,
-                "bits": stored.bits,
+                "bits": stored.weight_bits if stored.pair_axis is not None else stored.bits,
                 **self._channel_entry(axis),
+                **({"pairs": True, "pair_axis": stored.pair_axis, "index_bits": stored.bits}
+                   if stored.pair_axis is not None else {}),
                 "codebook_shape": list(stored.codebook.shape),
                 **quality,
                 "activation_aware": weight.name in energies,
@@ -566,17 +602,24 @@ class ClusterPass(Pass):
             for key in ("birch_k", "sensitivity"):
                 if key in entry:
                     details[key] = entry[key]
+            if (entry.get("pairs") or self.config.vector == 2) and stored.pair_axis is None and k <= PAIR_MAX_K:
+                details["note"] = ("no output-channel axis of even size over its uses: a scalar codebook "
+                                   "instead of codewords of pairs")
             if (by_channel or self.config.by_channel) and axis is None:
                 details["note"] = (
                     "no single output-channel axis over its uses; one codebook per tensor"
                     + (" without channel scales" if self.config.channel_scale else "")
                 )
             scope = "" if axis is None else " with channel scales" if stored.scale is not None else " per channel"
+            decision = f"clustered K={stored.k}, {stored.bits}-bit{scope}"
+            if stored.pair_axis is not None:
+                decision = (f"clustered K={stored.k} codewords of pairs along axis {stored.pair_axis}, "
+                            f"{stored.weight_bits:g} bits per weight")
             report.changes.append(
                 LayerChange(
                     weight.name,
                     ops,
-                    f"clustered K={stored.k}, {stored.bits}-bit{scope}",
+                    decision,
                     params_before=weight.size,
                     params_after=weight.size,
                     details=details,
@@ -659,6 +702,16 @@ class ClusterPass(Pass):
             return "not selected by include/exclude"
         return None
 
+    def _pair_axis(self, constant: gs.Constant, consumers: list[tuple[gs.Node, gs.Graph]], values: np.ndarray,
+                   k: int, wanted: bool) -> int | None:
+        """The axis a vector codebook of scalar-equivalent ``k`` pairs ``values`` along (their
+        output channels), or None: not ``wanted``, K above :data:`PAIR_MAX_K`, no single
+        output-channel axis over the uses, or an odd channel count."""
+        if not wanted or k > PAIR_MAX_K:
+            return None
+        axis = _channel_axis(constant, consumers)
+        return axis if pairable(values.shape, axis) else None
+
     def _channel_entry(self, axis: int | None) -> dict[str, bool]:
         """The plan's per-weight flags of a weight whose channel axis is ``axis`` (None: per tensor)."""
         if self.config.channel_scale:
@@ -685,16 +738,18 @@ class ClusterPass(Pass):
         axis: int | None,
         seed: int,
         energy: np.ndarray | None,
+        pair_axis: int | None = None,
     ) -> tuple[Codebook, dict[str, float]]:
         """:meth:`_cluster`, memoised on the tensor's content (the sensitivity sweep, the
         ``bits=search`` probes and ``apply`` cluster the same tensors at the same K)."""
         digest = hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16)
         if energy is not None:
             digest.update(np.ascontiguousarray(energy).tobytes())
-        key = (name, digest.hexdigest(), k, axis, seed, self.config.channel_scale)
+        key = (name, digest.hexdigest(), k, axis, seed, self.config.channel_scale, pair_axis)
         cache = self.__dict__.setdefault("_cluster_cache", {})
         if key not in cache:
-            cache[key] = self._cluster(values, k, axis, seed, energy)
+            cache[key] = (self._cluster(values, k, axis, seed, energy) if pair_axis is None
+                          else _cluster_pairs(values, k, pair_axis, seed, energy, self.config.keep_zero))
         return cache[key]
 
     def _cluster(
@@ -883,14 +938,40 @@ def _extrapolate(curve: dict[int, float], bits: int) -> float:
     return float(d1 * step ** (bits - b1))
 
 
-def _sized(values: np.ndarray, bits: int, axis: int | None, scaled: bool = False) -> Codebook:
+def _sized(values: np.ndarray, bits: int, axis: int | None, scaled: bool = False,
+           pair_axis: int | None = None) -> Codebook:
     """A codebook of ``values``' shape and 2**bits entries whose values do not matter: what a
-    width costs in bytes does not depend on them (``scaled``: with a channel scale along ``axis``)."""
+    width costs in bytes does not depend on them (``scaled``: with a channel scale along ``axis``;
+    ``pair_axis``: 4**bits codewords of pairs)."""
+    if pair_axis is not None:
+        return Codebook(np.zeros((4**bits, 2), values.dtype), np.zeros(pair_split(values, pair_axis).shape[:-1], np.uint8),
+                        None, 2 * bits, pair_axis=pair_axis)
     if scaled and axis is not None:
         return Codebook(np.zeros(2**bits, values.dtype), np.zeros(values.shape, np.uint8), None, bits,
                         np.ones(values.shape[axis], values.dtype), axis)
     rows = () if axis is None else (values.shape[axis],)
     return Codebook(np.zeros((*rows, 2**bits), values.dtype), np.zeros(values.shape, np.uint8), axis, bits)
+
+
+def _cluster_pairs(values: np.ndarray, k: int, axis: int, seed: int, energy: np.ndarray | None,
+                   keep_zero: bool) -> tuple[Codebook, dict[str, float]]:
+    """A vector codebook of k² codewords for the pairs of ``values`` along ``axis``
+    (:func:`onnxzip.cluster.kmeans_pairs`, each coordinate weighted by its activation energy when
+    given); ``keep_zero`` keeps an exact (0, 0) codeword for all-zero pairs."""
+    points = pair_split(values.astype(np.float64), axis).reshape(-1, 2)
+    weights = None
+    if energy is not None:
+        weights = pair_split(np.broadcast_to(np.asarray(energy, np.float64), values.shape), axis).reshape(-1, 2)
+    codewords, labels = kmeans_pairs(points, k * k, weights, seed=seed)
+    zero = np.all(points == 0, axis=1)
+    if keep_zero and zero.any():
+        slot = int(np.argmin(np.sum(codewords * codewords, axis=1)))
+        codewords[slot] = 0.0
+        labels[zero] = slot
+    stored = Codebook(codewords.astype(values.dtype), labels.reshape(pair_split(values, axis).shape[:-1]).astype(np.uint8),
+                      None, storage_bits(k * k), pair_axis=axis)
+    entropy = index_entropy_bits(labels, k * k) / 2
+    return stored, {**_weight_quality(values, stored), "entropy_bits": round(entropy, 4)}
 
 
 def channel_rms(values: np.ndarray, axis: int) -> np.ndarray:
@@ -1037,6 +1118,9 @@ def refit_codebook(
     (:func:`onnxzip.cluster.gptq.fit_codebook`: GPTQ assignment and closed-form centroids; same
     K, width and shape). None when the codebook's channels do not follow the layer's rows.
     ``problem``: the layer's :func:`~onnxzip.cluster.gptq.layer_problem` from an earlier call."""
+    if stored.pair_axis is not None:
+        return _refit_pairs(stored, weight, site, stats, iterations=iterations, damp=damp, keep_zero=keep_zero,
+                            act_order=act_order, problem=problem)
     channels = codebook_channels(stored, site)
     if channels is None:
         return None
@@ -1055,3 +1139,52 @@ def refit_codebook(
     indices = site.unview(fit.indices).astype(np.uint8)
     scale = None if stored.scale is None else fit.scale.astype(stored.scale.dtype)
     return Codebook(values, np.ascontiguousarray(indices), stored.axis, stored.bits, scale, stored.scale_axis), fit
+
+
+def pair_rows(stored: Codebook, site: LayerSite) -> np.ndarray | None:
+    """[G, m/2, 2]: the two rows of ``site``'s view that hold each pair of a vector codebook
+    (first and second element), or None when the pairs are not rows of the view (pairs along an
+    axis that is not the layer's output rows)."""
+    axis = stored.pair_axis
+    ids = np.arange(stored.indices.size).reshape(stored.indices.shape)
+    pair_ids = site.view(pair_merge(np.stack([ids, ids], axis=-1), axis))
+    parity = site.view(pair_merge(np.broadcast_to(np.array([0, 1]), (*ids.shape, 2)), axis))
+    if np.any(parity.min(axis=2) != parity.max(axis=2)):
+        return None
+    blocks, rows = pair_ids.shape[:2]
+    found = np.empty((blocks, rows // 2, 2), dtype=np.int64)
+    for g in range(blocks):
+        for d in (0, 1):
+            members = np.flatnonzero(parity[g, :, 0] == d)
+            if len(members) != rows // 2:
+                return None
+            found[g, :, d] = members[np.argsort(pair_ids[g, members, 0], kind="stable")]
+        if not np.array_equal(pair_ids[g, found[g, :, 0]], pair_ids[g, found[g, :, 1]]):
+            return None
+    return found
+
+
+def _refit_pairs(
+    stored: Codebook, weight: np.ndarray, site: LayerSite, stats: LayerStats, *,
+    iterations: int, damp: float, keep_zero: bool, act_order: bool, problem: LayerProblem | None,
+) -> tuple[Codebook, CodebookFit] | None:
+    """:func:`refit_codebook` of a vector codebook: the [K, 2] codewords as a flat codebook of 2K
+    entries, each element indexed 2·idx + (its place in the pair), the pairs assigned jointly
+    (:func:`onnxzip.cluster.gptq.gptq_assign` with ``pair_rows``)."""
+    rows = pair_rows(stored, site)
+    if rows is None:
+        return None
+    axis = stored.pair_axis
+    index = stored.indices.astype(np.int64)
+    entries = pair_merge(np.stack([2 * index, 2 * index + 1], axis=-1), axis)
+    view = site.view(entries)
+    flat = stored.codebook.reshape(1, -1)
+    channels = np.zeros(view.shape[:2], dtype=np.int64)
+    pinned = (flat == 0) if keep_zero and not np.all(weight) else None
+    fit = fit_codebook(site.view(weight), flat, view, channels, stats.gram, stats.cross_term,
+                       iterations=iterations, damp=damp, act_order=act_order, pinned=pinned,
+                       problem=problem, pair_rows=rows)
+    chosen = pair_split(site.unview(fit.indices), axis)[..., 0] // 2
+    codewords = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
+    return Codebook(codewords, np.ascontiguousarray(chosen.astype(np.uint8)), None, stored.bits,
+                    pair_axis=axis), fit

@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxzip.cluster import pack_planes, packed_bytes, plane_widths, unpack_indices, unpack_planes
+from onnxzip.cluster import pack_planes, packed_bytes, pair_merge, plane_widths, unpack_indices, unpack_planes
 from onnxzip.core.graph import NameScope, walk_nodes
 
 
@@ -71,18 +71,36 @@ FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 class Codebook:
     """One clustered weight as stored: ``decode()`` is the exact value the graph computes."""
 
-    codebook: np.ndarray  # [K], or [C, K] per channel; the weight's dtype
-    indices: np.ndarray  # uint8, the weight's shape
+    codebook: np.ndarray  # [K], or [C, K] per channel, or [K, 2] codewords of pairs; the weight's dtype
+    indices: np.ndarray  # uint8, the weight's shape (pairs: with pair_axis halved)
     axis: int | None  # channel axis of per-channel codebooks
-    bits: int
+    bits: int  # index width
     scale: np.ndarray | None = None  # channel-scaled codebooks: [C] along scale_axis (codebook [K])
     scale_axis: int | None = None
+    pair_axis: int | None = None  # vector codebooks: the axis whose elements 2p, 2p+1 share an index
 
     @property
     def k(self) -> int:
-        return int(self.codebook.shape[-1])
+        return int(self.codebook.shape[0 if self.pair_axis is not None else -1])
+
+    @property
+    def weight_bits(self) -> float:
+        """Index bits per weight (half the index width for pairs)."""
+        if self.pair_axis is None:
+            return self.bits
+        return self.bits // 2 if self.bits % 2 == 0 else self.bits / 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The decoded weight's shape."""
+        shape = list(self.indices.shape)
+        if self.pair_axis is not None:
+            shape[self.pair_axis] *= 2
+        return tuple(shape)
 
     def decode(self) -> np.ndarray:
+        if self.pair_axis is not None:
+            return pair_merge(self.codebook[self.indices.astype(np.intp)], self.pair_axis)
         decoded = decode_numpy(self.codebook, self.indices, self.axis)
         if self.scale is None:
             return decoded
@@ -355,12 +373,15 @@ def insert_decode(
     shape = tuple(int(d) for d in weight.shape)
     prefix = weight.name if prefix is None else prefix
     build = _DecodeBuilder(graph, names, prefix, shared)
-    codebook = build.const("codebook", stored.codebook.reshape(-1))
-    layout = decode_layout(stored.bits, shape, stored.axis, stored.codebook.dtype.itemsize)
-    if layout is not None:
-        decoded = _table_decode(build, codebook, stored, shape, layout, opset)
+    if stored.pair_axis is not None:
+        decoded = _pair_decode(build, stored, shape, opset)
     else:
-        decoded = _index_decode(build, codebook, stored, shape, opset)
+        codebook = build.const("codebook", stored.codebook.reshape(-1))
+        layout = decode_layout(stored.bits, shape, stored.axis, stored.codebook.dtype.itemsize)
+        if layout is not None:
+            decoded = _table_decode(build, codebook, stored, shape, layout, opset)
+        else:
+            decoded = _index_decode(build, codebook, stored, shape, opset)
     if stored.scale is not None:  # channel-scaled: W = codebook[indices] · s (one Mul, folded at load)
         scale = build.const("channel_scale", stored.scale.reshape(scale_shape(shape, stored.scale_axis)))
         decoded.dtype, decoded.shape = stored.codebook.dtype, list(shape)
@@ -372,6 +393,25 @@ def insert_decode(
             if tensor is weight:
                 node.inputs[slot] = decoded
     return build.constants
+
+
+def _pair_decode(build: _DecodeBuilder, stored: Codebook, shape: tuple[int, ...], opset: int) -> gs.Variable:
+    """A vector codebook's decode: the index or value-table form over the pair indices (the
+    weight's shape with ``pair_axis`` halved) gathers [K, 2] codewords, giving [..., 2]; a
+    Transpose puts each pair's two values next to each other along ``pair_axis`` (none when it is
+    the last axis) and a Reshape gives the weight."""
+    index_shape = tuple(int(d) for d in stored.indices.shape)
+    codebook = build.const("codebook", stored.codebook)
+    layout = decode_layout(stored.bits, index_shape, None, 2 * stored.codebook.dtype.itemsize)
+    if layout is not None and not layout.padded:
+        pairs = _table_decode(build, codebook, stored, index_shape, layout, opset, (*index_shape, 2))
+    else:
+        pairs = _index_decode(build, codebook, stored, index_shape, opset)  # [*index_shape, 2]
+    axis = stored.pair_axis
+    if axis != len(shape) - 1:
+        perm = [*range(axis + 1), len(shape), *range(axis + 1, len(shape))]
+        pairs = build.op("Transpose", [pairs], perm=perm)
+    return build.op("Reshape", [pairs, build.const("shape", np.array(shape, np.int64))])
 
 
 def _slice_first(build: _DecodeBuilder, tensor: gs.Variable, count: int, opset: int) -> gs.Variable:
@@ -416,8 +456,10 @@ def _index_decode(build: _DecodeBuilder, codebook: gs.Constant, stored: Codebook
 
 
 def _table_decode(build: _DecodeBuilder, codebook: gs.Constant, stored: Codebook,
-                  shape: tuple[int, ...], layout: TableLayout, opset: int) -> gs.Variable:
-    """The value-table form: ``Gather(values, key)`` with one key per ``unit`` indices."""
+                  shape: tuple[int, ...], layout: TableLayout, opset: int,
+                  out_shape: tuple[int, ...] | None = None) -> gs.Variable:
+    """The value-table form: ``Gather(values, key)`` with one key per ``unit`` indices, reshaped
+    to ``out_shape`` (default: ``shape``, the indices')."""
     count = int(np.prod(shape, dtype=np.int64))
     planes = stored.stored_planes()
     key, shift = None, 8
@@ -445,7 +487,7 @@ def _table_decode(build: _DecodeBuilder, codebook: gs.Constant, stored: Codebook
         decoded = _slice_first(build, build.op("Reshape", [decoded, build.flat_shape()]), count, opset)
         if len(shape) == 1:
             return decoded
-    return build.op("Reshape", [decoded, build.const("shape", np.array(shape, np.int64))])
+    return build.op("Reshape", [decoded, build.const("shape", np.array(out_shape or shape, np.int64))])
 
 
 @dataclass
@@ -465,6 +507,15 @@ class DecodedWeight:
     shape: tuple[int, ...]
     scale: gs.Constant | None = None  # channel-scaled codebooks: the Mul's [1,..,C,..,1] constant
     scale_axis: int | None = None
+    pair_axis: int | None = None  # vector codebooks ([K, 2] codewords): the axis pairs run along
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        """The stored indices' shape (the weight's; with ``pair_axis`` halved for pairs)."""
+        shape = list(self.shape)
+        if self.pair_axis is not None:
+            shape[self.pair_axis] //= 2
+        return tuple(shape)
 
     @property
     def unscaled(self) -> gs.Tensor:
@@ -494,9 +545,12 @@ class DecodedWeight:
         return found
 
     def stored(self) -> Codebook:
-        count = int(np.prod(self.shape, dtype=np.int64))
+        count = int(np.prod(self.index_shape, dtype=np.int64))
         indices = unpack_planes([(w, s, np.asarray(c.values)) for c, w, s in self.planes], count)
         values = np.asarray(self.codebook.values)
+        if self.pair_axis is not None:
+            return Codebook(values.reshape(-1, 2), indices.reshape(self.index_shape), None, self.bits,
+                            pair_axis=self.pair_axis)
         rows = 1 if self.axis is None else self.shape[self.axis]
         codebook = values if self.axis is None else values.reshape(rows, -1)
         scale = None if self.scale is None else np.asarray(self.scale.values).reshape(-1)
@@ -504,13 +558,14 @@ class DecodedWeight:
 
     def store(self, stored: Codebook) -> None:
         old = np.asarray(self.codebook.values)
-        if stored.codebook.size != old.size or stored.indices.shape != self.shape or stored.bits != self.bits:
+        if (stored.codebook.size != old.size or stored.indices.shape != self.index_shape or stored.bits != self.bits
+                or stored.pair_axis != self.pair_axis):
             raise ValueError(f"{self.name}: a stored codebook keeps its K, width and shape")
         if (stored.scale is None) != (self.scale is None) or (
                 self.scale is not None and (stored.scale.size != np.asarray(self.scale.values).size
                                             or stored.scale_axis != self.scale_axis)):
             raise ValueError(f"{self.name}: a stored codebook keeps its channel scale's shape")
-        self.codebook.values = np.ascontiguousarray(stored.codebook.reshape(-1).astype(old.dtype))
+        self.codebook.values = np.ascontiguousarray(stored.codebook.reshape(old.shape).astype(old.dtype))
         if self.scale is not None:
             current = np.asarray(self.scale.values)
             self.scale.values = np.ascontiguousarray(stored.scale.astype(current.dtype).reshape(current.shape))
@@ -559,8 +614,33 @@ def _codebook_name(codebook: gs.Constant) -> str:
 
 
 def _is_codebook(tensor: gs.Tensor, dtypes: frozenset[str]) -> bool:
-    return (isinstance(tensor, gs.Constant) and np.asarray(tensor.values).ndim == 1
-            and str(np.asarray(tensor.values).dtype) in dtypes)
+    """A codebook constant: [K] values (or [C·K]) or [K, 2] codewords of pairs."""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    values = np.asarray(tensor.values)
+    return (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 2)) and str(values.dtype) in dtypes
+
+
+def _pair_tail(output: gs.Tensor, index_shape: tuple[int, ...]) -> tuple[gs.Node, tuple[int, ...], int] | None:
+    """(last node, weight shape, pair axis) of a vector codebook's decode after the [*index_shape, 2]
+    codewords ``output``: an optional Transpose putting the pair axis after axis a, then a Reshape."""
+    transpose, axis = _only_user(output, "Transpose"), len(index_shape) - 1
+    if transpose is not None:
+        perm = [int(p) for p in transpose.attrs.get("perm", [])]
+        rank = len(index_shape)
+        if len(perm) != rank + 1 or rank not in perm:
+            return None
+        axis = perm.index(rank) - 1
+        if axis < 0 or perm != [*range(axis + 1), rank, *range(axis + 1, rank)]:
+            return None
+        output = transpose.outputs[0]
+    reshape = _only_user(output, "Reshape")
+    if reshape is None or not isinstance(reshape.inputs[1], gs.Constant):
+        return None
+    shape = tuple(int(d) for d in np.asarray(reshape.inputs[1].values).reshape(-1))
+    expected = list(index_shape)
+    expected[axis] *= 2
+    return (reshape, shape, axis) if shape == tuple(expected) else None
 
 
 def _index_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> DecodedWeight | None:
@@ -574,6 +654,9 @@ def _index_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
     if parsed is None:
         return None
     planes, offsets, shape = parsed
+    pairs = np.asarray(codebook.values).ndim == 2
+    if pairs and offsets is not None:
+        return None
     bits = sum(w for _c, w, _s in planes)
     if not 1 <= bits <= 8 or sorted((w, s) for _c, w, s in planes) != sorted(plane_widths(bits)):
         return None
@@ -588,6 +671,11 @@ def _index_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
         if not dims:
             return None
         axis = dims[0]
+    if pairs:
+        tail = _pair_tail(node.outputs[0], tuple(shape))
+        if tail is None:
+            return None
+        return DecodedWeight(_codebook_name(codebook), tail[0], owner, codebook, planes, None, tail[1], pair_axis=tail[2])
     return DecodedWeight(_codebook_name(codebook), node, owner, codebook, planes, axis, tuple(shape))
 
 
@@ -671,6 +759,15 @@ def _table_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
     if tail is None or not constants:
         return None
     last, shape = tail
+    pair_axis = None
+    if np.asarray(codebook.values).ndim == 2:  # codewords of pairs: [*index_shape, 2], then the pair tail
+        if channels is not None or len(shape) < 2 or shape[-1] != 2:
+            return None
+        paired = _pair_tail(last.outputs[0], shape[:-1])
+        if paired is None:
+            return None
+        shape = shape[:-1]
+        last, pair_axis = paired[0], paired[2]
     count = int(np.prod(shape, dtype=np.int64))
     widths = []
     for constant in constants:
@@ -690,6 +787,11 @@ def _table_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
         if not axes:
             return None
         axis = axes[0]
+    if pair_axis is not None:
+        weight_shape = list(shape)
+        weight_shape[pair_axis] *= 2
+        return DecodedWeight(_codebook_name(codebook), last, owner, codebook, planes, None, tuple(weight_shape),
+                             pair_axis=pair_axis)
     return DecodedWeight(_codebook_name(codebook), last, owner, codebook, planes, axis, shape)
 
 

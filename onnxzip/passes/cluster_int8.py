@@ -249,6 +249,10 @@ def _candidates(graph: gs.Graph, decodes: list[Any], opset: int) -> tuple[dict[s
     layers: dict[str, Int8Layer] = {}
     skipped: dict[str, str] = {}
     for decoded in decodes:
+        if decoded.pair_axis is not None:
+            skipped[decoded.name] = ("vector codebook (codewords of pairs): onnxruntime's int8 kernels take one "
+                                     "int8 value per weight; it stays a float codebook")
+            continue
         uses = _uses(graph, decoded.output)
         reason = _use_problem(graph, decoded, uses)
         if reason is not None:
