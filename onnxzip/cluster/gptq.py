@@ -167,11 +167,17 @@ def column_order(gram_d: np.ndarray, act_order: bool = True) -> tuple[np.ndarray
     return order, _inverse_cholesky(gram_d[picked, order[:, :, None], order[:, None, :]])
 
 
-def _pair_nearest(column: np.ndarray, flat: np.ndarray, pair_rows: np.ndarray) -> np.ndarray:
-    """Entries (2k, 2k + 1) of the nearest codeword k of each row pair of ``column`` [G, m]."""
+def _pair_nearest(column: np.ndarray, flat: np.ndarray, pair_rows: np.ndarray,
+                  row_weight: np.ndarray | None = None) -> np.ndarray:
+    """Entries (2k, 2k + 1) of the nearest codeword k of each row pair of ``column`` [G, m], each
+    row's squared error weighted by ``row_weight`` [G, m] (s_r² of a channel-scaled codebook)."""
     first = np.take_along_axis(column, pair_rows[:, :, 0], axis=1)
     second = np.take_along_axis(column, pair_rows[:, :, 1], axis=1)
-    cost = (first[..., None] - flat[0::2]) ** 2 + (second[..., None] - flat[1::2]) ** 2
+    w0 = w1 = 1.0
+    if row_weight is not None:
+        w0 = np.take_along_axis(row_weight, pair_rows[:, :, 0], axis=1)[..., None]
+        w1 = np.take_along_axis(row_weight, pair_rows[:, :, 1], axis=1)[..., None]
+    cost = w0 * (first[..., None] - flat[0::2]) ** 2 + w1 * (second[..., None] - flat[1::2]) ** 2
     nearest = np.argmin(cost, axis=-1)
     index = np.empty(column.shape, dtype=np.int64)
     np.put_along_axis(index, pair_rows[:, :, 0], 2 * nearest, axis=1)
@@ -181,7 +187,7 @@ def _pair_nearest(column: np.ndarray, flat: np.ndarray, pair_rows: np.ndarray) -
 
 def gptq_assign(
     target: np.ndarray, ordered: tuple[np.ndarray, np.ndarray], codebook: np.ndarray, channels: np.ndarray,
-    *, column_block: int = COLUMN_BLOCK, pair_rows: np.ndarray | None = None,
+    *, column_block: int = COLUMN_BLOCK, pair_rows: np.ndarray | None = None, row_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices into ``codebook`` rows for the weights ``target`` [G, m, n], assigned column by
     column in the order of ``ordered`` (:func:`column_order`) with error feedback through H_λ⁻¹
@@ -200,7 +206,7 @@ def gptq_assign(
             if pair_rows is None:
                 index = np.argmin(np.abs(column[..., None] - centroids), axis=-1)
             else:
-                index = _pair_nearest(column, codebook[0], pair_rows)
+                index = _pair_nearest(column, codebook[0], pair_rows, row_weight)
             chosen[:, :, j] = index
             quantized = np.take_along_axis(centroids, index[..., None], axis=-1)[..., 0]
             error = (column - quantized) / upper[:, j, j][:, None]
@@ -304,7 +310,8 @@ def fit_codebook(
     candidates = [(*refit(indices, current, start), indices, "centroid refit" + (" + scales" if scaled else ""))]
     for round_ in range(iterations if assign else 0):
         values, s = candidates[-1][:2]
-        assigned = gptq_assign(rows(s)[0], problem.order(), values, channels, pair_rows=pair_rows)
+        goal, weights = rows(s)
+        assigned = gptq_assign(goal, problem.order(), values, channels, pair_rows=pair_rows, row_weight=weights)
         candidates.append((*refit(assigned, values, s), assigned, f"gptq assignment + refit ×{round_ + 1}"))
     for values, s, chosen, step in candidates:
         found = error(values, chosen, s)

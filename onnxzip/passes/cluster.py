@@ -216,7 +216,8 @@ class ClusterConfig:
     vector: int = option(
         1, "weights per codebook entry: 2 = one index per pair of neighbouring output channels' weights into "
            "K = 4**bits two-value codewords (same bits per weight as a scalar codebook of 2**bits values, "
-           "about a third less weight error on real layers; widths up to 4 bits, wider ones scalar; per tensor)",
+           "about a third less weight error on real layers; widths up to 4 bits, wider ones scalar; per tensor "
+           "or with channel_scale)",
     )
     execute: Literal["float", "int8"] = option(
         "float",
@@ -243,8 +244,8 @@ class ClusterConfig:
             raise ValueError("give one of per_channel (a codebook per channel) and channel_scale (one scaled codebook)")
         if self.vector not in (1, 2):
             raise ValueError(f"vector must be 1 (scalar codebooks) or 2 (codewords of pairs), got {self.vector}")
-        if self.vector == 2 and self.by_channel:
-            raise ValueError("vector=2 codebooks are per tensor: drop per_channel / channel_scale")
+        if self.vector == 2 and self.per_channel:
+            raise ValueError("vector=2 codebooks are per tensor (or channel-scaled): drop per_channel")
         if self.avg_bits is not None and not 1 <= self.avg_bits <= self.max_bits:
             raise ValueError(
                 f"avg_bits must be from 1 to max_bits={self.max_bits}, got {self.avg_bits}"
@@ -749,7 +750,8 @@ class ClusterPass(Pass):
         cache = self.__dict__.setdefault("_cluster_cache", {})
         if key not in cache:
             cache[key] = (self._cluster(values, k, axis, seed, energy) if pair_axis is None
-                          else _cluster_pairs(values, k, pair_axis, seed, energy, self.config.keep_zero))
+                          else _cluster_pairs(values, k, pair_axis, seed, energy, self.config.keep_zero,
+                                              self.config.channel_scale and axis == pair_axis))
         return cache[key]
 
     def _cluster(
@@ -944,8 +946,9 @@ def _sized(values: np.ndarray, bits: int, axis: int | None, scaled: bool = False
     width costs in bytes does not depend on them (``scaled``: with a channel scale along ``axis``;
     ``pair_axis``: 4**bits codewords of pairs)."""
     if pair_axis is not None:
+        scale = np.ones(values.shape[axis], values.dtype) if scaled and axis == pair_axis else None
         return Codebook(np.zeros((4**bits, 2), values.dtype), np.zeros(pair_split(values, pair_axis).shape[:-1], np.uint8),
-                        None, 2 * bits, pair_axis=pair_axis)
+                        None, 2 * bits, scale, pair_axis if scale is not None else None, pair_axis=pair_axis)
     if scaled and axis is not None:
         return Codebook(np.zeros(2**bits, values.dtype), np.zeros(values.shape, np.uint8), None, bits,
                         np.ones(values.shape[axis], values.dtype), axis)
@@ -954,14 +957,20 @@ def _sized(values: np.ndarray, bits: int, axis: int | None, scaled: bool = False
 
 
 def _cluster_pairs(values: np.ndarray, k: int, axis: int, seed: int, energy: np.ndarray | None,
-                   keep_zero: bool) -> tuple[Codebook, dict[str, float]]:
+                   keep_zero: bool, scaled: bool = False) -> tuple[Codebook, dict[str, float]]:
     """A vector codebook of k² codewords for the pairs of ``values`` along ``axis``
     (:func:`onnxzip.cluster.kmeans_pairs`, each coordinate weighted by its activation energy when
-    given); ``keep_zero`` keeps an exact (0, 0) codeword for all-zero pairs."""
-    points = pair_split(values.astype(np.float64), axis).reshape(-1, 2)
-    weights = None
-    if energy is not None:
-        weights = pair_split(np.broadcast_to(np.asarray(energy, np.float64), values.shape), axis).reshape(-1, 2)
+    given); ``keep_zero`` keeps an exact (0, 0) codeword for all-zero pairs. ``scaled``: of the
+    values divided by their channel RMS along ``axis`` (the scales stored, each coordinate weighted
+    by its scale², as :func:`_cluster_scaled`)."""
+    scale, normalized = None, values.astype(np.float64)
+    weight = np.ones(values.shape) if energy is None else np.broadcast_to(np.asarray(energy, np.float64), values.shape)
+    if scaled:
+        scale = channel_rms(values, axis)
+        broadcast = scale.astype(np.float64).reshape(scale_shape(values.shape, axis))
+        normalized, weight = normalized / broadcast, weight * broadcast * broadcast
+    points = pair_split(normalized, axis).reshape(-1, 2)
+    weights = None if energy is None and not scaled else pair_split(np.asarray(weight), axis).reshape(-1, 2)
     codewords, labels = kmeans_pairs(points, k * k, weights, seed=seed)
     zero = np.all(points == 0, axis=1)
     if keep_zero and zero.any():
@@ -969,7 +978,7 @@ def _cluster_pairs(values: np.ndarray, k: int, axis: int, seed: int, energy: np.
         codewords[slot] = 0.0
         labels[zero] = slot
     stored = Codebook(codewords.astype(values.dtype), labels.reshape(pair_split(values, axis).shape[:-1]).astype(np.uint8),
-                      None, storage_bits(k * k), pair_axis=axis)
+                      None, storage_bits(k * k), scale, axis if scaled else None, pair_axis=axis)
     entropy = index_entropy_bits(labels, k * k) / 2
     return stored, {**_weight_quality(values, stored), "entropy_bits": round(entropy, 4)}
 
@@ -1181,10 +1190,16 @@ def _refit_pairs(
     flat = stored.codebook.reshape(1, -1)
     channels = np.zeros(view.shape[:2], dtype=np.int64)
     pinned = (flat == 0) if keep_zero and not np.all(weight) else None
+    scale_ids = None
+    if stored.scale is not None:
+        scale_ids = _view_rows(stored.shape, stored.scale_axis, site)
+        if scale_ids is None:
+            return None
     fit = fit_codebook(site.view(weight), flat, view, channels, stats.gram, stats.cross_term,
                        iterations=iterations, damp=damp, act_order=act_order, pinned=pinned,
-                       problem=problem, pair_rows=rows)
+                       problem=problem, pair_rows=rows, scale=stored.scale, scale_ids=scale_ids)
     chosen = pair_split(site.unview(fit.indices), axis)[..., 0] // 2
     codewords = fit.codebook.reshape(stored.codebook.shape).astype(stored.codebook.dtype)
-    return Codebook(codewords, np.ascontiguousarray(chosen.astype(np.uint8)), None, stored.bits,
-                    pair_axis=axis), fit
+    scale = None if stored.scale is None else fit.scale.astype(stored.scale.dtype)
+    return Codebook(codewords, np.ascontiguousarray(chosen.astype(np.uint8)), None, stored.bits, scale,
+                    stored.scale_axis, pair_axis=axis), fit

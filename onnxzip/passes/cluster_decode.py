@@ -100,11 +100,12 @@ class Codebook:
 
     def decode(self) -> np.ndarray:
         if self.pair_axis is not None:
-            return pair_merge(self.codebook[self.indices.astype(np.intp)], self.pair_axis)
-        decoded = decode_numpy(self.codebook, self.indices, self.axis)
+            decoded = pair_merge(self.codebook[self.indices.astype(np.intp)], self.pair_axis)
+        else:
+            decoded = decode_numpy(self.codebook, self.indices, self.axis)
         if self.scale is None:
             return decoded
-        return decoded * self.scale.reshape(scale_shape(self.indices.shape, self.scale_axis))
+        return decoded * self.scale.reshape(scale_shape(self.shape, self.scale_axis))
 
     def stored_planes(self) -> list[tuple[int, int, np.ndarray]]:
         """(width, shift, bytes) of each stored index plane (width 8: the uint8 indices)."""
@@ -548,12 +549,12 @@ class DecodedWeight:
         count = int(np.prod(self.index_shape, dtype=np.int64))
         indices = unpack_planes([(w, s, np.asarray(c.values)) for c, w, s in self.planes], count)
         values = np.asarray(self.codebook.values)
+        scale = None if self.scale is None else np.asarray(self.scale.values).reshape(-1)
         if self.pair_axis is not None:
-            return Codebook(values.reshape(-1, 2), indices.reshape(self.index_shape), None, self.bits,
-                            pair_axis=self.pair_axis)
+            return Codebook(values.reshape(-1, 2), indices.reshape(self.index_shape), None, self.bits, scale,
+                            self.scale_axis, pair_axis=self.pair_axis)
         rows = 1 if self.axis is None else self.shape[self.axis]
         codebook = values if self.axis is None else values.reshape(rows, -1)
-        scale = None if self.scale is None else np.asarray(self.scale.values).reshape(-1)
         return Codebook(codebook, indices.reshape(self.shape), self.axis, self.bits, scale, self.scale_axis)
 
     def store(self, stored: Codebook) -> None:

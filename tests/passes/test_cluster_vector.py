@@ -169,3 +169,35 @@ def weights_of(model: onnx.ModelProto, name: str) -> np.ndarray:
     probe.CopyFrom(model)
     probe.graph.output.append(onnx.ValueInfoProto(name=decoded.output.name))
     return run_session(make_session(probe, "cpu", optimization="disabled"), X)[decoded.output.name]
+
+
+def test_channel_scaled_pairs_decode_read_back_refit_and_beat_unscaled_pairs_on_channels_of_different_range():
+    gain = np.exp(RNG.uniform(np.log(0.05), np.log(3.0), 8)).repeat(2)  # pairs share a range, channels differ
+    weight = (_neighbours((16, 8, 3, 3), 0) * gain[:, None, None, None].astype(np.float32)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "conv_w"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+         helper.make_node("Relu", ["c"], ["y0"], name="relu"),
+         helper.make_node("Reshape", ["y0", "flat"], ["y"], name="flatten")],
+        [tensor("x", ["N", 8, 6, 6])], [tensor("y", ["N", 144])],
+        [init("conv_w", weight), init("flat", np.array([0, 144], np.int64))])
+    reference = outputs(model)
+    context = PassContext(feeds=X)
+    options = {"bits": 2, "vector": 2, "small_params": False, "min_size": 64}
+    plain = ClusterPass(**options).run(model, context)
+    scaled = ClusterPass(**options, channel_scale=True).run(model, context)
+    details = next(c.details for c in scaled.report.changes if c.layer == "conv_w")
+    assert details["pairs"] and details["channel_scale"]
+    (found,) = find_decodes(import_graph(scaled.model))
+    assert found.pair_axis == 0 and found.scale_axis == 0
+    decoded = weights_of(scaled.model, "conv_w")
+    assert np.allclose(decoded, found.stored().decode(), rtol=1e-6, atol=1e-7)
+    def per_channel(candidate: onnx.ModelProto) -> float:
+        """The mean over the 16 output channels of each one's relative error (a small channel's
+        error counts as much as a large one's: what an unscaled codebook gets wrong)."""
+        diff = (outputs(candidate) - reference).reshape(-1, 16, 9)
+        ref = reference.reshape(-1, 16, 9)
+        return float(np.mean(np.sum(diff ** 2, axis=(0, 2)) / np.sum(ref ** 2, axis=(0, 2))))
+
+    assert per_channel(scaled.model) < 0.5 * per_channel(plain.model)
+    gptq = ClusterPass(**options, channel_scale=True, method="gptq").run(model, context)
+    assert relative(gptq.model, reference) < relative(scaled.model, reference)
