@@ -37,7 +37,9 @@ hidden units to 0.5 of the latency, refits the pruned layers' consumers (``--rec
 clusters at a mean of 3 bits; ``prune_lat=0.5+rec`` (``0.7``, ``0.8``) stops before the clustering.
 Each ``+gptq`` and ``+gptq+int8`` mode also ends in ``+cs`` (``channel_scale=true``: one codebook for
 the weight divided by each output channel's scale) or ``+pc`` (``per_channel=true``: a codebook per
-output channel), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs``.
+output channel), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs``; or in ``+v2`` / ``+v2+cs``
+(``vector=2``: one index per pair of neighbouring output channels' weights into 4**bits codewords,
+optionally of channel-normalized weights), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2``.
 ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
@@ -207,7 +209,9 @@ CHANNEL_MODES = {f"{name}{tail}+{short}": ["--cluster", flags[1] + f",{option}=t
                  for name, flags in GPTQ_MODES.items() for short, option in (("cs", "channel_scale"), ("pc", "per_channel"))
                  for tail, extra in (("", ""), ("+int8", ",execute=int8"))}
 # Vector codebooks: one index per pair of output channels' weights into 4**bits codewords (vector=2).
-VECTOR_MODES = {f"{name}+v2": ["--cluster", flags[1] + ",vector=2"] for name, flags in {**GPTQ_MODES, **INT8_MODES}.items()}
+VECTOR_MODES = {f"{name}+v2{tail}": ["--cluster", flags[1] + ",vector=2" + extra]
+                for name, flags in {**GPTQ_MODES, **INT8_MODES}.items()
+                for tail, extra in (("", ""), ("+cs", ",channel_scale=true"))}
 MODES = {**BASE_MODES, **CHANNEL_MODES, **VECTOR_MODES, **{f"{name}+ft": flags + FINETUNE for name, flags in BASE_MODES.items()}, **GPTQ_MODES,
          # GPTQ codebooks then fine-tuning by label-free distillation from the original (issue 20)
          **{f"{name}+ft": flags + FINETUNE for name, flags in GPTQ_MODES.items()},
