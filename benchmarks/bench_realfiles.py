@@ -39,7 +39,8 @@ Each ``+gptq`` and ``+gptq+int8`` mode also ends in ``+cs`` (``channel_scale=tru
 the weight divided by each output channel's scale) or ``+pc`` (``per_channel=true``: a codebook per
 output channel), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs``; or in ``+v2`` / ``+v2+cs``
 (``vector=2``: one index per pair of neighbouring output channels' weights into 4**bits codewords,
-optionally of channel-normalized weights), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2``.
+optionally of channel-normalized weights), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2``. Any mode followed by ``+sn`` also renames
+the graph's tensors to short names (``--cleanup short_names=true``).
 ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
@@ -235,6 +236,20 @@ MODES = {**BASE_MODES, **CHANNEL_MODES, **VECTOR_MODES, **{f"{name}+ft": flags +
          # the pruning alone (float), its consumers and restores refit
          **{f"prune_lat={budget}+rec": ["--prune-channels", f"latency_budget={budget}", "--reconstruct"]
             for budget in (0.5, 0.7, 0.8)}}
+# Any mode + ``+sn``: the same with the cleanup pass's short names (the bytes long exported names take).
+SHORT_NAMES = ["--cleanup", "short_names=true"]
+
+
+def mode_flags(mode: str) -> list[str] | None:
+    """The CLI flags of ``mode`` (a mode of MODES or LOOPS, optionally ending in ``+sn``), or None."""
+    known = {**MODES, **LOOPS}
+    if mode in known:
+        return known[mode]
+    if mode.endswith("+sn") and mode[:-3] in known:
+        return known[mode[:-3]] + SHORT_NAMES
+    return None
+
+
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).
 TASK_METRIC = ["--metric", f"task:{Path(__file__).resolve().parent / 'realfiles_task.py'}:kept:min=1"]
 LOOPS = {name: ["--recipe", name, *TASK_METRIC] for name in ("codebooks", "speed", "method1", "method2")}
@@ -514,7 +529,7 @@ def finetune_line(summary: dict) -> str:
 
 def onnxzip_run(name: str, mode: str, corpus: Corpus, bench: Bench, options: Options, original: Run) -> Run:
     """One automatic mode, as the CLI a user runs."""
-    flags = {**MODES, **LOOPS}[mode]
+    flags = mode_flags(mode)
     output = options.work / name / "onnxzip" / f"{mode}.onnx"
     output.parent.mkdir(parents=True, exist_ok=True)
     report = output.with_suffix(".report.json")
@@ -961,7 +976,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-venv", default=str(Path.home() / ".cache" / "onnxzip-bench" / "nncf-venv"),
                         help="venv with NNCF and plain onnxruntime (created once)")
     args = parser.parse_args(argv)
-    unknown = [mode for mode in args.modes.split(",") if mode not in MODES]
+    unknown = [mode for mode in args.modes.split(",") if mode_flags(mode) is None or mode in LOOPS]
     if unknown:
         parser.error(f"unknown modes {', '.join(unknown)}; choose from {', '.join(MODES)}")
     unknown = [name for name in args.models.split(",") if name not in CORPUS]

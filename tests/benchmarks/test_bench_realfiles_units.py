@@ -215,3 +215,10 @@ def test_session_floor_is_below_a_model_with_weights(tmp_path):
     baseline = baseline_maxrss_kb(rows)
     floor = session_floor_mb(model, rows, baseline, tmp_path)
     assert 0.0 < floor < peak_memory_mb(model, rows, baseline) - 16.0
+
+
+def test_any_mode_plus_sn_adds_short_names_and_vector_modes_exist():
+    assert bench.mode_flags("avg_bits=3+gptq+v2") == ["--cluster", "avg_bits=3,method=gptq,vector=2"]
+    assert bench.mode_flags("avg_bits=3+gptq+v2+cs+sn") == [
+        "--cluster", "avg_bits=3,method=gptq,vector=2,channel_scale=true", "--cleanup", "short_names=true"]
+    assert bench.mode_flags("avg_bits=3+sn+sn") is None and bench.mode_flags("nonsense+sn") is None
