@@ -40,7 +40,8 @@ the weight divided by each output channel's scale) or ``+pc`` (``per_channel=tru
 output channel), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs``; or in ``+v2`` / ``+v2+cs``
 (``vector=2``: one index per pair of neighbouring output channels' weights into 4**bits codewords,
 optionally of channel-normalized weights), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2``. Any mode followed by ``+sn`` also renames
-the graph's tensors to short names (``--cleanup short_names=true``).
+the graph's tensors to short names (``--cleanup short_names=true``), and ``+da`` before it chooses
+GPTQ's damping per weight on held-back calibration items (``damp=auto``).
 ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
@@ -241,13 +242,20 @@ SHORT_NAMES = ["--cleanup", "short_names=true"]
 
 
 def mode_flags(mode: str) -> list[str] | None:
-    """The CLI flags of ``mode`` (a mode of MODES or LOOPS, optionally ending in ``+sn``), or None."""
+    """The CLI flags of ``mode`` (a mode of MODES or LOOPS), or None. A mode of MODES may end in
+    ``+da`` (GPTQ's damping chosen per weight on held-back items: ``damp=auto``), then ``+sn``."""
     known = {**MODES, **LOOPS}
     if mode in known:
         return known[mode]
-    if mode.endswith("+sn") and mode[:-3] in known:
-        return known[mode[:-3]] + SHORT_NAMES
-    return None
+    tail: list[str] = []
+    if mode.endswith("+sn"):
+        mode, tail = mode[:-3], SHORT_NAMES
+    if mode.endswith("+da") and mode[:-3] in MODES and "--cluster" in MODES[mode[:-3]]:
+        flags = list(MODES[mode[:-3]])
+        at = flags.index("--cluster") + 1
+        flags[at] += ",damp=auto"
+        return flags + tail
+    return known[mode] + tail if tail and mode in MODES else None
 
 
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).

@@ -447,8 +447,8 @@ class ReconstructPass(Pass):
             if fitted is None or (held is not None and candidate[2] < fitted[2]):
                 fitted = candidate
         if fitted is None:
-            return LayerChange(name, op, "skipped", "per-channel codebook along an axis that is not the layer's output",
-                               params_before=stored.indices.size, params_after=stored.indices.size)
+            return LayerChange(name, op, "skipped", "per-channel codebook (or pairs) along an axis that is not the layer's output",
+                               params_before=int(np.prod(stored.shape)), params_after=int(np.prod(stored.shape)))
         new, fit, _error, damp = fitted
         before_view = site.view(stored.decode().astype(np.float64))
         after_view = site.view(new.decode().astype(np.float64))
@@ -473,14 +473,14 @@ class ReconstructPass(Pass):
             if details["error_after"] >= details["error_before"]:
                 return LayerChange(name, op, "skipped", "reconstruction did not lower the held-back output error "
                                    f"({details['error_before']:.4g} → {details['error_after']:.4g}); kept as it was",
-                                   params_before=stored.indices.size, params_after=stored.indices.size, details=details)
+                                   params_before=int(np.prod(stored.shape)), params_after=int(np.prod(stored.shape)), details=details)
         job.decoded.store(new)
         if shift is not None and bias is not None:
             details["bias_corrected"] = bool(bias(shift))
         scored = (f"held-back output error {details['error_before']:.4g} → {details['error_after']:.4g}"
                   if held is not None else f"fit error {fit.before:.4g} → {fit.after:.4g}")
         return LayerChange(name, op, f"reconstructed K={stored.k}, {stored.bits}-bit: {scored}",
-                           params_before=stored.indices.size, params_after=stored.indices.size, details=details)
+                           params_before=int(np.prod(stored.shape)), params_after=int(np.prod(stored.shape)), details=details)
 
 
 def _finite(error: float) -> float:

@@ -222,3 +222,6 @@ def test_any_mode_plus_sn_adds_short_names_and_vector_modes_exist():
     assert bench.mode_flags("avg_bits=3+gptq+v2+cs+sn") == [
         "--cluster", "avg_bits=3,method=gptq,vector=2,channel_scale=true", "--cleanup", "short_names=true"]
     assert bench.mode_flags("avg_bits=3+sn+sn") is None and bench.mode_flags("nonsense+sn") is None
+    assert bench.mode_flags("avg_bits=2.5+gptq+v2+da+sn") == [
+        "--cluster", "avg_bits=2.5,method=gptq,vector=2,damp=auto", "--cleanup", "short_names=true"]
+    assert bench.mode_flags("codebooks+sn") is None  # loops take no suffix
