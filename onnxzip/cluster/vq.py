@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK = 1 << 16  # pairs per distance block
+CHUNK = 1 << 14  # pairs per distance block ([CHUNK, K] float64 distances)
 FIT_PAIRS = 1 << 17  # pairs the Lloyd iterations run on (a seeded sample of larger weights)
 
 
