@@ -39,9 +39,10 @@ Each ``+gptq`` and ``+gptq+int8`` mode also ends in ``+cs`` (``channel_scale=tru
 the weight divided by each output channel's scale) or ``+pc`` (``per_channel=true``: a codebook per
 output channel), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+cs``; or in ``+v2`` / ``+v2+cs``
 (``vector=2``: one index per pair of neighbouring output channels' weights into 4**bits codewords,
-optionally of channel-normalized weights), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2``. Any mode followed by ``+sn`` also renames
-the graph's tensors to short names (``--cleanup short_names=true``), and ``+da`` before it chooses
-GPTQ's damping per weight on held-back calibration items (``damp=auto``).
+optionally of channel-normalized weights), as does ``svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2``. Any mode may end in ``+sn`` (the
+graph's tensors renamed to short names: ``--cleanup short_names=true``), ``+hs`` (small float tensors
+stored as float16: ``half_small=true``) and ``+da`` (GPTQ's damping chosen per weight on held-back
+calibration items: ``damp=auto``).
 ``--loops`` adds the method-1/method-2 loop
 recipes, which need the file's task scorer as a quality metric (recorded as not run while the CLI
 cannot take one). onnxzip's default fidelity gate (output cosine 0.99) refuses some files the task
@@ -238,25 +239,40 @@ MODES = {**BASE_MODES, **CHANNEL_MODES, **VECTOR_MODES, **{f"{name}+ft": flags +
          # the pruning alone (float), its consumers and restores refit
          **{f"prune_lat={budget}+rec": ["--prune-channels", f"latency_budget={budget}", "--reconstruct"]
             for budget in (0.5, 0.7, 0.8)}}
-# Any mode + ``+sn``: the same with the cleanup pass's short names (the bytes long exported names take).
-SHORT_NAMES = ["--cleanup", "short_names=true"]
+# Suffixes any mode of MODES may end in (in any order): the cleanup pass's short names (the bytes long
+# exported names take) and float16 small tensors, and GPTQ's damping chosen per weight on held-back items.
+CLEANUP_SUFFIXES = {"+sn": "short_names=true", "+hs": "half_small=true"}
+CLUSTER_SUFFIXES = {"+da": ",damp=auto"}
 
 
 def mode_flags(mode: str) -> list[str] | None:
-    """The CLI flags of ``mode`` (a mode of MODES or LOOPS), or None. A mode of MODES may end in
-    ``+da`` (GPTQ's damping chosen per weight on held-back items: ``damp=auto``), then ``+sn``."""
+    """The CLI flags of ``mode`` (a mode of MODES or LOOPS, those of MODES with any of the
+    suffixes above, each at most once), or None."""
     known = {**MODES, **LOOPS}
     if mode in known:
         return known[mode]
-    tail: list[str] = []
-    if mode.endswith("+sn"):
-        mode, tail = mode[:-3], SHORT_NAMES
-    if mode.endswith("+da") and mode[:-3] in MODES and "--cluster" in MODES[mode[:-3]]:
-        flags = list(MODES[mode[:-3]])
-        at = flags.index("--cluster") + 1
-        flags[at] += ",damp=auto"
-        return flags + tail
-    return known[mode] + tail if tail and mode in MODES else None
+    cleanup: list[str] = []
+    cluster = ""
+    base = mode
+    while base not in MODES:
+        suffix = next((s for s in (*CLEANUP_SUFFIXES, *CLUSTER_SUFFIXES) if base.endswith(s)), None)
+        if suffix is None:
+            return None
+        base = base[: -len(suffix)]
+        if suffix in CLEANUP_SUFFIXES:
+            if CLEANUP_SUFFIXES[suffix] in cleanup:
+                return None
+            cleanup.insert(0, CLEANUP_SUFFIXES[suffix])
+        else:
+            if CLUSTER_SUFFIXES[suffix] in cluster:
+                return None
+            cluster = CLUSTER_SUFFIXES[suffix] + cluster
+    flags = list(MODES[base])
+    if cluster:
+        if "--cluster" not in flags:
+            return None
+        flags[flags.index("--cluster") + 1] += cluster
+    return flags + (["--cleanup", ",".join(cleanup)] if cleanup else [])
 
 
 # The loops compress until the file's own task scorer says the tolerance is left (a task: metric).

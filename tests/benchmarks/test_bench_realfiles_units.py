@@ -225,3 +225,7 @@ def test_any_mode_plus_sn_adds_short_names_and_vector_modes_exist():
     assert bench.mode_flags("avg_bits=2.5+gptq+v2+da+sn") == [
         "--cluster", "avg_bits=2.5,method=gptq,vector=2,damp=auto", "--cleanup", "short_names=true"]
     assert bench.mode_flags("codebooks+sn") is None  # loops take no suffix
+    assert bench.mode_flags("avg_bits=3+gptq+v2+da+sn+hs") == [
+        "--cluster", "avg_bits=3,method=gptq,vector=2,damp=auto", "--cleanup", "short_names=true,half_small=true"]
+    assert bench.mode_flags("prune_lat=0.5+rec+da") is None  # no clustering to damp
+    assert bench.mode_flags("avg_bits=3+gptq+hs+hs") is None
