@@ -113,6 +113,7 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 16
 MAX_K = 256
 LOSSLESS = 1e-7  # relative output distortion at which a sensitivity sweep stops widening
+PAIR_INT8_OPS = frozenset({"MatMul", "Gemm", "Conv"})  # execute=int8 runs these on int8 kernels: scalar codebooks
 PAIR_MAX_K = 16  # vector=2: scalar-equivalent K up to 16 (4 bits per weight, 256 codewords, 8-bit indices)
 MEASURED_WIDTHS = 5  # widths a sweep measures per weight; wider ones are extrapolated (see _allocate)
 SWEEP_MIN_SAMPLES = 8  # sweep_flops never cuts the sweep below this many data items
@@ -217,7 +218,7 @@ class ClusterConfig:
         1, "weights per codebook entry: 2 = one index per pair of neighbouring output channels' weights into "
            "K = 4**bits two-value codewords (same bits per weight as a scalar codebook of 2**bits values, "
            "about a third less weight error on real layers; widths up to 4 bits, wider ones scalar; per tensor "
-           "or with channel_scale)",
+           "or with channel_scale; with execute=int8 only weights no int8 kernel reads, such as LSTM/GRU's)",
     )
     execute: Literal["float", "int8"] = option(
         "float",
@@ -707,8 +708,12 @@ class ClusterPass(Pass):
                    k: int, wanted: bool) -> int | None:
         """The axis a vector codebook of scalar-equivalent ``k`` pairs ``values`` along (their
         output channels), or None: not ``wanted``, K above :data:`PAIR_MAX_K`, no single
-        output-channel axis over the uses, or an odd channel count."""
+        output-channel axis over the uses, or an odd channel count; with ``execute=int8``, weights
+        only MatMul/Gemm/Conv read stay scalar, since onnxruntime's int8 kernels take one value per
+        weight (pairs serve the others: LSTM/GRU, embeddings)."""
         if not wanted or k > PAIR_MAX_K:
+            return None
+        if self.config.execute == "int8" and consumers and all(node.op in PAIR_INT8_OPS for node, _g in consumers):
             return None
         axis = _channel_axis(constant, consumers)
         return axis if pairable(values.shape, axis) else None

@@ -135,7 +135,7 @@ def test_avg_bits_sweeps_pairs_and_the_plan_replays_bit_identically(tmp_path):
     assert again.model.SerializeToString() == result.model.SerializeToString()
 
 
-def test_the_cli_compresses_with_pairs_reconstruct_refits_them_and_int8_says_why_they_stay_float(tmp_path):
+def test_the_cli_compresses_with_pairs_reconstruct_refits_them_and_int8_keeps_its_weights_scalar(tmp_path):
     source, calib = tmp_path / "in.onnx", tmp_path / "calib.npz"
     onnx.save(conv_fc_model(), str(source))
     np.savez(calib, **X)
@@ -158,8 +158,8 @@ def test_the_cli_compresses_with_pairs_reconstruct_refits_them_and_int8_says_why
     assert relative(refit, reference) < 0.7 * relative(plain, reference)
     assert len(refit.SerializeToString()) == len(plain.SerializeToString())
     _int8, report = compress("int8", "bits=3,vector=2,min_size=64,small_params=false,execute=int8,int8_min_speedup=0")
-    reasons = {c["layer"]: c["details"].get("int8_reason", "") for c in report["passes"][0]["changes"]}
-    assert all("codewords of pairs" in reason for reason in reasons.values())
+    details = [c["details"] for c in report["passes"][0]["changes"]]
+    assert not any(d.get("pairs") for d in details) and any(d.get("execute") == "int8" for d in details)
 
 
 def weights_of(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -201,3 +201,21 @@ def test_channel_scaled_pairs_decode_read_back_refit_and_beat_unscaled_pairs_on_
     assert per_channel(scaled.model) < 0.5 * per_channel(plain.model)
     gptq = ClusterPass(**options, channel_scale=True, method="gptq").run(model, context)
     assert relative(gptq.model, reference) < relative(scaled.model, reference)
+
+
+def test_with_execute_int8_matmul_weights_stay_scalar_for_the_int8_kernels_and_recurrent_weights_pair():
+    hidden, width = 16, 32
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w_in"], ["h"], name="proj"),
+         helper.make_node("Unsqueeze", ["h", "axis1"], ["seq"], name="seq"),
+         helper.make_node("GRU", ["seq", "gru_w", "gru_r"], ["", "y_h"], name="gru", hidden_size=hidden),
+         helper.make_node("Squeeze", ["y_h", "axis0"], ["y"], name="out")],
+        [tensor("x", ["N", 16])], [tensor("y", ["N", hidden])],
+        [init("w_in", _neighbours((16, width), 1)), init("axis1", np.array([0], np.int64)),
+         init("axis0", np.array([0], np.int64)), init("gru_w", _neighbours((1, 3 * hidden, width), 1)),
+         init("gru_r", _neighbours((1, 3 * hidden, hidden), 1))])
+    feeds = {"x": RNG.standard_normal((32, 16)).astype(np.float32)}
+    result = ClusterPass(bits=3, vector=2, execute="int8", int8_min_speedup=0, small_params=False).run(
+        model, PassContext(feeds=feeds))
+    details = {c.layer: c.details for c in result.report.changes if not c.skipped}
+    assert "pairs" not in details["w_in"] and details["gru_w"]["pairs"] and details["gru_r"]["pairs"]
