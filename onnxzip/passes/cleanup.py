@@ -99,7 +99,8 @@ def store_half(model: onnx.ModelProto) -> int:
     """Store the main graph's small float32 initializers as float16, each behind a Cast to
     float32 that takes its name (so every reader is unchanged and onnxruntime folds the Cast at
     load). Left as they are: graph inputs and outputs, tensors read inside subgraphs, codebooks
-    and value tables (the first input of a Gather: what the cluster pass's decodes read back), and
+    and value tables (the first input of a Gather) and channel scales (what the cluster pass's decodes
+    read back), and
     tensors float16 would round by more than :data:`HALF_RTOL`. Returns how many were stored."""
     graph = model.graph
     interface = {i.name for i in graph.input} | {o.name for o in graph.output}
@@ -111,6 +112,7 @@ def store_half(model: onnx.ModelProto) -> int:
                 for inner in iter_graphs(sub):
                     nested.update(name for n in inner.node for name in n.input)
     gathered = {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input}
+    gathered |= {t.name for t in graph.initializer if t.name.endswith("channel_scale")}  # read back with their decode
     taken = _all_names(graph)
     casts, halved = [], 0
     for index, tensor in enumerate(graph.initializer):
