@@ -201,7 +201,8 @@ FINETUNE = ["--finetune", "epochs=3"]
 BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3"],
               "avg_bits=4": ["--cluster", "avg_bits=4"], "avg_bits=3": ["--cluster", "avg_bits=3"],
               "avg_bits=2.75": ["--cluster", "avg_bits=2.75"], "avg_bits=2.5": ["--cluster", "avg_bits=2.5"],
-              "avg_bits=2.25": ["--cluster", "avg_bits=2.25"], "avg_bits=2": ["--cluster", "avg_bits=2"]}
+              "avg_bits=2.25": ["--cluster", "avg_bits=2.25"], "avg_bits=2": ["--cluster", "avg_bits=2"],
+              "avg_bits=1.75": ["--cluster", "avg_bits=1.75"]}
 # Codebooks assigned with the calibration activations (GPTQ-style, cluster method=gptq), and
 # k-means codebooks refit afterwards by the reconstruct step (issue 21).
 GPTQ_MODES = {f"{name}+gptq": ["--cluster", flags[1] + ",method=gptq"] for name, flags in BASE_MODES.items()}
