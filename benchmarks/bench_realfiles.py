@@ -155,6 +155,7 @@ weights into 4**b codewords; ``+sn``: short names; ``+hs``: float16 biases and n
 file               best kept (this session)                            scalar GPTQ, same settings
 =================  ==================================================  ===================================
 romanizer_encoder  20.31x avg_bits=1.5+gptq+v2+da+sn+hs, CLI (63.50)  without da: 62.00, not kept
+                   (23.89x at avg_bits=1.25+...+da: 62.50, drop 1.0, at the edge of the tolerance)
                    16.99x avg_bits=1.75+gptq+v2+sn+hs, CLI (63.75)     17.36x avg_bits=1.75: 61.75, not kept
                    14.75x avg_bits=2+gptq+v2+sn+hs (65.00 of 63.50)    15.02x avg_bits=2 (62.50, drop 1.0)
 nsnet2_16k         22.41x svd_lat=0.7+rec+avg_bits=3+gptq+int8+v2+sn+hs  21.51x without v2/sn/hs (run above)
