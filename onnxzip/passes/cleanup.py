@@ -100,25 +100,19 @@ def store_half(model: onnx.ModelProto) -> int:
     float32 that takes its name (so every reader is unchanged and onnxruntime folds the Cast at
     load). Left as they are: graph inputs and outputs, tensors read inside subgraphs, codebooks
     and value tables (the first input of a Gather) and channel scales (what the cluster pass's decodes
-    read back), and
-    tensors float16 would round by more than :data:`HALF_RTOL`. Returns how many were stored."""
+    read back), and tensors float16 would round by more than :data:`HALF_RTOL`. Returns how many
+    were stored."""
     graph = model.graph
-    interface = {i.name for i in graph.input} | {o.name for o in graph.output}
-    nested: set[str] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for sub in subs:
-                for inner in iter_graphs(sub):
-                    nested.update(name for n in inner.node for name in n.input)
-    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input}
-    gathered |= {t.name for t in graph.initializer if t.name.endswith("channel_scale")}  # read back with their decode
+    kept = {i.name for i in graph.input} | {o.name for o in graph.output}  # the interface
+    kept |= {name for sub in list(iter_graphs(graph))[1:] for node in sub.node for name in node.input}  # nested reads
+    kept |= {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input}
+    kept |= {t.name for t in graph.initializer if t.name.endswith("channel_scale")}  # read back with their decode
     taken = _all_names(graph)
     casts, halved = [], 0
     for index, tensor in enumerate(graph.initializer):
         count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
         if (tensor.data_type != onnx.TensorProto.FLOAT or not HALF_SIZES[0] <= count <= HALF_SIZES[1]
-                or tensor.name in interface | nested | gathered or tensor.data_location == onnx.TensorProto.EXTERNAL):
+                or tensor.name in kept or tensor.data_location == onnx.TensorProto.EXTERNAL):
             continue
         values = numpy_helper.to_array(tensor).astype(np.float64)
         if not _half_ok(values):

@@ -432,12 +432,12 @@ class ClusterPass(Pass):
             if not probe.covers(name):
                 fixed.append(name)
                 continue
-            constant, consumers = uses[name]
+            pairs_along = self._pair_axis(*uses[name], values, 1, self.config.vector == 2)
+            if pairs_along is not None:
+                paired.add(name)
             curve: dict[int, float] = {}
             for bits in widths:
-                pair_axis = self._pair_axis(constant, consumers, values, 2**bits, self.config.vector == 2)
-                if pair_axis is not None:
-                    paired.add(name)
+                pair_axis = pairs_along if 2**bits <= PAIR_MAX_K else None
                 if len(curve) >= MEASURED_WIDTHS:  # wider: extrapolated, neither clustered nor run
                     if 2**bits > values.size:
                         break
@@ -974,7 +974,8 @@ def _cluster_pairs(values: np.ndarray, k: int, axis: int, seed: int, energy: np.
         scale = channel_rms(values, axis)
         broadcast = scale.astype(np.float64).reshape(scale_shape(values.shape, axis))
         normalized, weight = normalized / broadcast, weight * broadcast * broadcast
-    points = pair_split(normalized, axis).reshape(-1, 2)
+    paired = pair_split(normalized, axis)
+    points = paired.reshape(-1, 2)
     weights = None if energy is None and not scaled else pair_split(np.asarray(weight), axis).reshape(-1, 2)
     codewords, labels = kmeans_pairs(points, k * k, weights, seed=seed)
     zero = np.all(points == 0, axis=1)
@@ -982,7 +983,7 @@ def _cluster_pairs(values: np.ndarray, k: int, axis: int, seed: int, energy: np.
         slot = int(np.argmin(np.sum(codewords * codewords, axis=1)))
         codewords[slot] = 0.0
         labels[zero] = slot
-    stored = Codebook(codewords.astype(values.dtype), labels.reshape(pair_split(values, axis).shape[:-1]).astype(np.uint8),
+    stored = Codebook(codewords.astype(values.dtype), labels.reshape(paired.shape[:-1]).astype(np.uint8),
                       None, storage_bits(k * k), scale, axis if scaled else None, pair_axis=axis)
     entropy = index_entropy_bits(labels, k * k) / 2
     return stored, {**_weight_quality(values, stored), "entropy_bits": round(entropy, 4)}

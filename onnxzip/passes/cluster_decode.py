@@ -760,7 +760,7 @@ def _table_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
     if tail is None or not constants:
         return None
     last, shape = tail
-    pair_axis = None
+    paired = None
     if np.asarray(codebook.values).ndim == 2:  # codewords of pairs: [*index_shape, 2], then the pair tail
         if channels is not None or len(shape) < 2 or shape[-1] != 2:
             return None
@@ -768,7 +768,6 @@ def _table_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
         if paired is None:
             return None
         shape = shape[:-1]
-        last, pair_axis = paired[0], paired[2]
     count = int(np.prod(shape, dtype=np.int64))
     widths = []
     for constant in constants:
@@ -788,11 +787,9 @@ def _table_form(node: gs.Node, owner: gs.Graph, dtypes: frozenset[str]) -> Decod
         if not axes:
             return None
         axis = axes[0]
-    if pair_axis is not None:
-        weight_shape = list(shape)
-        weight_shape[pair_axis] *= 2
-        return DecodedWeight(_codebook_name(codebook), last, owner, codebook, planes, None, tuple(weight_shape),
-                             pair_axis=pair_axis)
+    if paired is not None:
+        return DecodedWeight(_codebook_name(codebook), paired[0], owner, codebook, planes, None, paired[1],
+                             pair_axis=paired[2])
     return DecodedWeight(_codebook_name(codebook), last, owner, codebook, planes, axis, shape)
 
 

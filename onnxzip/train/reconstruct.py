@@ -433,6 +433,7 @@ class ReconstructPass(Pass):
         stored = job.decoded.stored()
         site = job.pairs[0][0]
         weight = job.weight.astype(np.float64)
+        size = int(weight.size)  # the weight's parameters (a codebook of pairs stores half as many indices)
         weight_view = site.view(weight)
         held = stats.held()
         fitted = None
@@ -448,7 +449,7 @@ class ReconstructPass(Pass):
                 fitted = candidate
         if fitted is None:
             return LayerChange(name, op, "skipped", "per-channel codebook (or pairs) along an axis that is not the layer's output",
-                               params_before=int(np.prod(stored.shape)), params_after=int(np.prod(stored.shape)))
+                               params_before=size, params_after=size)
         new, fit, _error, damp = fitted
         before_view = site.view(stored.decode().astype(np.float64))
         after_view = site.view(new.decode().astype(np.float64))
@@ -473,14 +474,14 @@ class ReconstructPass(Pass):
             if details["error_after"] >= details["error_before"]:
                 return LayerChange(name, op, "skipped", "reconstruction did not lower the held-back output error "
                                    f"({details['error_before']:.4g} → {details['error_after']:.4g}); kept as it was",
-                                   params_before=int(np.prod(stored.shape)), params_after=int(np.prod(stored.shape)), details=details)
+                                   params_before=size, params_after=size, details=details)
         job.decoded.store(new)
         if shift is not None and bias is not None:
             details["bias_corrected"] = bool(bias(shift))
         scored = (f"held-back output error {details['error_before']:.4g} → {details['error_after']:.4g}"
                   if held is not None else f"fit error {fit.before:.4g} → {fit.after:.4g}")
         return LayerChange(name, op, f"reconstructed K={stored.k}, {stored.bits}-bit: {scored}",
-                           params_before=int(np.prod(stored.shape)), params_after=int(np.prod(stored.shape)), details=details)
+                           params_before=size, params_after=size, details=details)
 
 
 def _finite(error: float) -> float:
