@@ -11,8 +11,8 @@
 * peak resident memory of a session: the peak resident size of a child process that imports
   onnxruntime, loads the session and runs it once, minus that of a baseline child that stops
   before the session; the session floor is the same measure of a model whose one node per input
-  passes it through (what any session costs however small its model). The peak is ``VmHWM`` of ``/proc/self/status`` where there is one:
-  ``ru_maxrss`` survives ``exec`` on Linux, so a child spawned by this (large) process would report
+  passes it through (what any session costs however small its model). The peak is ``VmHWM`` of
+  ``/proc/self/status`` where there is one: ``ru_maxrss`` survives ``exec`` on Linux, so a child spawned by this (large) process would report
   at least this process's size; ``ru_maxrss`` elsewhere.
 """
 from __future__ import annotations
