@@ -120,6 +120,17 @@ def _conditions(metrics: Any) -> list[Any]:
     return list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
 
 
+def _require_pass_data(passes: list[Any], data: Any) -> None:
+    """Stop before any work when a step cannot run on generated inputs and no data was given."""
+    if data is not None:
+        return
+    for step in passes:
+        reason = step.needs_data()
+        if reason:
+            raise ConfigError(f"{reason}: pass --data calib.npz (data= in Python); "
+                              "inputs generated from the signature are not data.")
+
+
 def _require_data(metrics: list[Any], data: Any) -> None:
     if metrics and data is None and QualityGate(metrics).needs_data:
         raise ConfigError("Metric conditions need data with labels or references (--data); "
@@ -211,6 +222,7 @@ def compress(
     passes = recipe.build_passes()
     original = load_model(model)
     _require_data(recipe.metrics, data)
+    _require_pass_data(passes, data)
     feeds, generated, unchecked = _feeds(original, data, recipe, passes)
     if recipe.metrics:
         check_metric_data(original, val if val is not None else data, recipe.metrics, device=recipe.device,

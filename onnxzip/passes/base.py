@@ -199,6 +199,11 @@ class Pass:
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    def needs_data(self) -> str | None:
+        """What this pass, as configured, cannot do on inputs generated from the signature (one
+        phrase naming it), or None. A run without ``--data`` stops on it before any work."""
+        return None
+
     def per_model(self, kind: str, model: onnx.ModelProto, compute: Callable[[], T]) -> T:
         """``compute()`` once per model object and ``kind`` for this pass (its plan and apply read
         the same calibration statistics; the last model's value is kept)."""

@@ -313,6 +313,11 @@ class ClusterPass(Pass):
     name = "cluster"
     config_class = ClusterConfig
     weight_only = True
+
+    def needs_data(self) -> str | None:
+        if self.config.execute == "int8":
+            return "cluster execute=int8 measures activation scales and each layer's error on calibration inputs"
+        return None
     summary = (
         "Codebook quantization: weights → K centroids + indices of any width 1-8 bits decoded by Gather."
     )

@@ -170,6 +170,9 @@ class ReconstructPass(Pass):
                "centroids; whitened truncation; least squares; bias correction); same file size")
     reduces_bytes = False  # changes values, never sizes
 
+    def needs_data(self) -> str | None:
+        return "the reconstruct step fits each layer to the original's outputs on calibration inputs"
+
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         graph = import_graph(model)
         layers: dict[str, dict[str, Any]] = {}

@@ -46,6 +46,9 @@ class FinetunePass(Pass):
     summary = "fine-tune the weights in onnxruntime-training (labels, references or distillation from the original)"
     reduces_bytes = False  # changes values, never sizes: the never-bigger guard does not apply
 
+    def needs_data(self) -> str | None:
+        return "the finetune step trains on data"
+
     def plan(self, model: onnx.ModelProto, context: PassContext) -> Plan:
         copy = prepare(model, context.shapes(model), self.config.include, self.config.exclude, data=context.feeds)
         layers: dict[str, dict[str, Any]] = {name: {"train": True} for name in copy.trainable}

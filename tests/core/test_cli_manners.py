@@ -85,3 +85,31 @@ def test_a_warning_is_printed_once(model_path, tmp_path, quiet):
     assert result.returncode == 0, result.stderr
     assert (result.stdout + result.stderr).count("is not smaller than the input") == 1, result.stderr
     assert "WARNING onnxzip.api: the output" in result.stderr
+
+
+@pytest.mark.parametrize("flags, names", [
+    (("--cluster", "bits=4", "--reconstruct"), "the reconstruct step"),
+    (("--cluster", "bits=4", "--finetune", "epochs=1"), "the finetune step"),
+    (("--cluster", "bits=4,execute=int8"), "cluster execute=int8"),
+])
+def test_a_step_that_needs_data_stops_before_any_work_without_it(model_path, tmp_path, flags, names):
+    """No --data: the run stops with one sentence naming the step before the cluster pass runs (its
+    work would be thrown away), writes nothing and leaves the input as it was."""
+    before = model_path.read_bytes()
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    result = _run("compress", str(model_path), "-o", str(out), "--report", str(report), *flags)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxzip: error: ") and names in lines[0].lower(), result.stderr
+    assert "--data" in lines[0] and "Traceback" not in result.stderr
+    assert "cluster" not in result.stdout  # no step ran
+    assert not out.exists() and not report.exists() and model_path.read_bytes() == before
+
+
+def test_the_python_api_refuses_a_data_step_without_data():
+    import onnxzip
+    from onnxzip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reconstruct step .* --data"):
+        onnxzip.compress(mlp(), cluster={"bits": 4}, reconstruct={})
