@@ -216,7 +216,9 @@ def run_samples(
                 [value, take(value, fill, axes[name])], axis=axes[name]) for name, value in part.items()}
         for name, value in run_session(session, part).items():
             if name not in out_axes:
-                out_axes[name] = _output_axis(declared_out.get(name), np.shape(value), chunk if fixed else real, symbols)
+                mirrors = [(np.shape(part[n]), a) for n, a in sampled.items()]  # a state out mirrors its input
+                out_axes[name] = _output_axis(declared_out.get(name), np.shape(value), chunk if fixed else real, symbols,
+                                              mirrors)
             axis = out_axes[name]
             if axis is not None and real < np.shape(value)[axis]:
                 value = take(value, slice(0, real), axis)
@@ -224,13 +226,18 @@ def run_samples(
     joined = {}
     for name, values in parts.items():
         axis = out_axes[name]
+        if axis is not None and len(values) > 1:
+            axis = out_axes[name] = _joined_axis(name, values, axis)
         joined[name] = values[0] if len(values) == 1 else (
             np.concatenate(values, axis=axis) if axis is not None else np.stack(values))
     return joined, out_axes
 
 
-def _output_axis(declared: Any, shape: tuple[int, ...], rows: int, symbols: set[str]) -> int | None:
-    """The sample axis of one output (see :func:`run_samples`)."""
+def _output_axis(declared: Any, shape: tuple[int, ...], rows: int, symbols: set[str],
+                 mirrors: list[tuple[tuple[int, ...], int]] = ()) -> int | None:
+    """The sample axis of one output (see :func:`run_samples`); where several axes have the
+    chunk's size, an output shaped like a sampled input (``mirrors``: its shape and sample axis in
+    the chunk), as a state output is, takes that input's axis."""
     from onnxzip.core.inputs import BATCH_NAMES
 
     if declared is not None and len(declared) == len(shape):
@@ -239,7 +246,25 @@ def _output_axis(declared: Any, shape: tuple[int, ...], rows: int, symbols: set[
             if named:
                 return named[0]
     matching = [axis for axis, size in enumerate(shape) if size == rows]
+    if len(matching) > 1:
+        mirrored = {axis for like, axis in mirrors if tuple(like) == tuple(shape)}
+        if len(mirrored) == 1:
+            return mirrored.pop()
     return (0 if 0 in matching else matching[0]) if matching else None
+
+
+def _joined_axis(name: str, values: list[np.ndarray], axis: int) -> int:
+    """``axis``, or, when the chunks' shapes say otherwise (they differ on one other axis, as a
+    last shorter chunk does), that axis."""
+    shapes = [np.shape(v) for v in values]
+    if len({len(s) for s in shapes}) == 1:
+        differ = {i for s in shapes for i, size in enumerate(s) if size != shapes[0][i]}
+        if not differ or differ == {axis}:
+            return axis
+        if len(differ) == 1:
+            return differ.pop()
+    raise DataError(f"The model's output {name!r} changes shape between runs of samples ({shapes[0]} and "
+                    f"{next(s for s in shapes if s != shapes[0])}) in a way that does not follow the samples.")
 
 
 def measure_latency(

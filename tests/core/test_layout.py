@@ -154,3 +154,21 @@ def test_samples_is_a_mapping_of_feeds() -> None:
     assert samples.take(slice(1, 3)).labels.tolist() == [1, 2]
     with pytest.raises(DataError, match="2 labels for 3 samples"):
         Samples({"x": np.zeros((3, 2))}, {"x": 0}, 3, labels=np.arange(2))
+
+
+
+def test_an_ambiguous_output_axis_follows_a_mirrored_input_or_the_last_chunk() -> None:
+    """Where onnxruntime knows no output shape (silero-vad's stateN behind an If) and the chunk's
+    size also sizes another axis (chunks of 2 samples, state [2, batch, 128]): an output shaped
+    like a sampled input takes that input's axis; otherwise the shorter last chunk settles it."""
+    from onnxzip.core.runtime import _joined_axis, _output_axis
+
+    assert _output_axis(None, (2, 2, 8), 2, set()) == 0  # what it said before: the first matching axis
+    assert _output_axis(None, (2, 2, 8), 2, set(), [((2, 8), 0), ((2, 2, 8), 1)]) == 1
+    assert _output_axis(None, (2, 2), 2, set(), [((2, 8), 0)]) == 0
+    chunks = [np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 1))]
+    assert _joined_axis("y", chunks, 0) == 1
+    assert _joined_axis("y", chunks, 1) == 1
+    assert _joined_axis("y", chunks[:2], 0) == 0
+    with pytest.raises(DataError, match="changes shape between runs"):
+        _joined_axis("y", [np.zeros((2, 2)), np.zeros((3, 1))], 0)
