@@ -48,6 +48,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxzip.core.graph import NameScope, constant_value
+from onnxzip.core.inputs import first_samples
 from onnxzip.core.shapes import generated_feeds
 from onnxzip.pruning.groups import RECURRENT, ChannelAnalysis, slice_window
 from onnxzip.core.runtime import make_session, run_session
@@ -513,7 +514,8 @@ def channel_medians(
             initializer.CopyFrom(numpy_helper.from_array(overrides[initializer.name], initializer.name))
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in known)
-    feeds = generated_feeds(model, batch=1, seed=0)[0] if not feeds else {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()}
+    # one sample, along each input's sample axis (a state [layers, batch, hidden] is cut on axis 1)
+    feeds = generated_feeds(model, batch=1, seed=0)[0] if not feeds else dict(first_samples(feeds, 1, model))
     results = run_session(make_session(probe, "cpu", optimization="disabled"), feeds)
     medians = {}
     for name, axis in tensors.items():

@@ -3,6 +3,13 @@
 onnxruntime's gradient builder can abort the whole process (a C++ assertion) on graphs it does
 not support, so :func:`generate` runs it in ``python -m onnxzip.train._artifacts SPEC`` and turns
 any failure into a message; the caller then freezes instead of crashing.
+
+Before generation the training copy gets symbolic shapes (onnxruntime's
+``symbolic_shape_infer``): a Reshape or Expand whose target shape is computed from ``Shape`` of an
+input (jax2tf and tf2onnx exports) otherwise has no known output shape, and the gradient of a
+broadcasting op after it is not reduced to its input's shape (onnxruntime then fails in
+``TrainStep``: "Reshape_Grad … cannot be reshaped"). When inference fails or the generator refuses
+the annotated graph, :func:`generate` is asked again without it.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from onnxzip.train.losses import LOSS_NAME
 
@@ -20,12 +28,13 @@ _NOISE = re.compile(r"\[[IVW]:onnxruntime:|Warning: ")
 
 
 def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: str,
-             weight_decay: float) -> str | None:
+             weight_decay: float, symbolic: bool = True) -> str | None:
     """Write training/eval/optimizer models and a checkpoint into ``folder``; returns None on
-    success, else the reason (one line)."""
+    success, else the reason (one line). With ``symbolic``, the graph is first annotated with
+    symbolic shapes (see the module docstring)."""
     spec = folder / "spec.json"
     spec.write_text(json.dumps({"model": str(model_file), "trainable": trainable, "optimizer": optimizer,
-                                "weight_decay": weight_decay, "out": str(folder)}))
+                                "weight_decay": weight_decay, "out": str(folder), "symbolic": symbolic}))
     # The child imports this very onnxzip, also when it was put on sys.path rather than installed.
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -59,6 +68,8 @@ def _main(spec_path: str) -> None:
     gradients.register()
     spec = json.loads(Path(spec_path).read_text())
     model = onnx.load(spec["model"])
+    if spec.get("symbolic"):
+        model = with_symbolic_shapes(model)
     if spec["optimizer"] == "adamw":
         optimizer = onnxblock.optim.AdamW(weight_decay=spec["weight_decay"])
     else:
@@ -72,6 +83,19 @@ def _main(spec_path: str) -> None:
     optimizer_model = onnx.load(str(path))
     optimizer_model.ir_version = 10
     onnx.save(optimizer_model, str(path))
+
+
+def with_symbolic_shapes(model: Any) -> Any:
+    """``model`` with every tensor's shape inferred symbolically (batch dims as names, computed
+    Reshape/Expand targets followed through Shape/Slice/Concat), or ``model`` itself when the
+    inference fails."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - an unsupported op or opset: generate from the graph as it is
+        return model
+    return inferred if inferred is not None else model
 
 
 if __name__ == "__main__":

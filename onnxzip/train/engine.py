@@ -645,6 +645,9 @@ def finetune(
         onnx.save(training_copy, str(model_file))
         for _attempt in range(_MAX_UNREACHABLE + 1):
             failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay)
+            if failure is not None:  # the symbolic shapes may be what the generator refused
+                failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay,
+                                              symbolic=False) and failure
             session = None
             if failure is None:
                 try:
@@ -691,10 +694,15 @@ def finetune(
         if config.select == "db" and not db_terms and held_out is not None and config.metric is None:
             result.notes.append("select=db compares outputs with the teacher's or the references; with this "
                                 f"loss ({' + '.join(result.losses)}) the epoch is selected on the held-out loss")
-        best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
-                      fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
-                      held_back=bool(notes), output_terms=output_terms, db_terms=db_terms, task=task,
-                      reopen=lambda: _open(work, device))
+        try:
+            best = _train(session, result, config, train, (train_targets, target_axes), held_out, val_targets, batch,
+                          fixed is not None, plan, model, teacher_val[0] if teacher_val else None, progress,
+                          held_back=bool(notes), output_terms=output_terms, db_terms=db_terms, task=task,
+                          reopen=lambda: _open(work, device))
+        except RuntimeError as exc:  # a kernel of the built graph failed while running: nothing is kept
+            for name in result.trained:
+                result.frozen[name] = f"onnxruntime-training failed in a training step: {_reason(exc)}"
+            return _untrained(result)
     result.model = with_weights(model, best, plan.locations)
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0

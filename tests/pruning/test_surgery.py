@@ -35,3 +35,24 @@ def test_padded_conv_consumer_is_exact_away_from_the_border():
     actual = run_session(make_session(pruned, "cpu"), feeds)["y"]
     np.testing.assert_allclose(actual[:, :, 1:-1, 1:-1], expected[:, :, 1:-1, 1:-1], atol=1e-5)
     assert not np.allclose(actual[:, :, 0], expected[:, :, 0], atol=1e-5)
+
+
+def test_channel_medians_take_one_sample_along_each_inputs_sample_axis():
+    """A state [2, batch, 8] holds its samples on axis 1: the one-sample run that measures the
+    removed channels' values cuts it there (cutting axis 0 fed a [1, N, 8] state that the model
+    refuses, and exited 3 on silero-vad)."""
+    import onnx
+    from helpers import load_fuzz
+
+    from onnxzip.core.inputs import samples_from
+    from onnxzip.pruning.surgery import channel_medians
+
+    model = onnx.load_from_string(load_fuzz().stateful(1))  # a fixed batch of 1, as streaming files are
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((5, 8)).astype(np.float32),
+            "state": rng.standard_normal((2, 5, 8)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    medians = channel_medians(model, {}, {"xs": 1, "state_out": 2}, samples_from(model, data))
+    xs = data["x"][0] + data["state"][:, 0].sum(0)
+    np.testing.assert_allclose(medians["xs"], xs, rtol=1e-5)
+    state_out = data["state"][:, 0] / 2 + data["x"][0]
+    np.testing.assert_allclose(medians["state_out"], np.median(state_out, axis=0), rtol=1e-5)

@@ -466,3 +466,62 @@ def test_nothing_trainable_is_one_sentence_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not target.exists()
     assert "Nothing can train in this model" in err and "Shrink 'shrink'" in err
+
+
+def _computed_shape_softmax(rng: np.random.Generator) -> onnx.ModelProto:
+    """A softmax as jax2tf writes it (magika's head): the row max and row sum are reshaped to
+    [N, 1] and broadcast back by Reshape/Expand to a target computed from Shape(x) through int32
+    Casts, so onnxruntime's own shape inference cannot tell their output shapes."""
+    f32 = np.float32
+    return make_model([
+        helper.make_node("MatMul", ["x", "w"], ["z"], name="fc"),
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Cast", ["xs"], ["xs32"], to=TensorProto.INT32),
+        helper.make_node("Slice", ["xs32", "zero", "one"], ["n"]),
+        helper.make_node("Concat", ["n", "one32"], ["t32"], axis=0),
+        helper.make_node("Cast", ["t32"], ["target"], to=TensorProto.INT64),
+        helper.make_node("ReduceMax", ["z"], ["zm"], axes=[1], keepdims=0),
+        helper.make_node("Max", ["low", "zm"], ["m"]),
+        helper.make_node("Reshape", ["m", "target"], ["m2"]),
+        helper.make_node("Expand", ["m2", "target"], ["m3"]),
+        helper.make_node("Sub", ["z", "m3"], ["zc"]),
+        helper.make_node("Exp", ["zc"], ["e"]),
+        helper.make_node("ReduceSum", ["e", "axes"], ["s"], keepdims=0),
+        helper.make_node("Reshape", ["s", "target"], ["s2"]),
+        helper.make_node("Expand", ["s2", "target"], ["s3"]),
+        helper.make_node("Div", ["e", "s3"], ["y"]),
+    ], [tensor("x", ["N", 8])], [tensor("y", ["N", 5])],
+        [init("w", rng.standard_normal((8, 5)).astype(f32)), init("axes", np.array([1], np.int64)),
+         init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64)),
+         init("one32", np.array([1], np.int32)), init("low", np.array(-1e30, f32))])
+
+
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_a_softmax_with_computed_shapes_trains_or_says_why(monkeypatch, symbolic):
+    """With symbolic shapes the broadcast gradients reduce to [N, 1] and the layer trains; without
+    them onnxruntime fails inside TrainStep ("Reshape_Grad ... cannot be reshaped"), which
+    returns the input unchanged with that reason instead of crashing."""
+    from onnxzip.train import _artifacts
+
+    rng = np.random.default_rng(0)
+    teacher = _computed_shape_softmax(rng)
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    w = numpy_helper.to_array(student.graph.initializer[0])
+    student.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        (w + 0.5 * rng.standard_normal(w.shape)).astype(np.float32), "w"))
+    if not symbolic:
+        generate = _artifacts.generate
+        monkeypatch.setattr(_artifacts, "generate", lambda *a, **k: generate(*a, **{**k, "symbolic": False}))
+    x = rng.standard_normal((96, 8)).astype(np.float32)
+    val = rng.standard_normal((48, 8)).astype(np.float32)
+    result = finetune(student, {"x": x}, val={"x": val}, teacher=teacher,
+                      config={"epochs": 3, "lr": 0.02, "patience": 0}, device="cpu", progress=False)
+    expected = _outputs(teacher, {"x": val})["y"]
+    before = np.mean((_outputs(student, {"x": val})["y"] - expected) ** 2)
+    after = np.mean((_outputs(result.model, {"x": val})["y"] - expected) ** 2)
+    if symbolic:
+        assert result.trained == ["w"] and after < 0.7 * before
+    else:
+        assert result.trained == [] and "failed in a training step" in result.frozen["w"]
+        assert "cannot be reshaped" in result.frozen["w"] and after == before
