@@ -622,6 +622,16 @@ def finetune(
     teacher_val = (_teacher_outputs(teacher_model, model, held_out, batch, device, named)
                    if needs_teacher and held_out is not None else None)
     train_targets, target_axes = _targets(terms, train, teacher_train)
+    unsampled = [t for t in terms if target_axes.get(t.target) is None]
+    if unsampled:  # e.g. the final state of a whole sequence: one value for all samples, no per-sample target
+        terms = [t for t in terms if t not in unsampled]
+        if not terms:
+            raise DataError("No output of the model follows the samples (each is one value for all of them), "
+                            "so there is nothing to distill per sample; give labels or references in the data.")
+        result.notes.append(f"not distilled: {_listed([t.output for t in unsampled])} (no sample axis: one value "
+                            "for all the samples of a run)")
+        result.losses = [f"{t.kind}({t.output})" for t in terms]
+        train_targets = {k: v for k, v in train_targets.items() if k in {t.target for t in terms}}
     if auto_match:  # one scale per term, from the training targets, for training and the held-out loss alike
         terms = _relative(terms, train_targets)
         result.losses = [f"{t.kind}({t.output})" + "/var" * (t.kind == "mse") for t in terms

@@ -525,3 +525,26 @@ def test_a_softmax_with_computed_shapes_trains_or_says_why(monkeypatch, symbolic
     else:
         assert result.trained == [] and "failed in a training step" in result.frozen["w"]
         assert "cannot be reshaped" in result.frozen["w"] and after == before
+
+
+def test_an_output_without_a_sample_axis_is_left_out_of_the_distillation_with_a_note():
+    """y[N, 3] = x·w and total[3] = Σ_N y (one value for all the samples of a run, like the final
+    state of a whole sequence): total has no per-sample target; y trains alone, and the notes say so."""
+    rng = np.random.default_rng(2)
+    f32 = np.float32
+    teacher = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"),
+                          helper.make_node("ReduceSum", ["y", "axes"], ["total"], keepdims=0)],
+                         [tensor("x", ["N", 4])], [tensor("y", ["N", 3]), tensor("total", [3])],
+                         [init("w", rng.standard_normal((4, 3)).astype(f32)), init("axes", np.array([0], np.int64))])
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    w = numpy_helper.to_array(student.graph.initializer[0])
+    student.graph.initializer[0].CopyFrom(numpy_helper.from_array((w + 0.3 * rng.standard_normal(w.shape)).astype(f32), "w"))
+    x, val = rng.standard_normal((64, 4)).astype(f32), rng.standard_normal((32, 4)).astype(f32)
+    result = finetune(student, {"x": x}, val={"x": val}, teacher=teacher,
+                      config={"epochs": 3, "lr": 0.05, "patience": 0}, device="cpu", progress=False)
+    assert result.losses[0] == "mse(y)/var" and "total" not in " ".join(result.losses) and result.trained == ["w"]
+    assert any(note.startswith("not distilled: total") for note in result.notes)
+    expected = _outputs(teacher, {"x": val})["y"]
+    before = np.mean((_outputs(student, {"x": val})["y"] - expected) ** 2)
+    assert np.mean((_outputs(result.model, {"x": val})["y"] - expected) ** 2) < 0.5 * before
