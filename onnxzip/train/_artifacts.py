@@ -10,6 +10,10 @@ input (jax2tf and tf2onnx exports) otherwise has no known output shape, and the 
 broadcasting op after it is not reduced to its input's shape (onnxruntime then fails in
 ``TrainStep``: "Reshape_Grad … cannot be reshaped"). When inference fails or the generator refuses
 the annotated graph, :func:`generate` is asked again without it.
+
+A graph the generator accepts can still take the process down in its first training step (a
+segmentation fault inside onnxruntime, seen on a PaddlePaddle classifier), so :func:`probe_step`
+runs one training step and one evaluation step on a real batch in a child process first.
 """
 from __future__ import annotations
 
@@ -59,6 +63,51 @@ def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: st
     return detail[:400]
 
 
+def probe_step(folder: Path, inputs: list[Any], device: str) -> str | None:
+    """Run one training step, one optimizer step and one evaluation step of the artifacts in
+    ``folder`` on ``inputs`` (the training model's inputs, in order) in a child process; None when
+    they ran, else why not (one line)."""
+    import numpy as np
+
+    np.savez(folder / "probe.npz", *[np.asarray(value) for value in inputs])
+    spec = folder / "probe.json"
+    spec.write_text(json.dumps({"folder": str(folder), "count": len(inputs), "device": device}))
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "onnxzip.train._artifacts", "--probe", str(spec)], cwd=folder,
+                              env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return f"one training step took over {TIMEOUT_S} s"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and not _NOISE.search(line)]
+    detail = (lines or [""])[-1].rsplit("] : ", 1)[-1][:300]
+    if done.returncode < 0:
+        return f"onnxruntime-training died in its first training step (signal {-done.returncode})"
+    return f"onnxruntime-training failed in its first training step: {detail or f'exit status {done.returncode}'}"
+
+
+def _probe(spec_path: str) -> None:
+    import numpy as np
+    from onnxruntime.training import api
+
+    spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec["folder"])
+    arrays = np.load(folder / "probe.npz")
+    inputs = [arrays[f"arr_{i}"] for i in range(spec["count"])]
+    state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+    module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"),
+                        device=spec["device"])
+    optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), module)
+    module.train()
+    module(*inputs)
+    optimizer.step()
+    module.lazy_reset_grad()
+    module.eval()
+    module(*inputs)
+
+
 def _main(spec_path: str) -> None:
     import onnx
     from onnxruntime.training import artifacts, onnxblock
@@ -99,4 +148,7 @@ def with_symbolic_shapes(model: Any) -> Any:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    if sys.argv[1] == "--probe":
+        _probe(sys.argv[2])
+    else:
+        _main(sys.argv[1])

@@ -664,6 +664,14 @@ def finetune(
                     session = _open(work, device)
                 except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
                     failure = _reason(exc)
+            if session is not None:  # one step in a child first: a crash there must not take this process
+                names = session[1].input_names()
+                arrays = {**train.inputs, **train_targets}
+                axes = {**train.inputs.axes, **target_axes}
+                first = _batches(len(train), batch, fixed is not None, None)[0]
+                died = _artifacts.probe_step(work, [take(arrays[n], first, axes.get(n, 0)) for n in names], device)
+                if died is not None:
+                    session, failure = None, died
             unreachable = _UNREACHABLE.search(failure or "")
             missing = _NO_BUILDER.search(failure or "")
             if missing:  # an op without a gradient we did not know of: freeze what is upstream of it
@@ -692,7 +700,7 @@ def finetune(
             log.info("frozen %s: no gradient path; building the training graph again", name)
         if failure is not None:
             for name in trainable:
-                result.frozen[name] = f"onnxruntime could not build the training graph: {failure}"
+                result.frozen[name] = f"onnxruntime-training cannot train this graph: {failure}"
             result.trained = []
         if not result.trained:
             return _untrained(result)
