@@ -91,7 +91,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "task:scorer.py:fn:max_drop=0.5 (your function of a model file; no --data needed) (repeatable)")
     gate = parser.add_argument_group("fidelity gate")
     gate.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output (default 0.99)")
-    gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output")
+    gate.add_argument("--max-rel-l2", type=float, default=None, help="maximum relative L2 error per output (default 0.5 while --min-cosine is "
+                      "on: catches an output the compression scaled, which cosine does not see)")
     gate.add_argument("--max-abs", type=float, default=None, help="maximum absolute error per output")
     gate.add_argument("--min-argmax-agreement", type=float, default=None, help="minimum share of equal argmax for class-score outputs (default 0.95)")
 

@@ -145,7 +145,7 @@ def test_every_pass_keeps_model_metadata_and_io_names():
     result = compress(
         model,
         {"passes": [{"svd": {"rank": 8, "min_size": 1}}, {"cluster": {"k": 16, "min_size": 1}}, "cleanup"],
-         "gate": {"min_cosine": 0.0, "min_argmax_agreement": None}},
+         "gate": {"min_cosine": None, "min_argmax_agreement": None}},
     )
     out = result.model
     assert [p.pass_name for p in result.report.passes] == ["svd", "cluster", "cleanup"]
