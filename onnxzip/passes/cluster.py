@@ -465,6 +465,12 @@ class ClusterPass(Pass):
             if curve:  # or left raw: no error, 8·itemsize bits per value in the budget
                 curve[8 * values.dtype.itemsize] = 0.0
                 curves[name], sizes[name] = curve, int(values.size)
+        if probe.branches:
+            found["sweep_note"] += (f"; {len(probe.branches)} If with the same condition on every item measured "
+                                    "through the branch it takes")
+        if fixed:
+            found["sweep_note"] += (f"; {len(fixed)} weights it cannot replace (in a branch the data never takes, or a "
+                                    "Loop/Scan body) take the mean width rounded up")
         axes = {name: axis for name, _values, axis in candidates}
         shapes = {name: values.size for name, values, _axis in candidates}
 

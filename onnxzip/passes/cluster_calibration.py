@@ -153,6 +153,7 @@ class SensitivityProbe:
     ) -> None:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
+        self.branches = inline_fixed_branches(probe, set(names), device, feeds)
         graph = probe.graph
         inputs = {i.name for i in graph.input}
         wanted = set(names) - inputs
@@ -547,6 +548,40 @@ class ActivationProbe:
 
     def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return chunk if self.session is None else {**chunk, **run_batched(self.session, chunk)}
+
+
+def inline_fixed_branches(model: onnx.ModelProto, names: set[str], device: str, feeds: Any) -> dict[str, bool]:
+    """Inline (in place) every ``If`` of the main graph whose branches hold an initializer in
+    ``names`` and whose condition is the same on all of ``feeds`` (a sample-rate switch): the
+    taken branch's weights become main-graph initializers that a probe can replace. Returns the
+    branch taken per inlined If; weights of a branch the data never takes stay where they are."""
+    taken: dict[str, bool] = {}
+    for _depth in range(4):
+        pending = [n for n in model.graph.node if n.op_type == "If" and _holds_weights(n, names)]
+        if not pending:
+            break
+        try:
+            conditions = _conditions(model, pending, device, [feeds])
+        except Exception as exc:  # noqa: BLE001 - a condition that cannot be read alone: measured as before
+            log.info("If conditions not read (%s): weights in their branches are not probed", exc)
+            break
+        inlined = [n for n in pending if conditions.get(layer_key(n)) is not None]
+        if not inlined:
+            break
+        for node in inlined:
+            taken[layer_key(node)] = bool(conditions[layer_key(node)])
+            _inline_if(model.graph, node, taken[layer_key(node)])
+    return taken
+
+
+def _holds_weights(node: onnx.NodeProto, names: set[str]) -> bool:
+    """Whether a subgraph of ``node`` (at any depth) holds an initializer in ``names``."""
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            if any(t.name in names for t in graph.initializer) or any(_holds_weights(n, names) for n in graph.node):
+                return True
+    return False
 
 
 def _holds(node: onnx.NodeProto, keys: set[str]) -> bool:

@@ -235,3 +235,43 @@ def test_sweep_gptq_flops_fits_the_cheapest_weights_and_says_which_were_left():
                    for run, r in (("bounded", bounded), ("fitted", fitted), ("plain", plain))}
     assert sensitivity["bounded"]["w1"] == sensitivity["plain"]["w1"] != sensitivity["fitted"]["w1"]
     assert sensitivity["bounded"]["w2"] == sensitivity["fitted"]["w2"] != sensitivity["plain"]["w2"]
+
+
+def _switched() -> onnx.ModelProto:
+    """y = If(sr == 16000) then x·A + 0.001·x·B else x·C, with sr a scalar input (silero-vad's
+    sample-rate switch): A matters, B hardly, C only at other rates."""
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wa"], ["ya"]), helper.make_node("MatMul", ["x", "wb"], ["yb"]),
+         helper.make_node("Mul", ["yb", "small"], ["yb2"]), helper.make_node("Add", ["ya", "yb2"], ["y_then"])],
+        "then", [], [tensor("y_then", ["N", 32])],
+        [init("wa", rng.standard_normal((32, 32)).astype(f32)), init("wb", rng.standard_normal((32, 32)).astype(f32)),
+         init("small", np.array(0.001, f32))])
+    else_branch = helper.make_graph([helper.make_node("MatMul", ["x", "wc"], ["y_else"])], "else", [],
+                                    [tensor("y_else", ["N", 32])],
+                                    [init("wc", rng.standard_normal((32, 32)).astype(f32))])
+    return make_model(
+        [helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+         helper.make_node("If", ["is16k"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+        [tensor("x", ["N", 32]), tensor("sr", [], onnx.TensorProto.INT64)], [tensor("y", ["N", 32])],
+        [init("rate", np.array(16000, np.int64))])
+
+
+def test_avg_bits_measures_weights_in_the_branch_the_data_takes():
+    """The sweep inlines an If whose condition is the same on every item: the taken branch's
+    weights get measured widths (the sensitive one wider), the other branch's the mean rounded up."""
+    model = _switched()
+    data = {"x": np.random.default_rng(4).standard_normal((32, 32)).astype(np.float32),
+            "sr": np.array(16000, np.int64)}
+    result = onnxzip.compress(model, cluster={"avg_bits": 2.5, "min_size": 1}, data=data, sample_axes={"sr": None},
+                              gate={"min_cosine": None, "min_argmax_agreement": None})
+    layers = result.plan.steps[0].layers
+    assert "sensitivity" in layers["wa"] and "sensitivity" in layers["wb"] and "sensitivity" not in layers["wc"]
+    assert layers["wa"]["bits"] > layers["wb"]["bits"] and layers["wc"]["bits"] == 3
+    notes = " ".join(result.report.passes[0].notes)
+    assert "1 If with the same condition on every item" in notes and "1 weights it cannot replace" in notes
+    # the written model still switches: the other rate runs the untaken branch's (clustered) weights
+    other = {**data, "sr": np.array(8000, np.int64)}
+    got = run_session(make_session(result.model, "cpu"), other)["y"]
+    assert got.shape == (32, 32) and np.all(np.isfinite(got))
