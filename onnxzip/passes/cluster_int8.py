@@ -307,6 +307,8 @@ def _use_problem(graph: gs.Graph, decoded: Any, uses: list[tuple[gs.Node, gs.Gra
     for node, owner, slot in uses:
         if owner is not graph:
             return "used inside an If/Loop/Scan body"
+        if node.op in INT8_OPS and slot == 2:
+            return f"{node.op} bias (input 2): only weights (input 1) run on int8 kernels"
         if node.op not in INT8_OPS or slot != 1:
             return f"{node.op} input {slot} (onnxruntime has int8 kernels for MatMul/Gemm/Conv weights only)"
         if node.op in ("MatMul", "Gemm") and len(decoded.shape) != 2:
