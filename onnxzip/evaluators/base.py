@@ -119,12 +119,19 @@ class Metric:
 
 
 def per_item(
-    function: Callable[..., float], reduce: Callable[[np.ndarray], float] = np.mean, **options: Any
+    function: Callable[..., float], reduce: Callable[[np.ndarray], float] = np.mean, *,
+    pool_scalars: bool = False, **options: Any
 ) -> ScoreFunction:
     """A score function applying ``function(prediction, target, **options)`` per item, then
-    reducing (mean by default) over items."""
+    reducing (mean by default) over items. With ``pool_scalars``, items of one value each (a
+    speech probability, a score) are scored as one vector over the dataset: the cosine of two
+    one-value items is only their sign agreement."""
 
     def score(predictions: Sequence[np.ndarray], targets: Sequence[Any], dataset: Dataset) -> float:
+        if pool_scalars and predictions and all(np.size(p) == 1 and np.size(t) == 1
+                                                for p, t in zip(predictions, targets)):
+            pooled = np.asarray([np.ravel(p)[0] for p in predictions], dtype=np.float64)
+            return float(function(pooled, np.asarray([np.ravel(t)[0] for t in targets], dtype=np.float64), **options))
         values = [function(p, t, **options) for p, t in zip(predictions, targets)]
         return float(reduce(np.asarray(values, dtype=np.float64)))
 

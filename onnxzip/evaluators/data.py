@@ -45,6 +45,7 @@ class ArrayDataset(Dataset):
         self._labels = labels
         self._references = references
         self.output = output
+        self.sample_axes: dict[str, int | None] = {}  # from Samples: where each input's items stack
         unsized = [name for name, values in self._inputs.items()
                    if not hasattr(values, "__len__") or (isinstance(values, np.ndarray) and values.ndim == 0)]
         if unsized:
@@ -105,6 +106,7 @@ class ArrayDataset(Dataset):
         dataset = cls({name: _AxisItems(value, samples.axes.get(name), samples.count)
                        for name, value in samples.items()},
                       samples.labels, samples.references, output=output)
+        dataset.sample_axes = dict(samples.axes)  # items are stacked back on these (a state on axis 1)
         return dataset
 
     def __len__(self) -> int:

@@ -48,13 +48,15 @@ def accuracy(k: int = 1) -> Metric:
 
 
 def cosine() -> Metric:
-    """Cosine similarity to the original model's outputs (1 is identical direction)."""
-    return Metric("cosine", per_item(cosine_similarity), True, target="reference_model")
+    """Cosine similarity to the original model's outputs (1 is identical direction); items of
+    one value each are scored as one vector over the dataset."""
+    return Metric("cosine", per_item(cosine_similarity, pool_scalars=True), True, target="reference_model")
 
 
 def relative_l2() -> Metric:
-    """Relative L2 error ‖p − r‖/‖r‖ against the original model's outputs."""
-    return Metric("rel_l2", per_item(relative_l2_error), False, target="reference_model")
+    """Relative L2 error ‖p − r‖/‖r‖ against the original model's outputs (items of one value
+    each: over the dataset, where a per-item ratio would divide by values near zero)."""
+    return Metric("rel_l2", per_item(relative_l2_error, pool_scalars=True), False, target="reference_model")
 
 
 def max_abs_error() -> Metric:

@@ -128,6 +128,19 @@ def test_fidelity_metrics_against_the_reference_model() -> None:
         score(candidate, dataset, ["cosine"])
 
 
+def test_fidelity_of_one_value_items_is_measured_over_the_dataset() -> None:
+    """A speech probability per item: the cosine of two one-value items is their sign agreement
+    (1 for any two positive values), so cosine and rel_l2 pool the items into one vector."""
+    reference = Predictions.of([np.array([0.9]), np.array([0.1]), np.array([0.5])])
+    candidate = Predictions.of([np.array([0.1]), np.array([0.9]), np.array([0.5])])
+    dataset = ArrayDataset({"x": [np.zeros(1)] * 3})
+    results = score(candidate, dataset, ["cosine", "rel_l2"], reference=reference)
+    r, p = np.array([0.9, 0.1, 0.5]), np.array([0.1, 0.9, 0.5])
+    assert results["cosine"].value == pytest.approx(p @ r / (np.linalg.norm(p) * np.linalg.norm(r)))
+    assert results["cosine"].value < 0.6
+    assert results["rel_l2"].value == pytest.approx(np.linalg.norm(p - r) / np.linalg.norm(r))
+
+
 def test_metric_specifications_and_their_errors() -> None:
     assert resolve_metric({"name": "pesq", "mode": "nb"}).name == "pesq_nb"
     assert resolve_metric("psnr:data_range=255").unit == "dB"

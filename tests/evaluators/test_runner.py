@@ -113,3 +113,31 @@ def test_data_that_does_not_match_the_model_is_refused(tmp_path: Path) -> None:
         predict(_scaler(), [{"audio": np.zeros((2, 3, 4))}], progress=False)
     with pytest.raises(DataError, match="not a readable .npz"):
         predict(_scaler(), (tmp_path / "bad.npz").write_bytes(b"xx") and tmp_path / "bad.npz")
+
+
+def test_items_stack_back_on_the_sample_axis_the_data_was_cut_on() -> None:
+    """A state [2, ?, 8] whose batch axis has no name (silero-vad declares [2, 0, 128]) with
+    ``--sample-axis state=1``: each item is cut on axis 1 and stacked back there, not on axis 0,
+    which the model fixes at 2."""
+    from helpers import load_fuzz
+
+    from onnxzip.evaluators.data import model_dataset
+
+    model = onnx.load_from_string(load_fuzz().stateful())
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim in dims:
+            if dim.dim_param:
+                dim.Clear()  # unknown, unnamed
+    rng = np.random.default_rng(2)
+    data = {"x": rng.standard_normal((5, 8)).astype(np.float32),
+            "state": rng.standard_normal((2, 5, 8)).astype(np.float32), "sr": np.array(16000, np.int64)}
+    dataset = model_dataset(model, data, {"state": 1, "sr": None})
+    assert dataset.sample_axes == {"x": 0, "state": 1, "sr": None}
+    got = predict(model, dataset, device="cpu", progress=False)
+    from onnxzip.core.runtime import make_session, run_session
+
+    run = make_session(model, "cpu")
+    for i in range(5):
+        expected = run_session(run, {"x": data["x"][i:i + 1], "state": data["state"][:, i:i + 1], "sr": data["sr"]})
+        np.testing.assert_allclose(got.items[i], expected["y"][0], rtol=1e-5, atol=1e-6)
