@@ -44,7 +44,7 @@ RECIPE_KEYS: dict[str, str] = {
     "device": "auto, cpu or cuda (as --device)",
     "seed": "seed of generated inputs and of every seeded step without its own seed",
     "batch": "batch size of generated inputs (as --batch; default 2)",
-    "loop": "compress until the quality limit: time_budget_s and stages (name, steps, sweep, gate)",
+    "loop": "compress until the quality limit: time_budget_s and stages (name, steps, sweep, wider, gate)",
 }
 _TOP_KEYS = set(RECIPE_KEYS)
 RECIPES_DIR = Path(__file__).parent / "recipes"

@@ -11,7 +11,10 @@ the last accepted model and is judged by the gate, always against the *original*
 * a **sweep** stage repeats its steps for each value of ``sweep`` (``$value`` in a step's
   options is replaced by it), from most to least conservative, each try starting from the model
   the stage started with. Tries are accepted while the gate passes; the first failure ends the
-  sweep, and the stage keeps the last (most compressed) passing try. This is method 1's "lower
+  sweep, and the stage keeps the last (most compressed) passing try. When the very first value
+  fails, the stage's ``wider`` values (if any: less compressed ones, e.g. ``[5, 6]`` bits) are
+  tried in order and the first that passes is kept, so a file more sensitive than the sweep
+  assumed still gets the compression it can take instead of none. This is method 1's "lower
   the ranks while the performance-decline condition holds" and method 2's "prune, fine-tune,
   iterate to the target".
 
@@ -48,7 +51,7 @@ from onnxzip.core.report import LAYER_DECISION_KEYS, PassReport
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-_STAGE_KEYS = {"name", "steps", "sweep", "gate"}
+_STAGE_KEYS = {"name", "steps", "sweep", "gate", "wider"}
 # Decisions a later stage continues from.
 CONTINUED = ("accepted", "ungated")
 
@@ -61,6 +64,7 @@ class Stage:
     steps: list[dict[str, dict[str, Any]]]
     sweep: list[Any] | None = None
     gate: bool = True
+    wider: list[Any] | None = None  # tried in order only when the sweep's first value fails
 
     def steps_for(self, value: Any) -> list[tuple[str, dict[str, Any]]]:
         """The steps with ``$value`` replaced by ``value`` (in any option, nested lists too)."""
@@ -98,7 +102,7 @@ class LoopConfig:
                 raise ConfigError(f"{where} must be a mapping with a non-empty 'steps' list.")
             extra = set(item) - _STAGE_KEYS
             if extra:
-                raise ConfigError(f"{where} has unknown keys {', '.join(sorted(extra))}; allowed: name, steps, sweep, gate.")
+                raise ConfigError(f"{where} has unknown keys {', '.join(sorted(extra))}; allowed: name, steps, sweep, wider, gate.")
             steps = []
             for step in item["steps"]:
                 if isinstance(step, str):
@@ -122,7 +126,10 @@ class LoopConfig:
                 raise ConfigError(f"{where}: 'gate' must be true or false.")
             if not gated and sweep is not None:
                 raise ConfigError(f"{where}: a sweep stage is judged by the gate; 'gate: false' is for plain stages.")
-            stages.append(Stage(str(item.get("name") or f"stage{index + 1}"), steps, sweep, gated))
+            wider = item.get("wider")
+            if wider is not None and (sweep is None or not isinstance(wider, list) or not wider):
+                raise ConfigError(f"{where}: 'wider' is a non-empty list of values for a stage with a 'sweep'.")
+            stages.append(Stage(str(item.get("name") or f"stage{index + 1}"), steps, sweep, gated, wider))
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"{source}: loop stage names must be unique.")
@@ -132,7 +139,7 @@ class LoopConfig:
     def validate_steps(self) -> None:
         """Instantiate every step with its first sweep value, so bad options fail before any work."""
         for stage in self.stages:
-            for value in (stage.sweep or [None])[:1] + (stage.sweep or [])[-1:]:
+            for value in (stage.sweep or [None])[:1] + (stage.sweep or [])[-1:] + (stage.wider or [])[-1:]:
                 for name, options in stage.steps_for(value):
                     get_pass(name)(options)
 
@@ -340,7 +347,12 @@ class CompressionLoop:
                      else max(self.loop.time_budget_s - spent, 0.0) / (len(self.loop.stages) - number))
             # a sweep's tries each start from ``base``: the kept one's reports and steps replace the last
             stage_start = (len(reports), len(plans))
-            for iteration, value in enumerate(stage.sweep or [None]):
+            queue = list(enumerate(stage.sweep or [None]))
+            widening = False  # the first value failed: trying the stage's wider values
+            position = 0
+            while position < len(queue):
+                iteration, value = queue[position]
+                position += 1
                 key = f"{stage.name}:{iteration}"
                 bar.set_postfix_str(f"{stage.name}" + ("" if value is None else f"={value}"))
                 if key in done:
@@ -365,6 +377,17 @@ class CompressionLoop:
                     current = None  # loaded lazily from the checkpoint
                     if point.decision == "accepted":
                         passing_path, passing_reports, passing_plans = point.checkpoint, len(reports), len(plans)
+                    if widening:
+                        break  # the first wider value that passes is the most compressed one that does
+                elif widening:
+                    continue  # the next, wider value
+                elif iteration == 0 and stage.wider:
+                    widening, position = True, 0
+                    queue = [(len(stage.sweep or []) + j, v) for j, v in enumerate(stage.wider)]
+                    bar.total += len(queue)
+                    bar.update(len(stage.sweep or [None]) - 1)
+                    log.warning("loop: %s=%s failed the gate; trying the wider values %s", stage.name, value,
+                                ", ".join(map(str, stage.wider)))
                 else:
                     bar.update(len(stage.sweep or [None]) - iteration - 1)
                     break

@@ -283,3 +283,30 @@ def test_plots_without_matplotlib_say_how_to_install(monkeypatch, tmp_path):
                    "metrics": {"min_cosine": 1.0}}]
     with pytest.raises(ConfigError, match="pip install 'onnxzip\\[plots\\]'"):
         plot_report({"trajectory": trajectory}, tmp_path)
+
+
+def test_a_sweep_whose_first_value_fails_tries_its_wider_values(tmp_path):
+    """cluster bits sweep [1, 2] (both far too coarse for cosine 0.995) with wider [3, 6, 8]: the
+    first value fails, so the wider ones run in order and the first that passes (6 or 8 bits,
+    whichever the gate takes first) is kept; the narrow sweep's later value is never tried."""
+    model = low_rank_mlp()
+    feeds = {"x": np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)}
+    recipe = {
+        "gate": {"min_cosine": None, "min_argmax_agreement": None},
+        "metrics": ["cosine:min=0.995"],
+        "loop": {"stages": [{"name": "cluster", "sweep": [1, 2], "wider": [3, 6, 8],
+                             "steps": [{"cluster": {"bits": "$value", "min_size": 1}}]}]},
+    }
+    result = onnxzip.compress(model, recipe, data=feeds, work_dir=tmp_path / "work")
+    tries = [(p["value"], p["decision"]) for p in result.report.trajectory if p["stage"] == "cluster"]
+    assert tries[0] == (1, "rejected") and 2 not in [v for v, _ in tries]
+    accepted = [v for v, d in tries if d == "accepted"]
+    assert len(accepted) == 1 and tries[-1] == (accepted[0], "accepted")  # the first wider value that passes
+    assert all(d == "rejected" for v, d in tries[1:-1]) and accepted[0] in (6, 8)
+    assert result.passed and result.report.after.bytes < result.report.before.bytes
+    # without wider values the same stage ends at its first failure with the original
+    del recipe["loop"]["stages"][0]["wider"]
+    plain = onnxzip.compress(model, recipe, data=feeds, work_dir=tmp_path / "work2")
+    assert [(p["value"], p["decision"]) for p in plain.report.trajectory if p["stage"] == "cluster"] == [(1, "rejected")]
+    with pytest.raises(ConfigError, match="'wider'"):
+        LoopConfig.from_dict({"stages": [{"name": "x", "wider": [5], "steps": [{"cluster": {"bits": 4}}]}]})
