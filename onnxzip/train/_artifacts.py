@@ -82,7 +82,10 @@ def probe_step(folder: Path, inputs: list[Any], device: str) -> str | None:
     if done.returncode == 0:
         return None
     lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and not _NOISE.search(line)]
-    detail = (lines or [""])[-1].rsplit("] : ", 1)[-1][:300]
+    detail = (lines or [""])[-1]
+    for marker in ("Status Message: ", " was false. "):  # the message after onnxruntime's source location
+        detail = detail.rsplit(marker, 1)[-1]
+    detail = detail.rsplit("] : ", 1)[-1][:300]
     if done.returncode < 0:
         return f"onnxruntime-training died in its first training step (signal {-done.returncode})"
     return f"onnxruntime-training failed in its first training step: {detail or f'exit status {done.returncode}'}"
