@@ -4,7 +4,7 @@ onnxruntime's gradient builder can abort the whole process (a C++ assertion) on 
 not support, so :func:`generate` runs it in ``python -m onnxzip.train._artifacts SPEC`` and turns
 any failure into a message; the caller then freezes instead of crashing.
 
-Before generation the training copy gets symbolic shapes (onnxruntime's
+Before generation a training copy whose Reshape or Expand takes a computed shape gets symbolic shapes (onnxruntime's
 ``symbolic_shape_infer``): a Reshape or Expand whose target shape is computed from ``Shape`` of an
 input (jax2tf and tf2onnx exports) otherwise has no known output shape, and the gradient of a
 broadcasting op after it is not reduced to its input's shape (onnxruntime then fails in
@@ -12,8 +12,8 @@ broadcasting op after it is not reduced to its input's shape (onnxruntime then f
 the annotated graph, :func:`generate` is asked again without it.
 
 A graph the generator accepts can still take the process down in its first training step (a
-segmentation fault inside onnxruntime, seen on a PaddlePaddle classifier), so :func:`probe_step`
-runs one training step and one evaluation step on a real batch in a child process first.
+segmentation fault inside onnxruntime, seen on a PaddlePaddle classifier), so the same child,
+once the artifacts exist, runs one training step and one evaluation step on a real batch.
 """
 from __future__ import annotations
 
@@ -28,27 +28,49 @@ from typing import Any
 from onnxzip.train.losses import LOSS_NAME
 
 TIMEOUT_S = 900
+GENERATED = "generated.ok"  # written by the child once the artifacts exist, before the first step
+FAULT_HOOK = "ONNXZIP_TEST_FIRST_STEP_FAULT"  # tests only: "segv" kills the child in its first step
 _NOISE = re.compile(r"\[[IVW]:onnxruntime:|Warning: ")
 
 
-def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: str,
-             weight_decay: float, symbolic: bool = True) -> str | None:
-    """Write training/eval/optimizer models and a checkpoint into ``folder``; returns None on
-    success, else the reason (one line). With ``symbolic``, the graph is first annotated with
-    symbolic shapes (see the module docstring)."""
-    spec = folder / "spec.json"
-    spec.write_text(json.dumps({"model": str(model_file), "trainable": trainable, "optimizer": optimizer,
-                                "weight_decay": weight_decay, "out": str(folder), "symbolic": symbolic}))
-    # The child imports this very onnxzip, also when it was put on sys.path rather than installed.
+def _child(arguments: list[str], folder: Path) -> subprocess.CompletedProcess[str] | None:
+    """``python -m onnxzip.train._artifacts ARGUMENTS`` in ``folder``; None when it runs over
+    :data:`TIMEOUT_S`. The child imports this very onnxzip, also when it was put on sys.path
+    rather than installed."""
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        done = subprocess.run([sys.executable, "-m", "onnxzip.train._artifacts", str(spec)], cwd=folder, env=env,
+        return subprocess.run([sys.executable, "-m", "onnxzip.train._artifacts", *arguments], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
+        return None
+
+
+def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: str,
+             weight_decay: float, symbolic: bool = True, probe: dict[str, Any] | None = None,
+             device: str = "cpu") -> str | None:
+    """Write training/eval/optimizer models and a checkpoint into ``folder``; returns None on
+    success, else the reason (one line). With ``symbolic``, a graph with computed Reshape/Expand
+    targets is first annotated with symbolic shapes; with ``probe`` (arrays by the training
+    model's input names: one batch), the same child then runs one training, optimizer and
+    evaluation step on it (see the module docstring)."""
+    import numpy as np
+
+    spec = folder / "spec.json"
+    names = sorted(probe or {})
+    if probe is not None:
+        np.savez(folder / "probe.npz", *[np.asarray(probe[name]) for name in names])
+    (folder / GENERATED).unlink(missing_ok=True)
+    spec.write_text(json.dumps({"model": str(model_file), "trainable": trainable, "optimizer": optimizer,
+                                "weight_decay": weight_decay, "out": str(folder), "symbolic": symbolic,
+                                "probe": names if probe is not None else None, "device": device}))
+    done = _child([str(spec)], folder)
+    if done is None:
         return f"generating the training graph took over {TIMEOUT_S} s"
     if done.returncode == 0 and (folder / "optimizer_model.onnx").is_file():
         return None
+    if (folder / GENERATED).is_file():  # generated; the first step failed
+        return _step_failure(done)
     # onnxruntime's info/warning log lines ("[I:onnxruntime:...] GraphTransformer ... status: OK")
     # and Python warnings say nothing about why the generator failed; its error lines do
     lines = [line.strip() for line in done.stderr.splitlines()
@@ -63,46 +85,34 @@ def generate(folder: Path, model_file: Path, trainable: list[str], optimizer: st
     return detail[:400]
 
 
-def probe_step(folder: Path, inputs: list[Any], device: str) -> str | None:
-    """Run one training step, one optimizer step and one evaluation step of the artifacts in
-    ``folder`` on ``inputs`` (the training model's inputs, in order) in a child process; None when
-    they ran, else why not (one line)."""
-    import numpy as np
-
-    np.savez(folder / "probe.npz", *[np.asarray(value) for value in inputs])
-    spec = folder / "probe.json"
-    spec.write_text(json.dumps({"folder": str(folder), "count": len(inputs), "device": device}))
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    try:
-        done = subprocess.run([sys.executable, "-m", "onnxzip.train._artifacts", "--probe", str(spec)], cwd=folder,
-                              env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        return f"one training step took over {TIMEOUT_S} s"
-    if done.returncode == 0:
-        return None
+def _step_failure(done: subprocess.CompletedProcess[str]) -> str:
+    """Why the first training step failed in the child (one line)."""
+    if done.returncode < 0:
+        return f"onnxruntime-training died in its first training step (signal {-done.returncode})"
     lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and not _NOISE.search(line)]
     detail = (lines or [""])[-1]
     for marker in ("Status Message: ", " was false. "):  # the message after onnxruntime's source location
         detail = detail.rsplit(marker, 1)[-1]
     detail = detail.rsplit("] : ", 1)[-1][:300]
-    if done.returncode < 0:
-        return f"onnxruntime-training died in its first training step (signal {-done.returncode})"
     return f"onnxruntime-training failed in its first training step: {detail or f'exit status {done.returncode}'}"
 
 
-def _probe(spec_path: str) -> None:
+def _first_step(folder: Path, names: list[str], device: str) -> None:
+    """One training, optimizer and evaluation step of the artifacts in ``folder`` on the batch in
+    ``probe.npz`` (a death here kills only this child)."""
     import numpy as np
     from onnxruntime.training import api
 
-    spec = json.loads(Path(spec_path).read_text())
-    folder = Path(spec["folder"])
     arrays = np.load(folder / "probe.npz")
-    inputs = [arrays[f"arr_{i}"] for i in range(spec["count"])]
+    batch = {name: arrays[f"arr_{i}"] for i, name in enumerate(names)}
     state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
-    module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"),
-                        device=spec["device"])
+    module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"), device=device)
     optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), module)
+    inputs = [batch[name] for name in module.input_names()]
+    if os.environ.get(FAULT_HOOK) == "segv":  # tests: a native crash in the first step
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
     module.train()
     module(*inputs)
     optimizer.step()
@@ -120,7 +130,7 @@ def _main(spec_path: str) -> None:
     gradients.register()
     spec = json.loads(Path(spec_path).read_text())
     model = onnx.load(spec["model"])
-    if spec.get("symbolic"):
+    if spec.get("symbolic") and computed_shapes(model):
         model = with_symbolic_shapes(model)
     if spec["optimizer"] == "adamw":
         optimizer = onnxblock.optim.AdamW(weight_decay=spec["weight_decay"])
@@ -135,6 +145,18 @@ def _main(spec_path: str) -> None:
     optimizer_model = onnx.load(str(path))
     optimizer_model.ir_version = 10
     onnx.save(optimizer_model, str(path))
+    if spec.get("probe") is not None:
+        (Path(spec["out"]) / GENERATED).write_text("ok")
+        _first_step(Path(spec["out"]), spec["probe"], spec.get("device", "cpu"))
+
+
+def computed_shapes(model: Any) -> bool:
+    """Whether a Reshape or Expand of the main graph takes a shape computed in the graph (not an
+    initializer or a Constant): the case symbolic shapes are for."""
+    known = {t.name for t in model.graph.initializer}
+    known |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return any(n.op_type in ("Reshape", "Expand") and len(n.input) > 1 and n.input[1] not in known
+               for n in model.graph.node)
 
 
 def with_symbolic_shapes(model: Any) -> Any:
@@ -151,7 +173,4 @@ def with_symbolic_shapes(model: Any) -> Any:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--probe":
-        _probe(sys.argv[2])
-    else:
-        _main(sys.argv[1])
+    _main(sys.argv[1])

@@ -653,25 +653,24 @@ def finetune(
         work = Path(folder)
         model_file = work / "model.onnx"
         onnx.save(training_copy, str(model_file))
+        # one batch for the child's first step: a crash there must not take this process
+        first = _batches(len(train), batch, fixed is not None, None)[0]
+        axes = {**train.inputs.axes, **target_axes}
+        probe = {n: take(v, first, axes.get(n, 0)) for n, v in {**train.inputs, **train_targets}.items()}
+        symbolic = _artifacts.computed_shapes(training_copy)
         for _attempt in range(_MAX_UNREACHABLE + 1):
-            failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay)
-            if failure is not None:  # the symbolic shapes may be what the generator refused
+            failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay,
+                                          symbolic=symbolic, probe=probe, device=device)
+            if failure is not None and symbolic and not (_NO_BUILDER.search(failure) or _UNREACHABLE.search(failure)):
+                # the symbolic shapes may be what the generator or the first step refused
                 failure = _artifacts.generate(work, model_file, trainable, config.optimizer, config.weight_decay,
-                                              symbolic=False) and failure
+                                              symbolic=False, probe=probe, device=device) and failure
             session = None
             if failure is None:
                 try:
                     session = _open(work, device)
                 except RuntimeError as exc:  # a kernel refused the training graph (onnxruntime's own type)
                     failure = _reason(exc)
-            if session is not None:  # one step in a child first: a crash there must not take this process
-                names = session[1].input_names()
-                arrays = {**train.inputs, **train_targets}
-                axes = {**train.inputs.axes, **target_axes}
-                first = _batches(len(train), batch, fixed is not None, None)[0]
-                died = _artifacts.probe_step(work, [take(arrays[n], first, axes.get(n, 0)) for n in names], device)
-                if died is not None:
-                    session, failure = None, died
             unreachable = _UNREACHABLE.search(failure or "")
             missing = _NO_BUILDER.search(failure or "")
             if missing:  # an op without a gradient we did not know of: freeze what is upstream of it
