@@ -214,9 +214,9 @@ def run_samples(
             fill = np.repeat(np.arange(real - 1, real), chunk - real)
             part = {name: value if axes[name] is None else np.concatenate(
                 [value, take(value, fill, axes[name])], axis=axes[name]) for name, value in part.items()}
+        mirrors = [(np.shape(part[n]), a) for n, a in sampled.items()]  # a state output mirrors its input
         for name, value in run_session(session, part).items():
             if name not in out_axes:
-                mirrors = [(np.shape(part[n]), a) for n, a in sampled.items()]  # a state out mirrors its input
                 out_axes[name] = _output_axis(declared_out.get(name), np.shape(value), chunk if fixed else real, symbols,
                                               mirrors)
             axis = out_axes[name]

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -175,7 +174,7 @@ def predict(
     session = make_session(model, device)
     specs = _input_specs(session)
     known = getattr(dataset, "sample_axes", None) or {}  # the data's layout (e.g. --sample-axis state=1)
-    specs = [dataclasses.replace(spec, axis=known[spec.name], named=True) if known.get(spec.name) is not None
+    specs = [replace(spec, axis=known[spec.name], named=True) if known.get(spec.name) is not None
              else spec for spec in specs]
     group_size = batch_size or DEFAULT_BATCH_SIZE
     results: list[np.ndarray] = []

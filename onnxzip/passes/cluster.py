@@ -313,15 +313,15 @@ class ClusterPass(Pass):
     name = "cluster"
     config_class = ClusterConfig
     weight_only = True
+    summary = (
+        "Codebook quantization: weights → K centroids + indices of any width 1-8 bits decoded by Gather."
+    )
+    shorthand = "k"
 
     def needs_data(self) -> str | None:
         if self.config.execute == "int8":
             return "cluster execute=int8 measures activation scales and each layer's error on calibration inputs"
         return None
-    summary = (
-        "Codebook quantization: weights → K centroids + indices of any width 1-8 bits decoded by Gather."
-    )
-    shorthand = "k"
 
     def applies_to(self, weight: Weight) -> bool:
         return self._skip_reason(weight) is None
@@ -465,8 +465,9 @@ class ClusterPass(Pass):
             if curve:  # or left raw: no error, 8·itemsize bits per value in the budget
                 curve[8 * values.dtype.itemsize] = 0.0
                 curves[name], sizes[name] = curve, int(values.size)
-        if probe.branches:
-            found["sweep_note"] += (f"; {len(probe.branches)} If with the same condition on every item measured "
+        fixed_ifs = sum(taken is not None for taken in probe.branches.values())
+        if fixed_ifs:
+            found["sweep_note"] += (f"; {fixed_ifs} If with the same condition on every item measured "
                                     "through the branch it takes")
         if fixed:
             found["sweep_note"] += (f"; {len(fixed)} weights it cannot replace (in a branch the data never takes, or a "

@@ -15,6 +15,7 @@ Both run the model through :func:`onnxzip.core.runtime.make_session` on the same
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +154,12 @@ class SensitivityProbe:
     ) -> None:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        self.branches = inline_fixed_branches(probe, set(names), device, feeds)
+        self.branches: dict[str, bool | None] = {}  # If → the branch its condition always takes (None: varies)
+        weights = set(names)
+        try:
+            inline_fixed_branches(probe, lambda node: _holds_weights(node, weights), device, [feeds], self.branches)
+        except Exception as exc:  # noqa: BLE001 - a condition that cannot be read alone: measured as before
+            log.info("If conditions not read (%s): weights in their branches are not probed", exc)
         graph = probe.graph
         inputs = {i.name for i in graph.input}
         wanted = set(names) - inputs
@@ -521,16 +527,7 @@ class ActivationProbe:
         probe.CopyFrom(model)
         keys = {s.key for s in sites}
         self.branches = dict(branches or {})
-        for _depth in range(4):
-            pending = [n for n in probe.graph.node if n.op_type == "If" and _holds(n, keys)]
-            unknown = [n for n in pending if layer_key(n) not in self.branches]
-            if unknown:
-                self.branches.update(_conditions(probe, unknown, device, chunks))
-            inlined = [n for n in pending if self.branches.get(layer_key(n)) is not None]
-            if not inlined:
-                break
-            for node in inlined:
-                _inline_if(probe.graph, node, bool(self.branches[layer_key(node)]))
+        inline_fixed_branches(probe, lambda node: _holds(node, keys), device, chunks, self.branches)
         main = {o for n in probe.graph.node for o in n.output} | {i.name for i in probe.graph.input}
         for site in sites:
             if site.op in RECURRENT_OPS and site.slot == 2:
@@ -550,48 +547,42 @@ class ActivationProbe:
         return chunk if self.session is None else {**chunk, **run_batched(self.session, chunk)}
 
 
-def inline_fixed_branches(model: onnx.ModelProto, names: set[str], device: str, feeds: Any) -> dict[str, bool]:
-    """Inline (in place) every ``If`` of the main graph whose branches hold an initializer in
-    ``names`` and whose condition is the same on all of ``feeds`` (a sample-rate switch): the
-    taken branch's weights become main-graph initializers that a probe can replace. Returns the
-    branch taken per inlined If; weights of a branch the data never takes stay where they are."""
-    taken: dict[str, bool] = {}
+def inline_fixed_branches(model: onnx.ModelProto, holds: Callable[[onnx.NodeProto], bool], device: str,
+                          chunks: list[Any], branches: dict[str, bool | None]) -> None:
+    """Inline (in place) every ``If`` of the main graph that ``holds`` something wanted and whose
+    condition is the same on every chunk (a sample-rate switch), nested ones too: what its taken
+    branch holds becomes part of the main graph. ``branches`` (If → the branch taken, None when
+    the condition varies) gives the choices already known and receives the new ones."""
     for _depth in range(4):
-        pending = [n for n in model.graph.node if n.op_type == "If" and _holds_weights(n, names)]
-        if not pending:
-            break
-        try:
-            conditions = _conditions(model, pending, device, [feeds])
-        except Exception as exc:  # noqa: BLE001 - a condition that cannot be read alone: measured as before
-            log.info("If conditions not read (%s): weights in their branches are not probed", exc)
-            break
-        inlined = [n for n in pending if conditions.get(layer_key(n)) is not None]
+        pending = [n for n in model.graph.node if n.op_type == "If" and holds(n)]
+        unknown = [n for n in pending if layer_key(n) not in branches]
+        if unknown:
+            branches.update(_conditions(model, unknown, device, chunks))
+        inlined = [n for n in pending if branches.get(layer_key(n)) is not None]
         if not inlined:
             break
         for node in inlined:
-            taken[layer_key(node)] = bool(conditions[layer_key(node)])
-            _inline_if(model.graph, node, taken[layer_key(node)])
-    return taken
+            _inline_if(model.graph, node, bool(branches[layer_key(node)]))
+
+
+def _subgraphs_any(node: onnx.NodeProto, test: Callable[[onnx.GraphProto], bool]) -> bool:
+    """Whether ``test`` holds for a subgraph of ``node`` at any depth."""
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            if test(graph) or any(_subgraphs_any(n, test) for n in graph.node):
+                return True
+    return False
 
 
 def _holds_weights(node: onnx.NodeProto, names: set[str]) -> bool:
     """Whether a subgraph of ``node`` (at any depth) holds an initializer in ``names``."""
-    for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for graph in graphs:
-            if any(t.name in names for t in graph.initializer) or any(_holds_weights(n, names) for n in graph.node):
-                return True
-    return False
+    return _subgraphs_any(node, lambda graph: any(t.name in names for t in graph.initializer))
 
 
 def _holds(node: onnx.NodeProto, keys: set[str]) -> bool:
     """Whether a subgraph of ``node`` (at any depth) holds a layer in ``keys``."""
-    for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for graph in graphs:
-            if any(layer_key(n) in keys or _holds(n, keys) for n in graph.node):
-                return True
-    return False
+    return _subgraphs_any(node, lambda graph: any(layer_key(n) in keys for n in graph.node))
 
 
 def _conditions(
