@@ -239,7 +239,8 @@ PEER_DIR = Path(__file__).resolve().parent / "peers"
 CORPUS = ["captcha_crnn", "open_nsfw", "nsnet2_16k", "dtln_stage1", "dtln_stage2",
           "romanizer_encoder", "romanizer_decoder"]
 FINETUNE = ["--finetune", "epochs=3"]
-BASE_MODES = {"bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3"],
+BASE_MODES = {"bits=6": ["--cluster", "bits=6"], "bits=5": ["--cluster", "bits=5"],
+              "bits=4": ["--cluster", "bits=4"], "bits=3": ["--cluster", "bits=3"],
               "avg_bits=4": ["--cluster", "avg_bits=4"], "avg_bits=3": ["--cluster", "avg_bits=3"],
               "avg_bits=2.75": ["--cluster", "avg_bits=2.75"], "avg_bits=2.5": ["--cluster", "avg_bits=2.5"],
               "avg_bits=2.25": ["--cluster", "avg_bits=2.25"], "avg_bits=2": ["--cluster", "avg_bits=2"],

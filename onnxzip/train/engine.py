@@ -47,7 +47,8 @@ from onnxzip.core.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
 from onnxzip.train.rewrites import PREFIX
-from onnxzip.train.trainable import TrainingCopy, prepare, select_weights, with_weights
+from onnxzip.train.trainable import (TrainingCopy, prepare, scale_steps, select_weights, step_limits, unscaled,
+                                    with_weights)
 from onnxzip.train.availability import require_training
 from onnxzip.core.weights import materialize_weights
 
@@ -108,6 +109,10 @@ class FinetuneConfig:
     match_weight: float = option(1.0, "weight of each matched activation's MSE in the loss (match=auto: shared by "
                                  "the matched tensors)")
     gamma_threshold: float = option(1e-2, "|γ| under this counts as prunable in the report")
+    max_step: float = option(
+        0.05, "adamw: a weight whose RMS is under lr / max_step trains at a learning rate lowered by a power of two "
+              "to at most max_step times its RMS (an Adam step moves every value by about the learning rate, whatever "
+              "its scale: a BN-folded scale of RMS 5e-4 would change by half at lr 3e-4); 0: one learning rate for all")
     patience: int = option(2, "stop after this many epochs without improvement (0: never)")
     keep: Literal["best", "last"] = option("best", "the epoch whose weights are returned: best on --val (else the "
                                            "lowest training loss), or last (no selection on the validation data)")
@@ -649,6 +654,16 @@ def finetune(
                                                                else "no codebook trains)"))
         config = dataclasses.replace(config, lr=lr)
 
+    if config.optimizer == "adamw":
+        limits = step_limits(training_copy, [t for t in trainable if not (config.sparsity and t in plan.gammas)],
+                             config.lr, config.max_step)
+        if limits:
+            scale_steps(training_copy, limits)
+            plan.limits = limits
+            result.notes.append(
+                f"max_step: {len(limits)} weights of RMS under lr/max_step step at {config.max_step:g} of their RMS "
+                f"(×{min(limits.values()):.2g}–{max(limits.values()):.2g} the learning rate): {_listed(sorted(limits))}")
+
     with tempfile.TemporaryDirectory(prefix="onnxzip-train-") as folder:
         work = Path(folder)
         model_file = work / "model.onnx"
@@ -862,7 +877,7 @@ def _train(
             row["val_loss"] = float(np.mean(val_losses))
         if task is None and metric is None and not output_terms and not in_db:
             return -row["val_loss"], val_losses
-        current = with_weights(model, _snapshot(state, result.trained), plan.locations)
+        current = with_weights(model, _snapshot(state, result.trained, plan.limits), plan.locations)
         if task is not None:  # the user's score of the whole model file: it alone selects
             value = task.measure(current).value
             row[task.name] = value
@@ -879,7 +894,7 @@ def _train(
         row[metric] = value
         return (value if higher else -value), None
 
-    best_score, best_weights, stale, halvings, scale = -math.inf, _snapshot(state, result.trained), 0, 0, 1.0
+    best_score, best_weights, stale, halvings, scale = -math.inf, _snapshot(state, result.trained, plan.limits), 0, 0, 1.0
     best_losses: NDArray[np.float64] | None = None
     if scored and selecting:  # the input itself is the first candidate
         start: dict[str, float] = {"epoch": 0}
@@ -926,7 +941,7 @@ def _train(
                                                for k, v in row.items()))
         noise = _within_noise(best_losses, losses_now, in_db) if selecting and score > best_score else None
         if (score > best_score and noise is None) or not selecting:
-            best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained), 0, epoch
+            best_score, best_weights, stale, result.best_epoch = score, _snapshot(state, result.trained, plan.limits), 0, epoch
             best_losses = losses_now
             continue
         if noise is not None:  # lower, but not by more than the held-out loss's own spread: not kept, not undone
@@ -936,7 +951,7 @@ def _train(
             scale /= 2
             if reopen is not None:  # the undone epoch's Adam moments would steer the retry its way again
                 state, module, optimizer = reopen()
-            _restore(state, best_weights)
+            _restore(state, best_weights, plan.limits)
             result.notes.append(f"epoch {epoch} made the {'task' if task is not None else 'held-out'} score worse: "
                                 "undone and retried at half the "
                                 f"learning rate ({scale:g}× the schedule)")
@@ -950,7 +965,8 @@ def _train(
         result.notes.append("no epoch beat the input " + (f"on {task.name}" if task is not None else
                             "on the held-out data") + ": the input weights are returned")
     if gammas:
-        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(plan.model, g)))) for g in gammas])
+        values = np.concatenate([np.ravel(best_weights.get(g, numpy_helper.to_array(_init(plan.model, g))
+                                                           * np.float32(plan.limits.get(g, 1.0)))) for g in gammas])
         result.gammas = int(values.size)
         result.gammas_below_threshold = int(np.sum(np.abs(values) < config.gamma_threshold))
     return best_weights
@@ -1029,8 +1045,8 @@ def _output_db(model: onnx.ModelProto, terms: list[LossTerm], data: _Data, targe
     return total / max(len(terms), 1)
 
 
-def _restore(state: Any, weights: dict[str, NDArray[Any]]) -> None:
-    for name, value in weights.items():
+def _restore(state: Any, weights: dict[str, NDArray[Any]], limits: dict[str, float]) -> None:
+    for name, value in unscaled(weights, limits, back=True).items():
         state.parameters[name].data = value
 
 
@@ -1038,5 +1054,6 @@ def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(t for t in model.graph.initializer if t.name == name)
 
 
-def _snapshot(state: Any, names: list[str]) -> dict[str, NDArray[Any]]:
-    return {name: np.array(state.parameters[name].data) for name in names}
+def _snapshot(state: Any, names: list[str], limits: dict[str, float]) -> dict[str, NDArray[Any]]:
+    """The weights the parameters ``names`` stand for (their steps scaled by ``limits``)."""
+    return unscaled({name: np.array(state.parameters[name].data) for name in names}, limits)

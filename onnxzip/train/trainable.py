@@ -531,6 +531,7 @@ class TrainingCopy:
     locations: dict[str, Location] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # nodes no gradient passes through, with why
+    limits: dict[str, float] = field(default_factory=dict)  # weights whose steps are scaled (scale_steps)
 
 
 def prepare(
@@ -555,3 +556,60 @@ def prepare(
     trainable, frozen = select_weights(training_copy, include, exclude, kept)
     trainable, frozen = complete_frozen(inlined, trainable, frozen, statistics)
     return TrainingCopy(training_copy, trainable, frozen, rewrites, gammas, locations, notes, kept)
+
+
+def step_limits(model: onnx.ModelProto, names: list[str], lr: float, max_step: float) -> dict[str, float]:
+    """Per trainable weight whose RMS is so small that a step of about ``lr`` per value (Adam's)
+    would move it by more than ``max_step`` of its RMS: the factor < 1 its steps are scaled by so
+    that they do not (:func:`scale_steps`), rounded down to a power of two. A BN-folded first Conv of a raw-pixel input (open_nsfw:
+    channel scales of RMS 5e-4 against a learning rate of 3e-4) is what this is for."""
+    if max_step <= 0 or lr <= 0:
+        return {}
+    wanted = set(names)
+    outputs = {o.name for o in model.graph.output}
+    limits: dict[str, float] = {}
+    for tensor in model.graph.initializer:
+        if tensor.name in wanted and tensor.data_type == onnx.TensorProto.FLOAT:
+            values = numpy_helper.to_array(tensor).astype(np.float64)
+            rms = float(np.sqrt(np.mean(values ** 2))) if values.size else 0.0
+            if rms > 0 and lr > max_step * rms and tensor.name not in outputs:
+                # a power of two, so that w / m · m gives w back bit for bit
+                limits[tensor.name] = float(2.0 ** np.floor(np.log2(max_step * rms / lr)))
+    return limits
+
+
+def scale_steps(model: onnx.ModelProto, limits: dict[str, float]) -> None:
+    """Reparametrize each weight ``w`` of ``limits`` in the training copy (in place) as ``m · w'``:
+    the initializer holds ``w' = w / m`` and one ``Mul`` by ``m`` feeds every reader, so an Adam
+    step of ``lr`` on ``w'`` moves ``w`` by ``m · lr``. The parameter keeps its name; its values are
+    ``w / m`` (:func:`unscaled` turns them back)."""
+    if not limits:
+        return
+    graph = model.graph
+    renamed = {name: f"{PREFIX}_stepped/{name}" for name in limits}
+    for sub in iter_graphs(graph):
+        for node in sub.node:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+    muls = []
+    for tensor in graph.initializer:
+        if tensor.name in limits:
+            factor = np.float32(limits[tensor.name])
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) / factor, tensor.name))
+            graph.initializer.append(numpy_helper.from_array(np.asarray(factor, np.float32),
+                                                             f"{PREFIX}_step/{tensor.name}"))
+            muls.append(helper.make_node("Mul", [tensor.name, f"{PREFIX}_step/{tensor.name}"], [renamed[tensor.name]],
+                                         name=f"{PREFIX}_step_mul/{tensor.name}"))
+    nodes = [*muls, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def unscaled(values: dict[str, np.ndarray], limits: dict[str, float], back: bool = False) -> dict[str, np.ndarray]:
+    """Training parameters' values as the weights they stand for (``w = m · w'``), or with
+    ``back`` the weights as parameters (``w' = w / m``)."""
+    if not limits:
+        return values
+    return {name: (value / np.float32(limits[name]) if back else value * np.float32(limits[name]))
+            if name in limits else value for name, value in values.items()}

@@ -569,3 +569,33 @@ def test_the_first_training_step_runs_in_a_child_and_a_death_there_returns_the_i
     assert result.trained == [] and "died in its first training step (signal 11)" in result.frozen["w"]
     assert result.notes[0].startswith("Nothing can train")
     assert onnx.helper.printable_graph(result.model.graph) == onnx.helper.printable_graph(student.graph)
+
+
+def test_a_weight_far_smaller_than_the_learning_rate_steps_at_max_step_of_its_rms():
+    # y = (x @ W) * s with s of RMS ~1e-3 (a BN-folded scale): Adam's first step moves every value by
+    # about lr = 1e-2, i.e. s by ten times itself; max_step scales s's steps to 5% of its RMS, W's stay
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((8, 3)).astype(np.float32)
+    s = (1e-3 * rng.uniform(0.5, 1.5, 3)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])],
+                       [tensor("x", ["N", 8])], [tensor("y", ["N", 3])], [init("w", w), init("s", s)])
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    references = rng.standard_normal((16, 3)).astype(np.float32)
+    lr = 1e-2
+    config = {"epochs": 1, "schedule": "constant", "warmup": 0, "lr": lr, "batch_size": 16, "patience": 0,
+              "keep": "last"}
+    moved = {}
+    for max_step in (0.05, 0.0):
+        result = finetune(model, {"x": x, "references": references}, device="cpu", progress=False,
+                          config={**config, "max_step": max_step})
+        trained = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+        moved[max_step] = {name: np.abs(trained[name] - value) for name, value in (("w", w), ("s", s))}
+        assert sorted(result.trained) == ["s", "w"]
+        assert any(n.startswith("max_step: 1 weights") for n in result.notes) == (max_step > 0)
+        assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Mul"]  # no trace in the output
+    rms = float(np.sqrt(np.mean(s.astype(np.float64) ** 2)))
+    # one Adam step moves a value by at most about the learning rate (less where the gradient is near eps)
+    assert 0.25 * 0.05 * rms < moved[0.05]["s"].max() <= 1.02 * 0.05 * rms  # 2.5-5% of its RMS (a power of two)
+    assert 0.9 * lr < moved[0.0]["s"].max() <= 1.02 * lr  # without: lr, ten times s itself
+    assert 0.5 * lr < moved[0.0]["w"].max() <= 1.02 * lr  # W (RMS ~1) steps at lr either way
+    np.testing.assert_allclose(moved[0.05]["w"], moved[0.0]["w"], rtol=1e-5, atol=1e-9)
