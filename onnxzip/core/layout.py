@@ -3,9 +3,10 @@
 Exporters move tensors between ops' conventions with chains of ``Squeeze``, ``Unsqueeze``,
 ``Transpose``, ``Reshape``, ``Flatten`` and ``Identity`` nodes: dtln's streaming LSTM stage spends
 24 of its 36 nodes slicing its state into the LSTMs' ``[1, 1, 128]`` layout and stacking it back,
-and at batch 1, where a frame takes 0.06 ms, onnxruntime's per-node cost of those nodes is about
-half of the run. None of them moves data in memory order, so a chain of them is one ``Reshape``
-(zero-copy in onnxruntime), or nothing when its ends have the same shape.
+and a frame takes 0.06 ms, so each node's fixed cost in onnxruntime counts. None of them moves
+data out of memory order, so a chain of them is one ``Reshape`` (zero-copy in onnxruntime), or
+nothing when its ends have the same shape: dtln_stage1 goes from 36 to 20 nodes and runs a frame
+1.11x as fast (CPU time of the running thread), dtln_stage2 1.04x.
 
 A ``Transpose`` counts as layout-only when the axes it moves past each other are of size 1 (the
 order of the others is kept). Everything here needs static shapes: a tensor's shape is used only
