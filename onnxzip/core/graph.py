@@ -22,8 +22,20 @@ _MODEL_FIELDS = ("producer_name", "producer_version", "doc_string", "domain", "m
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """onnx → graphsurgeon graph (initializers become shared ``gs.Constant`` objects)."""
-    return gs.import_onnx(model)
+    """onnx → graphsurgeon graph (initializers become shared ``gs.Constant`` objects).
+
+    A ``value_info`` entry without a shape that repeats a graph input or output (onnx.quantize
+    writes them: ddddocr's common_old.onnx) would replace the declared shape on import; the
+    declared one is kept, as the checker requires a shape on graph inputs and outputs."""
+    graph = gs.import_onnx(model)
+    declared = {info.name: info for info in (*model.graph.input, *model.graph.output)
+                if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape")}
+    for tensor in (*graph.inputs, *graph.outputs):
+        info = declared.get(tensor.name)
+        if info is not None and tensor.shape is None:
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                            for d in info.type.tensor_type.shape.dim]
+    return graph
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,4 +1,5 @@
-"""Chains of layout-only nodes collapse into one Reshape or none (onnxzip.core.layout), exactly.
+"""Chains of layout-only nodes collapse into one Reshape or none (onnxzip.core.layout), exactly; and
+import keeps the declared shapes of graph inputs and outputs.
 
 The graphs copy dtln_stage1's state plumbing: a ``[1, 2, 4, 2]`` state sliced, squeezed and
 unsqueezed into an op's layout and stacked back, at a fixed batch of 1."""
@@ -98,3 +99,17 @@ def test_cleanup_collapses_by_default_says_so_and_can_be_turned_off():
     assert any(note.startswith("collapse_layout: 4 chains") for note in result.report.notes)
     off = get_pass("cleanup")({"collapse_layout": False}).run(model, context)
     assert len(off.model.graph.node) == len(model.graph.node)
+
+
+def test_a_shapeless_value_info_repeating_a_graph_output_keeps_the_declared_shape():
+    # onnx.quantize writes value_info entries with a type and no shape for the graph's outputs
+    # (ddddocr's common_old.onnx); they replaced the declared shape on import, and every pass's
+    # output then failed the checker ("Field 'shape' of 'type' is required but missing": exit 3)
+    model = _state_model()
+    model.graph.value_info.extend([helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+                                   helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, None)])
+    onnx.checker.check_model(model)
+    result = get_pass("cleanup")({"collapse_layout": False}).run(model, PassContext(feeds=_feeds()))
+    onnx.checker.check_model(result.model)
+    shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in result.model.graph.output}
+    assert shapes["y"] == [1, 1, 3]
