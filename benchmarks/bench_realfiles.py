@@ -220,7 +220,7 @@ mean 0.003; batch-1 1.01x, memory 0.67x): the first file within open_nsfw's tole
 Peers in the same run: onnxruntime static QDQ 3.79x not kept (max |dP| 0.056, 1.29x faster), NNCF
 quantize 3.85x not kept (0.087), NNCF compress_weights 1.00x (it leaves Conv weights alone; kept),
 onnxruntime dynamic int8 no file (no ConvInteger kernel). CLI runs with the scorer, same day:
-bits=5+gptq 6.22x max 0.108, avg_bits=5+gptq 0.081, bits=4+gptq+cs+da 0.110 (7.6x), bits=6+gptq+int8
+bits=5+gptq 6.22x max 0.108, avg_bits=5+gptq 0.081, bits=5+gptq+cs+da 0.096, bits=4+gptq+cs+da 0.110 (7.6x), bits=6+gptq+int8
 0.70 (the activations' int8 is what this file cannot take): not kept. Fine-tuning the
 bits=4+gptq+cs file, label-free, on the 36 calibration images or on 256 with mixup of them, kept
 no epoch (the held-out loss fell 8-22 %, within its noise).
