@@ -45,7 +45,10 @@ def run_outputs(
 
 def _energy_use(node: gs.Node, slot: int, shape: tuple[int, ...]) -> tuple[gs.Tensor, Any] | None:
     """(activation tensor, f(activation) → per-element weight broadcastable to ``shape``) of one
-    use of a weight, or None when no input channel layout is known."""
+    use of a weight, or None when no input channel layout is known. The activation may carry
+    leading axes the op does not see: an intermediate without a sample axis comes back from
+    :func:`~onnxzip.core.runtime.run_samples` stacked per chunk (ddddocr's ``[seq, 1024]`` Gemm
+    input of a batch-1 model as ``[N, seq, 1024]``)."""
     ndim = len(shape)
     if node.op == "MatMul" and slot == 1 and ndim >= 2:
         def matmul(x: np.ndarray) -> np.ndarray:
@@ -57,7 +60,8 @@ def _energy_use(node: gs.Node, slot: int, shape: tuple[int, ...]) -> tuple[gs.Te
         trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
 
         def gemm(x: np.ndarray) -> np.ndarray:
-            energy = np.mean(np.square(x, dtype=np.float64), axis=1 if trans_a else 0)
+            x = x.reshape(-1, x.shape[-2], x.shape[-1])  # [stacked, rows, columns]
+            energy = np.mean(np.square(x, dtype=np.float64), axis=(0, 2) if trans_a else (0, 1))
             return energy.reshape(1, -1) if trans_b else energy.reshape(-1, 1)
 
         return node.inputs[0], gemm
@@ -65,6 +69,7 @@ def _energy_use(node: gs.Node, slot: int, shape: tuple[int, ...]) -> tuple[gs.Te
         group = int(node.attrs.get("group", 1))
 
         def conv(x: np.ndarray) -> np.ndarray:
+            x = x.reshape(-1, *x.shape[x.ndim - ndim + 1:])  # [N, C_in, spatial...]
             axes = (0, *range(2, x.ndim))
             energy = np.mean(np.square(x, dtype=np.float64), axis=axes)  # [C_in]
             out, per_group = shape[0], shape[1]

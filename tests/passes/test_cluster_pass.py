@@ -454,3 +454,44 @@ def test_reference_cnn_4_bit_and_auto(tmp_path):
         {c.layer: (c.details["birch_k"], c.details["k"]) for c in clustered},
         f"accuracy {reference.accuracy(auto_path):.4f}, file {auto_path.stat().st_size} B",
     )
+
+
+def test_activation_energies_of_a_batch_one_model_whose_gemm_input_has_no_sample_axis():
+    # ddddocr's recognizer (fixed batch 1) reshapes its features to [seq, 1024] before a Gemm: that
+    # tensor has no sample axis, so the calibration run stacks it per sample ([N, seq, 1024]) and the
+    # Gemm's input energies came out [1, seq·1024]: "sample_weight ... does not fit" (exit 2)
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    k = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["rows"]),
+         helper.make_node("Gemm", ["rows", "w"], ["y"], transB=1),
+         helper.make_node("Conv", ["img", "k"], ["z"])],
+        [tensor("x", [1, 5, 32]), tensor("img", [1, 8, 6, 6])], [tensor("y", [5, 64]), tensor("z", [1, 16, 4, 4])],
+        [init("shape", np.array([5, 32], np.int64)), init("w", w), init("k", k)])
+    scale = np.geomspace(0.01, 3.0, 32).astype(np.float32)  # uneven input energy per column of w
+    feeds = {"x": (rng.standard_normal((7, 5, 32)) * scale).astype(np.float32),
+             "img": rng.standard_normal((7, 8, 6, 6)).astype(np.float32)}
+    result = ClusterPass(bits=3, min_size=16, small_params=False).run(model, PassContext(feeds=feeds))
+    decisions = {c.layer: c.decision for c in result.report.changes}
+    assert decisions["w"].startswith("clustered") and decisions["k"].startswith("clustered")
+    plain = ClusterPass(bits=3, min_size=16, small_params=False, activation_aware=False).run(
+        model, PassContext(feeds=feeds)).model
+
+    def error(candidate):  # the Gemm's output error over the samples, one at a time (batch 1)
+        return sum(float(np.sum((run_session(make_session(candidate, "cpu"), {n: v[i:i + 1] for n, v in feeds.items()})["y"]
+                                 - run_session(make_session(model, "cpu"), {n: v[i:i + 1] for n, v in feeds.items()})["y"]) ** 2))
+                   for i in range(7))
+
+    # weighted by the columns' input energy, the codebook fits what reaches the output better
+    assert error(result.model) < error(plain)
+    # and the weights are the Gemm input's mean square per column over every sample and row
+    from onnxzip.core.graph import import_graph
+    from onnxzip.passes.cluster_calibration import input_energies
+    from onnxzip.core.weights import constant_uses
+
+    energies = input_energies(model, constant_uses(import_graph(model)), ["w", "k"], feeds, "cpu")
+    column = np.mean(np.square(feeds["x"].astype(np.float64)), axis=(0, 1))
+    np.testing.assert_allclose(energies["w"], (column / column.max()).reshape(1, 32), rtol=1e-5)
+    channel = np.mean(np.square(feeds["img"].astype(np.float64)), axis=(0, 2, 3))
+    np.testing.assert_allclose(energies["k"][0, :, 0, 0], channel / channel.max(), rtol=1e-5)
