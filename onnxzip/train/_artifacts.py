@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from onnxzip.core.runtime import onnxruntime_reason
 from onnxzip.train.losses import LOSS_NAME
 
 TIMEOUT_S = 900
@@ -90,10 +91,7 @@ def _step_failure(done: subprocess.CompletedProcess[str]) -> str:
     if done.returncode < 0:
         return f"onnxruntime-training died in its first training step (signal {-done.returncode})"
     lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and not _NOISE.search(line)]
-    detail = (lines or [""])[-1]
-    for marker in ("Status Message: ", " was false. "):  # the message after onnxruntime's source location
-        detail = detail.rsplit(marker, 1)[-1]
-    detail = detail.rsplit("] : ", 1)[-1][:300]
+    detail = onnxruntime_reason((lines or [""])[-1])
     return f"onnxruntime-training failed in its first training step: {detail or f'exit status {done.returncode}'}"
 
 
