@@ -46,6 +46,18 @@ and ``channel_scale=true`` does not save it (0.00); GPTQ with reconstruction kep
 6.9x. Some of its convs carry output channels left at ~1e-12 by training; zeroing them before the
 clustering helped two of those layers alone and hurt a third (it costs a centroid), so it is not done.
 
+ddddocr and nudenet (same session, their files run one by one with the CLI in these modes plus
+``bits=4``): the ``onnx.quantize`` copy exited 3 in every mode (a shapeless ``value_info`` repeating a
+graph output replaced its declared shape on import; fixed, it now ends at 1.00x: its weights are
+int8 already); the 54 MB recognizer exited 2 at ``bits=4`` and ``b4int8`` (its Gemm input ``[seq, 1024]``
+comes back from the calibration run stacked per sample and the activation energy assumed 2-D;
+fixed) and **exits 3 at ``prunelat``, not fixed**: pruning its bidirectional LSTM's units gives a model
+onnxruntime refuses (a Reshape target computed from shapes the dependency analysis misreads). A
+trial-and-bisect safety net was tried and dropped: one half-pruned trial of a test graph hangs
+onnxruntime in-process, so it needs a child process. Reached: nudenet bits=4 7.28x, a3 9.32x,
+b4int8 6.96x (1.18x faster), prunelat 1.97x (1.62x faster), all at cosine >= 0.996; ddddocr's
+detector bits=4 7.75x, a3 10.15x (0.9993), b4int8 7.61x; the recognizer svdlat 2.84x (0.994).
+
 Usage: ``python benchmarks/bench_wild.py [--models magika,silero_vad] [--modes a3,b4ft] [--work DIR]
 [--timeout 900]``. Needs ``espeak-ng`` (silero data) and network access to the package registry.
 """

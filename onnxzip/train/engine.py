@@ -603,6 +603,9 @@ def finetune(
     shapes = observed_shapes(model, probe)
     plan = prepare(model, shapes, config.include, config.exclude, data=train.inputs, probe=probe)
     training_copy, trainable = plan.model, plan.trainable
+    sizes = _declare_data_sizes(training_copy, train, held_out)
+    if sizes:
+        notes.append(f"the training graph takes the data's sizes for {_listed(sizes)} (symbolic in the model)")
     result = FinetuneResult(model, trained=trainable, frozen=plan.frozen, rewrites=plan.rewrites, device=device,
                             losses=[f"{t.kind}({t.output})" for t in terms], notes=[*notes, *plan.notes])
     result.float_weights = {t.name: int(np.prod(t.dims)) for t in plan.model.graph.initializer
@@ -739,6 +742,32 @@ def finetune(
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
     return result
+
+
+def _declare_data_sizes(model: onnx.ModelProto, train: _Data, held_out: _Data | None) -> list[str]:
+    """Give the training copy's symbolic input dims other than the sample axis the sizes the data
+    has (the same in the held-out data), in place; returns them as ``input[axis]=size``.
+    onnxruntime-training builds wrong gradients on symbolic spatial dims: chained MaxPools whose
+    outputs are also concatenated (YOLOv8's SPPF, nudenet) die in the first step with signal 11 or
+    fail in a gradient Sum ("Can broadcast 0 by 0 or 1"), and train once the sizes are numbers."""
+    initializers = {t.name for t in model.graph.initializer}
+    declared: list[str] = []
+    for info in model.graph.input:
+        if info.name in initializers or info.name not in train.inputs or not info.type.HasField("tensor_type"):
+            continue
+        shape = np.shape(train.inputs[info.name])
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        sample_axis = train.inputs.axes.get(info.name)
+        other = np.shape(held_out.inputs[info.name]) if held_out is not None and info.name in held_out.inputs else shape
+        for axis, dim in enumerate(dims):
+            if axis == sample_axis or dim.HasField("dim_value") or len(other) != len(shape) or other[axis] != shape[axis]:
+                continue
+            dim.Clear()
+            dim.dim_value = int(shape[axis])
+            declared.append(f"{info.name}[{axis}]={shape[axis]}")
+    return declared
 
 
 def _untrained(result: FinetuneResult) -> FinetuneResult:

@@ -599,3 +599,24 @@ def test_a_weight_far_smaller_than_the_learning_rate_steps_at_max_step_of_its_rm
     assert 0.9 * lr < moved[0.0]["s"].max() <= 1.02 * lr  # without: lr, ten times s itself
     assert 0.5 * lr < moved[0.0]["w"].max() <= 1.02 * lr  # W (RMS ~1) steps at lr either way
     np.testing.assert_allclose(moved[0.05]["w"], moved[0.0]["w"], rtol=1e-5, atol=1e-9)
+
+
+def test_symbolic_spatial_dims_take_the_datas_sizes_so_chained_maxpools_train():
+    # YOLOv8's SPPF (nudenet): MaxPools chained and concatenated; with symbolic height and width,
+    # onnxruntime-training died in the first step (signal 11) and nothing trained
+    rng = np.random.default_rng(0)
+    pool = {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}
+    model = make_model(
+        [helper.make_node("Conv", ["x", "k1"], ["a"], pads=[1, 1, 1, 1]),
+         helper.make_node("MaxPool", ["a"], ["m1"], **pool), helper.make_node("MaxPool", ["m1"], ["m2"], **pool),
+         helper.make_node("MaxPool", ["m2"], ["m3"], **pool),
+         helper.make_node("Concat", ["a", "m1", "m2", "m3"], ["c"], axis=1), helper.make_node("Conv", ["c", "k2"], ["y"])],
+        [tensor("x", ["N", 2, "H", "W"])], [tensor("y", ["N", 3, "H", "W"])],
+        [init("k1", rng.standard_normal((4, 2, 3, 3)).astype(np.float32)),
+         init("k2", rng.standard_normal((3, 16, 1, 1)).astype(np.float32))])
+    x = rng.standard_normal((24, 2, 10, 10)).astype(np.float32)
+    result = finetune(model, {"x": x}, teacher=model, device="cpu", progress=False, config={"epochs": 1})
+    assert sorted(result.trained) == ["k1", "k2"] and not result.frozen
+    assert any(n.startswith("the training graph takes the data's sizes for x[2]=10, x[3]=10") for n in result.notes)
+    dims = [d.dim_param or d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 2, "H", "W"]  # the written model keeps its symbolic dims
