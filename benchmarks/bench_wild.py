@@ -55,7 +55,11 @@ fixed) and **exits 3 at ``prunelat``, not fixed**: pruning its bidirectional LST
 onnxruntime refuses (a Reshape target computed from shapes the dependency analysis misreads). A
 trial-and-bisect safety net was tried and dropped: one half-pruned trial of a test graph hangs
 onnxruntime in-process, so it needs a child process. Reached: nudenet bits=4 7.28x, a3 9.32x,
-b4int8 6.96x (1.18x faster), prunelat 1.97x (1.62x faster), all at cosine >= 0.996; ddddocr's
+b4int8 6.96x (1.18x faster), prunelat 1.97x (1.62x faster), all at cosine >= 0.996; nudenet's
+``finetune`` exited 2 (nothing trained: onnxruntime-training's gradient Sum of its chained MaxPools
+failed) and trains 100% of its weights since the training copy declares the data's height and
+width; the same change ends the direction classifier's signal 11 in its first training step
+(found last session): it trains 97% of its float parameters; ddddocr's
 detector bits=4 7.75x, a3 10.15x (0.9993), b4int8 7.61x; the recognizer svdlat 2.84x (0.994).
 
 Usage: ``python benchmarks/bench_wild.py [--models magika,silero_vad] [--modes a3,b4ft] [--work DIR]
