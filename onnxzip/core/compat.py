@@ -47,6 +47,23 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from iter_graphs(sub)
 
 
+def node_subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names read by the nodes of the subgraphs of ``node`` (an If/Loop/Scan's implicit inputs)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for sub in subs:
+            for inner in iter_graphs(sub):
+                for n in inner.node:
+                    names.update(n.input)
+    return names
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes of every subgraph nested in ``graph``'s nodes."""
+    return set().union(*(node_subgraph_reads(node) for node in graph.node))
+
+
 def _min_ir_for_types(model: onnx.ModelProto) -> int:
     needed = 3
     for graph in iter_graphs(model.graph):

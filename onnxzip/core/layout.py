@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxzip.core.compat import iter_graphs
+from onnxzip.core.compat import subgraph_reads
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,7 @@ def collapse_layout_chains(model: onnx.ModelProto, observed: dict[str, tuple[int
         for name in node.input:
             if name:
                 readers.setdefault(name, []).append(node)
-    in_subgraphs: set[str] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-            for sub in subs:
-                for inner in iter_graphs(sub):
-                    for inner_node in inner.node:
-                        in_subgraphs.update(inner_node.input)
+    in_subgraphs = subgraph_reads(graph)
     producer = {out: node for node in graph.node for out in node.output if out}
 
     def layout(node: onnx.NodeProto) -> bool:
@@ -104,11 +97,10 @@ def collapse_layout_chains(model: onnx.ModelProto, observed: dict[str, tuple[int
     def private(name: str) -> bool:
         return name not in graph_outputs and name not in in_subgraphs and len(readers.get(name, [])) == 1
 
-    removed_nodes: set[int] = set()
-    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}  # by the id of a chain's last node
     renames: dict[str, str] = {}
     chains = removed = 0
-    taken: set[int] = set()
+    taken: set[int] = set()  # ids of the nodes of every chain
     for node in graph.node:
         if id(node) in taken or not layout(node):
             continue
@@ -127,9 +119,7 @@ def collapse_layout_chains(model: onnx.ModelProto, observed: dict[str, tuple[int
         same = shapes[start] == shapes[end]
         if len(chain) == 1 and not same and node.op_type != "Transpose":
             continue
-        for member in chain:
-            taken.add(id(member))
-            removed_nodes.add(id(member))
+        taken.update(id(member) for member in chain)
         if same and end not in graph_outputs and end not in in_subgraphs:
             renames[end] = start
             replacement = []
@@ -155,7 +145,7 @@ def collapse_layout_chains(model: onnx.ModelProto, observed: dict[str, tuple[int
     for node in graph_nodes_before:
         if id(node) in new_nodes:
             kept.extend(new_nodes[id(node)])
-        elif id(node) not in removed_nodes:
+        elif id(node) not in taken:
             kept.append(node)
     for node in kept:
         for i, name in enumerate(node.input):
@@ -164,7 +154,7 @@ def collapse_layout_chains(model: onnx.ModelProto, observed: dict[str, tuple[int
     del graph.node[:]
     graph.node.extend(kept)
     read = {name for node in kept for name in node.input} | in_subgraphs | graph_outputs
-    dropped = {name for node in graph_nodes_before if id(node) in removed_nodes for name in node.input}
+    dropped = {name for node in graph_nodes_before if id(node) in taken for name in node.input}
     unused = [init for init in graph.initializer if init.name in dropped and init.name not in read]
     for init in unused:
         graph.initializer.remove(init)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from onnxzip.core.compat import default_opset, iter_graphs
+from onnxzip.core.compat import default_opset, iter_graphs, node_subgraph_reads, subgraph_reads
 from onnxzip.train.rewrites import PREFIX, REWRITES, Context, Nodes, attr
 
 # (op type) -> input slots that hold learnable weights.
@@ -175,23 +175,6 @@ def rewrite_for_training(
     return model, {k: v for k, v in counts.items() if v}, gammas, statistics, kept
 
 
-def _node_subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names read by the nodes of the subgraphs of ``node`` (an If/Loop/Scan's implicit inputs)."""
-    names: set[str] = set()
-    for attribute in node.attribute:
-        subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for sub in subs:
-            for inner in iter_graphs(sub):
-                for n in inner.node:
-                    names.update(n.input)
-    return names
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names read by nodes of every subgraph nested in ``graph``'s nodes."""
-    return set().union(*(_node_subgraph_reads(node) for node in graph.node))
-
-
 def _blocking_reason(node: onnx.NodeProto, kept: dict[str, str]) -> str | None:
     """Why no gradient can pass through ``node`` (a sentence naming the op), or None."""
     if node.op_type == "If":
@@ -226,7 +209,7 @@ def select_weights(
             producer[name] = node
     frozen: dict[str, str] = {}
     candidates: list[str] = []
-    inner_reads = _subgraph_reads(graph)
+    inner_reads = subgraph_reads(graph)
     for sub in list(iter_graphs(graph))[1:]:
         for tensor in sub.initializer:
             frozen[tensor.name] = "stored inside an If/Loop/Scan body (onnxruntime cannot train it)"
@@ -263,7 +246,7 @@ def select_weights(
         reason = _blocking_reason(node, kept or {})
         if reason is None:
             continue
-        stack, seen = [*node.input, *_node_subgraph_reads(node)], set()
+        stack, seen = [*node.input, *node_subgraph_reads(node)], set()
         while stack:
             tensor_name = stack.pop()
             if not tensor_name or tensor_name in seen:
@@ -335,7 +318,7 @@ def _ancestors(graph: onnx.GraphProto, names: list[str]) -> list[onnx.NodeProto]
         if index is None or index in needed:
             continue
         needed.add(index)
-        todo.extend([*graph.node[index].input, *_node_subgraph_reads(graph.node[index])])
+        todo.extend([*graph.node[index].input, *node_subgraph_reads(graph.node[index])])
     return [graph.node[i] for i in sorted(needed)]
 
 
@@ -352,7 +335,7 @@ def _fixed_conditions(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> di
     if not computed:
         return fixed
     nodes = _ancestors(graph, computed)
-    used = {name for node in nodes for name in [*node.input, *_node_subgraph_reads(node)]} | set(computed)
+    used = {name for node in nodes for name in [*node.input, *node_subgraph_reads(node)]} | set(computed)
     probe = helper.make_graph(nodes, "conditions", [i for i in graph.input if i.name in used and i.name not in inits],
                               [helper.make_tensor_value_info(n, onnx.TensorProto.BOOL, None) for n in computed],
                               [t for t in graph.initializer if t.name in used])
@@ -592,15 +575,15 @@ def scale_steps(model: onnx.ModelProto, limits: dict[str, float]) -> None:
             for i, name in enumerate(node.input):
                 if name in renamed:
                     node.input[i] = renamed[name]
-    muls = []
+    muls, factors = [], []
     for tensor in graph.initializer:
         if tensor.name in limits:
             factor = np.float32(limits[tensor.name])
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) / factor, tensor.name))
-            graph.initializer.append(numpy_helper.from_array(np.asarray(factor, np.float32),
-                                                             f"{PREFIX}_step/{tensor.name}"))
+            factors.append(numpy_helper.from_array(np.asarray(factor, np.float32), f"{PREFIX}_step/{tensor.name}"))
             muls.append(helper.make_node("Mul", [tensor.name, f"{PREFIX}_step/{tensor.name}"], [renamed[tensor.name]],
                                          name=f"{PREFIX}_step_mul/{tensor.name}"))
+    graph.initializer.extend(factors)  # not while iterating over them
     nodes = [*muls, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
