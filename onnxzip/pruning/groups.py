@@ -327,9 +327,11 @@ class _Analyzer:
             perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
             return [ChannelMap(perm.index(first.axis), first.positions)]
         if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
-            if op == "Reshape" and constant_value(node.inputs[1]) is None:
-                raise Unsupported("has a computed target shape")
-            return [self.reshape_like(node, first)]
+            out = self.reshape_like(node, first)
+            if op == "Reshape" and constant_value(node.inputs[1]) is None and (
+                    self.shape(node.outputs[0])[out.axis] != len(first.positions)):
+                raise Unsupported("has a computed target shape that merges the channel axis")
+            return [out]
         if op in REDUCE:
             return [self.reduce(node, first)]
         if op == "Split":

@@ -280,9 +280,21 @@ def prune_slice(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
 
 
 def prune_reshape(node: gs.Node, masks: NodeMasks, editor: _Editor) -> None:
-    """Reshape: a literal size on the channel axis becomes the kept size."""
+    """Reshape: a literal size on the channel axis becomes the kept size; a computed target
+    (the analysis follows it only where the channel axis stays whole) gets the kept size on
+    that axis by a ``Where``."""
     out_map = editor.analysis.maps[node.outputs[0].name]
-    shape = np.array(editor.value(node, 1), dtype=np.int64, copy=True)
+    value = editor.value(node, 1)
+    if value is None:
+        if masks.outputs[0] is not None:
+            rank = len(editor.analysis.shapes[node.outputs[0].name])
+            where = np.arange(rank) == out_map.axis
+            kept = np.where(where, int(masks.outputs[0].sum()), 0).astype(np.int64)
+            node.inputs[1] = editor.add_node("Where", [editor.constant(f"{node.name}_channel_axis", where),
+                                                       editor.constant(f"{node.name}_kept_shape", kept),
+                                                       node.inputs[1]], f"{node.name}_target", node.inputs[1].dtype)
+        return
+    shape = np.array(value, dtype=np.int64, copy=True)
     if shape[out_map.axis] > 0 and masks.outputs[0] is not None:
         shape[out_map.axis] = int(masks.outputs[0].sum())
         editor.set_input(node, 1, shape)
@@ -481,6 +493,54 @@ def _widen_all(editor: _Editor, keep: dict[str, set[int]], outputs: bool, restor
     return done
 
 
+def _full_shapes(editor: _Editor, keep: dict[str, set[int]]) -> None:
+    """``Shape`` / ``Size`` of a tensor that loses channels keep reporting its original size.
+
+    Shapes computed from a pruned tensor feed only what the analysis does not follow (a
+    ``Reshape`` with a computed target, ``ConstantOfShape``, ``Expand``...): those consumers read
+    the tensor restored to full width, or make tensors of the original's sizes, so the computed
+    shape must be the original's. The kept count on the channel axis is replaced by the full count
+    (a ``Where`` over the shape vector; ``Size`` is divided by the kept count and multiplied by
+    the full one)."""
+    analysis = editor.analysis
+    for node in list(analysis.graph.nodes):
+        if node.op not in ("Shape", "Size") or not node.inputs or not node.outputs:
+            continue
+        name = node.inputs[0].name
+        mask = analysis.keep_mask(name, keep)
+        if mask is None or name not in analysis.shapes:
+            continue
+        axis, rank = analysis.maps[name].axis, len(analysis.shapes[name])
+        full, kept = len(mask), int(mask.sum())
+        output = node.outputs[0]
+        if node.op == "Size":
+            fixed = [editor.constant(f"{name}_kept_count", np.array(kept, np.int64)),
+                     editor.constant(f"{name}_full_count", np.array(full, np.int64))]
+            ops = [("Div", fixed[0]), ("Mul", fixed[1])]
+        else:
+            start = int(node.attrs.get("start", 0))
+            end = int(node.attrs.get("end", rank))
+            start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+            if not start <= axis < end:
+                continue
+            where = np.zeros(end - start, bool)
+            where[axis - start] = True
+            values = np.zeros(end - start, np.int64)
+            values[axis - start] = full
+            ops = [("Where", None)]
+        partial = gs.Variable(editor.names.fresh(f"{output.name}_pruned"), dtype=output.dtype)
+        node.outputs[0] = partial
+        current: gs.Tensor = partial
+        for index, (op, constant) in enumerate(ops):
+            last = index == len(ops) - 1
+            target = output if last else gs.Variable(editor.names.fresh(f"{output.name}_{op}"), dtype=output.dtype)
+            inputs = ([editor.constant(f"{name}_channel_axis", where), editor.constant(f"{name}_full_shape", values),
+                       current] if op == "Where" else [current, constant])
+            editor.graph.nodes.append(gs.Node(op, editor.names.fresh(f"{node.name}_full_{op}"), inputs=inputs,
+                                              outputs=[target]))
+            current = target
+
+
 PruneFunction = Callable[[gs.Node, NodeMasks, _Editor], None]
 PRUNE_FUNCTIONS: dict[str, PruneFunction] = {
     "Conv": prune_conv,
@@ -588,6 +648,7 @@ def prune_channels(
         if node.op in COMPENSATED and masks.inputs[0] is not None and int(node.attrs.get("group", 1)) == 1
     ]
     carried = _carried_values(model, analysis, keep_sets, consumers, feeds) if compensate else {}
+    _full_shapes(editor, keep_sets)
     analysis.restored = _widen_all(editor, keep_sets, False, restore, restore_rows)
     edits = []
     for node, masks in plans:

@@ -168,3 +168,42 @@ def linear_units(hidden: int = 64, inputs: int = 32, initial_state: bool = False
     if not initial_state:
         nodes.pop(1)
     return make_model(nodes, inputs_, [tensor("seq", ["N", hidden, "T"]), tensor("h_last", [1, "N", hidden])], inits, opset=14)
+
+
+def crnn_views(dead: list[int] = (1, 4), hidden: int = 8, inputs: int = 5, classes: int = 6,
+               seed: int = 0) -> onnx.ModelProto:
+    """The CRNN ``BidirectionalLSTM`` block as PyTorch exports it: x [T, N, I] → bidirectional
+    LSTM → ``seq`` [T, N, 2H] → ``view(T * N, 2H)`` with the target computed from ``Shape(seq)``
+    → Gemm → ``view(T, N, -1)`` → y [T, N, classes]. A second view of ``seq``, ``[T, N * 2H]``
+    (also computed from the same ``Shape``), is summed per step into ``energy`` [T]."""
+    rng = np.random.default_rng(seed)
+    w, r, b = recurrent_weights("LSTM", inputs, hidden, 2, list(dead), rng)
+    inits = [init("W", w), init("R", r), init("B", b), init("merge", np.array([0, 0, -1], np.int64)),
+             init("i0", np.array(0, np.int64)), init("i1", np.array(1, np.int64)), init("i2", np.array(2, np.int64)),
+             init("ax0", np.array([0], np.int64)), init("minus1", np.array([-1], np.int64)),
+             init("fc", (rng.standard_normal((classes, 2 * hidden)) * 0.3).astype(np.float32)),
+             init("fcb", rng.standard_normal(classes).astype(np.float32))]
+    node = helper.make_node
+    nodes = [
+        node("LSTM", ["x", "W", "R", "B"], ["Y", "", ""], name="lstm", hidden_size=hidden, direction="bidirectional"),
+        node("Transpose", ["Y"], ["Yt"], perm=[0, 2, 1, 3], name="dir_last"),
+        node("Reshape", ["Yt", "merge"], ["seq"], name="merge"),
+        node("Shape", ["seq"], ["shape"], name="shape"),
+        *[node("Gather", ["shape", f"i{k}"], [f"d{k}"], axis=0, name=f"dim{k}") for k in range(3)],
+        *[node("Unsqueeze", [f"d{k}", "ax0"], [f"d{k}_1"], name=f"dim{k}_1") for k in range(3)],
+        node("Mul", ["d0", "d1"], ["rows"], name="rows"),
+        node("Unsqueeze", ["rows", "ax0"], ["rows_1"], name="rows_1"),
+        node("Concat", ["rows_1", "d2_1"], ["view_shape"], axis=0, name="view_shape"),
+        node("Reshape", ["seq", "view_shape"], ["rows_seq"], name="view"),
+        node("Gemm", ["rows_seq", "fc", "fcb"], ["logits"], transB=1, name="fc"),
+        node("Concat", ["d0_1", "d1_1", "minus1"], ["back_shape"], axis=0, name="back_shape"),
+        node("Reshape", ["logits", "back_shape"], ["y"], name="back"),
+        node("Mul", ["d1", "d2"], ["width"], name="width"),
+        node("Unsqueeze", ["width", "ax0"], ["width_1"], name="width_1"),
+        node("Concat", ["d0_1", "width_1"], ["flat_shape"], axis=0, name="flat_shape"),
+        node("Reshape", ["seq", "flat_shape"], ["flat"], name="flat"),
+        node("ReduceSum", ["flat", "ax0_last"], ["energy"], keepdims=0, name="energy"),
+    ]
+    inits.append(init("ax0_last", np.array([1], np.int64)))
+    return make_model(nodes, [tensor("x", ["T", "N", inputs])],
+                      [tensor("y", ["T", "N", classes]), tensor("energy", ["T"])], inits, opset=14)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from helpers import init, make_model, tensor
 from onnx import helper
-from rnn_graphs import bidirectional, dead_state, linear_units, recurrent_weights, stacked_lstm
+from rnn_graphs import bidirectional, crnn_views, dead_state, linear_units, recurrent_weights, stacked_lstm
 
 import onnxzip.passes.prune_channels  # noqa: F401 - registers the pass
 from onnxzip.api import compress
@@ -75,6 +75,27 @@ def test_bidirectional_sequence_and_state_outputs_keep_full_width(op):
     held = {"x": rng.standard_normal((2, 9, 5)).astype(np.float32), "h0": dead_state((2, 2, 32), 2, dead, rng)}
     before, after = _run(model, held), _run(result.model, held)
     assert after["seq"].shape == (9, 2, 64) and after["h_out"].shape == (2, 2, 32)
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], atol=1e-5)
+
+
+def test_views_computed_from_shapes_follow_the_pruned_units_or_read_them_at_full_width():
+    """A view that keeps the unit axis whole is followed (its computed target gets the kept
+    count), one that merges it reads the sequence restored to full width; the Shape both read
+    reports the original size, so both targets fit (onnxruntime refused the model before)."""
+    rng = np.random.default_rng(5)
+    dead = [1, 4]
+    model = crnn_views(dead)
+    feeds = {"x": rng.standard_normal((6, 2, 5)).astype(np.float32)}
+    result = get_pass("prune-channels")(ratio=0.25, scope="layer", restore="zeros").run(model, PassContext(feeds=feeds))
+    assert _hidden_sizes(result.model) == {"lstm": 6}
+    assert result.plan.layers["lstm"]["keep"] == [0, 2, 3, 5, 6, 7]
+    fc = next(i for i in result.model.graph.initializer if i.name == "fc")
+    assert tuple(fc.dims) == (6, 12)  # the Gemm after the followed view lost the pruned units' columns
+    assert any("restored to full width" in note and "'flat'" in note for note in result.report.notes)
+    held = {"x": rng.standard_normal((9, 3, 5)).astype(np.float32)}
+    before, after = _run(model, held), _run(result.model, held)
+    assert after["y"].shape == (9, 3, 6) and after["energy"].shape == (9,)
     for name in before:
         np.testing.assert_allclose(after[name], before[name], atol=1e-5)
 
