@@ -21,10 +21,11 @@ from onnxzip.core.graph import dedupe_initializers, export_model, import_graph, 
 from onnxzip.core.inputs import data_notes, parse_sample_axes
 from onnxzip.core.io import load_model, save_model
 from onnxzip.passes import PassContext, PipelinePlan, get_pass
+from onnxzip.passes.base import PassResult, Plan, is_onnxruntime_error
 from onnxzip.evaluators.quality import check_metric_data, fidelity_feeds, quality_gate
 from onnxzip.recipe import PassStep, Recipe
 from onnxzip.core.report import CompressionReport, ModelSummary
-from onnxzip.core.runtime import resolve_device
+from onnxzip.core.runtime import onnxruntime_reason, resolve_device
 from onnxzip.search import resolve_step
 from onnxzip.core.sanity import probe_feeds, probe_in_child
 from onnxzip.core.shapes import UnresolvedShapesError, generated_feeds
@@ -262,7 +263,7 @@ def compress(
         if step_plan is None:  # a replayed plan never searches again
             step, search = resolve_step(step, working, context, data)
         log.info("running pass %s", step.name)
-        result = step.run(working, context, plan=step_plan)
+        result = _run_step(step, working, context, step_plan)
         if search is not None:
             result.report.details["search"] = search.to_dict()
         working = result.model
@@ -291,6 +292,31 @@ def compress(
             report=result,
         )
     return result
+
+
+def _run_step(step: Any, model: onnx.ModelProto, context: PassContext, plan: Any) -> Any:
+    """``step.run``, checked: when onnxruntime cannot run the model the step made (or fails
+    inside the step), the step is reported as failed, on stderr and in its report, and its input
+    goes on unchanged, instead of the whole run ending in an internal error."""
+    try:
+        result = step.run(model, context, plan=plan)
+        reason = context.run_error(result.model) if result.model is not model else None
+    except Exception as exc:  # noqa: BLE001 - only onnxruntime's errors are turned into a failed step
+        if not is_onnxruntime_error(exc):
+            raise
+        reason = onnxruntime_reason(exc)
+    if reason is None:
+        return result
+    message = (f"step '{step.name}' failed: onnxruntime cannot run the model it made ({reason}); the step was "
+               "skipped and its input kept. This is a bug in onnxzip: please report it with the model")
+    log.warning("%s", message)
+    report = step.new_report()
+    report.notes.append(message)
+    cost = context.cost(model)
+    report.params_before = report.params_after = cost.params
+    report.flops_before = report.flops_after = cost.flops
+    report.bytes_before = report.bytes_after = model.ByteSize()
+    return PassResult(model, report, Plan(step.name, step.config_dict(), {}, found={"failed": message}))
 
 
 def _gate(original: onnx.ModelProto, model: onnx.ModelProto, recipe: Recipe, feeds: dict[str, np.ndarray] | None,

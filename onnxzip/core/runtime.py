@@ -240,6 +240,10 @@ def run_samples(
         axis = out_axes[name]
         if axis is not None and len(values) > 1:
             axis = out_axes[name] = _joined_axis(name, values, axis)
+        if axis is None and len({np.shape(v) for v in values}) > 1:
+            raise DataError(f"The model's output '{name}' has no axis that follows the samples (its shape changes "
+                            f"with the number of samples run together: {sorted({np.shape(v) for v in values})}), so its "
+                            "values cannot be joined per sample.")
         joined[name] = values[0] if len(values) == 1 else (
             np.concatenate(values, axis=axis) if axis is not None else np.stack(values))
     return joined, out_axes

@@ -38,6 +38,11 @@ PLAN_FORMAT = 1
 T = TypeVar("T")
 
 
+def is_onnxruntime_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by onnxruntime itself (a model it refuses or cannot run)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
 class PassError(OnnxzipError):
     """A pass produced an invalid model (a bug in onnxzip; the input is untouched)."""
 
@@ -141,6 +146,25 @@ class PassContext:
 
         feeds = self._batch_one_feeds()
         return None if feeds is None else self._memo("latency", model, lambda m: measure_latency(m, feeds, self.device))
+
+    def run_error(self, model: onnx.ModelProto) -> str | None:
+        """None when ``model`` runs once in onnxruntime at batch 1 on the context's inputs (or
+        there are none), else onnxruntime's reason in one line."""
+        from onnxzip.core.runtime import make_session, onnxruntime_reason, run_session
+
+        def attempt(m: onnx.ModelProto) -> str | None:
+            feeds = self._batch_one_feeds()
+            if feeds is None:
+                return None
+            try:
+                run_session(make_session(m, "cpu"), feeds)
+            except Exception as exc:  # noqa: BLE001 - only onnxruntime's own errors are an answer
+                if not is_onnxruntime_error(exc):
+                    raise
+                return onnxruntime_reason(exc)
+            return None
+
+        return self._memo("run_error", model, attempt)
 
     def timer(self) -> Any:
         """The :class:`onnxzip.measure.latency.Timing` that latency budgets measure with (made once,

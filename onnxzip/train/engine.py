@@ -490,16 +490,32 @@ def compressed_layer_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto,
 
 
 def _auto_matched(model: onnx.ModelProto, teacher: onnx.ModelProto, training_copy: onnx.ModelProto,
-                  shapes: dict[str, tuple[int, ...]], probe: Samples, samples: int) -> list[str]:
+                  shapes: dict[str, tuple[int, ...]], probe: Samples, samples: int,
+                  pair: Samples | None = None) -> list[str]:
     """match=auto: the compressed layers' outputs that the training copy computes, evenly thinned
     out when the teacher's activations of all of them on ``samples`` samples would not fit
-    :data:`_MATCH_BUDGET`."""
+    :data:`_MATCH_BUDGET`. With ``pair`` (two samples, where ``probe`` holds one) only outputs
+    with an axis that follows the samples qualify (1 at one sample, 2 at two, the rest equal):
+    an attention tensor with the batch merged into the heads (``[N·heads, T, d]``) cannot be cut
+    into per-sample targets."""
     teacher_shapes = observed_shapes(teacher, probe)
     produced = {o for n in training_copy.graph.node for o in n.output}
     names = [n for n in compressed_layer_outputs(model, teacher, shapes, teacher_shapes) if n in produced]
+    if pair is not None:
+        paired = observed_shapes(teacher, pair)
+        names = [n for n in names if _follows_samples(teacher_shapes.get(n), paired.get(n))]
     probe_count = max(1, probe.count) if isinstance(probe, Samples) else 1
     sizes = {n: int(np.prod(shapes[n])) * samples // probe_count for n in names}
     return _within_budget(names, sizes, _MATCH_BUDGET)
+
+
+def _follows_samples(one: tuple[int, ...] | None, two: tuple[int, ...] | None) -> bool:
+    """Whether a tensor of shape ``one`` at one sample and ``two`` at two has one axis that
+    counts the samples (1, then 2) and no other axis that changes."""
+    if one is None or two is None or len(one) != len(two):
+        return False
+    changed = [a for a, (x, y) in enumerate(zip(one, two)) if x != y]
+    return len(changed) == 1 and (one[changed[0]], two[changed[0]]) == (1, 2)
 
 
 def _codebooks(model: onnx.ModelProto, names: list[str]) -> list[str]:
@@ -619,7 +635,8 @@ def finetune(
         _check_matched(named, shapes, teacher_model, training_copy, probe)
     if auto_match:
         named = _auto_matched(model, teacher_model, training_copy, shapes, probe,
-                              len(train) + (len(held_out) if held_out is not None else 0))
+                              len(train) + (len(held_out) if held_out is not None else 0),
+                              pair=train.inputs.take(slice(0, 2)) if not fixed and len(train) >= 2 else None)
         terms += [LossTerm(name, "mse", f"onnxzip_match_{i}", config.match_weight / len(named))
                   for i, name in enumerate(named)]
         result.matched = named

@@ -125,6 +125,53 @@ def test_gate_failure_raises_with_report():
         PASSES.pop("test-break")
 
 
+def test_a_step_whose_model_onnxruntime_cannot_run_is_skipped_and_said(caplog):
+    """A pass that makes a valid-looking model onnxruntime refuses at run time (a Reshape to
+    a size that does not fit) fails alone: the run goes on with its input, the report and
+    stderr say which step and why, and the output equals the input."""
+    from dataclasses import dataclass
+
+    from onnxzip.passes.base import Pass, PassResult, register_pass
+
+    broken = mlp()
+    broken.graph.initializer.append(init("bad_shape", np.array([-1, 7], np.int64)))
+    hidden = next(n for n in broken.graph.node if n.op_type == "Relu")
+    old = hidden.output[0]
+    hidden.output[0] = "relu_raw"
+    broken.graph.node.insert(list(broken.graph.node).index(hidden) + 1,
+                             helper.make_node("Reshape", ["relu_raw", "bad_shape"], [old], name="bad_view"))
+    onnx.checker.check_model(broken)
+
+    @dataclass
+    class _Cfg:
+        pass
+
+    class Unrunnable(Pass):
+        name = "test-unrunnable"
+        config_class = _Cfg
+        reduces_bytes = False
+
+        def apply(self, model, plan, context):
+            report = self.new_report()
+            report.modified = True
+            return PassResult(broken, report, plan)
+
+    register_pass(Unrunnable)
+    try:
+        model = mlp()
+        data = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+        result = compress(model, data=data, test_unrunnable=True)
+        failed = result.report.passes[0]
+        assert failed.pass_name == "test-unrunnable" and not failed.modified
+        assert any("step 'test-unrunnable' failed" in note and "bad_view" in note and "input kept" in note
+                   for note in failed.notes)
+        assert any("step 'test-unrunnable' failed" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+        assert result.plan.steps[0].found["failed"]
+        assert_same_outputs(model, result.model)
+    finally:
+        PASSES.pop("test-unrunnable")
+
+
 def test_every_pass_keeps_model_metadata_and_io_names():
     rng = np.random.default_rng(3)
     model = make_model(

@@ -178,3 +178,33 @@ def test_an_epoch_whose_held_out_gain_is_within_its_noise_is_not_kept():
     why = _within_noise(best, noisy)
     assert why.startswith("lowered the held-out loss by 0.9%, within its noise") and "over 4 paired" in why
     assert _within_noise(None, best) is None and _within_noise(best[:1], best[:1] - 1) is None
+
+
+def test_match_auto_leaves_out_a_layer_whose_rows_mix_samples():
+    """fc2 runs on rows [4·N, 4] (each sample's 16 features cut into 4 rows, as attention merges
+    the batch into its heads): no axis of h2 follows the samples, so it cannot be cut into
+    per-sample targets. match=auto leaves it out (the teacher's run of it in uneven chunks
+    stopped fine-tuning with an internal error before) and matches h1 and h3."""
+    rng = np.random.default_rng(4)
+    teacher = _three_layers(rng)
+    teacher.graph.initializer.extend([init("rows", np.array([-1, 4], np.int64)), init("back", np.array([-1, 16], np.int64))])
+    teacher.graph.initializer.remove(next(t for t in teacher.graph.initializer if t.name == "w2"))
+    teacher.graph.initializer.append(init("w2", (rng.standard_normal((4, 4)) * 0.5).astype(f32)))
+    nodes = list(teacher.graph.node)
+    fc2 = next(n for n in nodes if n.name == "fc2")
+    fc2.input[0], fc2.output[0] = "r1_rows", "h2"
+    at = nodes.index(fc2)
+    nodes[at:at + 1] = [helper.make_node("Reshape", ["r1", "rows"], ["r1_rows"], name="to_rows"), fc2,
+                        helper.make_node("Reshape", ["h2", "back"], ["h2_back"], name="to_samples")]
+    next(n for n in nodes if n.op_type == "Relu" and n.input[0] == "h2").input[0] = "h2_back"
+    del teacher.graph.node[:]
+    teacher.graph.node.extend(nodes)
+    onnx.checker.check_model(teacher)
+    student = _compressed(teacher, rng)
+    w2 = next(t for t in student.graph.initializer if t.name == "w2")
+    w2.CopyFrom(init("w2", numpy_helper.to_array(w2) + 0.1))
+    x = rng.standard_normal((80, 8)).astype(f32)
+    result = finetune(student, {"x": x}, teacher=teacher, device="cpu", progress=False,
+                      config={"epochs": 1, "batch_size": 5, "patience": 0})
+    assert result.matched == ["h1", "h3"]
+    assert len(result.history) == 2
