@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from onnxzip.errors import ConfigError, QualityGateError
 from onnxzip.evaluators import QualityGate
+from onnxzip.core.compat import pop_conversion_note
 from onnxzip.core.graph import dedupe_initializers, export_model, import_graph, tidy
 from onnxzip.core.inputs import data_notes, parse_sample_axes
 from onnxzip.core.io import load_model, save_model
@@ -222,6 +223,7 @@ def compress(
         recipe.passes = [PassStep(get_pass(p.pass_name).name, p.config) for p in replay.steps]
     passes = recipe.build_passes()
     original = load_model(model)
+    converted = pop_conversion_note(original)
     _require_data(recipe.metrics, data)
     _require_pass_data(passes, data)
     feeds, generated, unchecked = _feeds(original, data, recipe, passes)
@@ -240,6 +242,8 @@ def compress(
             original, candidate, judged_on, recipe.metrics, device=recipe.device,
             sample_axes=recipe.sample_axes).passed
     working, notes = prepare_model(original)
+    if converted:
+        notes.insert(0, converted)
     if generated:
         notes.append(f"inputs generated from the signature: {generated}")
     notes.extend(data_notes(original, feeds))

@@ -72,6 +72,48 @@ def _min_ir_for_types(model: onnx.ModelProto) -> int:
     return needed
 
 
+CONVERTED_KEY = "onnxzip.converted_from_opset"  # metadata a loaded model carries until compress reports it
+
+
+def convert_to_supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when onnxruntime 1.19 loads its default opset, else the model converted
+    down to opset 21 by ``onnx.version_converter`` (where every op it uses has an opset-21 form:
+    opset 22 only added types to most ops), with :data:`CONVERTED_KEY` in its metadata. A model
+    that cannot be converted (an op new in its opset, such as ``Attention`` in 23) raises
+    :class:`UnsupportedModelError` naming why."""
+    opset, target = default_opset(model), MAX_OPSET[""]
+    if opset <= target:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+        if converted.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter's C++ assertions arrive as RuntimeError
+        text = " ".join(str(exc).split())
+        reason = text.rsplit("failed: ", 1)[-1].rsplit("] ", 1)[-1][:200]
+        raise UnsupportedModelError(
+            f"The model uses ONNX opset {opset}, but onnxruntime 1.19 supports at most opset {target}, and "
+            f"onnx.version_converter cannot convert it to opset {target} ({reason}); re-export it with "
+            f"opset ≤ {target}.") from exc
+    entry = next((p for p in converted.metadata_props if p.key == CONVERTED_KEY), None) or converted.metadata_props.add()
+    entry.key, entry.value = CONVERTED_KEY, str(opset)
+    return converted
+
+
+def pop_conversion_note(model: onnx.ModelProto) -> str | None:
+    """The note of :func:`convert_to_supported_opset`'s conversion, removed from ``model``'s
+    metadata (so no output carries it); None when the model was not converted."""
+    for index, entry in enumerate(model.metadata_props):
+        if entry.key == CONVERTED_KEY:
+            opset = entry.value
+            del model.metadata_props[index]
+            return (f"converted from ONNX opset {opset} to {MAX_OPSET['']} with onnx.version_converter "
+                    f"(onnxruntime 1.19 loads at most opset {MAX_OPSET['']}); the output is at opset {MAX_OPSET['']}")
+    return None
+
+
 def check_opsets(model: onnx.ModelProto) -> None:
     """Raise :class:`UnsupportedModelError` when an opset is newer than onnxruntime 1.19 loads."""
     opset = default_opset(model)

@@ -74,11 +74,27 @@ def test_directory_and_missing(tmp_path):
         load_model(tmp_path / "nope.onnx")
 
 
-def test_opset_too_new_and_unknown_op():
+def test_opset_too_new_and_unknown_op(caplog):
+    """Opset 22/23 files whose ops all have an opset-21 form are converted down (what onnxruntime
+    1.19 loads), said on stderr and in compress's report; one using an op new in 23 is refused."""
     new = mlp()
     new.opset_import[0].version = 23
-    with pytest.raises(UnsupportedModelError, match="opset 23.*at most opset 21"):
-        load_model(new)
+    loaded = load_model(new)
+    assert loaded.opset_import[0].version == 21 and new.opset_import[0].version == 23
+    assert any("converted from ONNX opset 23 to 21" in r.getMessage() for r in caplog.records)
+    assert_same_outputs(mlp(), loaded, atol=0)
+    from onnxzip.api import compress
+
+    x = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    result = compress(new, data={"x": x}, cluster={"bits": 6})
+    assert result.report.notes[0].startswith("converted from ONNX opset 23 to 21")
+    assert result.model.opset_import[0].version == 21
+    assert not any(p.key.startswith("onnxzip") for p in result.model.metadata_props)
+    attention = make_model(
+        [helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=2, kv_num_heads=2)],
+        [tensor("q", [1, 4, 8]), tensor("k", [1, 4, 8]), tensor("v", [1, 4, 8])], [tensor("y", [1, 4, 8])], opset=23)
+    with pytest.raises(UnsupportedModelError, match="opset 23.*at most opset 21.*Attention.*re-export"):
+        load_model(attention)
     unknown = make_model([helper.make_node("FancyOp", ["x"], ["y"])], [tensor("x", [2])], [tensor("y", [2])])
     with pytest.raises(UnsupportedModelError, match="FancyOp"):
         load_model(unknown)
