@@ -184,30 +184,70 @@ def materialize_weights(graph: gs.Graph) -> list[str]:
     """Replace every weight that is not already an initializer by one holding its folded value.
 
     Returns one note per materialized weight. The now-dead ``Constant`` nodes and chains are left
-    for ``graph.cleanup()``. Graph outputs are never touched.
+    for ``graph.cleanup()``. Graph outputs are never touched. A chain that reads a large tensor
+    other nodes read too (a tied embedding: ``Gather(E)`` and ``MatMul(h, Transpose(E))``) is
+    left as it is: folding it would store the tensor twice, and compressing ``E`` once serves both.
     """
     notes: list[str] = []
     names = NameScope(graph)
-    replaced: dict[int, gs.Constant] = {}
     outputs = {t.name for t in graph.outputs}
+    found: list[tuple[gs.Node, int, gs.Tensor]] = []
+    values: dict[int, np.ndarray] = {}
     for node, _owner, _path in walk_nodes(graph):
-        roles = _float_roles(node)
-        for index, _role in roles:
+        for index, _role in _float_roles(node):
             if index >= len(node.inputs):
                 continue
             tensor = node.inputs[index]
             if isinstance(tensor, gs.Constant) or not tensor.name or tensor.name in outputs:
                 continue
-            key = id(tensor)
-            if key not in replaced:
+            if id(tensor) not in values:
                 value = constant_value(tensor)
                 if value is None:
                     continue
-                origin = " ← ".join(constant_chain(tensor))
-                replaced[key] = gs.Constant(names.fresh(f"{tensor.name}_const"), np.ascontiguousarray(value))
+                values[id(tensor)] = value
+            found.append((node, index, tensor))
+    chains = {id(t): _chain(t) for _, _, t in found}
+    folded = set().union(*(nodes for nodes, _ in chains.values()))  # the nodes that die once all are folded
+    replaced: dict[int, gs.Constant | None] = {}
+    for node, index, tensor in found:
+        key = id(tensor)
+        if key not in replaced:
+            origin = " ← ".join(constant_chain(tensor))
+            shared = next((s.name for s in chains[key][1] if s.values.nbytes >= SHARED_BYTES
+                           and any(id(reader) not in folded for reader in s.outputs)), None)
+            if shared is not None:
+                replaced[key] = None
+                notes.append(f"{tensor.name}: left as {origin}, not folded into an initializer: other nodes read "
+                             f"'{shared}' too, which would then be stored twice")
+            else:
+                replaced[key] = gs.Constant(names.fresh(f"{tensor.name}_const"), np.ascontiguousarray(values[key]))
                 notes.append(f"{tensor.name}: folded {origin} into an initializer")
+        if replaced[key] is not None:
             node.inputs[index] = replaced[key]
     return notes
+
+
+SHARED_BYTES = 4096  # a chain's source at least this large, read elsewhere too, is not folded into a copy
+
+
+def _chain(tensor: gs.Tensor) -> tuple[set[int], list[gs.Constant]]:
+    """The nodes (ids) of the constant chain computing ``tensor`` and the constants it reads."""
+    chain: set[int] = set()
+    sources: list[gs.Constant] = []
+    pending = [tensor]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, gs.Constant):
+            sources.append(current)
+            continue
+        if not current.inputs:
+            continue
+        producer = current.inputs[0]
+        if id(producer) in chain:
+            continue
+        chain.add(id(producer))
+        pending.extend(t for t in producer.inputs if t.name)
+    return chain, sources
 
 
 def constant_uses(graph: gs.Graph) -> dict[str, tuple[gs.Constant, list[tuple[gs.Node, gs.Graph]]]]:

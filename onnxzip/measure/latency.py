@@ -354,10 +354,12 @@ def meet_budget(
     model for at most ``rounds`` rounds: rescaled by how much of the predicted saving the model
     showed until one saving that reaches the budget and one that does not bracket it, then
     bisected. The least-error choice that met the budget wins (one more than ``NOISE`` under
-    it is not needed: the search goes on toward less saving); else the last one."""
+    it is not needed: the search goes on toward less saving); else the fastest one measured, and
+    none at all (every layer kept whole) when no try measured faster than the original by more
+    than :data:`NOISE`: a change that does not save time is not worth its error."""
     wanted = (1.0 - budget) * original_ms
     best: tuple[float, BudgetOutcome] | None = None
-    last: BudgetOutcome | None = None
+    fastest: tuple[float, BudgetOutcome] | None = None
     notes: list[str] = []
     tried: set[tuple[Any, ...]] = set()
     low, high = 0.0, math.inf  # savings asked: known to fall short / known to reach
@@ -375,6 +377,8 @@ def meet_budget(
             f"{original_ms:.3g} ms; model measured {before:.3g} → {after:.3g} ms ({fraction:.2f})"
         )
         last = BudgetOutcome(chosen, before, after, reached, notes)
+        if fastest is None or fraction < fastest[0]:
+            fastest = (fraction, last)
         if reached:
             high = min(high, predicted)
             if best is None or predicted < best[0]:
@@ -392,8 +396,11 @@ def meet_budget(
             ratio = 4.0 if achieved <= 0 else (predicted / original_ms) / achieved
             wanted = (1.0 - budget) * original_ms * float(np.clip(ratio, 0.25, 4.0))
             wanted = min(max(wanted, low * 1.05), high * 0.95)
-    result = best[1] if best else last
-    assert result is not None
+    assert fastest is not None
+    result = best[1] if best else fastest[1]
+    if best is None and fastest[0] > 1.0 - NOISE:
+        result = BudgetOutcome({name: None for name in options}, result.before_ms, result.before_ms, False, notes)
+        notes.append(f"no try measured faster than the original by {NOISE:.0%}: every layer is kept whole")
     result.notes = notes
     return result
 

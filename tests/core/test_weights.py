@@ -77,6 +77,28 @@ def test_materialized_model_is_numerically_identical():
         assert_same_outputs(model, prepared, {"x": x, "cond": np.array(cond)})
 
 
+def test_a_tied_embedding_is_stored_once_and_compressed_once():
+    """Gather(E) and MatMul(h, Transpose(E)) read one embedding: folding the Transpose into an
+    initializer would store E twice (the output grew 1.8x on a torch export); it stays a chain,
+    and clustering E serves both readers."""
+    from onnxzip.api import compress
+
+    rng = np.random.default_rng(1)
+    embedding = rng.standard_normal((500, 64)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+         helper.make_node("Tanh", ["h"], ["t"]),
+         helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="tie"),
+         helper.make_node("MatMul", ["t", "Et"], ["logits"], name="lm_head")],
+        [tensor("ids", ["N", 6], TensorProto.INT64)], [tensor("logits", ["N", 6, 500])], [init("E", embedding)])
+    prepared, notes = prepare_model(model)
+    assert prepared.ByteSize() < 1.01 * model.ByteSize()
+    assert any(n.startswith("Et: left as Transpose ← initializer E") and "stored twice" in n for n in notes)
+    result = compress(model, data={"ids": rng.integers(0, 500, (16, 6))}, cluster={"bits": 4})
+    assert model.ByteSize() / result.model.ByteSize() > 6
+    assert [n.op_type for n in result.model.graph.node].count("Transpose") == 1
+
+
 def test_quantized_weights_are_recognised_and_left_alone():
     model = make_model(
         [

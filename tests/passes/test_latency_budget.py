@@ -121,6 +121,19 @@ def test_svd_latency_budget_met_with_ranks_that_time_well():
     assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.5
 
 
+def test_layers_that_time_faster_alone_but_not_in_the_model_are_kept_whole():
+    """Per-layer times promise a saving the model does not show (the model measures the same
+    whatever the ranks): no try is faster, so nothing is factorized; before, the last try was
+    kept, with all its error and none of the speed."""
+    model = matmul_stack(128, 16)
+    timing = Timing(layer_timer=odd_sizes_slow, model_timer=lambda m: 1.0)
+    context = PassContext(feeds=feeds_of(model, 16, 128), timing=timing)
+    result = get_pass("svd")(latency_budget=0.6).run(model, context)
+    assert not result.report.modified
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
+    assert any("no try measured faster than the original" in note for note in result.report.notes)
+
+
 def test_svd_latency_budget_by_measured_onnxruntime_time():
     d, rows = 256, 64  # large enough for the multiply-accumulates, not overheads, to set the time
     model = matmul_stack(d, rows, layers=2)
