@@ -28,7 +28,7 @@ from onnxzip.recipe import PassStep, Recipe
 from onnxzip.core.report import CompressionReport, ModelSummary
 from onnxzip.core.runtime import onnxruntime_reason, resolve_device
 from onnxzip.search import resolve_step
-from onnxzip.core.sanity import probe_feeds, probe_in_child
+from onnxzip.core.sanity import declare_inputs_like, probe_batch
 from onnxzip.core.shapes import UnresolvedShapesError, generated_feeds
 from onnxzip.evaluators.fidelity import FidelityGate, ValidationReport
 from onnxzip.evaluators.fidelity import validate as _validate
@@ -230,8 +230,9 @@ def compress(
     if recipe.metrics:
         check_metric_data(original, val if val is not None else data, recipe.metrics, device=recipe.device,
                           sample_axes=recipe.sample_axes)
-    if feeds is not None:
-        probe_in_child(original, probe_feeds(original, feeds))  # first onnxruntime run of the input
+    declared, pinned = original, None
+    if feeds is not None:  # first onnxruntime run of the input
+        original, pinned = probe_batch(original, feeds)
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims, original=original, data=data, val=val,
                           sample_axes=recipe.sample_axes, generated=generated is not None)
@@ -242,8 +243,7 @@ def compress(
             original, candidate, judged_on, recipe.metrics, device=recipe.device,
             sample_axes=recipe.sample_axes).passed
     working, notes = prepare_model(original)
-    if converted:
-        notes.insert(0, converted)
+    notes[:0] = [note for note in (converted, pinned) if note]
     if generated:
         notes.append(f"inputs generated from the signature: {generated}")
     notes.extend(data_notes(original, feeds))
@@ -254,8 +254,10 @@ def compress(
             raise ConfigError("A loop recipe runs its own stages; give pass flags or a loop recipe, not both.")
         if replay is not None:
             raise ConfigError("A loop recipe searches; replay its result's plan without the loop recipe.")
-        return _compress_loop(original, working, notes, recipe, context, feeds, generated, data, val, work_dir,
-                              start=start, allow_gate_failure=allow_gate_failure)
+        looped = _compress_loop(original, working, notes, recipe, context, feeds, generated, data, val, work_dir,
+                                start=start, allow_gate_failure=allow_gate_failure)
+        declare_inputs_like(looped.model, declared)
+        return looped
     before_cost = context.cost(original)
     executed = PipelinePlan()
     reports = []
@@ -289,6 +291,7 @@ def compress(
     report.validation = validation.to_dict() if validation is not None else None
     report.quality = quality.to_dict() if quality is not None else None
     report.seconds = time.perf_counter() - start
+    declare_inputs_like(working, declared)
     result = CompressResult(working, report, executed, validation, quality)
     if not result.passed and not allow_gate_failure:
         raise QualityGateError(

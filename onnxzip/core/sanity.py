@@ -313,3 +313,54 @@ def probe_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[di
         return [dict(feeds)]
     sizes = [min(feeds.count, next(iter(fixed)))] if fixed else sorted({min(feeds.count, 1), min(feeds.count, 2)})
     return [dict(feeds.take(slice(0, size))) for size in sizes]
+
+
+def probe_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, str | None]:
+    """:func:`probe_in_child` on :func:`probe_feeds`, with one fallback: a model that declares a
+    symbolic batch but runs only one sample at a time (an exporter traced batch 1 into a
+    ``Reshape``; onnxruntime refuses, or crashes on, two) comes back as a copy whose inputs
+    declare 1 on their sample axis, so every run feeds one sample at a time, with a note saying
+    so; otherwise ``model`` itself and None. Anything else the probe finds is raised as it is."""
+    import copy
+
+    from onnxzip.core.inputs import as_samples, declared_shapes
+
+    sets = probe_feeds(model, feeds)
+    try:
+        probe_in_child(model, sets)
+        return model, None
+    except InvalidModelError as exc:
+        if len(sets) < 2 or len(sets[0]) != len(sets[1]):
+            raise
+        try:
+            probe_in_child(model, sets[:1])
+        except InvalidModelError:
+            raise exc from None
+        reason = str(exc).rstrip(".")
+    shapes = declared_shapes(model)
+    axes = as_samples(feeds, shapes).axes
+    pinned = copy.deepcopy(model)
+    names = []
+    for info in pinned.graph.input:
+        axis = axes.get(info.name)
+        shape = shapes.get(info.name)
+        if axis is None or not shape or axis >= len(shape) or isinstance(shape[axis], int):
+            continue
+        dim = info.type.tensor_type.shape.dim[axis]
+        names.append(f"{info.name}[{axis}] '{dim.dim_param}'" if dim.dim_param else f"{info.name}[{axis}]")
+        dim.Clear()
+        dim.dim_value = 1
+    if not names:
+        raise InvalidModelError(reason + ".")
+    return pinned, (f"the model declares a symbolic batch ({', '.join(names)}) but runs only one sample at a time "
+                    f"({reason[0].lower() + reason[1:]} at two): samples are fed one at a time; the output declares "
+                    "its inputs as the input did")
+
+
+def declare_inputs_like(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Give ``model``'s graph inputs the declared types of ``template``'s inputs of the same name
+    (in place): what :func:`probe_batch` pinned goes back to the user's declaration."""
+    declared = {info.name: info.type for info in template.graph.input}
+    for info in model.graph.input:
+        if info.name in declared and info.type != declared[info.name]:
+            info.type.CopyFrom(declared[info.name])
