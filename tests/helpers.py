@@ -80,3 +80,16 @@ def mlp(rng: np.random.Generator | None = None) -> onnx.ModelProto:
             init("b2", rng.standard_normal(4).astype(np.float32)),
         ],
     )
+
+
+def traced_batch_one(rng: np.random.Generator | None = None) -> onnx.ModelProto:
+    """x[N,4,6] → Reshape [4,6] → MatMul(W 6×8) → Reshape [1,4,8] → y: the input declares a
+    symbolic batch, but an exporter traced batch 1 into both Reshapes, so only one sample runs."""
+    rng = rng or np.random.default_rng(0)
+    return make_model(
+        [helper.make_node("Reshape", ["x", "rows"], ["x2"], name="traced_view"),
+         helper.make_node("MatMul", ["x2", "w"], ["h"], name="fc"),
+         helper.make_node("Reshape", ["h", "back"], ["y"], name="traced_back")],
+        [tensor("x", ["N", 4, 6])], [tensor("y", [1, 4, 8])],
+        [init("rows", np.array([4, 6], np.int64)), init("back", np.array([1, 4, 8], np.int64)),
+         init("w", rng.standard_normal((6, 8)).astype(np.float32))])

@@ -42,7 +42,7 @@ from onnxzip.core.graph import export_model, import_graph, tidy
 from onnxzip.core.inputs import Samples, fixed_batch, samples_from, take
 from onnxzip.core.io import load_model
 from onnxzip.core.runtime import make_session, resolve_device, run_samples
-from onnxzip.core.sanity import probe_feeds, probe_in_child
+from onnxzip.core.sanity import declare_inputs_like, probe_batch
 from onnxzip.core.schema import build_config, option
 from onnxzip.train import _artifacts
 from onnxzip.train.losses import LossTerm, add_loss, load_loss_model
@@ -586,10 +586,11 @@ def finetune(
     device = resolve_device(device)
     log.info("fine-tuning on %s", "CUDA" if device == "cuda" else "the CPU")
     train = _load_data(model, data, "training", sample_axes)
-    if not probed:
-        for checked in (model, teacher_model):
-            if checked is not None:
-                probe_in_child(checked, probe_feeds(checked, train.inputs))
+    declared, pinned = model, None
+    if not probed:  # a model that runs one sample at a time is pinned to batch 1 (see probe_batch)
+        model, pinned = probe_batch(model, train.inputs)
+        if teacher_model is not None:
+            teacher_model, _ = probe_batch(teacher_model, train.inputs)
     held_out = _load_data(model, val, "validation", sample_axes) if val is not None else None
     task = task_metric_of(config.metric)  # a task score needs no held-back data: it brings its own
     if held_out is None and task is None and config.keep == "best" and not config.sparsity \
@@ -629,7 +630,7 @@ def finetune(
     for name, reason in plan.frozen.items():
         log.info("frozen %s: %s", name, reason)
     if not trainable:
-        return _untrained(result)
+        return _restored(_untrained(result), declared, pinned)
 
     if named:
         _check_matched(named, shapes, teacher_model, training_copy, probe)
@@ -737,7 +738,7 @@ def finetune(
                 result.frozen[name] = f"onnxruntime-training cannot train this graph: {failure}"
             result.trained = []
         if not result.trained:
-            return _untrained(result)
+            return _restored(_untrained(result), declared, pinned)
         # With matched inner activations the epoch is selected on the model's outputs alone: the
         # matched terms only add signal, and can dominate a loss whose outputs improve.
         output_terms = [t for t in terms if t.target.startswith("onnxzip_teacher_")] if named else []
@@ -754,11 +755,11 @@ def finetune(
         except RuntimeError as exc:  # a kernel of the built graph failed while running: nothing is kept
             for name in result.trained:
                 result.frozen[name] = f"onnxruntime-training failed in a training step: {_reason(exc)}"
-            return _untrained(result)
+            return _restored(_untrained(result), declared, pinned)
     result.model = with_weights(model, best, plan.locations)
     total = sum(result.float_weights.values())
     result.trained_fraction = sum(result.float_weights.get(n, 0) for n in result.trained) / total if total else 0.0
-    return result
+    return _restored(result, declared, pinned)
 
 
 def _declare_data_sizes(model: onnx.ModelProto, train: _Data, held_out: _Data | None) -> list[str]:
@@ -785,6 +786,15 @@ def _declare_data_sizes(model: onnx.ModelProto, train: _Data, held_out: _Data | 
             dim.dim_value = int(shape[axis])
             declared.append(f"{info.name}[{axis}]={shape[axis]}")
     return declared
+
+
+def _restored(result: FinetuneResult, declared: onnx.ModelProto, pinned: str | None) -> FinetuneResult:
+    """``result`` with its model's inputs declared as the user's model declared them, and the note
+    of :func:`onnxzip.core.sanity.probe_batch` when it pinned the batch to 1."""
+    declare_inputs_like(result.model, declared)
+    if pinned:
+        result.notes.insert(0, pinned)
+    return result
 
 
 def _untrained(result: FinetuneResult) -> FinetuneResult:

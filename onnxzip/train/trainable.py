@@ -34,6 +34,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from onnxzip.core.compat import default_opset, iter_graphs, node_subgraph_reads, subgraph_reads
+from onnxzip.core.tables import MIN_VALUES, sinusoid_of
 from onnxzip.train.rewrites import PREFIX, REWRITES, Context, Nodes, attr
 
 # (op type) -> input slots that hold learnable weights.
@@ -225,6 +226,9 @@ def select_weights(
             continue
         if int(np.prod(tensor.dims)) <= 1:
             frozen[name] = "a scalar constant (eps, scale factors, activation constants), not a weight"
+            continue
+        if int(np.prod(tensor.dims)) >= MIN_VALUES and sinusoid_of(numpy_helper.to_array(tensor)) is not None:
+            frozen[name] = "a sinusoidal position table (a formula, not a weight: cleanup stores it as one)"
             continue
         uses = consumers.get(name, [])
         bad = [(n, s) for n, s in uses if s not in WEIGHT_SLOTS.get(n.op_type, ())]

@@ -110,17 +110,10 @@ def test_a_model_that_declares_a_batch_but_runs_one_sample_is_fed_one_at_a_time(
     transformer): two samples fail in onnxruntime, one runs. compress feeds one sample at a time
     (before: exit 2, "could not run the model"), says so, and the output declares the input as
     the user's file did."""
-    from helpers import init, make_model, tensor
-    from onnx import helper
+    from helpers import traced_batch_one
 
     rng = np.random.default_rng(0)
-    weight = rng.standard_normal((6, 8)).astype(np.float32)
-    model = make_model(
-        [helper.make_node("Reshape", ["x", "rows"], ["x2"], name="traced_view"),
-         helper.make_node("MatMul", ["x2", "w"], ["h"], name="fc"),
-         helper.make_node("Reshape", ["h", "back"], ["y"], name="traced_back")],
-        [tensor("x", ["N", 4, 6])], [tensor("y", [1, 4, 8])],
-        [init("rows", np.array([4, 6], np.int64)), init("back", np.array([1, 4, 8], np.int64)), init("w", weight)])
+    model = traced_batch_one(rng)
     x = rng.standard_normal((16, 4, 6)).astype(np.float32)
     result = onnxzip.compress(model, data={"x": x}, cluster={"bits": 8})
     assert any("declares a symbolic batch (x[0] 'N') but runs only one sample at a time" in note

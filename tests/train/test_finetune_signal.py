@@ -208,3 +208,21 @@ def test_match_auto_leaves_out_a_layer_whose_rows_mix_samples():
                       config={"epochs": 1, "batch_size": 5, "patience": 0})
     assert result.matched == ["h1", "h3"]
     assert len(result.history) == 2
+
+
+def test_finetune_feeds_a_model_that_runs_one_sample_one_at_a_time():
+    """The finetune command on a model whose export traced batch 1 (exit 2 before): it trains
+    one sample at a time, says so, and the written model declares its input as the user's did."""
+    from helpers import traced_batch_one
+
+    rng = np.random.default_rng(6)
+    model = traced_batch_one(rng)
+    student = onnx.ModelProto()
+    student.CopyFrom(model)
+    w = next(t for t in student.graph.initializer if t.name == "w")
+    w.CopyFrom(init("w", numpy_helper.to_array(w) + 0.3 * rng.standard_normal((6, 8)).astype(f32)))
+    x = rng.standard_normal((40, 4, 6)).astype(f32)
+    result = finetune(student, {"x": x}, teacher=model, device="cpu", progress=False, config={"epochs": 2})
+    assert result.notes[0].startswith("the model declares a symbolic batch (x[0] 'N') but runs only one sample")
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert result.trained == ["w"] and result.best_epoch > 0  # the perturbed weight moved back toward the teacher
