@@ -227,12 +227,12 @@ def compress(
     _require_data(recipe.metrics, data)
     _require_pass_data(passes, data)
     feeds, generated, unchecked = _feeds(original, data, recipe, passes)
-    if recipe.metrics:
-        check_metric_data(original, val if val is not None else data, recipe.metrics, device=recipe.device,
-                          sample_axes=recipe.sample_axes)
     declared, pinned = original, None
     if feeds is not None:  # first onnxruntime run of the input
         original, pinned = probe_batch(original, feeds)
+    if recipe.metrics:
+        check_metric_data(original, val if val is not None else data, recipe.metrics, device=recipe.device,
+                          sample_axes=recipe.sample_axes)
     context = PassContext(feeds=feeds, device=resolve_device(recipe.device), seed=recipe.seed,
                           progress=progress, dims=recipe.dims, original=original, data=data, val=val,
                           sample_axes=recipe.sample_axes, generated=generated is not None)
@@ -394,6 +394,12 @@ def _compress_loop(original: onnx.ModelProto, working: onnx.ModelProto, notes: l
         outcome = loop.run(working)
     best = outcome.model
     first, last = outcome.trajectory[0], next(p for p in reversed(outcome.trajectory) if p.decision in ("accepted", "original"))
+    if last.decision != "original":  # the loop's steps end without the cleanup a pipeline ends with
+        cleaned = _run_step(get_pass("cleanup")(), best, make_context(), None)
+        if cleaned.model.ByteSize() < best.ByteSize():
+            best = cleaned.model
+            outcome.reports.append(cleaned.report)
+            outcome.plans.append(cleaned.plan)
     report = CompressionReport(
         before=ModelSummary(original.ByteSize(), first.params, first.flops, first.latency_ms),
         after=ModelSummary(best.ByteSize(), last.params, last.flops, last.latency_ms),
