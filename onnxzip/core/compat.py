@@ -86,6 +86,12 @@ def convert_to_supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     from onnx import version_converter
 
+    known = onnx.defs.onnx_opset_version()
+    if opset > known:
+        raise UnsupportedModelError(
+            f"The model uses ONNX opset {opset}, newer than this onnx package knows ({known}); onnxruntime 1.19 "
+            f"supports at most opset {target}: re-export it with opset ≤ {target}.")
+
     try:
         converted = version_converter.convert_version(model, target)
         if converted.ByteSize() < 2**31 - 1:
