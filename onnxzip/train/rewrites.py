@@ -276,8 +276,10 @@ def _resize(node: onnx.NodeProto, nodes: Nodes, ctx: Context) -> str | None:
         return "it resizes other than the last one or two axes of [N, C, ...]"
     if attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize" or attr(node, "axes", None):
         return "tf_crop_and_resize or an axes attribute"
-    if any(name and ctx.constant(name) is None for name in node.input[1:]):
-        return "its scales or sizes are computed in the graph"
+    if any(name and ctx.constant(name) is None for name in node.input[1:3]):
+        return "its roi or scales are computed in the graph"
+    # Computed sizes (F.interpolate(size=x.shape[-2:]) in PyTorch) are the observed output size:
+    # the training copy declares the data's spatial sizes, so they are the same for every sample.
     matrices = _interpolation_matrices(node, ctx, shape, out_shape)
     current = x
     if len(shape) == 4:  # the height axis: M_h · x

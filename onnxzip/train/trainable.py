@@ -38,6 +38,7 @@ from onnxzip.core.tables import MIN_VALUES, sinusoid_of
 from onnxzip.train.rewrites import PREFIX, REWRITES, Context, Nodes, attr
 
 # (op type) -> input slots that hold learnable weights.
+NOT_SELECTED = "not selected (include)"
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2),
     "ConvTranspose": (1, 2),
@@ -239,7 +240,7 @@ def select_weights(
             frozen[name] = f"input {slot} of {node.op_type} '{node.name}' is not a weight"
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            frozen[name] = "not selected (include)"
+            frozen[name] = NOT_SELECTED
             continue
         if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             frozen[name] = "excluded"

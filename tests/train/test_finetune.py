@@ -468,6 +468,28 @@ def test_nothing_trainable_is_one_sentence_and_exit_2(tmp_path, capsys):
     assert "Nothing can train in this model" in err and "Shrink 'shrink'" in err
 
 
+def test_a_finetune_step_that_trains_nothing_names_the_op_not_its_own_include(capsys):
+    """Inside compress the step selects its weights in its plan and passes them as ``include``:
+    when none qualifies, the reasons said must be the plan's (the op that blocks the gradient),
+    not "not selected (include)" (what the step printed on a ViT before)."""
+    from onnxzip.api import compress
+
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    model = make_model(  # a Resize whose scales the graph computes (2x, from the input's own shape)
+        [n("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]), n("Shape", ["h"], ["hs"]),
+         n("Cast", ["hs"], ["hf"], to=TensorProto.FLOAT), n("Div", ["hf", "hf"], ["ones"]),
+         n("Mul", ["ones", "two"], ["scales"]), n("Resize", ["h", "", "scales"], ["y"], name="up", mode="linear")],
+        [tensor("x", ["N", 2, 5, 5])], [tensor("y", ["N", 3, 10, 10])],
+        [init("w", rng.standard_normal((3, 2, 3, 3)).astype(np.float32)), init("two", np.array([1, 1, 2, 2], np.float32))])
+    data = {"x": rng.standard_normal((12, 2, 5, 5)).astype(np.float32)}
+    result = compress(model, data=data, finetune={"epochs": 1}, allow_gate_failure=True)
+    step = next(r for r in result.report.passes if r.pass_name == "finetune")
+    reasons = {c.layer: c.reason for c in step.changes if c.skipped}
+    assert "Resize 'up'" in reasons["w"] and "scales are computed" in reasons["w"]
+    assert "Resize 'up'" in capsys.readouterr().err
+
+
 def _computed_shape_softmax(rng: np.random.Generator) -> onnx.ModelProto:
     """A softmax as jax2tf writes it (magika's head): the row max and row sum are reshaped to
     [N, 1] and broadcast back by Reshape/Expand to a target computed from Shape(x) through int32

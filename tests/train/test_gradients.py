@@ -88,6 +88,10 @@ def _cases():
     yield "Resize cubic align_corners", _conv([n("Resize", ["h", "", "scales"], ["y"], mode="cubic",
                                                  coordinate_transformation_mode="align_corners")], rng,
                                               extra=[floats("scales", [1, 1, 2, 2])])
+    yield "Resize linear to sizes computed in the graph", _conv(  # F.interpolate(size=...) as PyTorch exports it
+        [n("Shape", ["h"], ["hs"]), n("Slice", ["hs", "s0", "s2"], ["nc"]), n("Concat", ["nc", "hw"], ["sizes"], axis=0),
+         n("Resize", ["h", "", "", "sizes"], ["y"], mode="linear")], rng,
+        extra=[ints("s0", [0]), ints("s2", [2]), ints("hw", [8, 9])])
     yield "ConvTranspose", _conv([n("ConvTranspose", ["h", "wt", "bt"], ["y"], strides=[2, 2], pads=[1, 0, 1, 1],
                                     output_padding=[1, 0])], rng,
                                  extra=[*_weights(rng, wt=(3, 2, 3, 3), bt=(2,))])
