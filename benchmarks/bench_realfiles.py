@@ -186,6 +186,13 @@ dtln_stage1 at avg_bits=2.25 leaves its STOI tolerance (0.019 of 0.01) with or w
 9-10 MB, so 1.5x lighter than dtln_stage1 (13 MB) or the romanizers (16-19 MB) is out of reach for
 any file; the targets section says so per file.
 
+After this session's pruning changes (2026-12-07: ``Shape`` of a pruned tensor reports its original
+size, computed Reshape targets followed, a latency budget whose tries are never faster keeps every
+group whole; ``--models nsnet2_16k,captcha_crnn --modes prune_lat=0.5+rec+avg_bits=3+gptq+int8,
+prune_lat=0.5+rec --skip-peers --force --repeats 10``, idle 2 cores): nsnet2_16k 17.67x kept (-0.16 dB;
+2.63x faster, 1.05x lighter) and 1.80x (2.08x faster, 1.42x lighter); captcha_crnn 9.48x kept (-0.39
+points; 2.32x faster, 3.17x lighter) and 1.00x (no channel count measured faster). Issue 22's two files hold.
+
 Fine-tuning (issue 20): ``+ft`` modes append ``--finetune epochs=3`` (label-free distillation from the
 original on calib.npz); a run with ``+ft`` modes ends with a section giving per ``+ft`` run the share
 of float parameters trained, the task score of the same mode without ``+ft`` (when run) and with it,
