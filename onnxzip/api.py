@@ -446,6 +446,13 @@ def validate(
     conditions = _conditions(metrics) if metrics is not None else []
     _require_data(conditions, data)
     axes = parse_sample_axes(sample_axes)
+    original, candidate = load_model(original), load_model(candidate)
+    if data is not None:  # the first run of the user's files, in a child; a batch-1 trace is fed one at a time
+        feeds = fidelity_feeds(original, data, batch=batch, dims=dims or {}, seed=seed, sample_axes=axes)
+        original, pinned = probe_batch(original, feeds)
+        if pinned:
+            log.warning("%s", pinned)
+            declare_inputs_like(candidate, original)
     report = _validate(original, candidate, data, dims=dims, input_shapes=input_shapes, batch=batch, seed=seed,
                        device=device, gate=FidelityGate(**gate) if isinstance(gate, dict) else gate,
                        sample_axes=axes)

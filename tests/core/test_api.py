@@ -125,3 +125,13 @@ def test_a_model_that_declares_a_batch_but_runs_one_sample_is_fed_one_at_a_time(
 
     ours, theirs = make_session(result.model, "cpu"), make_session(model, "cpu")
     np.testing.assert_allclose(run_session(ours, {"x": x[:1]})["y"], run_session(theirs, {"x": x[:1]})["y"], atol=0.05)
+
+
+def test_validate_runs_a_model_that_takes_one_sample_at_a_time():
+    """onnxzip validate on a batch-1 trace with data ended in an internal error (exit 3)."""
+    from helpers import traced_batch_one
+
+    model = traced_batch_one()
+    x = np.random.default_rng(1).standard_normal((6, 4, 6)).astype(np.float32)
+    report = onnxzip.validate(model, model, data={"x": x})
+    assert report.passed and report.outputs[0].cosine > 0.999999
