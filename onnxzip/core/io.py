@@ -27,13 +27,13 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxzip.core.compat import (
+    MAX_OPSET,
     check_opsets,
     compatible_ir_version,
     convert_to_supported_opset,
     default_opset,
     ir_version_as,
 )
-from onnxzip.core.compat import MAX_OPSET
 from onnxzip.errors import InvalidModelError, UnsupportedModelError
 from onnxzip.core.sanity import check_structure, check_text
 
@@ -73,10 +73,11 @@ def load_model(source: onnx.ModelProto | str | os.PathLike[str] | bytes, *, chec
             raise InvalidModelError(f"{path} is a directory, not an ONNX file.")
         model = _parse(path.read_bytes(), str(path))
         _load_external(model, path.parent, str(path))
-    if default_opset(model) > MAX_OPSET[""]:
+    opset = default_opset(model)
+    if opset > MAX_OPSET[""]:
         model = convert_to_supported_opset(model)
-        log.warning("%s: converted from ONNX opset %s to %d (onnxruntime 1.19 loads at most %d)", name,
-                    model.metadata_props[-1].value, MAX_OPSET[""], MAX_OPSET[""])
+        log.warning("%s: converted from ONNX opset %d to %d (onnxruntime 1.19 loads at most %d)", name,
+                    opset, MAX_OPSET[""], MAX_OPSET[""])
     if check:
         check_model(model, name)
     return model

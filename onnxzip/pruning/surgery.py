@@ -513,32 +513,24 @@ def _full_shapes(editor: _Editor, keep: dict[str, set[int]]) -> None:
         axis, rank = analysis.maps[name].axis, len(analysis.shapes[name])
         full, kept = len(mask), int(mask.sum())
         output = node.outputs[0]
-        if node.op == "Size":
-            fixed = [editor.constant(f"{name}_kept_count", np.array(kept, np.int64)),
-                     editor.constant(f"{name}_full_count", np.array(full, np.int64))]
-            ops = [("Div", fixed[0]), ("Mul", fixed[1])]
-        else:
-            start = int(node.attrs.get("start", 0))
-            end = int(node.attrs.get("end", rank))
+        if node.op == "Shape":
+            start, end = (int(node.attrs.get(key, default)) for key, default in (("start", 0), ("end", rank)))
             start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
             if not start <= axis < end:
                 continue
-            where = np.zeros(end - start, bool)
-            where[axis - start] = True
-            values = np.zeros(end - start, np.int64)
-            values[axis - start] = full
-            ops = [("Where", None)]
         partial = gs.Variable(editor.names.fresh(f"{output.name}_pruned"), dtype=output.dtype)
         node.outputs[0] = partial
-        current: gs.Tensor = partial
-        for index, (op, constant) in enumerate(ops):
-            last = index == len(ops) - 1
-            target = output if last else gs.Variable(editor.names.fresh(f"{output.name}_{op}"), dtype=output.dtype)
-            inputs = ([editor.constant(f"{name}_channel_axis", where), editor.constant(f"{name}_full_shape", values),
-                       current] if op == "Where" else [current, constant])
-            editor.graph.nodes.append(gs.Node(op, editor.names.fresh(f"{node.name}_full_{op}"), inputs=inputs,
-                                              outputs=[target]))
-            current = target
+        if node.op == "Size":  # size / kept · full
+            per_channel = editor.add_node("Div", [partial, editor.constant(f"{name}_kept_count", np.array(kept, np.int64))],
+                                          f"{output.name}_per_channel", output.dtype)
+            op, inputs = "Mul", [per_channel, editor.constant(f"{name}_full_count", np.array(full, np.int64))]
+        else:
+            channel_axis = np.arange(start, end) == axis
+            op, inputs = "Where", [editor.constant(f"{name}_channel_axis", channel_axis),
+                                   editor.constant(f"{name}_full_shape", np.where(channel_axis, full, 0).astype(np.int64)),
+                                   partial]
+        editor.graph.nodes.append(gs.Node(op, editor.names.fresh(f"{node.name}_full_{op}"), inputs=inputs,
+                                          outputs=[output]))
 
 
 PruneFunction = Callable[[gs.Node, NodeMasks, _Editor], None]

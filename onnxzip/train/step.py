@@ -22,7 +22,7 @@ from onnxzip.core.report import LayerChange
 from onnxzip.core.schema import option
 from onnxzip.evaluators.gate import parse_conditions
 from onnxzip.train.engine import FinetuneConfig, finetune, is_array_data, task_metric_of
-from onnxzip.train.trainable import NOT_SELECTED, prepare
+from onnxzip.train.trainable import prepare
 
 
 @dataclass
@@ -75,12 +75,6 @@ class FinetunePass(Pass):
         result = finetune(model, data, val=val, teacher=teacher, config=options,
                           device=context.device, progress=context.progress, sample_axes=context.sample_axes,
                           probed=self.config.teacher is None)  # the pipeline's input already ran
-        planned = {name: layer["reason"] for name, layer in plan.layers.items() if not layer.get("train") and "reason" in layer}
-        if any(result.frozen.get(name) == NOT_SELECTED for name in planned):  # the plan's own reasons, not "include"
-            stale = result.why_nothing_trains()
-            result.frozen.update({name: reason for name, reason in planned.items()
-                                  if result.frozen.get(name) == NOT_SELECTED})
-            result.notes = [note.replace(stale, result.why_nothing_trains()) if stale else note for note in result.notes]
         report = self.new_report()
         if not result.trained:  # never only a log line: on stderr and first in the step's notes
             print(f"onnxzip: finetune step: {result.why_nothing_trains()} The model goes on unchanged.",

@@ -38,7 +38,6 @@ from onnxzip.core.tables import MIN_VALUES, sinusoid_of
 from onnxzip.train.rewrites import PREFIX, REWRITES, Context, Nodes, attr
 
 # (op type) -> input slots that hold learnable weights.
-NOT_SELECTED = "not selected (include)"
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2),
     "ConvTranspose": (1, 2),
@@ -210,6 +209,7 @@ def select_weights(
         for name in node.output:
             producer[name] = node
     frozen: dict[str, str] = {}
+    unselected: dict[str, str] = {}
     candidates: list[str] = []
     inner_reads = subgraph_reads(graph)
     for sub in list(iter_graphs(graph))[1:]:
@@ -239,12 +239,12 @@ def select_weights(
             node, slot = bad[0]
             frozen[name] = f"input {slot} of {node.op_type} '{node.name}' is not a weight"
             continue
+        # Left out by include/exclude, said only where nothing in the graph freezes it anyway (below):
+        # a step that selects its weights by name must not hide why the others cannot train.
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            frozen[name] = NOT_SELECTED
-            continue
-        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            frozen[name] = "excluded"
-            continue
+            unselected[name] = "not selected (include)"
+        elif exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            unselected[name] = "excluded"
         candidates.append(name)
     # Weights whose gradient would have to flow through a node onnxruntime cannot differentiate.
     for node in graph.node:
@@ -271,6 +271,8 @@ def select_weights(
             for name in candidates:
                 frozen.setdefault(name, f"onnxruntime-training runs every LSTM/GRU in its training kernel, which "
                                         f"refuses {kept[node.name]}")
+    for name, reason in unselected.items():
+        frozen.setdefault(name, reason)
     trainable = [name for name in candidates if name not in frozen]
     return trainable, frozen
 
